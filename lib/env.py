@@ -1,0 +1,86 @@
+"""Secrets and machine facts from the environment or an env file; read in this one place.
+
+The env file is plain KEY=value lines (no quotes: `docker run --env-file` keeps them
+literally). Values already in the environment win over the file, so a Kubernetes Secret
+mounted as variables overrides a stale file. Tokens are never printed: `Env.__repr__`
+and `describe()` show only whether each one is set.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+from lib.errors import UserError
+
+SECRET_KEYS = ("HF_TOKEN", "MDC_API_KEY")
+KNOWN_KEYS = SECRET_KEYS + ("HF_HOME", "DATA_DIR")
+
+
+@dataclass(frozen=True)
+class Env:
+    """What the jobs read from the environment."""
+
+    data_dir: Path
+    hf_home: Path | None = None
+    hf_token: str | None = field(default=None, repr=False)
+    mdc_api_key: str | None = field(default=None, repr=False)
+
+    def describe(self) -> dict[str, str]:
+        """A loggable view: paths as they are, secrets only as set / not set."""
+        return {
+            "DATA_DIR": str(self.data_dir),
+            "HF_HOME": str(self.hf_home) if self.hf_home else "(default)",
+            "HF_TOKEN": "set" if self.hf_token else "not set",
+            "MDC_API_KEY": "set" if self.mdc_api_key else "not set",
+        }
+
+    def prepared_dir(self, name: str) -> Path:
+        """Where `make prepare` writes dataset NAME and `make train` finds it."""
+        return self.data_dir / "prepared" / name
+
+    def run_dir(self, run: str) -> Path:
+        """Where `make train` writes run RUN and `make eval` / `make export` find it."""
+        return self.data_dir / "runs" / run
+
+    def secrets(self) -> list[str]:
+        """The secret values, so that log filters can mask them."""
+        return [s for s in (self.hf_token, self.mdc_api_key) if s]
+
+
+def load_env(env_file: str | Path | None = None) -> Env:
+    """Read the env file (if any) under the process environment, and set HF_HOME for the Hub.
+
+    A named env file that does not exist is an error; the default `.env` is optional.
+    """
+    values: dict[str, str | None] = {}
+    if env_file is not None:
+        path = Path(env_file)
+        if not path.is_file():
+            raise UserError(f"env file {path} not found: copy env.example to {path} or pass --env-file")
+        values = dotenv_values(path)
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            key, sep, value = line.strip().partition("=")
+            value = value.strip()
+            if sep and not key.startswith("#") and value[:1] in "\"'" and value[-1:] == value[:1]:
+                raise UserError(
+                    f"{path} line {n}: {key} is quoted; docker --env-file keeps quotes literally, "
+                    f"write {key}=value without quotes"
+                )
+    merged = {k: v for k, v in values.items() if v}
+    merged.update({k: os.environ[k] for k in KNOWN_KEYS if os.environ.get(k)})
+    hf_home = merged.get("HF_HOME")
+    if hf_home:
+        # huggingface_hub reads HF_HOME from the environment; keep caches on the data volume.
+        os.environ["HF_HOME"] = hf_home
+    if merged.get("HF_TOKEN"):
+        os.environ["HF_TOKEN"] = merged["HF_TOKEN"]
+    return Env(
+        data_dir=Path(merged.get("DATA_DIR") or "data").resolve(),
+        hf_home=Path(hf_home) if hf_home else None,
+        hf_token=merged.get("HF_TOKEN"),
+        mdc_api_key=merged.get("MDC_API_KEY"),
+    )

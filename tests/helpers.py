@@ -1,0 +1,94 @@
+"""Builders shared by tests: a tiny Whisper model on disk, and prepared datasets in the contract format."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOKENIZER_DIR = FIXTURES / "whisper_tokenizer"
+
+
+def build_tiny_whisper(out: Path, seed: int = 0, **overrides) -> Path:
+    """A 2-layer, d_model-64 Whisper with random weights and the real multilingual tokenizer,
+    written with save_pretrained so that tests load it through the real from_pretrained path."""
+    import torch
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=51865,
+        num_mel_bins=80,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_source_positions=1500,
+        max_target_positions=448,
+        pad_token_id=50257,
+        bos_token_id=50257,
+        eos_token_id=50257,
+        decoder_start_token_id=50258,
+    )
+    cfg.update(overrides)
+    model = WhisperForConditionalGeneration(WhisperConfig(**cfg))
+    gen = json.loads((TOKENIZER_DIR / "generation_config.json").read_text())
+    gen.pop("transformers_version", None)
+    gen.pop("alignment_heads", None)
+    model.generation_config = GenerationConfig(**gen)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok = WhisperTokenizer.from_pretrained(TOKENIZER_DIR)
+    fe = WhisperFeatureExtractor(feature_size=80)
+    WhisperProcessor(feature_extractor=fe, tokenizer=tok).save_pretrained(out)
+    return out
+
+
+def tone(seconds: float, freq: float = 440.0, sr: int = 16_000) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def write_prepared(out: Path, model_dir: Path, rows: dict[str, list[tuple[str, np.ndarray]]],
+                   language: str = "hi", name: str | None = None) -> Path:
+    """Write a prepared dataset in the lib.prepared contract: rows = {split: [(text, audio16k), ...]}."""
+    from datasets import Dataset
+    from transformers import WhisperTokenizer
+
+    from lib.prepared import features, write_manifest
+
+    tok = WhisperTokenizer.from_pretrained(model_dir, language=language, task="transcribe")
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split, items in rows.items():
+        recs = {
+            "id": [f"{split}-{i}" for i in range(len(items))],
+            "audio": [a for _, a in items],
+            "text": [t for t, _ in items],
+            "labels": [tok(t).input_ids for t, _ in items],
+            "language": [language] * len(items),
+            "duration": [len(a) / 16_000 for _, a in items],
+        }
+        if (out / split).exists():
+            shutil.rmtree(out / split)
+        Dataset.from_dict(recs, features=features()).save_to_disk(str(out / split))
+        counts[split] = {"rows": len(items), "hours": sum(recs["duration"]) / 3600}
+    write_manifest(out, {
+        "name": name or out.name, "source": {"kind": "test"}, "language": language,
+        "task": "transcribe", "tokenizer": str(model_dir), "sampling_rate": 16_000,
+        "splits": counts, "skipped": [],
+    })
+    return out
