@@ -1,0 +1,118 @@
+"""Decode audio files or bytes to mono float32 at 16 kHz, and tell a broken file from a good one.
+
+Decoding is ours, not the `datasets` Audio feature's: datasets 5 decodes through torchcodec,
+which needs FFmpeg libraries matched to its build. soundfile's bundled libsndfile reads
+wav/flac/ogg/mp3 itself; librosa (audioread) is the fallback for anything else.
+
+A truncated file often decodes "fine" into a shorter clip, so `decode` also checks what the
+container promised: a WAV `data` chunk longer than the bytes on disk, or an MP3 whose
+Xing/Info header counts more stream bytes than the file holds, is reported as truncated.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+
+import numpy as np
+
+SAMPLING_RATE = 16_000
+
+
+class AudioError(Exception):
+    """The clip cannot be used; the message is the reason written to the skip report."""
+
+
+def _wav_missing_bytes(head: bytes, size: int) -> int:
+    """Bytes a RIFF/WAVE file's `data` chunk declares beyond the end of the file (0 if complete)."""
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return 0
+    pos = 12
+    while pos + 8 <= len(head):
+        chunk, length = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
+        if chunk == b"data":
+            # 0xFFFFFFFF / 0 are "unknown length" markers written by streaming encoders.
+            if length in (0, 0xFFFFFFFF):
+                return 0
+            return max(0, pos + 8 + length - size)
+        pos += 8 + length + (length & 1)
+    return 0
+
+
+def _mp3_missing_bytes(head: bytes, size: int) -> int:
+    """Stream bytes an MP3's Xing/Info header declares beyond the end of the file (0 if unknown)."""
+    start = 0
+    if head[:3] == b"ID3" and len(head) >= 10:
+        # ID3v2 size is 4 x 7-bit "syncsafe" bytes, after a 10-byte header.
+        start = 10 + ((head[6] << 21) | (head[7] << 14) | (head[8] << 7) | head[9])
+    for tag in (b"Xing", b"Info"):
+        at = head.find(tag, start, start + 200)
+        if at < 0:
+            continue
+        flags = struct.unpack(">I", head[at + 4 : at + 8])[0]
+        off = at + 8 + (4 if flags & 1 else 0)
+        if not flags & 2 or off + 4 > len(head):
+            return 0
+        declared = struct.unpack(">I", head[off : off + 4])[0]
+        # 1% slack: some encoders count the ID3v1 tag or padding differently.
+        missing = declared - (size - start)
+        return missing if missing > declared // 100 else 0
+    return 0
+
+
+def check_complete(data: bytes, name: str) -> None:
+    """Raise AudioError if the container header says the file was cut short."""
+    head = data[:16_384]
+    missing = _wav_missing_bytes(head, len(data)) or _mp3_missing_bytes(head, len(data))
+    if missing:
+        raise AudioError(f"truncated: {name} is {missing} bytes shorter than its header declares")
+
+
+def _read(data: bytes, name: str) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    try:
+        audio, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        return audio.mean(axis=1), sr
+    except Exception as sf_error:  # libsndfile could not read it: try audioread via librosa
+        try:
+            import librosa
+
+            audio, sr = librosa.load(io.BytesIO(data), sr=None, mono=True)
+            return audio.astype(np.float32), int(sr)
+        except Exception:
+            detail = str(sf_error).splitlines()[0].rsplit(": ", 1)[-1][:120]
+            raise AudioError(f"does not decode: {name} ({detail})") from None
+
+
+def resample(audio: np.ndarray, sr: int, target: int = SAMPLING_RATE) -> np.ndarray:
+    """Resample with soxr (high quality, fast); a no-op at the target rate."""
+    if sr == target:
+        return audio.astype(np.float32, copy=False)
+    import soxr
+
+    return soxr.resample(audio, sr, target, quality="HQ").astype(np.float32, copy=False)
+
+
+def decode(source: str | Path | bytes, name: str | None = None, target: int = SAMPLING_RATE) -> np.ndarray:
+    """A file path or encoded bytes -> mono float32 at `target` Hz. Raises AudioError with the reason."""
+    if isinstance(source, (str, Path)):
+        name = name or str(source)
+        try:
+            data = Path(source).read_bytes()
+        except FileNotFoundError:
+            raise AudioError(f"missing: {name} does not exist") from None
+        except OSError as e:
+            raise AudioError(f"unreadable: {name} ({e.strerror})") from None
+    else:
+        data, name = bytes(source), name or "<bytes>"
+    if not data:
+        raise AudioError(f"empty file: {name} has 0 bytes")
+    check_complete(data, name)
+    audio, sr = _read(data, name)
+    if audio.size == 0:
+        raise AudioError(f"no samples: {name} decodes to 0 samples")
+    if not np.isfinite(audio).all():
+        raise AudioError(f"does not decode: {name} has NaN or infinite samples")
+    return resample(audio, sr, target)
