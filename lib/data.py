@@ -1,0 +1,204 @@
+"""Turn source rows into prepared rows: decode, resample, filter, tokenize; write the dataset.
+
+One row in, one row out: a row that cannot be used keeps its place with `skip` set to the
+reason, so that the report lists every dropped row and counts add up
+(kept + skipped = rows read). Work is cut into chunks of `chunk_rows`; each finished
+chunk is saved under the work folder with a marker, so a killed job resumes where it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lib.audio import SAMPLING_RATE, AudioError, decode
+from lib.errors import UserError
+
+log = logging.getLogger("whisper_ft")
+
+# Bump when the processing below changes what it writes, so old prepared data is redone.
+PROCESS_VERSION = 1
+
+
+def load_tokenizer(model: str, language: str | None = None, task: str = "transcribe"):
+    from transformers import WhisperTokenizer
+
+    try:
+        return WhisperTokenizer.from_pretrained(model, language=language, task=task)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model={model}: cannot load its Whisper tokenizer ({str(e).splitlines()[0][:200]}); "
+                        f"give a local model folder or a Hub id available offline") from None
+
+
+def max_target_positions(model: str) -> int:
+    """The decoder's length limit (448 for every released Whisper), from the model's config."""
+    from transformers import AutoConfig
+
+    try:
+        return int(AutoConfig.from_pretrained(model).max_target_positions)
+    except Exception:  # tokenizer-only folder: every Whisper size uses 448
+        return 448
+
+
+def whisper_languages(tokenizer) -> dict[str, str]:
+    """Language code -> name for the codes that have a <|xx|> token in this tokenizer."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    unk = tokenizer.unk_token_id
+    return {c: n for c, n in LANGUAGES.items() if tokenizer.convert_tokens_to_ids(f"<|{c}|>") not in (None, unk)}
+
+
+def resolve_language(value: str, tokenizer, flag: str = "language") -> str:
+    """'hi', 'Hindi' or 'hindi' -> 'hi'; anything else is a UserError listing the valid codes."""
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    langs = whisper_languages(tokenizer)
+    code = value.strip().lower()
+    code = TO_LANGUAGE_CODE.get(code, code)
+    if code not in langs:
+        raise UserError(f"{flag}={value!r} is not a language this Whisper tokenizer knows; use an ISO code such "
+                        f"as {flag}=hi. Known codes: {', '.join(sorted(langs))}")
+    return code
+
+
+@dataclass
+class Limits:
+    min_duration: float
+    max_duration: float
+    max_label_tokens: int
+
+
+class Processor:
+    """The map function: a batch of source rows -> prepared rows with a `skip` reason ('' = keep).
+
+    Picklable (datasets ships it to num_proc workers); each worker loads the tokenizer once.
+    """
+
+    def __init__(self, model: str, task: str, limits: Limits, known_languages: list[str]):
+        self.model, self.task, self.limits = model, task, limits
+        self.known = set(known_languages)
+        self._tok = None
+        self._lang = None
+
+    def _labels(self, text: str, language: str) -> list[int]:
+        if self._tok is None:
+            self._tok = load_tokenizer(self.model, language, self.task)
+            self._lang = language
+        if language != self._lang:
+            self._tok.set_prefix_tokens(language=language, task=self.task)
+            self._lang = language
+        return self._tok(text).input_ids
+
+    def row(self, audio_ref: dict, text: str, language: str) -> tuple[np.ndarray, list[int], str]:
+        lim = self.limits
+        text = (text or "").strip()
+        if not text:
+            return None, [], "empty transcript"
+        if language not in self.known:
+            return None, [], f"unknown language '{language}' in the language column"
+        name = audio_ref.get("path") or "<bytes>"
+        try:
+            audio = decode(audio_ref["bytes"] if audio_ref.get("bytes") else audio_ref.get("path") or "", name)
+        except AudioError as e:
+            return None, [], str(e)
+        seconds = len(audio) / SAMPLING_RATE
+        if seconds > lim.max_duration:
+            return None, [], f"too long: {seconds:.1f} s > max_duration={lim.max_duration:g} s"
+        if seconds < lim.min_duration:
+            return None, [], f"too short: {seconds:.3f} s < min_duration={lim.min_duration:g} s"
+        labels = self._labels(text, language)
+        if len(labels) > lim.max_label_tokens:
+            return None, [], f"labels too long: {len(labels)} tokens > {lim.max_label_tokens} (max_target_positions)"
+        return audio, labels, ""
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        out = {"audio": [], "labels": [], "duration": [], "skip": []}
+        for ref, text, lang in zip(batch["audio"], batch["text"], batch["language"], strict=True):
+            audio, labels, reason = self.row(ref, text, lang)
+            out["audio"].append(audio if audio is not None else np.zeros(0, np.float32))
+            out["labels"].append(labels)
+            out["duration"].append(len(audio) / SAMPLING_RATE if audio is not None else 0.0)
+            out["skip"].append(reason)
+        out["text"] = [(t or "").strip() for t in batch["text"]]
+        return out
+
+
+def _work_features():
+    from datasets import Features, Value
+
+    from lib.prepared import features
+
+    f = dict(features())
+    f.update(skip=Value("string"), where=Value("string"))
+    return Features(f)
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def process_split(rows, split: str, work: Path, processor: Processor, num_proc: int, chunk_rows: int,
+                  fp: str):
+    """Process one split in chunks saved under work/split/; returns (kept dataset, skipped list)."""
+    from datasets import concatenate_datasets, load_from_disk
+
+    from lib.prepared import COLUMNS, features
+
+    n = len(rows)
+    chunks = []
+    n_chunks = max(1, -(-n // chunk_rows))
+    for c in range(n_chunks):
+        lo, hi = c * chunk_rows, min(n, (c + 1) * chunk_rows)
+        out = work / split / f"chunk-{c:05d}"
+        marker = out / f".done-{fp}"
+        if marker.is_file():
+            log.info("%s: chunk %d/%d (rows %d-%d) already done, reusing", split, c + 1, n_chunks, lo, hi - 1)
+            chunks.append(load_from_disk(str(out)))
+            continue
+        shutil.rmtree(out, ignore_errors=True)
+        part = rows.select(range(lo, hi))
+        procs = max(1, min(num_proc, hi - lo))
+        done = part.map(
+            processor, batched=True, batch_size=16, num_proc=procs if procs > 1 else None,
+            features=_work_features(), remove_columns=[c for c in part.column_names if c not in ("id", "language", "where")],
+            desc=f"{split} {c + 1}/{n_chunks}: decode, resample, tokenize", new_fingerprint=f"{fp}-{split}-{c}",
+        )
+        done.save_to_disk(str(out))
+        marker.touch()
+        chunks.append(load_from_disk(str(out)))
+    if not chunks:
+        return None, []
+    full = concatenate_datasets(chunks) if len(chunks) > 1 else chunks[0]
+    skip_col = full["skip"]
+    skipped = [{"split": split, "id": i, "where": w, "reason": r}
+               for i, w, r, in zip(full["id"], full["where"], skip_col, strict=True) if r]
+    keep = [i for i, r in enumerate(skip_col) if not r]
+    kept = full.select(keep).select_columns(list(COLUMNS)).cast(features())
+    return kept, skipped
+
+
+def write_split(ds, dest: Path) -> dict[str, float]:
+    ds.save_to_disk(str(dest))
+    seconds = float(np.sum(ds["duration"])) if len(ds) else 0.0
+    return {"rows": len(ds), "hours": round(seconds / 3600, 4), "seconds": round(seconds, 1)}
+
+
+def versions() -> dict[str, str]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("datasets", "transformers", "tokenizers", "soundfile", "soxr", "librosa", "numpy", "pyarrow",
+                "datacollective", "huggingface-hub"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out

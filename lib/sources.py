@@ -1,0 +1,437 @@
+"""Where `make prepare` reads speech from: each source kind becomes the same rows.
+
+Every reader returns `Rows` per output split (train / validation / test): a `datasets.Dataset`
+with the columns
+    id     stable row id (clip file name, or hub split + index)
+    audio  {"bytes": encoded bytes or None, "path": absolute path or name}  (never decoded here)
+    text   the transcript as given
+    language  ISO code of the row (the config's, or a manifest's `language` column)
+    where  where a person finds the row: "train.tsv line 7", "manifest.csv line 3", ...
+plus a `signature`: what the inputs were (file hashes, clip sizes and times, hub fingerprints),
+so that an unchanged re-run can be recognised and skipped.
+
+Kinds: cv (a Common Voice release folder), mdc (download one from the Mozilla Data Collective,
+then read it as cv), hub (a Hugging Face Hub dataset), manifest (CSV / TSV / JSONL file),
+audiofolder (Hugging Face audiofolder layout: metadata.csv with file_name + transcription).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lib.errors import UserError
+
+log = logging.getLogger("whisper_ft")
+
+SPLITS = ("train", "validation", "test")
+# Common Voice ships dev.tsv; everything downstream calls it validation.
+CV_DEFAULT_SPLITS = {"train": "train", "validation": "dev", "test": "test"}
+HUB_DEFAULT_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
+CV_REQUIRED_COLUMNS = ("path", "sentence")
+AUDIO_COLUMNS = ("audio", "path", "file_name", "audio_filepath", "file")
+TEXT_COLUMNS = ("text", "sentence", "transcription", "transcript", "normalized_text")
+SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation",
+                 "dev": "validation", "test": "test"}
+
+
+@dataclass
+class SourceConfig:
+    """What to read. Only the fields of the chosen `kind` are used."""
+
+    kind: Literal["cv", "mdc", "hub", "manifest", "audiofolder"] = "cv"
+    """cv: Common Voice folder; mdc: Mozilla Data Collective download; hub: HF Hub dataset;
+    manifest: CSV/TSV/JSONL file; audiofolder: folder with metadata.csv."""
+    path: str = ""
+    """cv / audiofolder: the folder; manifest: the file. Relative paths are from the repo root."""
+    hub_id: str = ""
+    """hub: dataset id, e.g. mozilla-foundation/common_voice_11_0."""
+    hub_config: str | None = None
+    """hub: the dataset config (subset), e.g. hi."""
+    hub_revision: str | None = None
+    """hub: a commit or tag, so that a re-run reads the same data."""
+    mdc_id: str = ""
+    """mdc: the dataset id (or slug) shown on mozilladatacollective.com."""
+    train: str | None = None
+    """Source split(s) that become our train, joined with '+': cv default 'train', hub 'train'
+    (the walkthrough uses 'train+validation'). Empty string: no train split."""
+    validation: str | None = None
+    """Source split(s) for our validation: cv default 'dev', hub 'validation'. Empty: none."""
+    test: str | None = None
+    """Source split(s) for our test: cv/hub default 'test'. Empty: none."""
+    audio_column: str | None = None
+    """hub / manifest: the audio column; default: the first of audio, path, file_name, ..."""
+    text_column: str | None = None
+    """hub / manifest: the transcript column; default: the first of text, sentence, transcription, ..."""
+
+    def __post_init__(self) -> None:
+        need = {"cv": "path", "audiofolder": "path", "manifest": "path", "hub": "hub_id", "mdc": "mdc_id"}
+        key = need[self.kind]
+        if not getattr(self, key):
+            example = {"path": "/data/cv-corpus-17.0/hi", "hub_id": "mozilla-foundation/common_voice_11_0",
+                       "mdc_id": "<dataset id from mozilladatacollective.com>"}[key]
+            raise UserError(f"source.kind={self.kind} needs source.{key}=..., e.g. source.{key}={example}")
+
+    def split_map(self) -> dict[str, list[str]]:
+        """Our split -> the source splits that make it, e.g. {'train': ['train', 'validation']}."""
+        defaults = CV_DEFAULT_SPLITS if self.kind in ("cv", "mdc") else HUB_DEFAULT_SPLITS
+        out = {}
+        for split in SPLITS:
+            expr = getattr(self, split)
+            expr = defaults[split] if expr is None else expr
+            parts = [p.strip() for p in str(expr).split("+") if p.strip()]
+            if parts:
+                out[split] = parts
+        if not out:
+            raise UserError("source.train, source.validation and source.test are all empty: name at least one split")
+        return out
+
+
+@dataclass
+class Rows:
+    """What a reader found: rows per split, and what they were read from."""
+
+    splits: dict[str, Any]
+    signature: dict[str, Any]
+    describe: dict[str, Any] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def _rows_dataset(records: list[dict[str, Any]]):
+    from datasets import Dataset, Features, Value
+
+    feats = Features({
+        "id": Value("string"),
+        "audio": {"bytes": Value("binary"), "path": Value("string")},
+        "text": Value("string"),
+        "language": Value("string"),
+        "where": Value("string"),
+    })
+    cols = {k: [r[k] for r in records] for k in feats}
+    return Dataset.from_dict(cols, features=feats)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _clips_signature(paths: list[str]) -> str:
+    """Size and modification time of every clip: cheap, and changes when a clip is replaced."""
+    h = hashlib.sha256()
+    for p in sorted(set(paths)):
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- Common Voice release folder
+
+
+def find_cv_root(folder: Path, language: str) -> Path:
+    """The folder holding the TSVs and clips/: the folder itself, or one locale folder below it."""
+    if (folder / "clips").is_dir() and any(folder.glob("*.tsv")):
+        return folder
+    found = sorted({p.parent for p in folder.rglob("*.tsv") if (p.parent / "clips").is_dir()})
+    if len(found) == 1:
+        return found[0]
+    for p in found:
+        if p.name == language:
+            return p
+    if not found:
+        raise UserError(f"{folder}: no Common Voice release here (expected clips/ next to train.tsv, dev.tsv, "
+                        f"test.tsv): fix source.path")
+    raise UserError(f"{folder} holds several releases ({', '.join(str(p) for p in found)}): "
+                    f"point source.path at one of them")
+
+
+def read_cv(folder: Path, src: SourceConfig, language: str) -> Rows:
+    """A Common Voice release: <split>.tsv rows with `path` (a file in clips/) and `sentence`."""
+    folder = find_cv_root(folder, language)
+    clips = folder / "clips"
+    splits, signature, skipped = {}, {}, []
+    for split, names in src.split_map().items():
+        records, seen = [], set()
+        for name in names:
+            tsv = folder / f"{name}.tsv"
+            if not tsv.is_file():
+                have = sorted(p.stem for p in folder.glob("*.tsv"))
+                raise UserError(f"{tsv} not found (source.{split}={'+'.join(names)}): this release has "
+                                f"{', '.join(have) or 'no TSVs'}; set source.{split}= to those names")
+            signature[tsv.name] = _file_digest(tsv)
+            with open(tsv, newline="", encoding="utf-8") as f:
+                # Mozilla's TSVs are not quoted: a sentence may hold a literal " character.
+                reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+                missing = [c for c in CV_REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+                if missing:
+                    raise UserError(
+                        f"{tsv}: column {', '.join(repr(c) for c in missing)} missing (header has: "
+                        f"{', '.join(reader.fieldnames or []) or 'nothing'}); a Common Voice TSV needs "
+                        f"{', '.join(CV_REQUIRED_COLUMNS)}: fix the header or point source.path at a release"
+                    )
+                for line, row in enumerate(reader, start=2):
+                    where = f"{tsv.name} line {line}"
+                    clip = (row.get("path") or "").strip()
+                    if not clip or None in row:
+                        skipped.append({"split": split, "id": clip or where, "where": where,
+                                        "reason": "malformed row: wrong number of tab-separated fields"})
+                        continue
+                    if clip in seen:  # e.g. source.train=train+validated lists a clip twice
+                        continue
+                    seen.add(clip)
+                    records.append({"id": clip, "audio": {"bytes": None, "path": str(clips / clip)},
+                                    "text": row.get("sentence") or "", "language": language, "where": where})
+        signature[f"clips:{split}"] = _clips_signature([r["audio"]["path"] for r in records])
+        splits[split] = _rows_dataset(records)
+    return Rows(splits, signature, {"kind": "cv", "path": str(folder)}, skipped)
+
+
+# ---------------------------------------------------------------- manifest and audiofolder
+
+
+def _pick(columns: list[str], wanted: str | None, choices: tuple[str, ...], what: str, file: Path, flag: str) -> str:
+    if wanted:
+        if wanted not in columns:
+            raise UserError(f"{file}: no column '{wanted}' ({flag}={wanted}); columns are {', '.join(columns)}")
+        return wanted
+    for c in choices:
+        if c in columns:
+            return c
+    raise UserError(f"{file}: no {what} column (looked for {', '.join(choices)}; found {', '.join(columns) or 'none'}): "
+                    f"rename the column or set {flag}=<column>")
+
+
+def _read_table(file: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) pairs of a CSV, TSV or JSON-lines file."""
+    suffix = file.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        with open(file, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{file} line {n}: not valid JSON ({e.msg}); one object per line") from None
+        return rows
+    if suffix not in (".csv", ".tsv"):
+        raise UserError(f"{file}: manifest must be .csv, .tsv or .jsonl (source.path)")
+    with open(file, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+        return [(n, row) for n, row in enumerate(reader, 2)]
+
+
+def read_manifest_file(file: Path, src: SourceConfig, language: str, default_split: str | None = None,
+                       rows_by_split: dict[str, list] | None = None, skipped: list | None = None) -> None:
+    """Rows of one manifest into rows_by_split; a `split` column routes rows, else default_split."""
+    table = _read_table(file)
+    if not table:
+        raise UserError(f"{file}: no rows")
+    columns = list(table[0][1].keys())
+    audio_col = _pick(columns, src.audio_column, AUDIO_COLUMNS, "audio path", file, "source.audio_column")
+    text_col = _pick(columns, src.text_column, TEXT_COLUMNS, "transcript", file, "source.text_column")
+    for line, row in table:
+        where = f"{file.name} line {line}"
+        rel = str(row.get(audio_col) or "").strip()
+        split = default_split or "train"
+        if row.get("split"):
+            split = SPLIT_ALIASES.get(str(row["split"]).strip().lower(), "")
+            if not split:
+                skipped.append({"split": "?", "id": rel or where, "where": where,
+                                "reason": f"unknown split '{row['split']}' (use train, validation or test)"})
+                continue
+        if not rel:
+            skipped.append({"split": split, "id": where, "where": where, "reason": f"empty '{audio_col}' column"})
+            continue
+        path = Path(rel) if Path(rel).is_absolute() else file.parent / rel
+        rows_by_split.setdefault(split, []).append({
+            "id": rel, "audio": {"bytes": None, "path": str(path)}, "text": str(row.get(text_col) or ""),
+            "language": str(row.get("language") or language).strip(), "where": where,
+        })
+
+
+def read_manifest_source(file: Path, src: SourceConfig, language: str) -> Rows:
+    if not file.is_file():
+        raise UserError(f"manifest {file} not found (source.path)")
+    by_split, skipped = {}, []
+    read_manifest_file(file, src, language, None, by_split, skipped)
+    return _finish_local(by_split, skipped, {file.name: _file_digest(file)}, {"kind": "manifest", "path": str(file)})
+
+
+def read_audiofolder(folder: Path, src: SourceConfig, language: str) -> Rows:
+    """HF audiofolder: metadata.csv/.jsonl at the root (all train) or in train/, validation/, test/."""
+    if not folder.is_dir():
+        raise UserError(f"audiofolder {folder} not found (source.path)")
+    by_split, skipped, signature = {}, [], {}
+    metas = []
+    for sub in ("", "train", "validation", "valid", "dev", "test"):
+        for name in ("metadata.csv", "metadata.jsonl"):
+            if (folder / sub / name).is_file():
+                metas.append((SPLIT_ALIASES.get(sub, "train") if sub else None, folder / sub / name))
+    if not metas:
+        raise UserError(f"{folder}: no metadata.csv or metadata.jsonl (audiofolder layout: file_name + transcription "
+                        f"columns, at the top or in train/ and test/)")
+    for split, meta in metas:
+        read_manifest_file(meta, src, language, split, by_split, skipped)
+        signature[str(meta.relative_to(folder))] = _file_digest(meta)
+    return _finish_local(by_split, skipped, signature, {"kind": "audiofolder", "path": str(folder)})
+
+
+def _finish_local(by_split, skipped, signature, describe) -> Rows:
+    splits = {}
+    for split in SPLITS:
+        if by_split.get(split):
+            splits[split] = _rows_dataset(by_split[split])
+            signature[f"clips:{split}"] = _clips_signature([r["audio"]["path"] for r in by_split[split]])
+    if not splits:
+        raise UserError(f"{describe['path']}: no usable rows")
+    return Rows(splits, signature, describe, skipped)
+
+
+# ---------------------------------------------------------------- Hugging Face Hub
+
+
+def read_hub(src: SourceConfig, language: str, token: str | None) -> Rows:
+    """load_dataset per split expression; audio kept encoded (Audio(decode=False)) so we decode it."""
+    import datasets
+    from datasets import Audio
+    from datasets.exceptions import DatasetNotFoundError
+
+    splits, signature = {}, {}
+    for split, parts in src.split_map().items():
+        expr = "+".join(parts)
+        try:
+            ds = datasets.load_dataset(src.hub_id, src.hub_config, split=expr, token=token or None,
+                                       revision=src.hub_revision)
+        except DatasetNotFoundError as e:
+            msg = str(e)
+            if "gated" in msg and not token:
+                raise UserError(f"{src.hub_id} is gated: set HF_TOKEN=hf_... in your env file (--env-file, see "
+                                f"env.example) after accepting its terms on https://huggingface.co/datasets/"
+                                f"{src.hub_id}") from None
+            if "gated" in msg:
+                raise UserError(f"{src.hub_id} is gated and your HF_TOKEN has no access: accept its terms on "
+                                f"https://huggingface.co/datasets/{src.hub_id} with the token's account") from None
+            raise UserError(f"{src.hub_id}: {msg} (check source.hub_id and source.hub_config)") from None
+        except ConnectionError as e:
+            raise UserError(f"{src.hub_id}: cannot reach the Hugging Face Hub ({e}); check the network or "
+                            f"HF_HUB_OFFLINE, or prepare from a local copy (source.kind=cv/manifest)") from None
+        except ValueError as e:  # a bad split expression or config name
+            raise UserError(f"{src.hub_id}: {e} (check source.{split}={expr} and source.hub_config)") from None
+        cols = ds.column_names
+        where_file = Path(f"{src.hub_id}[{expr}]")
+        audio_col = _pick(cols, src.audio_column, ("audio",), "audio", where_file, "source.audio_column")
+        text_col = _pick(cols, src.text_column, TEXT_COLUMNS, "transcript", where_file, "source.text_column")
+        ds = ds.cast_column(audio_col, Audio(decode=False))
+        lang_col = "language" if "language" in cols and "language" not in (audio_col, text_col) else None
+        keep = [c for c in (audio_col, text_col, lang_col) if c]
+        ds = ds.remove_columns([c for c in cols if c not in keep])
+        if audio_col != "audio":
+            ds = ds.rename_column(audio_col, "audio")
+        if text_col != "text":
+            ds = ds.rename_column(text_col, "text")
+
+        def add_ids(batch, idx, expr=expr, lang_col=lang_col):
+            n = len(batch["text"])
+            return {
+                "id": [f"{expr}/{i}" for i in idx],
+                "where": [f"{src.hub_id} split {expr} row {i}" for i in idx],
+                "language": batch[lang_col] if lang_col else [language] * n,
+            }
+
+        ds = ds.map(add_ids, with_indices=True, batched=True, desc=f"{split}: index rows")
+        if lang_col and lang_col != "language":
+            ds = ds.remove_columns([lang_col])
+        splits[split] = ds
+        signature[f"hub:{split}"] = getattr(ds, "_fingerprint", None) or expr
+    describe = {"kind": "hub", "hub_id": src.hub_id, "hub_config": src.hub_config, "revision": src.hub_revision,
+                "splits": {k: "+".join(v) for k, v in src.split_map().items()}}
+    return Rows(splits, signature, describe)
+
+
+# ---------------------------------------------------------------- Mozilla Data Collective
+
+
+def _extract(archive: Path, dest: Path) -> Path:
+    """Unpack once into dest (via a temp folder renamed at the end, so a kill leaves no half folder)."""
+    if dest.is_dir():
+        return dest
+    tmp = dest.with_name(dest.name + ".extracting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    log.info("extracting %s -> %s", archive, dest)
+    name = archive.name
+    if name.endswith(".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)
+    elif name.endswith((".tar.gz", ".tgz", ".tar")):
+        with tarfile.open(archive) as tf:
+            tf.extractall(tmp, filter="data")  # "data" refuses absolute paths and links out of tmp
+    else:
+        raise UserError(f"{archive}: unknown archive type (expected .tar.gz, .tgz or .zip)")
+    tmp.replace(dest)
+    return dest
+
+
+def download_mdc(src: SourceConfig, api_key: str | None, downloads: Path) -> Path:
+    """Download (resumable, skipped when present) and unpack an MDC dataset; return the folder."""
+    if not api_key:
+        raise UserError("source.kind=mdc needs MDC_API_KEY: put MDC_API_KEY=... in your env file (--env-file, see "
+                        "env.example); make a key on mozilladatacollective.com under your profile's API keys")
+    import datacollective
+    from datacollective import AuthenticationError
+
+    # The SDK reads the key from the environment only.
+    os.environ["MDC_API_KEY"] = api_key
+    downloads.mkdir(parents=True, exist_ok=True)
+    log.info("downloading MDC dataset %s into %s", src.mdc_id, downloads)
+    try:
+        archive = Path(datacollective.download_dataset(src.mdc_id, download_directory=str(downloads),
+                                                       show_progress=True))
+    except AuthenticationError:
+        raise UserError("the Mozilla Data Collective refused MDC_API_KEY (invalid, expired or revoked): "
+                        "make a new key and update your env file") from None
+    except PermissionError as e:
+        raise UserError(f"MDC dataset {src.mdc_id}: access denied ({e}); accept the dataset's terms on "
+                        f"mozilladatacollective.com with the key's account") from None
+    except FileNotFoundError as e:
+        raise UserError(f"MDC dataset {src.mdc_id} not found ({e}): check source.mdc_id") from None
+    stem = archive.name
+    for suffix in (".tar.gz", ".tgz", ".zip", ".tar"):
+        stem = stem.removesuffix(suffix)
+    return _extract(archive, downloads / stem)
+
+
+def read_source(src: SourceConfig, language: str, env) -> Rows:
+    """Dispatch on source.kind. `env` gives tokens and DATA_DIR (downloads go to DATA_DIR/downloads)."""
+    if src.kind == "hub":
+        return read_hub(src, language, env.hf_token)
+    if src.kind == "mdc":
+        folder = download_mdc(src, env.mdc_api_key, env.data_dir / "downloads" / "mdc")
+        rows = read_cv(folder, src, language)
+        rows.describe = {"kind": "mdc", "mdc_id": src.mdc_id, "path": rows.describe["path"]}
+        return rows
+    path = Path(src.path).expanduser()
+    if src.kind == "cv":
+        if not path.is_dir():
+            raise UserError(f"Common Voice folder {path} not found (source.path)")
+        return read_cv(path, src, language)
+    if src.kind == "manifest":
+        return read_manifest_source(path, src, language)
+    return read_audiofolder(path, src, language)
