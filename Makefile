@@ -1,7 +1,33 @@
 # Whisper LoRA fine-tuning: every job is a make target. `make` alone prints help.
+#
+#   make build                                   # the image (once per lock or source change)
+#   make prepare LANG=hi DATASET=cv-hi ARGS="source.kind=cv source.path=/data/raw/cv-corpus-hi"
+#   make train   LANG=hi DATASET=cv-hi RUN=hi-1  # GPUS=2 runs torchrun on 2 GPUs
+#   make eval    LANG=hi DATASET=cv-hi RUN=hi-1
+#   make export  RUN=hi-1
+#
+# RUNNER=docker (default) runs each job in the image; RUNNER=local runs it in .venv.
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 
+# LANG is two things here. On make's command line (`make train LANG=hi`) it is the target
+# language and reaches the job as `language=hi`. From the environment it is the shell's
+# locale (often C.UTF-8) and means nothing to the jobs: the recipe's language stands.
+# A command-line LANG would also be exported to every process make starts and break their
+# locale, so once read it is replaced by LOCALE for the children.
+
+# The locale that processes started by make get when LANG was given as a language.
+LOCALE ?= C.UTF-8
+ifeq ($(origin LANG),command line)
+JOB_LANGUAGE := $(LANG)
+override LANG := $(LOCALE)
+export LANG
+else
+JOB_LANGUAGE :=
+endif
+
+# How jobs run: docker (in the image) or local (in $(VENV)).
+RUNNER ?= docker
 # Where the virtual environment for RUNNER=local lives.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,9 +38,76 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # Every install is exact and hash-checked: the lock already lists every dependency.
 PIP_INSTALL = $(PY) -m pip install -q --no-deps --require-hashes
 
+# The data volume: prepared datasets, runs, exports and the Hub cache (mounted as /data).
+DATA_DIR ?= data
+# The env file (HF_TOKEN, MDC_API_KEY; see env.example), skipped when absent.
+# Docker and the jobs get its path; its values never appear on a command line.
+ENV_FILE ?= .env
+# GPUs per job: 0 (CPU), a count, or all. More than one makes `train` use torchrun.
+GPUS ?= 1
+# Recipe YAML passed as --recipe (train defaults to the 1-GPU int8 LoRA recipe).
+RECIPE ?=
+# Run name: train writes DATA_DIR/runs/RUN; eval, export and transcribe read it.
+RUN ?=
+# Prepared dataset name: prepare writes DATA_DIR/prepared/DATASET; train and eval read it.
+DATASET ?=
+# Extra job overrides, e.g. ARGS="lora.r=16 train.max_steps=2000".
+ARGS ?=
+# Image repository; set to your registry path (ghcr.io/you/whisper-finetune) before push.
+IMAGE_NAME ?= whisper-finetune
+# /dev/shm for the container: dataloader workers pass batches through it.
+SHM_SIZE ?= 16g
+# Container user: your UID/GID, so that files on DATA_DIR belong to you.
+DOCKER_USER ?= $(shell id -u):$(shell id -g)
+
+# The tag names what is inside: the lock's content and the source revision (-dirty when the
+# work tree has uncommitted changes; `make push` refuses those).
+LOCK_HASH := $(shell sha256sum requirements.lock 2>/dev/null | cut -c1-12)
+GIT_REV := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo nogit)$(shell git diff --quiet HEAD -- 2>/dev/null || echo -dirty)
+# The image every job runs in.
+IMAGE ?= $(IMAGE_NAME):$(LOCK_HASH)-$(GIT_REV)
+
+TRAIN_RECIPE := jobs/recipes/whisper-large-v2_lora-int8_1gpu.yaml
+DATA_ABS = $(abspath $(DATA_DIR))
+HAVE_ENV_FILE = $(wildcard $(ENV_FILE))
+MULTI_GPU = $(filter-out 0 1,$(GPUS))
+NPROC = $(if $(filter all,$(GPUS)),gpu,$(GPUS))
+
+# docker run for a job. DATA_DIR and HF_HOME are the container's paths whatever the env
+# file says (-e wins over --env-file); the image's tini forwards SIGTERM to the job.
+DOCKER_RUN = docker run --rm $(DOCKER_TTY)--user $(DOCKER_USER) --shm-size $(SHM_SIZE) \
+  $(if $(filter-out 0,$(GPUS)),--gpus $(GPUS)) -v $(DATA_ABS):/data \
+  $(if $(HAVE_ENV_FILE),--env-file $(ENV_FILE)) -e DATA_DIR=/data -e HF_HOME=/data/hf-cache \
+  $(IMAGE)
+DOCKER_TTY =
+# The same facts for a job in .venv: the environment wins over the env file (lib/env.py).
+LOCAL_ENV = DATA_DIR=$(DATA_ABS) HF_HOME=$(DATA_ABS)/hf-cache PATH=$(abspath $(VENV))/bin:$$PATH
+LOCAL_ENV_FILE = $(if $(HAVE_ENV_FILE),--env-file $(ENV_FILE))
+
+# $(call job,NAME,ARGS): the command line that runs jobs.NAME with ARGS on $(RUNNER).
+ifeq ($(RUNNER),docker)
+job = $(strip $(DOCKER_RUN) $(1) $(2))
+job_torchrun = $(strip $(DOCKER_RUN) torchrun --standalone --nproc_per_node=$(NPROC) -m jobs.$(1) $(2))
+else ifeq ($(RUNNER),local)
+job = $(strip $(LOCAL_ENV) python -m jobs.$(1) $(LOCAL_ENV_FILE) $(2))
+job_torchrun = $(strip $(LOCAL_ENV) torchrun --standalone --nproc_per_node=$(NPROC) -m jobs.$(1) $(LOCAL_ENV_FILE) $(2))
+else
+$(error RUNNER=$(RUNNER): use RUNNER=docker or RUNNER=local)
+endif
+
+recipe_arg = $(if $(RECIPE),--recipe $(RECIPE))
+language_arg = $(if $(JOB_LANGUAGE),language=$(JOB_LANGUAGE))
+run_arg = $(if $(RUN),run=$(RUN))
+
 .PHONY: help
 help: ## list the targets and the variables they read
+	@echo "usage: make TARGET [VAR=value ...]   e.g. make train LANG=hi RUN=hi-1 GPUS=2"
+	@echo "targets:"
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "variables (now):"
+	@awk '/^# / {if (c == "") c = substr($$0, 3); next} /^[A-Z_]+ \?=/ {printf "  %-15s %s\n", $$1, c} {c = ""}' $(MAKEFILE_LIST)
+	@echo "  LANG            on the command line only: the target language (language=LANG)"
+	@echo "  image: $(IMAGE)"
 
 .PHONY: setup
 setup: ## create .venv with the exact versions of requirements.lock (hash-checked)
@@ -44,3 +137,84 @@ test: ## run the offline CPU test suite
 .PHONY: lock
 lock: ## re-pin requirements.lock from pyproject.toml (needs PyPI)
 	docker/lock.sh
+
+# Kubernetes versions the manifests are checked against: the oldest with podFailurePolicy
+# GA (1.31) and the newest kubernetes-validate knows.
+K8S_VERSIONS := 1.31 1.37
+YAML_FILES = $(shell git ls-files '*.yaml' '*.yml')
+K8S_FILES = $(shell git ls-files 'docker/k8s/*.yaml' | grep -v kustomization)
+
+.PHONY: lint
+lint: ## ruff, hadolint, shellcheck, yamllint and kubernetes-validate over the repository
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint docker/Dockerfile
+	$(VENV)/bin/shellcheck $(shell git ls-files '*.sh') .ci/run
+	$(VENV)/bin/yamllint -c docker/yamllint.yaml --strict $(YAML_FILES)
+	@for v in $(K8S_VERSIONS); do \
+	  echo "$(VENV)/bin/kubernetes-validate --strict -k $$v $(K8S_FILES)"; \
+	  $(VENV)/bin/kubernetes-validate --strict --quiet -k $$v $(K8S_FILES) || exit 1; done
+
+.PHONY: build
+build: ## build the image (tag: lock hash + git revision) from docker/Dockerfile
+	docker build -f docker/Dockerfile -t $(IMAGE) \
+	  --label org.opencontainers.image.revision=$(GIT_REV) \
+	  --label org.opencontainers.image.version=$(LOCK_HASH)-$(GIT_REV) .
+	@echo "build: $(IMAGE)"
+
+.PHONY: push
+push: ## push the image to its registry (set IMAGE_NAME=registry/path first)
+	@case "$(IMAGE)" in *-dirty) \
+	  echo "push: $(IMAGE) has uncommitted changes in it; commit, then make build push" >&2; exit 2;; esac
+	docker push $(IMAGE)
+	@echo "push: use image $(IMAGE) in docker/k8s/kustomization.yaml (newName/newTag)"
+
+.PHONY: prepare
+prepare: ## prepare a dataset into DATA_DIR/prepared/DATASET (LANG, DATASET, RECIPE, ARGS)
+	mkdir -p $(DATA_ABS)
+	$(call job,prepare,$(recipe_arg) $(if $(DATASET),name=$(DATASET)) $(language_arg) $(ARGS))
+
+.PHONY: train
+train: recipe_arg = --recipe $(or $(RECIPE),$(TRAIN_RECIPE))
+train: ## fine-tune into DATA_DIR/runs/RUN; GPUS>1 runs torchrun (LANG, DATASET, RUN, RECIPE, ARGS)
+	mkdir -p $(DATA_ABS)
+	$(if $(MULTI_GPU),$(call job_torchrun,train,$(TRAIN_ARGS)),$(call job,train,$(TRAIN_ARGS)))
+TRAIN_ARGS = $(recipe_arg) $(run_arg) $(if $(DATASET),data=$(DATASET)) $(language_arg) $(ARGS)
+
+.PHONY: eval
+eval: ## word error rate of run RUN on DATASET (LANG, DATASET, RUN, ARGS e.g. split=test)
+	mkdir -p $(DATA_ABS)
+	$(call job,eval,$(recipe_arg) $(run_arg) $(if $(DATASET),data=$(DATASET)) $(language_arg) $(ARGS))
+
+.PHONY: export
+export: ## merge run RUN's adapter into a standalone model (RUN, ARGS e.g. dtype=float16)
+	mkdir -p $(DATA_ABS)
+	$(call job,export,$(recipe_arg) $(run_arg) $(ARGS))
+
+.PHONY: transcribe
+transcribe: ## transcribe audio with run RUN or a model (ARGS="audio=/data/x.wav", LANG, RUN)
+	mkdir -p $(DATA_ABS)
+	$(call job,transcribe,$(recipe_arg) $(run_arg) $(language_arg) $(ARGS))
+
+.PHONY: bench
+bench: ## time and size the training recipes on this GPU (ARGS e.g. arch=h100)
+	mkdir -p $(DATA_ABS)
+	$(call job,bench,$(recipe_arg) $(ARGS))
+
+.PHONY: demo
+demo: GPUS = 0
+demo: ## offline CPU demo: prepare the fixture, train a tiny model a few steps, eval, export
+	mkdir -p $(DATA_ABS)
+ifeq ($(RUNNER),docker)
+	$(DOCKER_RUN) bash docker/demo.sh
+else
+	$(LOCAL_ENV) bash docker/demo.sh
+endif
+
+.PHONY: shell
+shell: DOCKER_TTY = -it 
+shell: ## an interactive shell where the jobs run (in the image, or with .venv on PATH)
+ifeq ($(RUNNER),docker)
+	$(DOCKER_RUN) bash
+else
+	$(LOCAL_ENV) bash
+endif

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The image's command line: the first word picks the job, the rest goes to it unchanged.
+#
+#   IMAGE train --recipe jobs/recipes/X.yaml language=hi  ->  python -m jobs.train --recipe ... language=hi
+#   IMAGE torchrun --nproc_per_node=2 -m jobs.train ...   ->  runs as given (multi-GPU)
+#   IMAGE bash | python ... | nvidia-smi                  ->  runs as given (make shell)
+#
+# `exec` replaces this shell, so tini (PID 1) forwards SIGTERM straight to the job, which
+# checkpoints and exits 3 (see lib/errors.py).
+set -euo pipefail
+
+jobs="prepare train eval export transcribe bench"
+
+usage() {
+  cat <<USAGE
+usage: IMAGE JOB [--recipe FILE] [--env-file FILE] [key=value ...]
+  JOB is one of: ${jobs}
+  (python -m jobs.JOB --help lists each job's options)
+or:    IMAGE torchrun ... -m jobs.train ...   multi-GPU training
+or:    IMAGE COMMAND ...                      any command, e.g. bash
+USAGE
+}
+
+if [ "$#" -eq 0 ]; then
+  usage
+  exit 2
+fi
+
+case "$1" in
+  help | -h | --help)
+    usage
+    ;;
+  prepare | train | eval | export | transcribe | bench)
+    job="$1"
+    shift
+    exec python -m "jobs.${job}" "$@"
+    ;;
+  *)
+    exec "$@"
+    ;;
+esac
