@@ -1,0 +1,232 @@
+"""Fine-tune Whisper with LoRA on a prepared dataset; resumable, preemption-safe.
+
+    python -m jobs.train --recipe jobs/recipes/whisper-large-v2_lora-int8_1gpu.yaml run=hi-v1 data=cv-hi
+    make train RUN=hi-v1 DATA=cv-hi          # the same, in the image
+
+Reads DATA_DIR/prepared/DATA (from `make prepare`), writes DATA_DIR/runs/RUN/:
+config.yaml, checkpoints/checkpoint-N/ (adapter + optimizer state, COMPLETE marker last),
+adapter/ (best-by-WER LoRA adapter + processor + generation config), log_history.json,
+metrics.json, tb/. Rerunning the same RUN resumes from the newest COMPLETE checkpoint.
+Exit codes: 0 done; 2 config/data error (fix the named flag, do not retry);
+3 stopped by SIGTERM after saving a checkpoint (retry: it resumes); other: crash (retry).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from lib import checkpoint, hub
+from lib import model as M
+from lib.cli import run_job
+from lib.collator import WhisperCollator
+from lib.config import dump_yaml, to_dict
+from lib.env import Env
+from lib.errors import Preempted, UserError
+from lib.prepared import list_prepared, load_split, read_manifest
+from lib.train_config import TrainConfig
+from lib.trainer import (
+    LogHistoryWriter,
+    make_compute_metrics,
+    oom_message,
+    training_arguments,
+    write_json,
+)
+
+log = logging.getLogger("whisper_ft")
+
+# Settings a resumed run must share with the run that wrote its checkpoints.
+FIXED_ON_RESUME = ("data", "language", "task", "model", "lora")
+
+
+def main(cfg: TrainConfig, env: Env) -> dict:
+    import torch
+
+    # 1. Inputs: the prepared dataset, the hub token, the run folder.
+    data_dir = env.prepared_dir(cfg.data)
+    if not (data_dir / "manifest.json").is_file():
+        have = list_prepared(data_dir.parent)
+        raise UserError(
+            f"data={cfg.data}: no prepared dataset at {data_dir}; run `make prepare` first or pick one of: "
+            f"{', '.join(have) if have else '(none prepared yet)'}"
+        )
+    manifest = read_manifest(data_dir)
+    hub.require_token(cfg.hub.push, env.hf_token)
+    run_dir = env.run_dir(cfg.run)
+    ckpt_root = run_dir / "checkpoints"
+
+    # 2. Checks that cost seconds, before any weights are loaded or GPU time is spent.
+    M.load_base_config(cfg.model.base, env.hf_token)
+    processor = M.load_processor(cfg.model.base, env.hf_token)
+    language = M.resolve_language(processor.tokenizer, cfg.language or manifest.get("language", ""))
+    data_lang = manifest.get("language")
+    if data_lang and cfg.language and M.resolve_language(processor.tokenizer, data_lang) != language:
+        raise UserError(
+            f"language={cfg.language} but {cfg.data} was prepared for '{data_lang}' (its labels carry that "
+            f"language token): set language={data_lang} or prepare the data again for {cfg.language}"
+        )
+    cfg.language = language
+    precision = M.resolve_precision(cfg.model.precision)
+    M.check_quantization(cfg.model.quantization)
+    _check_same_run(run_dir, cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, run_dir / "config.yaml")
+    log.info("config:\n%s", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip())
+
+    # 3. Data: train and validation splits; log-mel is computed per batch by the collator.
+    train_ds = _columns(load_split(data_dir, "train"))
+    eval_ds = None
+    if (data_dir / "validation").is_dir():
+        eval_ds = _columns(load_split(data_dir, "validation"))
+        if cfg.train.max_eval_samples:
+            eval_ds = eval_ds.select(range(min(cfg.train.max_eval_samples, len(eval_ds))))
+    else:
+        log.warning("%s has no validation split: no WER during training, the final adapter is the last step", cfg.data)
+    if len(train_ds) == 0:
+        raise UserError(f"data={cfg.data}: the train split is empty; prepare more data")
+    eff = cfg.train.batch_size * cfg.train.grad_accum
+    steps = cfg.train.max_steps or int(cfg.train.epochs * -(-len(train_ds) // eff))
+    log.info(
+        "data: %d train clips, %d validation clips; %d x %d = %d clips per optimizer step -> %d steps",
+        len(train_ds), len(eval_ds) if eval_ds is not None else 0,
+        cfg.train.batch_size, cfg.train.grad_accum, eff, steps,
+    )
+
+    # 4. Model: base (quantized per model.quantization), frozen, LoRA on top.
+    t0 = time.time()
+    base = M.load_base_model(cfg.model.base, cfg.model.quantization, precision, env.hf_token)
+    M.set_generation_language(base, language, cfg.task)
+    base = M.prepare_for_training(base, cfg.model.quantization, cfg.model.gradient_checkpointing)
+    model = M.apply_lora(base, cfg.lora)
+    trainable, total = M.count_parameters(model)
+    log.info(
+        "model: %s, %s, %s, checkpointing %s, loaded in %.0f s; trainable params: %s of %s (%.2f%%)",
+        cfg.model.base, cfg.model.quantization, precision,
+        "on" if cfg.model.gradient_checkpointing else "off", time.time() - t0,
+        f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+    )
+    processor.tokenizer.set_prefix_tokens(language=language, task=cfg.task)
+
+    # 5. Trainer, and where to resume from (the newest COMPLETE checkpoint, never a half-written one).
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import Seq2SeqTrainer
+    from transformers.integrations import TensorBoardCallback
+
+    resume_from, moved = checkpoint.find_resumable(ckpt_root)
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    stopper = checkpoint.StopOnSigterm()
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=training_arguments(cfg, ckpt_root, precision, has_eval=eval_ds is not None),
+        data_collator=WhisperCollator(processor.feature_extractor, base.config.decoder_start_token_id),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=processor,
+        compute_metrics=make_compute_metrics(processor.tokenizer) if eval_ds is not None else None,
+        callbacks=[
+            checkpoint.CompleteMarker(ckpt_root, cfg.train.keep_checkpoints),
+            LogHistoryWriter(run_dir / "log_history.json"),
+            TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tb"))),
+            stopper,
+        ],
+    )
+
+    # 6. Train. SIGTERM -> checkpoint at the next step boundary -> exit 3 (retry resumes).
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    stopper.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.OutOfMemoryError:
+        raise UserError(oom_message(cfg)) from None
+    finally:
+        stopper.uninstall()
+    write_json(run_dir / "log_history.json", trainer.state.log_history)
+    if stopper.requested:
+        raise Preempted(
+            f"saved checkpoint-{trainer.state.global_step} in {ckpt_root}; rerun the same command to resume"
+        )
+
+    # 7. The final adapter (best by WER when there was a validation split): weights, processor,
+    # generation config with language and task. Written aside, then renamed: never half there.
+    tmp = run_dir / "adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    base.generation_config.save_pretrained(tmp)
+    shutil.rmtree(run_dir / "adapter", ignore_errors=True)
+    tmp.rename(run_dir / "adapter")
+
+    # 8. Metrics, and the Hub if asked.
+    evals = [h for h in trainer.state.log_history if "eval_wer" in h]
+    metrics = {
+        "global_step": trainer.state.global_step,
+        "best_eval_wer": trainer.state.best_metric,
+        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name
+        if trainer.state.best_model_checkpoint else None,
+        "first_eval_wer": evals[0]["eval_wer"] if evals else None,
+        "last_eval_wer": evals[-1]["eval_wer"] if evals else None,
+        "train_loss": result.metrics.get("train_loss"),
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "adapter_size_bytes": checkpoint.dir_size(run_dir / "adapter", "adapter_model*"),
+        "trainable_params": trainable,
+        "total_params": total,
+        "precision": precision,
+        "quantization": cfg.model.quantization,
+        "resumed_from": resume_from.name if resume_from else None,
+        "incomplete_checkpoints_moved": [p.name for p in moved],
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    log.info(
+        "done: %d steps, best WER %s, adapter %.1f MB in %s",
+        metrics["global_step"], metrics["best_eval_wer"], metrics["adapter_size_bytes"] / 1e6, run_dir / "adapter",
+    )
+    if cfg.hub.push:
+        (run_dir / "adapter" / "README.md").write_text(hub.model_card(
+            repo_id=cfg.hub.repo_id, base=cfg.model.base, data=cfg.data, language=language, task=cfg.task,
+            recipe=_recipe_name(), metrics=metrics, lora=to_dict(cfg.lora),
+        ))
+        hub.push_adapter(run_dir / "adapter", cfg.hub.repo_id, env.hf_token, cfg.hub.private)
+    return metrics
+
+
+def _recipe_name() -> str | None:
+    """The --recipe file this process was started with, for the model card (run_job does not pass it)."""
+    argv = sys.argv
+    for i, a in enumerate(argv):
+        if a == "--recipe" and i + 1 < len(argv):
+            return Path(argv[i + 1]).name
+        if a.startswith("--recipe="):
+            return Path(a.split("=", 1)[1]).name
+    return None
+
+
+def _columns(ds):
+    """Only what the collator reads, as numpy (no per-sample Python float lists)."""
+    return ds.select_columns(["audio", "labels"]).with_format("numpy")
+
+
+def _check_same_run(run_dir: Path, cfg: TrainConfig) -> None:
+    """A rerun resumes; it must not silently mix checkpoints of a different model, LoRA or data."""
+    old_path = run_dir / "config.yaml"
+    if not old_path.is_file():
+        return
+    old, new = yaml.safe_load(old_path.read_text()) or {}, to_dict(cfg)
+    diff = [k for k in FIXED_ON_RESUME if old.get(k) != new.get(k)]
+    if diff:
+        raise UserError(
+            f"run={cfg.run} already exists in {run_dir} with different {', '.join(diff)} settings "
+            f"(see its config.yaml): choose a new run= name, or use the same settings to resume"
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_job("train", __doc__, TrainConfig, main))

@@ -1,0 +1,225 @@
+"""Load a Whisper base (full, 8-bit or 4-bit) and wrap it with LoRA for training.
+
+Checks run before any weights are read: the base is a Whisper model (config.model_type),
+the language is one the tokenizer knows, the quantization mode works on this machine,
+the precision fits the hardware.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from lib.errors import UserError
+
+log = logging.getLogger("whisper_ft")
+
+
+def load_base_config(base: str, token: str | None = None):
+    """The base's config.json only (kilobytes): refuse anything that is not Whisper."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(base, token=token)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"model.base={base}: cannot read its config ({str(e).splitlines()[0]}); give a local "
+            f"Whisper folder or a Hub id such as openai/whisper-large-v2 (gated repos need HF_TOKEN)"
+        ) from None
+    if getattr(cfg, "model_type", None) != "whisper":
+        raise UserError(
+            f"model.base={base} is a '{getattr(cfg, 'model_type', '?')}' model, not Whisper: "
+            f"set model.base to a Whisper checkpoint, e.g. openai/whisper-large-v2"
+        )
+    return cfg
+
+
+def load_processor(base: str, token: str | None = None):
+    from transformers import WhisperProcessor
+
+    try:
+        return WhisperProcessor.from_pretrained(base, token=token)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.base={base}: no Whisper processor/tokenizer there ({e})") from None
+
+
+def resolve_language(tokenizer, language: str) -> str:
+    """Normalise a code or name ('hi', 'Hindi') to the code; unknown -> UserError naming language=."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    lang = language.strip().lower()
+    code = lang if lang in LANGUAGES else TO_LANGUAGE_CODE.get(lang)
+    if code is None or tokenizer.convert_tokens_to_ids(f"<|{code}|>") in (None, tokenizer.unk_token_id):
+        raise UserError(
+            f"language={language!r} is not a Whisper language; use a code such as hi, de, ta, sw "
+            f"(known: {', '.join(sorted(LANGUAGES))})"
+        )
+    return code
+
+
+def resolve_precision(precision: str) -> str:
+    """auto -> bf16 on GPUs that support it (Ampere+), fp16 on older GPUs (T4, V100), fp32 on CPU."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        if not cuda:
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision in ("fp16", "bf16") and not cuda:
+        raise UserError(
+            f"model.precision={precision} needs a CUDA GPU and none is visible: "
+            f"use model.precision=auto (fp32 on CPU) or fp32"
+        )
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UserError("model.precision=bf16: this GPU has no bf16 (e.g. T4); use fp16 or auto")
+    return precision
+
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def check_quantization(quantization: str) -> None:
+    """int8 / nf4 need bitsandbytes with a backend for this device; test one tiny layer."""
+    if quantization == "none":
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        import bitsandbytes as bnb
+
+        with torch.no_grad():
+            if quantization == "int8":
+                layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False).to(device)
+                x = torch.randn(2, 64, device=device, dtype=torch.float16)
+            else:
+                layer = bnb.nn.Linear4bit(64, 64, quant_type="nf4", compute_dtype=torch.float32).to(device)
+                x = torch.randn(2, 64, device=device)
+            layer(x)
+    except Exception as e:  # ImportError, missing native library, unsupported device
+        raise UserError(
+            f"model.quantization={quantization}: bitsandbytes does not work on this machine ({device}): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+            f"use model.quantization=none (more memory) or run on a CUDA GPU"
+        ) from None
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "nf4":
+        # QLoRA: NF4 storage, double-quantised constants (~0.4 bit/param saved), matmuls in compute_dtype.
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return None
+
+
+def load_base_model(base: str, quantization: str, precision: str, token: str | None = None):
+    """WhisperForConditionalGeneration, quantized per `quantization`; precision already resolved."""
+    from transformers import WhisperForConditionalGeneration
+
+    compute = DTYPES[precision]
+    kwargs: dict[str, Any] = {"token": token}
+    if quantization == "none":
+        # Trainable-or-not, keep fp32 masters: AMP (fp16/bf16) casts per op, and the
+        # optimizer must not step fp16 weights.
+        kwargs["dtype"] = torch.float32
+    else:
+        kwargs["quantization_config"] = quantization_config(quantization, compute)
+        kwargs["dtype"] = compute
+        kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+    return WhisperForConditionalGeneration.from_pretrained(base, **kwargs)
+
+
+def _require_grad_on_encoder_input(module, inputs, output):
+    output.requires_grad_(True)
+
+
+def add_encoder_input_grad_hook(model):
+    """Make encoder conv1's output require grad.
+
+    Why: with the base frozen, nothing entering the encoder requires grad. Reentrant
+    activation checkpointing (torch.utils.checkpoint use_reentrant=True) then sees inputs
+    without grad and drops the gradient of everything inside the checkpointed layers, so
+    encoder LoRA weights silently never train. transformers' enable_input_require_grads()
+    only hooks get_input_embeddings(), which for Whisper is the *decoder* token embedding,
+    not the audio path. We use non-reentrant checkpointing (no such problem), and keep this
+    hook so that a reentrant setting (older torch/PEFT defaults) stays correct.
+    """
+    encoder = model.get_encoder() if hasattr(model, "get_encoder") else model.model.encoder
+    return encoder.conv1.register_forward_hook(_require_grad_on_encoder_input)
+
+
+def prepare_for_training(model, quantization: str, gradient_checkpointing: bool):
+    """Freeze the base, upcast what must be fp32, turn on (non-reentrant) checkpointing."""
+    from peft import prepare_model_for_kbit_training
+
+    ckpt_kwargs = {"use_reentrant": False}
+    if quantization != "none":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=ckpt_kwargs,
+        )
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if gradient_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    if gradient_checkpointing:
+        model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    add_encoder_input_grad_hook(model)
+    return model
+
+
+def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str]):
+    """PEFT LoraConfig. No task_type: SEQ_2_SEQ_LM wraps Whisper in a class whose forward
+    passes input_ids, which Whisper does not take."""
+    from peft import LoraConfig
+
+    targets: Any = "all-linear" if target_modules == ["all-linear"] else list(target_modules)
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=targets)
+
+
+def apply_lora(model, cfg):
+    """Wrap with LoRA (cfg is lib.train_config.LoraSection); unknown targets -> UserError."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules))
+    except ValueError as e:
+        raise UserError(
+            f"lora.target_modules={','.join(cfg.target_modules)}: {str(e).splitlines()[0]} "
+            f"(Whisper has q_proj, k_proj, v_proj, out_proj, fc1, fc2; or use all-linear)"
+        ) from None
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights count as stored elements x 2."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored uint8
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def set_generation_language(model, language: str, task: str) -> None:
+    """Generation (eval WER, and whoever loads the adapter) decodes in `language`, not auto-detect."""
+    gen = model.generation_config
+    gen.language = language
+    gen.task = task
+    gen.forced_decoder_ids = None  # the old way; with language/task set, generate() builds the prompt
+    if hasattr(model.config, "forced_decoder_ids"):
+        model.config.forced_decoder_ids = None

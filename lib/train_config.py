@@ -1,0 +1,140 @@
+"""The typed config of `make train` (jobs/train.py): defaults < recipe YAML < key=value flags.
+
+Defaults are the walkthrough's recipe: whisper-large-v2 in 8-bit, LoRA r=32 / alpha=64 on
+q_proj and v_proj, lr 1e-3 with 50 warm-up steps, batch 8, fp16. The resolved config is
+written to DATA_DIR/runs/RUN/config.yaml; `make eval` and `make export` read it there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lib.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    base: str = "openai/whisper-large-v2"
+    """base model: a local folder or a Hub id (read with HF_TOKEN when set)"""
+    quantization: Literal["int8", "nf4", "none"] | None = "int8"
+    """base weights in 8-bit (LLM.int8), 4-bit NF4 (QLoRA) or full precision (none)"""
+    precision: Literal["fp16", "bf16", "fp32", "auto"] = "fp16"
+    """compute precision; auto = bf16 where the GPU supports it, else fp16 on a GPU, fp32 on CPU"""
+    gradient_checkpointing: bool = True
+    """recompute activations in the backward pass: ~30% slower, far less activation memory"""
+
+    def __post_init__(self):
+        # lib.config reads the flag value `none` as YAML null; both mean full precision here.
+        if self.quantization is None:
+            self.quantization = "none"
+
+
+@dataclass
+class LoraSection:
+    r: int = 32
+    """rank: higher = more capacity and a bigger adapter (size grows linearly)"""
+    alpha: int = 64
+    """scaling; the update is scaled by alpha / r"""
+    dropout: float = 0.05
+    """dropout on the LoRA branch input"""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """module names to adapt, or [all-linear] for every linear layer but the output head"""
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise UserError(f"lora.r={self.r}: the rank must be >= 1 (e.g. lora.r=32)")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"lora.dropout={self.dropout}: must be in [0, 1)")
+        if not self.target_modules:
+            raise UserError("lora.target_modules is empty: e.g. lora.target_modules=q_proj,v_proj")
+
+
+@dataclass
+class TrainSection:
+    batch_size: int = 8
+    """clips per device per step; memory grows ~linearly with it"""
+    eval_batch_size: int | None = None
+    """clips per batch in evaluation (generation); default = batch_size"""
+    grad_accum: int = 1
+    """steps accumulated per optimizer update: effective batch = batch_size x grad_accum"""
+    lr: float = 1e-3
+    """peak learning rate (LoRA tolerates ~10x a full fine-tune's)"""
+    warmup_steps: int = 50
+    """linear warm-up optimizer steps before the linear decay"""
+    max_steps: int | None = None
+    """optimizer steps to train; when set it wins over epochs"""
+    epochs: float = 3.0
+    """passes over the train split when max_steps is not set"""
+    eval_steps: int = 200
+    """evaluate (loss + generated WER on the validation split) every N optimizer steps"""
+    save_steps: int = 200
+    """checkpoint every N steps; must be a multiple of eval_steps (best-by-WER bookkeeping)"""
+    logging_steps: int = 25
+    """log loss / lr to TensorBoard and log_history.json every N steps"""
+    keep_checkpoints: int = 2
+    """finished checkpoints kept (plus the best one); older ones are deleted"""
+    generation_max_length: int = 225
+    """max tokens generated per clip in evaluation (Whisper allows 448)"""
+    max_eval_samples: int | None = None
+    """evaluate on the first N validation clips only (generation is the slow part)"""
+    seed: int = 42
+    """seeds weights of the LoRA init, dropout and data order"""
+    num_workers: int = 2
+    """dataloader worker processes computing log-mel; 0 = in the main process"""
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "eval_steps", "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name}={getattr(self, name)}: must be >= 1")
+        if self.lr <= 0:
+            raise UserError(f"train.lr={self.lr}: must be > 0 (e.g. train.lr=1e-3)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"train.max_steps={self.max_steps}: must be >= 1 (or unset to use train.epochs)")
+        if self.max_steps is None and self.epochs <= 0:
+            raise UserError(f"train.epochs={self.epochs}: must be > 0 (or set train.max_steps)")
+        if self.save_steps % self.eval_steps:
+            raise UserError(
+                f"train.save_steps={self.save_steps} must be a multiple of train.eval_steps="
+                f"{self.eval_steps}, so every checkpoint has a WER to pick the best by"
+            )
+        if self.keep_checkpoints < 1:
+            raise UserError(f"train.keep_checkpoints={self.keep_checkpoints}: must be >= 1")
+
+
+@dataclass
+class HubSection:
+    push: bool = False
+    """push the final adapter + model card to the Hub (needs HF_TOKEN with write scope)"""
+    repo_id: str | None = None
+    """e.g. your-name/whisper-large-v2-hi-lora"""
+    private: bool = True
+    """create the repo private"""
+
+    def __post_init__(self):
+        if self.push and not self.repo_id:
+            raise UserError("hub.push=true needs hub.repo_id=OWNER/NAME")
+
+
+@dataclass
+class TrainConfig:
+    run: str = ""
+    """run name: outputs go to DATA_DIR/runs/RUN; a rerun with the same name resumes"""
+    data: str = ""
+    """prepared dataset name (DATA_DIR/prepared/NAME, written by `make prepare`)"""
+    language: str = ""
+    """language code or name (e.g. hi); default: the prepared dataset's language"""
+    task: Literal["transcribe", "translate"] = "transcribe"
+    """transcribe in the language, or translate to English"""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    hub: HubSection = field(default_factory=HubSection)
+
+    def __post_init__(self):
+        if not self.data:
+            raise UserError("no dataset: set data=NAME (a folder under DATA_DIR/prepared from `make prepare`)")
+        if not self.run:
+            raise UserError("no run name: set run=NAME (outputs go to DATA_DIR/runs/NAME)")
+        if "/" in self.run or self.run.startswith("."):
+            raise UserError(f"run={self.run!r}: use a plain folder name, no '/'")

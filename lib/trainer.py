@@ -1,0 +1,118 @@
+"""Seq2SeqTrainer wiring for Whisper + LoRA: arguments, WER while training, run-folder logs.
+
+Evaluation generates with the language and task forced (generation config), decodes, and
+scores WER with jiwer; the best checkpoint by WER is loaded at the end
+(load_best_model_at_end, metric_for_best_model="wer", lower is better).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import TrainerCallback
+
+log = logging.getLogger("whisper_ft")
+
+
+def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
+    """WER in percent (the walkthrough's unit) with jiwer; rows with an empty reference are
+    skipped because WER is undefined for them (jiwer raises)."""
+    import jiwer
+
+    pairs = [(r.strip(), h.strip()) for r, h in zip(references, hypotheses, strict=True) if r.strip()]
+    if not pairs:
+        return float("nan")
+    refs, hyps = zip(*pairs, strict=True)
+    return 100.0 * jiwer.wer(list(refs), list(hyps))
+
+
+def make_compute_metrics(tokenizer):
+    """compute_metrics for Seq2SeqTrainer(predict_with_generate=True): {'wer': percent}."""
+
+    def compute(pred) -> dict[str, float]:
+        preds = np.asarray(pred.predictions)
+        labels = np.asarray(pred.label_ids).copy()
+        # -100 marks padding in labels (and in generated ids when batches are concatenated)
+        preds = np.where(preds < 0, tokenizer.pad_token_id, preds)
+        labels = np.where(labels < 0, tokenizer.pad_token_id, labels)
+        hyps = tokenizer.batch_decode(preds, skip_special_tokens=True)
+        refs = tokenizer.batch_decode(labels, skip_special_tokens=True)
+        return {"wer": word_error_rate(refs, hyps)}
+
+    return compute
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomic: a reader (or a kill) never sees half a file."""
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+class LogHistoryWriter(TrainerCallback):
+    """Rewrite RUN/log_history.json on every log and eval, so a killed run keeps its curve."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero:
+            write_json(self.path, state.log_history)
+
+
+def training_arguments(cfg, output_dir: Path, precision: str, has_eval: bool):
+    """Seq2SeqTrainingArguments from lib.train_config.TrainConfig."""
+    import torch
+    from transformers import Seq2SeqTrainingArguments
+
+    t = cfg.train
+    on_cpu = not torch.cuda.is_available()
+    return Seq2SeqTrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        warmup_steps=t.warmup_steps,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        num_train_epochs=t.epochs,
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        # checkpointing is already on the model (prepare_for_training); Trainer must not redo it reentrantly
+        activation_checkpointing=False,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=None,  # lib.checkpoint.CompleteMarker rotates, after the COMPLETE marker
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        report_to="none",  # TensorBoard is added as an explicit callback writing to RUN/tb
+        predict_with_generate=True,
+        generation_max_length=t.generation_max_length,
+        load_best_model_at_end=has_eval,
+        metric_for_best_model="wer" if has_eval else None,
+        greater_is_better=False if has_eval else None,
+        remove_unused_columns=False,  # the collator needs `audio`, which forward() does not take
+        label_names=["labels"],  # PeftModel hides forward's signature; say where the labels are
+        dataloader_num_workers=0 if on_cpu else t.num_workers,
+        seed=t.seed,
+        data_seed=t.seed,
+        use_cpu=on_cpu,
+        disable_tqdm=False,
+    )
+
+
+def oom_message(cfg) -> str:
+    t, m = cfg.train, cfg.model
+    return (
+        f"out of GPU memory at train.batch_size={t.batch_size}. Lower train.batch_size "
+        f"(and raise train.grad_accum to keep the effective batch of {t.batch_size * t.grad_accum}), "
+        + ("" if m.gradient_checkpointing else "set model.gradient_checkpointing=true, ")
+        + ("" if m.quantization == "nf4" else "or use model.quantization=nf4 (int8 -> nf4 halves the base weights)")
+    )
