@@ -254,6 +254,17 @@ def _model_dtype(model):
     return torch.float32
 
 
+class _DropMaxLengthNotice(logging.Filter):
+    """Whisper checkpoints carry max_length=448, so every generate(max_new_tokens=) call warns
+    that both are set (max_new_tokens wins, which is what we want): once per batch is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "seem to have been set. `max_new_tokens` will take precedence" not in record.getMessage()
+
+
+logging.getLogger("transformers.generation.utils").addFilter(_DropMaxLengthNotice())
+
+
 def generate_batch(model, processor, audios: Sequence[np.ndarray], language: str, task: str,
                    max_new_tokens: int = 225, num_beams: int = 1) -> list[str]:
     """Transcripts of up to 30-s clips, language and task forced, special tokens removed."""
@@ -282,6 +293,27 @@ def transcribe_all(model, processor, audios: Sequence[np.ndarray], language: str
             out += generate_batch(model, processor, chunk, language, task, max_new_tokens, num_beams)
             bar.update(len(chunk))
     return out
+
+
+def transcribe_dataset(model, processor, ds, language: str, task: str, batch_size: int = 16,
+                       max_new_tokens: int = 225, desc: str = "transcribe", num_beams: int = 1
+                       ) -> tuple[list[str], float]:
+    """Transcripts of a prepared split's `audio` column, read batch by batch (a test split
+    of 3000 x 5-s clips is 3000 x 80 000 floats: too many to hold as Python lists), and
+    the seconds spent generating."""
+    from tqdm.auto import tqdm
+
+    arrays = ds.with_format("numpy", columns=["audio"])
+    out: list[str] = []
+    seconds = 0.0
+    with tqdm(total=len(ds), desc=desc, unit="clip") as bar:
+        for i in range(0, len(ds), batch_size):
+            chunk = list(arrays[i:i + batch_size]["audio"])
+            t0 = time.perf_counter()
+            out += generate_batch(model, processor, chunk, language, task, max_new_tokens, num_beams)
+            seconds += time.perf_counter() - t0
+            bar.update(len(chunk))
+    return out, seconds
 
 
 def transcribe_long(model, processor, audio: np.ndarray, language: str, task: str,

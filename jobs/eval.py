@@ -1,0 +1,199 @@
+"""Evaluate a fine-tuned run (and its base, zero-shot) or any Whisper on a prepared split.
+
+    python -m jobs.eval run=hi-small                       # DATA_DIR/runs/hi-small/adapter + its base
+    python -m jobs.eval model=openai/whisper-small data=cv-hi language=hi
+    python -m jobs.eval adapter=DIR model=BASE data=cv-hi language=hi limit=200
+
+Writes OUT (default DATA_DIR/runs/RUN/eval/, or DATA_DIR/evals/<model>-<data>-<split>/):
+report.json, report.md, predictions.tsv, eval_config.yaml and, for a run,
+training_curves.png. An OUT that already holds a report is kept unless force=true.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from lib.cli import run_job
+from lib.config import dump_yaml, to_dict
+from lib.env import Env
+from lib.errors import UserError
+
+log = logging.getLogger("whisper_ft")
+
+
+@dataclass
+class EvalConfig:
+    run: str | None = None
+    """run name: evaluates DATA_DIR/runs/RUN/adapter on its base, and the base zero-shot"""
+    model: str | None = None
+    """a base model (folder or Hub id) for adapter=, or a plain/merged model to evaluate alone"""
+    adapter: str | None = None
+    """a LoRA adapter folder or Hub id (instead of run=)"""
+    data: str | None = None
+    """prepared dataset name under DATA_DIR/prepared (default: the run's config.yaml data)"""
+    split: str = "test"
+    """which prepared split to score"""
+    language: str | None = None
+    """ISO code forced at generation (default: the run's, else the dataset manifest's)"""
+    task: Literal["transcribe", "translate"] | None = None
+    """default: the run's task, else transcribe"""
+    batch_size: int = 16
+    """clips per generate() call; 16 x 30-s clips of whisper-small fit in ~6 GB fp16"""
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """auto: bf16/fp16 on a GPU, fp32 on the CPU"""
+    quantization: Literal["none", "int8"] = "none"
+    """int8 (bitsandbytes) only when asked: it is slower to generate and can shift WER"""
+    max_new_tokens: int = 225
+    """tokens per transcript; 448 minus the 4-token prompt is the model's hard limit"""
+    num_beams: int = 1
+    """1 = greedy (what the walkthrough reports); 5 is slower and usually a little better"""
+    limit: int | None = None
+    """score only the first N clips (quick checks)"""
+    compare_base: bool = True
+    """with an adapter, also score the base zero-shot in the same run (before/after)"""
+    out: str | None = None
+    """output folder (see the docstring for the default)"""
+    force: bool = False
+    """replace an existing report in OUT"""
+    speed_compare: bool = False
+    """also time our settings vs the walkthrough loop (int8, batch 8, autocast) on speed_clips clips"""
+    speed_clips: int = 32
+    """clips for speed_compare"""
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise UserError("batch_size must be >= 1: set batch_size=16")
+        if self.limit is not None and self.limit < 1:
+            raise UserError("limit must be >= 1 (or leave it unset for the whole split)")
+        if not 1 <= self.max_new_tokens <= 444:
+            raise UserError("max_new_tokens must be 1..444 (448 positions minus the 4-token prompt)")
+        if self.speed_clips < 1:
+            raise UserError("speed_clips must be >= 1")
+
+
+def _run_data_name(run_config: dict) -> str | None:
+    data = run_config.get("data")
+    if isinstance(data, dict):
+        return data.get("name") or data.get("prepared")
+    return data
+
+
+def main(cfg: EvalConfig, env: Env) -> dict:
+    from lib.inference import (
+        check_language,
+        load_model,
+        resolve_source,
+        speed_compare,
+        transcribe_dataset,
+    )
+    from lib.metrics import score
+    from lib.prepared import load_split, read_manifest
+    from lib.report import (
+        device_description,
+        package_versions,
+        plot_training_curves,
+        worst,
+        write_predictions,
+        write_report,
+    )
+
+    # 1. What to evaluate, on what, and where the report goes.
+    source = resolve_source(env, cfg.run, cfg.model, cfg.adapter)
+    data = cfg.data or _run_data_name(source.run_config)
+    if not data:
+        raise UserError("which dataset? set data=<prepared name> (see DATA_DIR/prepared)")
+    data_path = Path(data) if (Path(data) / "manifest.json").is_file() else env.prepared_dir(data)
+    manifest = read_manifest(data_path)
+    if cfg.out:
+        out = Path(cfg.out)
+    elif source.run_dir is not None:
+        out = source.run_dir / "eval"
+    else:
+        out = env.data_dir / "evals" / f"{Path(source.base).name}-{data_path.name}-{cfg.split}"
+    if (out / "report.json").exists() and not cfg.force:
+        raise UserError(f"{out} already holds an evaluation report: set force=true to replace it, or out=")
+    task = cfg.task or source.run_config.get("task") or "transcribe"
+    log.info("eval: %s on %s/%s -> %s", source.describe(), data_path, cfg.split, out)
+
+    # 2. The split (first `limit` clips when asked).
+    ds = load_split(data_path, cfg.split)
+    if cfg.limit:
+        ds = ds.select(range(min(cfg.limit, len(ds))))
+    if len(ds) == 0:
+        raise UserError(f"{data_path}/{cfg.split} has no rows to evaluate")
+    ids, refs, durations = ds["id"], ds["text"], [float(d) for d in ds["duration"]]
+    log.info("eval: %d clips, %.2f h of audio", len(ds), sum(durations) / 3600)
+
+    # 3. The model (adapter attached, base reachable through disable_adapter()).
+    model, processor, info = load_model(source, cfg.precision, cfg.quantization)
+    language = check_language(cfg.language or source.run_config.get("language") or manifest.get("language"),
+                              model)
+    log.info("eval: language %s, task %s, %s", language, task, info)
+
+    # 4. Transcribe: the model as given, then the base zero-shot on the same clips.
+    gen = dict(language=language, task=task, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+               num_beams=cfg.num_beams)
+    label = "adapter" if source.adapter else "model"
+    hyps = {label: transcribe_dataset(model, processor, ds, desc=label, **gen)}
+    if source.adapter and cfg.compare_base:
+        with model.disable_adapter():
+            hyps["base"] = transcribe_dataset(model, processor, ds, desc="base zero-shot", **gen)
+
+    # 5. Score and write the report.
+    out.mkdir(parents=True, exist_ok=True)
+    results, utts = {}, {}
+    for name, (texts, _) in hyps.items():
+        results[name], utts[name] = score(refs, texts, ids)
+    write_predictions(out / "predictions.tsv", utts[label], durations, utts.get("base"))
+    curves = None
+    if source.run_dir is not None and (source.run_dir / "log_history.json").is_file():
+        if plot_training_curves(source.run_dir / "log_history.json", out / "training_curves.png"):
+            curves = "training_curves.png"
+    seconds = hyps[label][1]
+    report = {
+        "model": source.base,
+        "adapter": source.adapter,
+        "run": cfg.run,
+        "data": str(data_path),
+        "split": cfg.split,
+        "language": language,
+        "task": task,
+        "device": device_description(),
+        "precision": info["dtype"],
+        "quantization": info["quantization"],
+        "batch_size": cfg.batch_size,
+        "num_beams": cfg.num_beams,
+        "counts": {"utterances": len(ds), "audio_hours": sum(durations) / 3600,
+                   "limited_to": cfg.limit, **{k: results[label][k] for k in ("empty", "repetition", "too_long")}},
+        "results": results,
+        "speed": {"seconds": seconds, "clips_per_s": len(ds) / max(seconds, 1e-9)},
+        "worst": [vars(u) for u in worst(utts[label])],
+        "training_curves": curves,
+        "versions": package_versions(),
+        "config": to_dict(cfg),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+    # 6. Optional: time our settings against the walkthrough's loop on the same clips.
+    if cfg.speed_compare:
+        del model
+        clips = list(ds.select(range(min(cfg.speed_clips, len(ds)))).with_format("numpy")["audio"])
+        report["speed_compare"] = speed_compare(source, clips, language, task, cfg.batch_size, cfg.precision,
+                                                cfg.max_new_tokens)
+        log.info("eval: speed_compare %s", report["speed_compare"])
+
+    write_report(out, report)
+    dump_yaml(cfg, out / "eval_config.yaml")
+    for name, m in results.items():
+        log.info("eval: %-7s normalized WER %.2f %%  WER %.2f %%  CER %.2f %%  (empty %d, loops %d)",
+                 name, 100 * m["normalized_wer"], 100 * m["wer"], 100 * m["cer"], m["empty"], m["repetition"])
+    log.info("eval: wrote %s", out / "report.md")
+    return report
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_job("eval", __doc__, EvalConfig, main))

@@ -1,0 +1,95 @@
+"""The eval job end to end on a tiny Whisper: a fabricated run folder, a prepared split, the reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lib.env import Env
+from lib.errors import UserError
+from tests.helpers import tone, write_prepared
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int = 1, scale: float = 0.5) -> Path:
+    """A non-trivial LoRA adapter (B perturbed, so it changes the model) saved the way train does."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GenerationConfig, WhisperForConditionalGeneration, WhisperProcessor
+
+    model = WhisperForConditionalGeneration.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    peft_model.save_pretrained(out)
+    WhisperProcessor.from_pretrained(base_dir).save_pretrained(out)
+    gen = GenerationConfig.from_pretrained(base_dir)
+    gen.language, gen.task = "hi", "transcribe"
+    gen.save_pretrained(out)
+    return out
+
+
+def make_run(data_dir: Path, base_dir: Path, name: str = "tiny-run", data: str = "tiny-hi") -> Path:
+    """DATA_DIR/runs/NAME in the train job's contract, plus DATA_DIR/prepared/DATA."""
+    run = data_dir / "runs" / name
+    make_adapter(base_dir, run / "adapter")
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "run": name, "data": data, "language": "hi", "task": "transcribe",
+        "model": {"base": str(base_dir), "quantization": "int8"}, "lora": {"r": 4},
+    }))
+    (run / "log_history.json").write_text(json.dumps([
+        {"step": 10, "loss": 3.2, "learning_rate": 1e-4, "epoch": 0.5},
+        {"step": 20, "loss": 2.1, "learning_rate": 1e-4, "epoch": 1.0},
+        {"step": 20, "eval_loss": 2.4, "eval_wer": 0.8, "epoch": 1.0},
+        {"step": 30, "loss": 1.7, "learning_rate": 5e-5, "epoch": 1.5},
+        {"step": 40, "eval_loss": 1.9, "eval_wer": 0.6, "epoch": 2.0},
+    ]))
+    (run / "metrics.json").write_text(json.dumps({"eval_wer": 0.6}))
+    write_prepared(data_dir / "prepared" / data, base_dir, {
+        "train": [("नमस्ते", tone(0.5))],
+        "test": [("हमने उसका जन्मदिन मनाया।", tone(1.0, 300)), ("नमस्ते दुनिया", tone(0.7, 500)),
+                 ("एक दो तीन", tone(1.2, 800))],
+    })
+    return run
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("data")
+    make_run(d, tiny_model_dir)
+    return d
+
+
+def test_eval_run_writes_reports_with_before_and_after(data_dir, tiny_model_dir):
+    from jobs.eval import EvalConfig, main
+
+    env = Env(data_dir=data_dir)
+    report = main(EvalConfig(run="tiny-run", batch_size=2, max_new_tokens=12), env)
+    out = data_dir / "runs" / "tiny-run" / "eval"
+    assert {"report.json", "report.md", "predictions.tsv", "eval_config.yaml", "training_curves.png"} <= {
+        p.name for p in out.iterdir()}
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["language"] == "hi" and saved["split"] == "test" and saved["counts"]["utterances"] == 3
+    assert set(saved["results"]) == {"adapter", "base"}
+    for m in saved["results"].values():
+        assert {"wer", "cer", "normalized_wer", "basic_normalized_wer", "empty", "repetition"} <= set(m)
+    # The adapter changes the model: its transcripts differ from the base's.
+    rows = list(csv.DictReader((out / "predictions.tsv").open(encoding="utf-8"), delimiter="\t"))
+    assert [r["id"] for r in rows] == ["test-0", "test-1", "test-2"]
+    assert rows[0]["reference"] == "हमने उसका जन्मदिन मनाया।"
+    assert any(r["hypothesis"] != r["base_hypothesis"] for r in rows)
+    assert int(rows[0]["word_errors"]) >= 0 and "flags" in rows[0]
+    md = (out / "report.md").read_text()
+    assert "basic-normalized WER, for comparison with published numbers; deletes Devanagari vowel signs" in md
+    assert "| adapter | base |" in md.replace("metric | ", "") and "Worst" in md
+    assert saved["versions"]["transformers"] and saved["device"].startswith(("cpu", "cuda"))
+    assert report["counts"]["repetition"] == saved["results"]["adapter"]["repetition"]
+    # A second run does not overwrite silently.
+    with pytest.raises(UserError, match="force=true"):
+        main(EvalConfig(run="tiny-run"), env)
