@@ -1,9 +1,9 @@
 # Whisper LoRA fine-tuning: every job is a make target. `make` alone prints help.
 #
 #   make build                                   # the image (once per lock or source change)
-#   make prepare LANG=hi DATASET=cv-hi ARGS="source.kind=cv source.path=/data/raw/cv-corpus-hi"
-#   make train   LANG=hi DATASET=cv-hi RUN=hi-1  # GPUS=2 runs torchrun on 2 GPUs
-#   make eval    LANG=hi DATASET=cv-hi RUN=hi-1
+#   make prepare LANG=hi DATA=cv-hi ARGS="source.kind=cv source.path=/data/raw/cv-corpus-hi"
+#   make train   LANG=hi DATA=cv-hi RUN=hi-1  # GPUS=2 runs torchrun on 2 GPUs
+#   make eval    LANG=hi DATA=cv-hi RUN=hi-1
 #   make export  RUN=hi-1
 #
 # RUNNER=docker (default) runs each job in the image; RUNNER=local runs it in .venv.
@@ -49,8 +49,8 @@ GPUS ?= 1
 RECIPE ?=
 # Run name: train writes DATA_DIR/runs/RUN; eval, export and transcribe read it.
 RUN ?=
-# Prepared dataset name: prepare writes DATA_DIR/prepared/DATASET; train and eval read it.
-DATASET ?=
+# Prepared dataset name: prepare writes DATA_DIR/prepared/DATA; train and eval read it.
+DATA ?=
 # Extra job overrides, e.g. ARGS="lora.r=16 train.max_steps=2000".
 ARGS ?=
 # Image repository; set to your registry path (ghcr.io/you/whisper-finetune) before push.
@@ -169,21 +169,21 @@ push: ## push the image to its registry (set IMAGE_NAME=registry/path first)
 	@echo "push: use image $(IMAGE) in docker/k8s/kustomization.yaml (newName/newTag)"
 
 .PHONY: prepare
-prepare: ## prepare a dataset into DATA_DIR/prepared/DATASET (LANG, DATASET, RECIPE, ARGS)
+prepare: ## prepare a dataset into DATA_DIR/prepared/DATA (LANG, DATA, RECIPE, ARGS)
 	mkdir -p $(DATA_ABS)
-	$(call job,prepare,$(recipe_arg) $(if $(DATASET),name=$(DATASET)) $(language_arg) $(ARGS))
+	$(call job,prepare,$(recipe_arg) $(if $(DATA),name=$(DATA)) $(language_arg) $(ARGS))
 
 .PHONY: train
 train: recipe_arg = --recipe $(or $(RECIPE),$(TRAIN_RECIPE))
-train: ## fine-tune into DATA_DIR/runs/RUN; GPUS>1 runs torchrun (LANG, DATASET, RUN, RECIPE, ARGS)
+train: ## fine-tune into DATA_DIR/runs/RUN; GPUS>1 runs torchrun (LANG, DATA, RUN, RECIPE, ARGS)
 	mkdir -p $(DATA_ABS)
 	$(if $(MULTI_GPU),$(call job_torchrun,train,$(TRAIN_ARGS)),$(call job,train,$(TRAIN_ARGS)))
-TRAIN_ARGS = $(recipe_arg) $(run_arg) $(if $(DATASET),data=$(DATASET)) $(language_arg) $(ARGS)
+TRAIN_ARGS = $(recipe_arg) $(run_arg) $(if $(DATA),data=$(DATA)) $(language_arg) $(ARGS)
 
 .PHONY: eval
-eval: ## word error rate of run RUN on DATASET (LANG, DATASET, RUN, ARGS e.g. split=test)
+eval: ## word error rate of run RUN on DATA (LANG, DATA, RUN, ARGS e.g. split=test)
 	mkdir -p $(DATA_ABS)
-	$(call job,eval,$(recipe_arg) $(run_arg) $(if $(DATASET),data=$(DATASET)) $(language_arg) $(ARGS))
+	$(call job,eval,$(recipe_arg) $(run_arg) $(if $(DATA),data=$(DATA)) $(language_arg) $(ARGS))
 
 .PHONY: export
 export: ## merge run RUN's adapter into a standalone model (RUN, ARGS e.g. dtype=float16)
