@@ -153,6 +153,9 @@ def main(cfg: TrainConfig, env: Env) -> dict:
             f"saved checkpoint-{trainer.state.global_step} in {ckpt_root}; rerun the same command to resume"
         )
 
+    if not trainer.is_world_process_zero():
+        return {}
+
     # 7. The final adapter (best by WER when there was a validation split): weights, processor,
     # generation config with language and task. Written aside, then renamed: never half there.
     tmp = run_dir / "adapter.tmp"

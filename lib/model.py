@@ -8,6 +8,7 @@ the precision fits the hardware.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -132,7 +133,9 @@ def load_base_model(base: str, quantization: str, precision: str, token: str | N
     else:
         kwargs["quantization_config"] = quantization_config(quantization, compute)
         kwargs["dtype"] = compute
-        kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+        # bitsandbytes quantizes while loading, onto one device: this process's GPU (torchrun
+        # sets LOCAL_RANK per process), or the CPU.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else "cpu"}
     return WhisperForConditionalGeneration.from_pretrained(base, **kwargs)
 
 

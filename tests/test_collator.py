@@ -1,0 +1,61 @@
+"""The collator: log-mel per batch, -100 label padding, and the start-token strip."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import WhisperFeatureExtractor, WhisperTokenizer
+
+from lib.collator import IGNORE_INDEX, WhisperCollator, strip_decoder_start
+from tests.helpers import TOKENIZER_DIR, tone
+
+SOT = 50258  # <|startoftranscript|> = decoder_start_token_id
+EOT = 50257  # <|endoftext|> = bos_token_id = eos = pad
+
+
+def walkthrough_strip(labels: list[list[int]], tokenizer) -> list[list[int]]:
+    """The walkthrough's check, kept as the counter-example: it compares with bos_token_id
+    (<|endoftext|>), which a label row never starts with, so it never strips."""
+    if all(row[0] == tokenizer.bos_token_id for row in labels):
+        return [row[1:] for row in labels]
+    return labels
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return WhisperTokenizer.from_pretrained(TOKENIZER_DIR, language="hi", task="transcribe")
+
+
+@pytest.mark.parametrize(
+    "strip",
+    [
+        pytest.param(lambda labels, tok: strip_decoder_start(labels, SOT), id="ours"),
+        pytest.param(walkthrough_strip, id="walkthrough", marks=pytest.mark.xfail(strict=True)),
+    ],
+)
+def test_start_token_is_stripped(strip, tokenizer):
+    labels = [tokenizer("नमस्ते").input_ids, tokenizer("हाँ जी").input_ids]
+    assert all(row[0] == SOT for row in labels)  # what make prepare writes: SOT, <|hi|>, ...
+    out = strip(labels, tokenizer)
+    assert [row[0] for row in out] == [tokenizer.convert_tokens_to_ids("<|hi|>")] * 2
+    assert [len(r) for r in out] == [len(r) - 1 for r in labels]
+
+
+def test_no_strip_unless_every_row_starts_with_it():
+    labels = [[SOT, 1, 2], [5, 6]]
+    assert strip_decoder_start(labels, SOT) == labels
+
+
+def test_batch_has_log_mel_and_padded_labels(tokenizer):
+    fe = WhisperFeatureExtractor(feature_size=80)
+    rows = [
+        {"audio": tone(1.0, 300), "labels": tokenizer("नमस्ते").input_ids},
+        {"audio": tone(1.5, 600).tolist(), "labels": np.array(tokenizer("हाँ जी नमस्ते").input_ids)},
+    ]
+    batch = WhisperCollator(fe, SOT)(rows)
+    assert batch["input_features"].shape == (2, 80, 3000)  # 30 s windows, 10 ms hop
+    assert batch["input_features"].dtype == torch.float32
+    short, long_ = (len(r["labels"]) - 1 for r in rows)
+    assert batch["labels"].shape == (2, long_)
+    assert (batch["labels"][0, short:] == IGNORE_INDEX).all()
+    assert batch["labels"][0, short - 1] == EOT  # the eos stays: the model must learn to stop
+    assert (batch["labels"][1] != IGNORE_INDEX).all()

@@ -1,0 +1,133 @@
+"""lib/model.py: parameter counts, the checks before loading, the encoder input-grad hook."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from lib import model as M
+from lib.errors import UserError
+from lib.train_config import LoraSection
+
+
+def test_large_v2_lora_r32_qv_has_15_728_640_trainable_params():
+    # The large-v2 architecture, no weights: 32+32 layers, d_model 1280. q_proj and v_proj in
+    # encoder self-attn (2 x 32) and decoder self- + cross-attn (4 x 32) = 192 layers,
+    # each r x (1280 + 1280) = 32 x 2560 -> 192 x 81,920 = 15,728,640.
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    cfg = WhisperConfig(
+        vocab_size=51865, num_mel_bins=80, d_model=1280, encoder_layers=32, decoder_layers=32,
+        encoder_attention_heads=20, decoder_attention_heads=20, encoder_ffn_dim=5120,
+        decoder_ffn_dim=5120, max_source_positions=1500, max_target_positions=448,
+    )
+    with torch.device("meta"):
+        base = WhisperForConditionalGeneration(cfg)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        model = M.apply_lora(base, LoraSection())
+    trainable, total = M.count_parameters(model)
+    assert trainable == 15_728_640
+    assert 0.009 < trainable / total < 0.011  # "about 1%" of ~1.56 B
+    # fp32 adapter: 4 bytes each -> ~63 MB on disk
+    assert trainable * 4 == pytest.approx(63e6, rel=0.01)
+
+
+def test_all_linear_targets_every_linear_but_the_head(tiny_model_dir):
+    from transformers import WhisperForConditionalGeneration
+
+    base = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir)
+    model = M.apply_lora(base, LoraSection(r=2, alpha=4, target_modules=["all-linear"]))
+    adapted = {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"} <= adapted
+    assert "proj_out" not in adapted
+
+
+def test_unknown_lora_target_is_a_user_error(tiny_model_dir):
+    from transformers import WhisperForConditionalGeneration
+
+    base = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir)
+    with pytest.raises(UserError, match="lora.target_modules=qproj"):
+        M.apply_lora(base, LoraSection(target_modules=["qproj"]))
+
+
+def test_non_whisper_base_is_refused_from_its_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    with pytest.raises(UserError, match=r"model.base=.*'bert' model, not Whisper"):
+        M.load_base_config(str(tmp_path))
+
+
+def test_missing_base_names_the_flag(tmp_path):
+    with pytest.raises(UserError, match="model.base="):
+        M.load_base_config(str(tmp_path / "nope"))
+
+
+def test_language_codes_and_names(tiny_model_dir):
+    from transformers import WhisperTokenizer
+
+    tok = WhisperTokenizer.from_pretrained(tiny_model_dir)
+    assert M.resolve_language(tok, "hi") == "hi"
+    assert M.resolve_language(tok, "Hindi") == "hi"
+    with pytest.raises(UserError, match="language='klingon'"):
+        M.resolve_language(tok, "klingon")
+
+
+def test_precision_on_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert M.resolve_precision("auto") == "fp32"
+    with pytest.raises(UserError, match="model.precision=fp16 needs a CUDA GPU"):
+        M.resolve_precision("fp16")
+
+
+def test_quantization_without_bitsandbytes_is_a_user_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import raises ImportError
+    with pytest.raises(UserError, match="model.quantization=nf4: bitsandbytes does not work"):
+        M.check_quantization("nf4")
+    M.check_quantization("none")  # needs nothing
+
+
+@pytest.mark.parametrize("quantization", ["int8", "nf4"])
+def test_quantization_works_here(quantization):
+    M.check_quantization(quantization)  # bitsandbytes >= 0.49 has CPU kernels for both
+
+
+def _encoder_lora_grads(model_dir, hook: bool) -> int:
+    """Train-mode forward/backward with *reentrant* checkpointing and LoRA injected without
+    get_peft_model's own input-grad hooks; count encoder LoRA tensors that got a gradient."""
+    from peft import inject_adapter_in_model
+    from transformers import WhisperForConditionalGeneration
+
+    base = WhisperForConditionalGeneration.from_pretrained(model_dir)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    if hook:
+        M.add_encoder_input_grad_hook(base)
+    model = inject_adapter_in_model(M.lora_config(2, 4, 0.0, ["q_proj", "v_proj"]), base)
+    model.train()
+    out = model(input_features=torch.randn(1, 80, 3000), labels=torch.tensor([[50259, 50359, 400, 50257]]))
+    if not out.loss.requires_grad:  # nothing upstream of the loss can train
+        return 0
+    out.loss.backward()
+    # lora_B starts at zero, so lora_A's first gradient is zero too: count grads that exist
+    return sum(1 for n, p in model.named_parameters() if ".encoder.layers" in n and "lora_" in n and p.grad is not None)
+
+
+def test_encoder_input_grad_hook_lets_encoder_lora_train_under_reentrant_checkpointing(tiny_model_dir):
+    # Without the hook the encoder's LoRA weights get no gradient at all (silently frozen).
+    assert _encoder_lora_grads(tiny_model_dir, hook=False) == 0
+    assert _encoder_lora_grads(tiny_model_dir, hook=True) == 2 * 2 * 2  # 2 layers x q,v x A,B
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_prepared_model_trains_encoder_lora_with_checkpointing(tiny_model_dir, quantization):
+    base = M.load_base_model(str(tiny_model_dir), quantization, "fp32")
+    model = M.apply_lora(M.prepare_for_training(base, quantization, True), LoraSection(r=2, alpha=4))
+    model.train()
+    out = model(input_features=torch.randn(1, 80, 3000), labels=torch.tensor([[50259, 50359, 400, 50257]]))
+    out.loss.backward()
+    grads = [n for n, p in model.named_parameters() if "lora_B" in n and p.grad is not None and p.grad.abs().sum() > 0]
+    # encoder: 2 layers x (q, v); decoder: 2 layers x (self q, v + cross q, v)
+    assert sum(".encoder.layers" in n for n in grads) == 4 and sum(".decoder.layers" in n for n in grads) == 8
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
