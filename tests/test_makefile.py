@@ -1,0 +1,229 @@
+"""The Makefile: help first, every target documented, and the exact command lines `make -n`
+prints for the docker and local runners. LANG, the shell's locale, never leaks into a job as
+a language, and a token in the env file never reaches a command line."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MAKEFILE = ROOT / "Makefile"
+JOB_TARGETS = ["prepare", "train", "eval", "export", "transcribe", "bench"]
+ALL_TARGETS = ["help", "setup", "test", "lint", "build", "push", *JOB_TARGETS, "demo", "shell"]
+TOKEN = "hf_TESTsecretVALUE0123456789"
+
+
+@pytest.fixture
+def env_file(tmp_path):
+    f = tmp_path / "test.env"
+    f.write_text(f"HF_TOKEN={TOKEN}\nMDC_API_KEY=mdc_SECRET_987\nHF_HOME=/data/hf-cache\nDATA_DIR=/data\n")
+    return f
+
+
+def make(*args: str, lang: str = "C.UTF-8", check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
+    # The environment of a typical shell: LANG is a locale, not a language.
+    env["LANG"] = lang
+    for var in ("RUNNER", "GPUS", "RECIPE", "RUN", "DATA", "ARGS", "IMAGE", "IMAGE_NAME", "ENV_FILE"):
+        env.pop(var, None)
+    proc = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *args],
+                          capture_output=True, text=True, env=env, timeout=60)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def job_line(out: str) -> list[str]:
+    """The one command line of a job target (the line that runs docker, python or torchrun)."""
+    lines = [ln for ln in out.splitlines() if re.search(r"\b(docker run|python -m jobs\.|torchrun)\b", ln)]
+    assert len(lines) == 1, out
+    return shlex.split(lines[0])
+
+
+def makefile_var_default(name: str) -> str:
+    m = re.search(rf"^{name} \?= *(.*)$", MAKEFILE.read_text(), re.M)
+    assert m, name
+    return m.group(1).strip()
+
+
+# ---- shape ---------------------------------------------------------------------------------
+
+
+def test_help_is_the_default_goal_and_lists_every_target():
+    text = MAKEFILE.read_text()
+    assert re.search(r"^\.DEFAULT_GOAL := help$", text, re.M)
+    out = make().stdout
+    for target in ALL_TARGETS:
+        assert re.search(rf"^\s+(\x1b\[\d+m)?{target}\b", out, re.M), f"`make` does not list {target}"
+
+
+@pytest.mark.parametrize("target", ALL_TARGETS)
+def test_every_target_is_phony_and_documented(target):
+    text = MAKEFILE.read_text()
+    assert re.search(rf"^\.PHONY: {target}$", text, re.M), f".PHONY: {target} missing"
+    assert re.search(rf"^{target}: .*## \S", text, re.M), f"{target} has no '## what it does'"
+
+
+def test_variable_comments_are_on_their_own_line():
+    # A trailing comment on `VAR ?= value  # ...` puts the spaces into the value.
+    for line in MAKEFILE.read_text().splitlines():
+        if re.match(r"^[A-Z_]+ \?=", line):
+            assert "#" not in line, line
+
+
+# ---- job command lines ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", JOB_TARGETS)
+def test_docker_runner_command_line(target, env_file, tmp_path):
+    data = tmp_path / "vol"
+    argv = job_line(make("-n", target, f"ENV_FILE={env_file}", f"DATA_DIR={data}", "GPUS=1").stdout)
+    image = f"{makefile_var_default('IMAGE_NAME')}:"
+    assert argv[:3] == ["docker", "run", "--rm"]
+    assert argv[argv.index("-v") + 1] == f"{data}:/data"
+    assert argv[argv.index("--env-file") + 1] == str(env_file)
+    assert argv[argv.index("--gpus") + 1] == "1"
+    i = next(i for i, a in enumerate(argv) if a.startswith(image))
+    # the image's entrypoint maps `JOB args` to `python -m jobs.JOB args`
+    assert argv[i + 1] == target
+    # inside the container the data volume is /data whatever the env file says
+    assert "DATA_DIR=/data" in argv and "HF_HOME=/data/hf-cache" in argv
+
+
+@pytest.mark.parametrize("target", JOB_TARGETS)
+def test_local_runner_command_line(target, env_file, tmp_path):
+    data = tmp_path / "vol"
+    argv = job_line(make("-n", target, "RUNNER=local", f"ENV_FILE={env_file}", f"DATA_DIR={data}").stdout)
+    assert "docker" not in argv
+    assert f"DATA_DIR={data}" in argv
+    i = argv.index("-m")
+    assert argv[i - 1] == "python" and argv[i + 1] == f"jobs.{target}"
+    assert argv[argv.index("--env-file") + 1] == str(env_file)
+
+
+def test_train_defaults_to_the_1gpu_recipe_and_passes_run_data_args():
+    argv = job_line(make("-n", "train", "RUN=hi-1", "DATA=cv-hi", "ARGS=lora.r=16 train.max_steps=10").stdout)
+    recipe = argv[argv.index("--recipe") + 1]
+    assert recipe == "jobs/recipes/whisper-large-v2_lora-int8_1gpu.yaml"
+    assert (ROOT / recipe).is_file()
+    for kv in ("run=hi-1", "data=cv-hi", "lora.r=16", "train.max_steps=10"):
+        assert kv in argv
+    argv = job_line(make("-n", "train", "RECIPE=jobs/recipes/other.yaml").stdout)
+    assert argv[argv.index("--recipe") + 1] == "jobs/recipes/other.yaml"
+
+
+@pytest.mark.parametrize("runner", ["docker", "local"])
+def test_train_on_several_gpus_uses_torchrun(runner):
+    argv = job_line(make("-n", "train", f"RUNNER={runner}", "GPUS=4", "RUN=r").stdout)
+    i = argv.index("torchrun")
+    assert argv[i + 1 : i + 5] == ["--standalone", "--nproc_per_node=4", "-m", "jobs.train"]
+    assert "run=r" in argv
+    if runner == "docker":
+        assert argv[argv.index("--gpus") + 1] == "4"
+    # one GPU: no torchrun
+    assert "torchrun" not in job_line(make("-n", "train", f"RUNNER={runner}", "GPUS=1").stdout)
+
+
+def test_gpus_zero_runs_without_gpus_flag():
+    assert "--gpus" not in job_line(make("-n", "eval", "GPUS=0").stdout)
+
+
+def test_prepare_names_the_dataset():
+    argv = job_line(make("-n", "prepare", "DATA=cv-hi", "LANG=hi", "ARGS=source.kind=cv").stdout)
+    assert "name=cv-hi" in argv and "language=hi" in argv and "source.kind=cv" in argv
+
+
+def test_unknown_runner_is_an_error():
+    proc = make("-n", "train", "RUNNER=podman", check=False)
+    assert proc.returncode != 0 and "RUNNER=podman" in proc.stderr
+
+
+# ---- LANG ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("runner", ["docker", "local"])
+def test_lang_on_the_command_line_is_the_language(runner):
+    argv = job_line(make("-n", "train", f"RUNNER={runner}", "LANG=hi").stdout)
+    assert "language=hi" in argv
+
+
+@pytest.mark.parametrize("locale", ["C.UTF-8", "en_US.UTF-8", "hi_IN.UTF-8"])
+@pytest.mark.parametrize("target", ["prepare", "train", "eval", "transcribe"])
+def test_lang_from_the_environment_is_not_a_language(target, locale):
+    out = make("-n", target, lang=locale).stdout
+    assert "language=" not in out, out
+
+
+def test_children_keep_a_locale_when_lang_is_a_language():
+    probe = 'probe: ; @echo "child LANG=$$LANG"'
+    assert make("--eval", probe, "probe", "LANG=hi").stdout.strip() == "child LANG=C.UTF-8"
+    # without LANG on the command line the environment's locale passes through unchanged
+    assert make("--eval", probe, "probe", lang="en_US.UTF-8").stdout.strip() == "child LANG=en_US.UTF-8"
+
+
+# ---- secrets -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("runner", ["docker", "local"])
+@pytest.mark.parametrize("target", ALL_TARGETS)
+def test_no_token_on_any_command_line(target, runner, env_file):
+    out = make("-n", target, f"RUNNER={runner}", f"ENV_FILE={env_file}", "GPUS=2", "LANG=hi").stdout
+    assert TOKEN not in out and "mdc_SECRET_987" not in out
+    assert "HF_TOKEN=" not in out
+
+
+def test_missing_env_file_is_skipped(tmp_path):
+    argv = job_line(make("-n", "train", f"ENV_FILE={tmp_path / 'nope.env'}").stdout)
+    assert "--env-file" not in argv
+
+
+# ---- image, push, demo, lint ---------------------------------------------------------------
+
+
+def test_image_tag_is_lock_hash_and_git_revision():
+    import hashlib
+
+    lock = hashlib.sha256((ROOT / "requirements.lock").read_bytes()).hexdigest()[:12]
+    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
+                         capture_output=True, text=True).stdout.strip()
+    out = make("-n", "build").stdout
+    m = re.search(r"-t (\S+)", out)
+    assert m, out
+    name, tag = m.group(1).rsplit(":", 1)
+    assert name == makefile_var_default("IMAGE_NAME")
+    assert re.fullmatch(rf"{lock}-{rev}(-dirty)?", tag), tag
+    assert "-f docker/Dockerfile" in out
+
+
+def test_push_refuses_a_dirty_image():
+    proc = make("push", "IMAGE=registry.example/whisper-finetune:abc-def-dirty", check=False)
+    assert proc.returncode == 2 and "uncommitted" in proc.stderr
+    assert "docker push registry.example/whisper-finetune:abc-def" in make(
+        "-n", "push", "IMAGE=registry.example/whisper-finetune:abc-def").stdout
+
+
+def test_shell_is_interactive_and_demo_runs_on_the_cpu(tmp_path):
+    shell = [ln for ln in make("-n", "shell").stdout.splitlines() if ln.startswith("docker run")]
+    assert len(shell) == 1 and " -it " in shell[0] and shell[0].endswith(" bash")
+    demo = make("-n", "demo", f"DATA_DIR={tmp_path}").stdout
+    assert "--gpus" not in demo and "docker/demo.sh" in demo
+    local = make("-n", "demo", "RUNNER=local", f"DATA_DIR={tmp_path}").stdout
+    assert "docker run" not in local and "bash docker/demo.sh" in local
+
+
+def test_lint_runs_every_checker():
+    out = make("-n", "lint").stdout
+    for tool in ("ruff check", "hadolint docker/Dockerfile", "shellcheck", "yamllint", "kubernetes-validate"):
+        assert tool in out, tool
+
+
+def test_setup_and_test_keep_their_behaviour():
+    setup = make("-n", "setup").stdout
+    assert "--require-hashes" in setup and "--no-deps" in setup and "pip check" in setup
+    assert "HF_HUB_OFFLINE=1" in make("-n", "test").stdout
