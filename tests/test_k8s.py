@@ -1,0 +1,312 @@
+"""Every batch manifest under docker/k8s and docker/cloud, found recursively: yamllint,
+Kubernetes schema validation for built-in kinds (kubernetes-validate, offline, strict), and
+what a schema cannot see: GPU limits, the secret mounted as a file, the exit-code rules equal
+to lib/errors.py, the grace period, the image name, the recipe the args name."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lib.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+YAMLLINT_CONFIG = ROOT / "docker" / "yamllint.yaml"
+MANIFEST_DIRS = [ROOT / "docker" / "k8s", ROOT / "docker" / "cloud"]
+YAML_FILES = sorted(p for d in MANIFEST_DIRS for p in d.rglob("*.y*ml"))
+JSON_FILES = sorted(p for d in MANIFEST_DIRS for p in d.rglob("*.json"))
+# Kubernetes versions checked: the first with podFailurePolicy GA, and the newest known here.
+K8S_VERSIONS = ["1.31", "1.37"]
+# Kinds with no schema in kubernetes-validate (it only ships the built-in API). Validating
+# them needs the CRD's OpenAPI schema from a cluster; here yamllint and the checks below stand in.
+CRD_KINDS = {("trainer.kubeflow.org/v1alpha1", "TrainJob"), ("kustomize.config.k8s.io/v1beta1", "Kustomization")}
+MIN_GRACE_SECONDS = 120
+JOBS = {"prepare", "train", "eval", "export", "transcribe", "bench"}
+ENV_FILE_IN_POD = "/secrets/whisper.env"
+
+
+def rel(p: Path) -> str:
+    return str(p.relative_to(ROOT))
+
+
+def docs() -> list[tuple[Path, dict]]:
+    out = []
+    for path in YAML_FILES:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                out.append((path, doc))
+    return out
+
+
+def of_kind(kind: str) -> list[tuple[Path, dict]]:
+    return [(p, d) for p, d in docs() if d.get("kind") == kind]
+
+
+def image_name() -> str:
+    m = re.search(r"^IMAGE_NAME \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert m
+    return m.group(1)
+
+
+def test_manifests_exist():
+    kinds = {d["kind"] for _, d in docs()}
+    assert {"Job", "PersistentVolumeClaim", "TrainJob", "Kustomization"} <= kinds
+    assert any(p.name == "aws-batch-job-definition.json" for p in JSON_FILES)
+
+
+# ---- yamllint, schemas -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=rel)
+def test_yamllint(path):
+    proc = subprocess.run([str(BIN / "yamllint"), "-c", str(YAMLLINT_CONFIG), "--strict", str(path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_yamllint_catches_bad_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: 1\na: 2\nb:   [1,2]\n")
+    proc = subprocess.run([str(BIN / "yamllint"), "-c", str(YAMLLINT_CONFIG), "--strict", str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "duplication" in proc.stdout
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", YAML_FILES, ids=rel)
+def test_schema(path, version):
+    import kubernetes_validate
+    from kubernetes_validate.utils import SchemaNotFoundError
+
+    for doc in yaml.safe_load_all(path.read_text()):
+        key = (doc["apiVersion"], doc["kind"])
+        if key in CRD_KINDS:
+            # Not silently skipped: this asserts that the schema really is absent, so a
+            # kubernetes-validate that learns the kind makes this test fail and get updated.
+            with pytest.raises(SchemaNotFoundError):
+                kubernetes_validate.validate(doc, version, strict=True)
+            continue
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_schema_rejects_a_broken_job():
+    import kubernetes_validate
+    from kubernetes_validate.utils import ValidationError
+
+    (_, job), *_ = of_kind("Job")
+    bad = copy.deepcopy(job)
+    bad["spec"]["template"]["spec"]["containers"][0]["resourcez"] = {}
+    with pytest.raises(ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSIONS[-1], strict=True)
+    bad = copy.deepcopy(job)
+    bad["spec"]["backoffLimit"] = "six"
+    with pytest.raises(ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSIONS[-1], strict=True)
+
+
+# ---- the one-GPU Job ---------------------------------------------------------------------
+
+
+def pod_specs() -> list[tuple[str, dict]]:
+    """(where, pod spec) for every pod the manifests make."""
+    out = [(f"{rel(p)}:{d['metadata']['name']}", d["spec"]["template"]["spec"]) for p, d in of_kind("Job")]
+    for p, d in of_kind("TrainJob"):
+        for o in d["spec"].get("podTemplateOverrides", []):
+            out.append((f"{rel(p)}:{d['metadata']['name']}", o["spec"]))
+    return out
+
+
+def containers() -> list[tuple[str, dict]]:
+    out = []
+    for p, d in of_kind("Job"):
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            out.append((f"{rel(p)}:{c['name']}", c))
+    for p, d in of_kind("TrainJob"):
+        out.append((f"{rel(p)}:trainer", d["spec"]["trainer"]))
+    return out
+
+
+def test_job_failure_policy_matches_lib_errors():
+    for path, job in of_kind("Job"):
+        spec = job["spec"]
+        assert spec["template"]["spec"]["restartPolicy"] == "Never", path
+        assert spec["backoffLimit"] >= 1 and spec["activeDeadlineSeconds"] > 0, path
+        rules = spec["podFailurePolicy"]["rules"]
+        names = {c["name"] for c in spec["template"]["spec"]["containers"]}
+
+        def action_for(exit_code: int, conditions: tuple[str, ...] = ()) -> str:
+            """The first matching rule wins; no match counts against backoffLimit."""
+            for rule in rules:
+                on = rule.get("onExitCodes")
+                if on:
+                    assert on.get("containerName", next(iter(names))) in names
+                    hit = exit_code in on["values"]
+                    if (on["operator"] == "In") == hit:
+                        return rule["action"]
+                for cond in rule.get("onPodConditions", []):
+                    if cond["type"] in conditions:
+                        return rule["action"]
+            return "Count"
+
+        assert action_for(EXIT_USER_ERROR) == "FailJob", path
+        assert action_for(EXIT_PREEMPTED) == "Count", path
+        assert action_for(1) == "Count" and action_for(137) == "Count", path
+        assert action_for(137, ("DisruptionTarget",)) == "Ignore", path
+        assert action_for(EXIT_PREEMPTED, ("DisruptionTarget",)) == "Ignore", path
+
+
+@pytest.mark.parametrize("where_spec", pod_specs(), ids=lambda w: w[0])
+def test_pod_volumes_secret_file_shm_data(where_spec):
+    where, spec = where_spec
+    vols = {v["name"]: v for v in spec["volumes"]}
+    secrets = [v for v in vols.values() if "secret" in v]
+    assert secrets, f"{where}: the token Secret must be a mounted file"
+    assert any("persistentVolumeClaim" in v for v in vols.values()), where
+    shm = [v for v in vols.values() if v.get("emptyDir", {}).get("medium") == "Memory"]
+    assert shm, f"{where}: no emptyDir medium Memory for /dev/shm"
+    for c in spec["containers"]:
+        mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+        assert mounts["/dev/shm"]["name"] == shm[0]["name"], where
+        assert "persistentVolumeClaim" in vols[mounts["/data"]["name"]], where
+        secret_mount = mounts[str(Path(ENV_FILE_IN_POD).parent)]
+        assert secret_mount.get("readOnly") is True and "secret" in vols[secret_mount["name"]], where
+
+
+def test_job_grace_period_leaves_time_to_checkpoint():
+    for path, job in of_kind("Job"):
+        assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= MIN_GRACE_SECONDS, path
+
+
+def _walk(obj):
+    if isinstance(obj, dict):
+        yield obj
+        for v in obj.values():
+            yield from _walk(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _walk(v)
+
+
+def test_no_secret_as_environment_variable_and_no_literal_token():
+    for path in YAML_FILES:
+        text = path.read_text()
+        assert not re.search(r"\bhf_[A-Za-z0-9]{20,}", text), path
+        for node in _walk(yaml.safe_load(text)):
+            assert "secretKeyRef" not in node and "secretRef" not in node, f"{path}: secret in env"
+    for p, d in of_kind("Secret"):
+        pytest.fail(f"{p}: a Secret with data is committed; create it from .env with kubectl")
+
+
+@pytest.mark.parametrize("where_c", containers(), ids=lambda w: w[0])
+def test_container_gpu_image_and_args(where_c):
+    where, c = where_c
+    res = c.get("resources") or c.get("resourcesPerNode")
+    limits, requests = res["limits"], res.get("requests", {})
+    gpus = int(limits["nvidia.com/gpu"])
+    assert gpus >= 1, where
+    # extended resources: a request, if given, must equal the limit
+    assert int(requests.get("nvidia.com/gpu", gpus)) == gpus, where
+    assert "memory" in limits, where
+    # the image is the Makefile's; kustomization.yaml sets registry and tag
+    assert c["image"].split(":")[0] == image_name(), where
+    # tini stays PID 1: either no command (the image ENTRYPOINT) or one that starts with tini
+    if "command" in c:
+        assert c["command"][:2] == ["tini", "--"], where
+    args = c["args"]
+    assert args[0] in JOBS or args[0] == "torchrun", where
+    assert args[args.index("--env-file") + 1] == ENV_FILE_IN_POD, where
+    recipe = args[args.index("--recipe") + 1]
+    assert (ROOT / recipe).is_file(), f"{where}: {recipe} does not exist"
+    if args[0] == "torchrun":
+        assert args[args.index("-m") + 1] == "jobs.train", where
+
+
+def test_trainjob_is_multi_node_torchrun():
+    (path, tj), *_ = of_kind("TrainJob")
+    spec = tj["spec"]
+    assert spec["runtimeRef"]["name"] == "torch-distributed"
+    assert spec["trainer"]["numNodes"] >= 2
+    assert int(spec["trainer"]["numProcPerNode"]) == int(spec["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"])
+    # the overrides must target the node job and name its container
+    (override,) = spec["podTemplateOverrides"]
+    assert override["targetJobs"] == [{"name": "node"}]
+    assert [c["name"] for c in override["spec"]["containers"]] == ["node"]
+    # every node reads the same prepared data and writes the same run: the claim must be RWX
+    claim = override["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    (pvc,) = [d for _, d in of_kind("PersistentVolumeClaim") if d["metadata"]["name"] == claim]
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+
+
+def test_kustomizations_name_the_image_and_existing_resources():
+    for path, k in of_kind("Kustomization"):
+        assert [i["name"] for i in k["images"]] == [image_name()], path
+        for r in k["resources"]:
+            assert (path.parent / r).is_file(), f"{path}: {r}"
+    # the two kustomizations agree on where the image lives
+    images = {json.dumps(k["images"]) for _, k in of_kind("Kustomization")}
+    assert len(images) == 1
+    # every Job / PVC under docker/k8s is in a kustomization
+    listed = {(p.parent / r).resolve() for p, k in of_kind("Kustomization") for r in k["resources"]}
+    for path, d in docs():
+        if d["kind"] != "Kustomization":
+            assert path.resolve() in listed, path
+
+
+# ---- AWS Batch -----------------------------------------------------------------------------
+
+
+def aws_action(rules: list[dict], exit_code: int | None, status_reason: str = "", reason: str = "") -> str:
+    """AWS Batch evaluateOnExit: the first rule whose every given condition matches wins
+    (patterns may end in *); no match -> RETRY while attempts remain."""
+
+    def match(pattern: str | None, value: str | None) -> bool:
+        if pattern is None:
+            return True
+        return value is not None and fnmatch.fnmatchcase(value, pattern)
+
+    for r in rules:
+        if (match(r.get("onExitCode"), None if exit_code is None else str(exit_code))
+                and match(r.get("onStatusReason"), status_reason) and match(r.get("onReason"), reason)):
+            return r["action"].upper()
+    return "RETRY"
+
+
+@pytest.mark.parametrize("path", JSON_FILES, ids=rel)
+def test_aws_batch_retry_rules_match_lib_errors(path):
+    jd = json.loads(path.read_text())
+    strategy = jd["retryStrategy"]
+    rules = strategy["evaluateOnExit"]
+    assert 2 <= strategy["attempts"] <= 10 and len(rules) <= 5
+    for r in rules:
+        assert r["action"] in ("EXIT", "RETRY")
+        assert all(re.fullmatch(r"[0-9]*\*?", r[k]) for k in ("onExitCode",) if k in r)
+    assert aws_action(rules, EXIT_USER_ERROR) == "EXIT"
+    assert aws_action(rules, EXIT_PREEMPTED) == "RETRY"
+    assert aws_action(rules, 1) == "RETRY" and aws_action(rules, 137) == "RETRY"
+    assert aws_action(rules, None, status_reason="Host EC2 (instance i-0abc) terminated.") == "RETRY"
+    cp = jd["containerProperties"]
+    assert cp["command"][0] in JOBS
+    assert cp["image"].rsplit("/", 1)[-1].split(":")[0] == image_name()
+    assert {"type": "GPU", "value": "1"} in cp["resourceRequirements"]
+    assert cp["user"].split(":")[0] == "1000"
+    # the token comes from Secrets Manager at run time, never as a literal value
+    assert [s["name"] for s in cp["secrets"]] == ["HF_TOKEN"]
+    assert all(s["valueFrom"].startswith("arn:aws:secretsmanager:") for s in cp["secrets"])
+    assert not any("TOKEN" in e["name"] or "KEY" in e["name"] for e in cp.get("environment", []))
+    recipe = jd["parameters"]["recipe"]
+    assert (ROOT / recipe).is_file(), recipe
+    assert cp["linuxParameters"]["sharedMemorySize"] >= 1024
+
+
+def test_aws_rule_order_matters():
+    # the checker is not vacuous: the catch-all first would retry config errors
+    assert aws_action([{"onExitCode": "*", "action": "RETRY"}, {"onExitCode": "2", "action": "EXIT"}], 2) == "RETRY"
