@@ -1,0 +1,160 @@
+"""Merge a run's LoRA adapter into its base and save a standalone model; optionally CTranslate2 and the Hub.
+
+    python -m jobs.export run=hi-small                        # -> DATA_DIR/runs/hi-small/merged
+    python -m jobs.export run=hi-small ctranslate2=int8 push_to_hub=me/whisper-small-hi
+    python -m jobs.export adapter=DIR model=openai/whisper-small language=hi data=cv-hi out=DIR
+
+The merged model is checked before it is moved into OUT: on verify_clips clips of the
+prepared split, its transcripts and logits must match base + adapter. An OUT that holds
+another model is kept unless force=true.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from lib.cli import run_job
+from lib.config import to_dict
+from lib.env import Env
+from lib.errors import UserError
+
+log = logging.getLogger("whisper_ft")
+
+
+@dataclass
+class ExportConfig:
+    run: str | None = None
+    """run name: merges DATA_DIR/runs/RUN/adapter into its base"""
+    adapter: str | None = None
+    """an adapter folder or Hub id (instead of run=)"""
+    model: str | None = None
+    """the base (default: the adapter's base_model_name_or_path)"""
+    out: str | None = None
+    """output folder (default DATA_DIR/runs/RUN/merged, or ADAPTER-merged)"""
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    """weights of the merged model: fp16 halves the size of fp32 and is what GPUs serve"""
+    language: str | None = None
+    """written into generation_config.json (default: the run's language)"""
+    task: Literal["transcribe", "translate"] | None = None
+    """written into generation_config.json (default: the run's task, else transcribe)"""
+    data: str | None = None
+    """prepared dataset for the verification clips (default: the run's)"""
+    split: str = "test"
+    """split for the verification clips"""
+    verify_clips: int = 4
+    """clips to compare merged vs base + adapter; 0 skips the check (not recommended)"""
+    verify_max_wer: float = 0.05
+    """WER allowed between merged and adapter transcripts (fp16/bf16 rounding can flip a rare token)"""
+    ctranslate2: Literal["none", "float16", "int8", "int8_float16"] = "none"
+    """also write OUT-ct2-<type> for faster-whisper / CTranslate2"""
+    ct2_max_wer: float = 0.25
+    """WER allowed between CTranslate2 and merged transcripts (int8 drifts more than float16)"""
+    push_to_hub: str | None = None
+    """Hub repo id (user/name) to upload the merged model with a model card (needs HF_TOKEN)"""
+    private: bool = True
+    """create the Hub repo private"""
+    force: bool = False
+    """replace an OUT that holds a different model"""
+
+    def __post_init__(self):
+        if self.verify_clips < 0:
+            raise UserError("verify_clips must be >= 0")
+        if not 0 <= self.verify_max_wer <= 1 or not 0 <= self.ct2_max_wer <= 1:
+            raise UserError("verify_max_wer and ct2_max_wer are fractions in 0..1 (0.05 = 5 %)")
+
+
+def main(cfg: ExportConfig, env: Env) -> dict:
+    import numpy as np
+
+    from lib import export as ex
+    from lib.inference import check_language, load_processor, resolve_source
+    from lib.prepared import load_split
+    from lib.report import package_versions
+
+    # 1. What to merge, where to.
+    source = resolve_source(env, cfg.run, cfg.model, cfg.adapter)
+    if not source.adapter:
+        raise UserError("export merges an adapter: give run=NAME or adapter=DIR (model= is only the base)")
+    out = Path(cfg.out) if cfg.out else (
+        source.run_dir / "merged" if source.run_dir else Path(f"{source.adapter.rstrip('/')}-merged"))
+    fp = ex.fingerprint(source, cfg.dtype)
+    ex.check_destination(out, fp, cfg.force)
+    ct2_out = out.parent / f"{out.name}-ct2-{cfg.ctranslate2}"
+    if cfg.ctranslate2 != "none":
+        ex.check_destination(ct2_out, fp, cfg.force)
+    task = cfg.task or source.run_config.get("task") or "transcribe"
+    log.info("export: %s -> %s (%s)", source.describe(), out, cfg.dtype)
+
+    # 2. Verification clips from the prepared split (first verify_clips rows).
+    clips: list = []
+    if cfg.verify_clips:
+        data = cfg.data or source.run_config.get("data")
+        data = data.get("name") if isinstance(data, dict) else data
+        if not data:
+            raise UserError("verification needs clips: set data=<prepared name> (or verify_clips=0 to skip)")
+        data_path = Path(data) if (Path(data) / "manifest.json").is_file() else env.prepared_dir(data)
+        ds = load_split(data_path, cfg.split)
+        ds = ds.select(range(min(cfg.verify_clips, len(ds)))).with_format("numpy", columns=["audio"])
+        clips = [np.asarray(a) for a in ds["audio"]]
+    else:
+        log.warning("export: verify_clips=0: the merged model is NOT checked against base + adapter")
+
+    # 3. Merge into a float base (never 8-bit: see lib.export.load_float_base) and save to staging.
+    merged = ex.merge(source, cfg.dtype)
+    language = check_language(cfg.language or source.run_config.get("language"), merged)
+    processor = load_processor(source)
+    staging = out.parent / f".{out.name}.incomplete"
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
+    ex.save_merged(merged, processor, staging, language, task)
+    del merged
+
+    # 4. Verify the saved model against base + adapter, then move it into place.
+    manifest = {"source": {"base": source.base, "adapter": source.adapter, "run": cfg.run},
+                "dtype": cfg.dtype, "language": language, "task": task, "fingerprint": fp,
+                "versions": package_versions(), "config": to_dict(cfg),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if clips:
+        v = ex.verify_merged(source, staging, clips, language, task, cfg.dtype, cfg.verify_max_wer)
+        manifest["verify"] = {k: v[k] for k in v if not k.endswith("_texts")}
+    (staging / ex.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    ex.move_into_place(staging, out)
+    log.info("export: merged model in %s", out)
+
+    # 5. Optional CTranslate2 conversion, checked the same way on the CPU.
+    if cfg.ctranslate2 != "none":
+        from transformers import WhisperForConditionalGeneration
+
+        ct2_staging = out.parent / f".{ct2_out.name}.incomplete"
+        ex.convert_ctranslate2(out, ct2_staging, cfg.ctranslate2)
+        ct2_manifest = {**manifest, "ctranslate2": cfg.ctranslate2, "merged_from": str(out)}
+        if clips:
+            merged = WhisperForConditionalGeneration.from_pretrained(out, dtype=ex.torch_dtype("fp32")).eval()
+            ct2_manifest["verify_ct2"] = ex.verify_ct2(ct2_staging, merged, load_processor(source), clips,
+                                                       language, task, cfg.ctranslate2, cfg.ct2_max_wer)
+        (ct2_staging / ex.MANIFEST).write_text(json.dumps(ct2_manifest, indent=2, ensure_ascii=False))
+        ex.move_into_place(ct2_staging, ct2_out)
+        manifest["ctranslate2"] = {"path": str(ct2_out), **ct2_manifest.get("verify_ct2", {})}
+        (out / ex.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        log.info("export: CTranslate2 %s model in %s", cfg.ctranslate2, ct2_out)
+
+    # 6. Optional Hub push with a model card carrying the eval report.
+    if cfg.push_to_hub:
+        report = source.run_dir / "eval" / "report.md" if source.run_dir else None
+        card = ex.model_card(cfg.push_to_hub, source.base, language, task,
+                             report.read_text() if report and report.is_file() else None, manifest)
+        manifest["hub"] = ex.push_to_hub(out, cfg.push_to_hub, env.hf_token, card, cfg.private)
+        (out / ex.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        log.info("export: pushed to %s", manifest["hub"])
+    return manifest
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_job("export", __doc__, ExportConfig, main))
