@@ -135,6 +135,23 @@ def containers() -> list[tuple[str, dict]]:
     return out
 
 
+def pod_failure_action(rules: list[dict], containers: set[str], exit_code: int,
+                       conditions: tuple[str, ...] = ()) -> str:
+    """Kubernetes podFailurePolicy: the first matching rule wins; no match counts against
+    backoffLimit."""
+    for rule in rules:
+        on = rule.get("onExitCodes")
+        if on:
+            assert on.get("containerName", next(iter(containers))) in containers
+            hit = exit_code in on["values"]
+            if (on["operator"] == "In") == hit:
+                return rule["action"]
+        for cond in rule.get("onPodConditions", []):
+            if cond["type"] in conditions:
+                return rule["action"]
+    return "Count"
+
+
 def test_job_failure_policy_matches_lib_errors():
     for path, job in of_kind("Job"):
         spec = job["spec"]
@@ -142,26 +159,18 @@ def test_job_failure_policy_matches_lib_errors():
         assert spec["backoffLimit"] >= 1 and spec["activeDeadlineSeconds"] > 0, path
         rules = spec["podFailurePolicy"]["rules"]
         names = {c["name"] for c in spec["template"]["spec"]["containers"]}
+        assert pod_failure_action(rules, names, EXIT_USER_ERROR) == "FailJob", path
+        assert pod_failure_action(rules, names, EXIT_PREEMPTED) == "Count", path
+        assert pod_failure_action(rules, names, 1) == "Count", path
+        assert pod_failure_action(rules, names, 137) == "Count", path
+        assert pod_failure_action(rules, names, 137, ("DisruptionTarget",)) == "Ignore", path
+        assert pod_failure_action(rules, names, EXIT_PREEMPTED, ("DisruptionTarget",)) == "Ignore", path
 
-        def action_for(exit_code: int, conditions: tuple[str, ...] = ()) -> str:
-            """The first matching rule wins; no match counts against backoffLimit."""
-            for rule in rules:
-                on = rule.get("onExitCodes")
-                if on:
-                    assert on.get("containerName", next(iter(names))) in names
-                    hit = exit_code in on["values"]
-                    if (on["operator"] == "In") == hit:
-                        return rule["action"]
-                for cond in rule.get("onPodConditions", []):
-                    if cond["type"] in conditions:
-                        return rule["action"]
-            return "Count"
 
-        assert action_for(EXIT_USER_ERROR) == "FailJob", path
-        assert action_for(EXIT_PREEMPTED) == "Count", path
-        assert action_for(1) == "Count" and action_for(137) == "Count", path
-        assert action_for(137, ("DisruptionTarget",)) == "Ignore", path
-        assert action_for(EXIT_PREEMPTED, ("DisruptionTarget",)) == "Ignore", path
+def test_pod_failure_checker_is_order_sensitive():
+    rules = [{"action": "Count", "onExitCodes": {"operator": "NotIn", "values": [0]}},
+             {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}}]
+    assert pod_failure_action(rules, {"job"}, 2) == "Count"
 
 
 @pytest.mark.parametrize("where_spec", pod_specs(), ids=lambda w: w[0])
@@ -202,7 +211,7 @@ def test_no_secret_as_environment_variable_and_no_literal_token():
         assert not re.search(r"\bhf_[A-Za-z0-9]{20,}", text), path
         for node in _walk(yaml.safe_load(text)):
             assert "secretKeyRef" not in node and "secretRef" not in node, f"{path}: secret in env"
-    for p, d in of_kind("Secret"):
+    for p, _ in of_kind("Secret"):
         pytest.fail(f"{p}: a Secret with data is committed; create it from .env with kubectl")
 
 
