@@ -334,6 +334,8 @@ def read_hub(src: SourceConfig, language: str, token: str | None) -> Rows:
                             f"HF_HUB_OFFLINE, or prepare from a local copy (source.kind=cv/manifest)") from None
         except ValueError as e:  # a bad split expression or config name
             raise UserError(f"{src.hub_id}: {e} (check source.{split}={expr} and source.hub_config)") from None
+        # The fingerprint of what the Hub served (datasets derives it from the cached files).
+        signature[f"hub:{split}"] = getattr(ds, "_fingerprint", None) or expr
         cols = ds.column_names
         where_file = Path(f"{src.hub_id}[{expr}]")
         audio_col = _pick(cols, src.audio_column, ("audio",), "audio", where_file, "source.audio_column")
@@ -359,7 +361,6 @@ def read_hub(src: SourceConfig, language: str, token: str | None) -> Rows:
         if lang_col and lang_col != "language":
             ds = ds.remove_columns([lang_col])
         splits[split] = ds
-        signature[f"hub:{split}"] = getattr(ds, "_fingerprint", None) or expr
     describe = {"kind": "hub", "hub_id": src.hub_id, "hub_config": src.hub_config, "revision": src.hub_revision,
                 "splits": {k: "+".join(v) for k, v in src.split_map().items()}}
     return Rows(splits, signature, describe)
