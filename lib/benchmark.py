@@ -1,0 +1,116 @@
+"""Speed and memory measurement shared by `make bench` and `make train`.
+
+The figures follow the device method: count the work first, then time only steady state.
+A training sample of Whisper at 30 s costs, per forward, 2 x (matmul weights touched) x
+(positions): the encoder runs every weight over 1,500 positions, the decoder over the label
+length, and cross-attention's K/V projections over 1,500 positions per decoder layer. With a
+frozen base, backward computes input gradients only (~1 forward); LoRA's own weight
+gradients are negligible. Activation checkpointing adds one more forward.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from transformers import TrainerCallback
+
+# The Whisper architectures `make bench arch=...` builds with random weights (from the
+# published configs): d_model, encoder/decoder layers, heads, ffn, mel bins, vocab.
+ARCHS: dict[str, dict] = {
+    "tiny": dict(d_model=384, encoder_layers=4, decoder_layers=4, heads=6, ffn=1536, mels=80, vocab=51865),
+    "base": dict(d_model=512, encoder_layers=6, decoder_layers=6, heads=8, ffn=2048, mels=80, vocab=51865),
+    "small": dict(d_model=768, encoder_layers=12, decoder_layers=12, heads=12, ffn=3072, mels=80, vocab=51865),
+    "medium": dict(d_model=1024, encoder_layers=24, decoder_layers=24, heads=16, ffn=4096, mels=80, vocab=51865),
+    "large-v2": dict(d_model=1280, encoder_layers=32, decoder_layers=32, heads=20, ffn=5120, mels=80, vocab=51865),
+    "large-v3": dict(d_model=1280, encoder_layers=32, decoder_layers=32, heads=20, ffn=5120, mels=128, vocab=51866),
+    "large-v3-turbo": dict(d_model=1280, encoder_layers=32, decoder_layers=4, heads=20, ffn=5120, mels=128,
+                           vocab=51866),
+}
+
+
+def whisper_config(arch: str):
+    from transformers import WhisperConfig
+
+    a = ARCHS[arch]
+    return WhisperConfig(
+        vocab_size=a["vocab"], num_mel_bins=a["mels"], d_model=a["d_model"],
+        encoder_layers=a["encoder_layers"], decoder_layers=a["decoder_layers"],
+        encoder_attention_heads=a["heads"], decoder_attention_heads=a["heads"],
+        encoder_ffn_dim=a["ffn"], decoder_ffn_dim=a["ffn"],
+        max_source_positions=1500, max_target_positions=448,
+        pad_token_id=50257, bos_token_id=50257, eos_token_id=50257, decoder_start_token_id=50258,
+    )
+
+
+@dataclass
+class FlopCount:
+    forward: float
+    """FLOP of one forward pass of one 30 s sample"""
+    encoder: float
+    cross_kv: float
+
+    def train(self, checkpointing: bool) -> float:
+        """FLOP of one training sample with a frozen base: forward + input-grad backward
+        (~1 forward) + one recompute forward under activation checkpointing."""
+        return self.forward * (3 if checkpointing else 2)
+
+
+def flops_per_sample(arch: str, label_tokens: int = 40) -> FlopCount:
+    """Matmul FLOP (2 per multiply-add) of one 30 s sample with `label_tokens` decoder positions."""
+    a = ARCHS[arch]
+    d, f, enc_pos = a["d_model"], a["ffn"], 1500
+    # encoder layer: q,k,v,o (4 d^2) + ffn (2 d f) per position, attention scores+mix 2 x pos x d per position
+    enc_layer = enc_pos * (2 * (4 * d * d + 2 * d * f) + 2 * 2 * enc_pos * d)
+    # conv stem: conv1 (mels -> d, k=3) over 3000 frames, conv2 (d -> d, k=3, stride 2) over 1500
+    conv = 2 * (3000 * a["mels"] * d * 3 + 1500 * d * d * 3)
+    encoder = a["encoder_layers"] * enc_layer + conv
+    t = label_tokens
+    # decoder layer: self-attn 4 d^2, cross q/o 2 d^2, ffn 2 d f per token; cross K/V 2 d^2 per encoder position
+    dec_layer = t * 2 * (6 * d * d + 2 * d * f) + t * 2 * 2 * (t + enc_pos) * d
+    cross_kv = a["decoder_layers"] * enc_pos * 2 * 2 * d * d
+    decoder = a["decoder_layers"] * dec_layer + cross_kv + t * 2 * d * a["vocab"]
+    return FlopCount(forward=encoder + decoder, encoder=encoder, cross_kv=cross_kv)
+
+
+class StepTimer(TrainerCallback):
+    """Steady-state training speed: skips the first `warmup` optimizer steps (allocation,
+    autotuning, compilation), then sums step-to-step times with the GPU synchronized at each
+    step end. Time spent in evaluation and checkpoint saves is left out."""
+
+    def __init__(self, warmup: int = 3):
+        self.warmup = warmup
+        self.last: float | None = None
+        self.steps = 0
+        self.seconds = 0.0
+
+    @staticmethod
+    def _now() -> float:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = self._now()
+        if state.global_step > self.warmup and self.last is not None:
+            self.steps += 1
+            self.seconds += now - self.last
+        self.last = now if state.global_step >= self.warmup else None
+
+    def _restart(self, args, state, control, **kwargs):
+        if self.last is not None:
+            self.last = self._now()
+
+    on_evaluate = _restart
+    on_save = _restart
+
+    def summary(self, samples_per_step: int) -> dict[str, float | int | None]:
+        if not self.steps:
+            return {"steady_steps": 0, "steady_step_seconds": None, "steady_samples_per_second": None}
+        return {
+            "steady_steps": self.steps,
+            "steady_step_seconds": self.seconds / self.steps,
+            "steady_samples_per_second": samples_per_step * self.steps / self.seconds,
+        }
