@@ -48,6 +48,8 @@ class ExportConfig:
     """split for the verification clips"""
     verify_clips: int = 4
     """clips to compare merged vs base + adapter; 0 skips the check (not recommended)"""
+    verify_tokens: int = 64
+    """tokens generated per verification clip (each costs a decoder step on both models)"""
     verify_max_wer: float = 0.05
     """WER allowed between merged and adapter transcripts (fp16/bf16 rounding can flip a rare token)"""
     ctranslate2: Literal["none", "float16", "int8", "int8_float16"] = "none"
@@ -64,6 +66,8 @@ class ExportConfig:
     def __post_init__(self):
         if self.verify_clips < 0:
             raise UserError("verify_clips must be >= 0")
+        if not 1 <= self.verify_tokens <= 444:
+            raise UserError("verify_tokens must be 1..444")
         if not 0 <= self.verify_max_wer <= 1 or not 0 <= self.ct2_max_wer <= 1:
             raise UserError("verify_max_wer and ct2_max_wer are fractions in 0..1 (0.05 = 5 %)")
 
@@ -122,7 +126,8 @@ def main(cfg: ExportConfig, env: Env) -> dict:
                 "versions": package_versions(), "config": to_dict(cfg),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if clips:
-        v = ex.verify_merged(source, staging, clips, language, task, cfg.dtype, cfg.verify_max_wer)
+        v = ex.verify_merged(source, staging, clips, language, task, cfg.dtype, cfg.verify_max_wer,
+                             max_new_tokens=cfg.verify_tokens)
         manifest["verify"] = {k: v[k] for k in v if not k.endswith("_texts")}
     (staging / ex.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
     ex.move_into_place(staging, out)
@@ -138,7 +143,8 @@ def main(cfg: ExportConfig, env: Env) -> dict:
         if clips:
             merged = WhisperForConditionalGeneration.from_pretrained(out, dtype=ex.torch_dtype("fp32")).eval()
             ct2_manifest["verify_ct2"] = ex.verify_ct2(ct2_staging, merged, load_processor(source), clips,
-                                                       language, task, cfg.ctranslate2, cfg.ct2_max_wer)
+                                                       language, task, cfg.ctranslate2, cfg.ct2_max_wer,
+                                                       cfg.verify_tokens)
         (ct2_staging / ex.MANIFEST).write_text(json.dumps(ct2_manifest, indent=2, ensure_ascii=False))
         ex.move_into_place(ct2_staging, ct2_out)
         manifest["ctranslate2"] = {"path": str(ct2_out), **ct2_manifest.get("verify_ct2", {})}

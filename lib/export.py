@@ -155,7 +155,8 @@ def compare_models(reference, candidate, processor, clips: Sequence[np.ndarray],
 
 
 def verify_merged(source: ModelSource, merged_dir: Path, clips: Sequence[np.ndarray], language: str,
-                  task: str, dtype: Dtype, max_wer: float, device: str = "cpu") -> dict[str, Any]:
+                  task: str, dtype: Dtype, max_wer: float, device: str = "cpu",
+                  max_new_tokens: int = 64) -> dict[str, Any]:
     """Reload the saved merged model and compare it with base + adapter; UserError if they differ."""
     from peft import PeftModel
     from transformers import WhisperForConditionalGeneration
@@ -166,7 +167,7 @@ def verify_merged(source: ModelSource, merged_dir: Path, clips: Sequence[np.ndar
     reference = PeftModel.from_pretrained(load_float_base(source.base, run_dtype, device), source.adapter).eval()
     candidate = WhisperForConditionalGeneration.from_pretrained(merged_dir, dtype=torch_dtype(run_dtype))
     candidate = candidate.to(device).eval()
-    result = compare_models(reference, candidate, load_processor(source), clips, language, task)
+    result = compare_models(reference, candidate, load_processor(source), clips, language, task, max_new_tokens)
     tol = LOGIT_TOLERANCE[dtype]
     result.update(max_wer=max_wer, logit_tolerance=tol,
                   passed=result["wer_vs_reference"] <= max_wer and result["max_relative_logit_diff"] <= tol)
