@@ -9,7 +9,8 @@
 #    deliberately broken rows that prepare skips and reports); 3. train LoRA for a few steps;
 #    4. evaluate (WER of the adapter and of the base); 5. export the merged model.
 # The numbers are meaningless (random weights); what it shows is every step, its outputs and
-# where they land. Outputs: DATA_DIR/demo/, DATA_DIR/prepared/demo-hi, DATA_DIR/runs/demo.
+# where they land. Outputs: DATA_DIR/demo/ (the tiny base), DATA_DIR/prepared/demo-hi,
+# DATA_DIR/runs/demo (checkpoints, adapter/, eval/, merged/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +19,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export CUDA_VISIBLE_DEVICES="" TOKENIZERS_PARALLELISM=false
 data_dir=${DATA_DIR:-data}
 model_dir="$data_dir/demo/tiny-whisper"
-export_dir="$data_dir/demo/export"
+export_dir="$data_dir/runs/demo/merged"
 
 step() { printf '\n== demo %s\n' "$*"; }
 
@@ -42,10 +43,13 @@ step "4/5 evaluate the adapter (and the base) on the test split"
 python -m jobs.eval run=demo data=demo-hi split=test language=hi batch_size=4 max_new_tokens=16
 
 step "5/5 export the merged model -> $export_dir"
-python -m jobs.export run=demo out="$export_dir" dtype=float32
+python -m jobs.export run=demo dtype=fp32
 
 step "done. Outputs:"
+missing=0
 for path in "$model_dir" "$data_dir/prepared/demo-hi" "$data_dir/runs/demo" \
             "$data_dir/runs/demo/adapter" "$data_dir/runs/demo/eval" "$export_dir"; do
-  if [ -e "$path" ]; then echo "  $path"; else echo "  $path (missing!)"; fi
+  if [ -e "$path" ]; then echo "  $path"; else echo "  $path (missing!)"; missing=1; fi
 done
+echo "  eval report: $data_dir/runs/demo/eval/report.md"
+exit "$missing"

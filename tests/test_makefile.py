@@ -26,14 +26,14 @@ def env_file(tmp_path):
     return f
 
 
-def make(*args: str, lang: str = "C.UTF-8", check: bool = True) -> subprocess.CompletedProcess:
+def make(*args: str, lang: str = "C.UTF-8", check: bool = True, timeout: int = 60) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
     # The environment of a typical shell: LANG is a locale, not a language.
     env["LANG"] = lang
     for var in ("RUNNER", "GPUS", "RECIPE", "RUN", "DATA", "ARGS", "IMAGE", "IMAGE_NAME", "ENV_FILE"):
         env.pop(var, None)
     proc = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *args],
-                          capture_output=True, text=True, env=env, timeout=60)
+                          capture_output=True, text=True, env=env, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -227,3 +227,14 @@ def test_setup_and_test_keep_their_behaviour():
     setup = make("-n", "setup").stdout
     assert "--require-hashes" in setup and "--no-deps" in setup and "pip check" in setup
     assert "HF_HUB_OFFLINE=1" in make("-n", "test").stdout
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    """`make demo RUNNER=local`: prepare, train, eval and export on the CPU (~2 minutes)."""
+    proc = make("demo", "RUNNER=local", f"DATA_DIR={tmp_path}", check=False, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for sub in ("prepared/demo-hi/manifest.json", "runs/demo/adapter", "runs/demo/eval/report.md",
+                "runs/demo/merged/config.json"):
+        assert (tmp_path / sub).exists(), sub
+    assert "(missing!)" not in proc.stdout
