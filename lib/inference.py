@@ -222,6 +222,21 @@ def load_model(source: ModelSource, precision: Precision = "auto", quantization:
     return model, load_processor(source), info
 
 
+def default_language_task(source: ModelSource, model) -> tuple[str | None, str | None]:
+    """What the run says, else the adapter's generation_config.json, else the model's."""
+    lang, task = source.run_config.get("language"), source.run_config.get("task")
+    gen_file = Path(source.adapter) / "generation_config.json" if source.adapter else None
+    if gen_file is not None and gen_file.is_file():
+        gen = json.loads(gen_file.read_text())
+        lang, task = lang or gen.get("language"), task or gen.get("task")
+    gen = getattr(model, "generation_config", None)
+    lang = lang or getattr(gen, "language", None)
+    task = task or getattr(gen, "task", None)
+    if isinstance(lang, str):
+        lang = lang.strip("<|>")
+    return lang, task
+
+
 def check_language(language: str | None, model) -> str:
     """A language code Whisper knows ("hi"); full names ("hindi") become codes."""
     from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE

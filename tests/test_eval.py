@@ -93,3 +93,51 @@ def test_eval_run_writes_reports_with_before_and_after(data_dir, tiny_model_dir)
     # A second run does not overwrite silently.
     with pytest.raises(UserError, match="force=true"):
         main(EvalConfig(run="tiny-run"), env)
+
+
+def test_eval_bad_inputs_name_what_to_fix(data_dir, tmp_path):
+    from jobs.eval import EvalConfig, main
+    from tests.helpers import build_tiny_whisper
+
+    env = Env(data_dir=data_dir)
+    with pytest.raises(UserError, match="no 'validation' split"):
+        main(EvalConfig(run="tiny-run", split="validation", out=str(tmp_path / "a")), env)
+    with pytest.raises(UserError, match="run=nope.*does not exist"):
+        main(EvalConfig(run="nope"), env)
+    with pytest.raises(UserError, match="no prepared dataset"):
+        main(EvalConfig(run="tiny-run", data="missing", out=str(tmp_path / "b")), env)
+    with pytest.raises(UserError, match="model=.*no such folder"):
+        main(EvalConfig(model=str(tmp_path / "nothing"), data="tiny-hi"), env)
+    wider = build_tiny_whisper(tmp_path / "wider", d_model=96, encoder_ffn_dim=96, decoder_ffn_dim=96)
+    with pytest.raises(UserError, match=r"does not fit model=.*set model= to that base"):
+        main(EvalConfig(run="tiny-run", model=str(wider), out=str(tmp_path / "c")), env)
+    merged_like = data_dir / "runs" / "tiny-run" / "adapter"
+    with pytest.raises(UserError, match="give run= or adapter=, not both"):
+        main(EvalConfig(run="tiny-run", adapter=str(merged_like)), env)
+
+
+def test_eval_plain_model_with_limit(data_dir, tiny_model_dir):
+    from jobs.eval import EvalConfig, main
+
+    env = Env(data_dir=data_dir)
+    report = main(EvalConfig(model=str(tiny_model_dir), data="tiny-hi", limit=2, max_new_tokens=6), env)
+    out = data_dir / "evals" / f"{tiny_model_dir.name}-tiny-hi-test"
+    assert (out / "report.json").is_file() and not (out / "training_curves.png").exists()
+    assert list(report["results"]) == ["model"] and report["counts"]["utterances"] == 2
+    assert report["language"] == "hi"  # from the dataset manifest
+
+
+@pytest.mark.slow
+def test_whisper_base_zero_shot_on_a_few_clips(tmp_path):
+    """Real weights: /work/shared/models/whisper-base-hf, zero-shot on synthesized English speech-free
+    tones is meaningless, so this only checks the whole path runs and reports (minutes on a CPU)."""
+    from jobs.eval import EvalConfig, main
+
+    base = Path("/work/shared/models/whisper-base-hf")
+    if not base.is_dir():
+        pytest.fail(f"{base} missing: this slow test needs the shared whisper-base weights")
+    write_prepared(tmp_path / "prepared" / "tones", base, {"test": [("a", tone(2.0, 440)), ("b", tone(1.0, 880))]},
+                   language="en")
+    report = main(EvalConfig(model=str(base), data="tones", language="en", batch_size=2),
+                  Env(data_dir=tmp_path))
+    assert report["counts"]["utterances"] == 2 and 0 <= report["results"]["model"]["cer"]

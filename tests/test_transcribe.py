@@ -1,0 +1,65 @@
+"""The transcribe job on short files written with soundfile."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from lib.env import Env
+from lib.errors import UserError
+from tests.helpers import tone
+from tests.test_eval import make_adapter
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_transcribe_wav_with_adapter_and_resamples(tiny_model_dir, tmp_path, capsys):
+    from jobs.transcribe import TranscribeConfig, main
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    wav = tmp_path / "clip.wav"
+    stereo_44k = np.stack([tone(1.0, 440, sr=44_100)] * 2, axis=1)
+    sf.write(wav, stereo_44k, 44_100)
+    text = main(TranscribeConfig(audio=str(wav), adapter=str(adapter), max_new_tokens=8,
+                                 out=str(tmp_path / "clip.txt")), Env(data_dir=tmp_path))
+    assert text and capsys.readouterr().out.strip() == text
+    assert (tmp_path / "clip.txt").read_text().strip() == text
+    with pytest.raises(UserError, match="force=true"):
+        main(TranscribeConfig(audio=str(wav), adapter=str(adapter), out=str(tmp_path / "clip.txt")),
+             Env(data_dir=tmp_path))
+
+
+def test_long_file_is_cut_into_windows(tiny_model_dir, tmp_path):
+    from lib.inference import load_audio, load_model, resolve_source, transcribe_long
+
+    flac = tmp_path / "long.flac"
+    sf.write(flac, tone(31.0, 300), 16_000)
+    audio = load_audio(flac)
+    assert len(audio) == 31 * 16_000
+    model, processor, _ = load_model(resolve_source(Env(data_dir=tmp_path), model=str(tiny_model_dir)))
+    text = transcribe_long(model, processor, audio, "hi", "transcribe", max_new_tokens=4)
+    assert len(text.split()) >= 2  # one piece per 30-s window
+
+
+def test_missing_or_bad_audio_is_a_clear_error(tmp_path):
+    from jobs.transcribe import TranscribeConfig, main
+
+    with pytest.raises(UserError, match=r"audio=.*nope.wav: no such file"):
+        main(TranscribeConfig(audio=str(tmp_path / "nope.wav"), model="x"), Env(data_dir=tmp_path))
+    junk = tmp_path / "junk.mp3"
+    junk.write_bytes(b"not audio at all" * 10)
+    with pytest.raises(UserError, match="cannot decode"):
+        main(TranscribeConfig(audio=str(junk), model="x"), Env(data_dir=tmp_path))
+    with pytest.raises(UserError, match="set audio="):
+        TranscribeConfig()
+
+
+def test_cli_exit_code_2_for_missing_audio(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "jobs.transcribe", f"audio={tmp_path}/none.wav", "model=x"],
+                       cwd=ROOT, capture_output=True, text=True, env={"DATA_DIR": str(tmp_path), "PATH": ""})
+    assert r.returncode == 2 and "none.wav: no such file" in r.stderr
