@@ -260,9 +260,10 @@ def verify_ct2(ct2_dir: Path, merged, processor, clips: Sequence[np.ndarray], la
     log.info("export: verify ctranslate2 (%s): %d/%d identical, WER vs merged %.2f %%",
              compute_type, result["identical"], len(clips), 100 * w)
     if not result["passed"]:
+        i = next((k for k, (a, b) in enumerate(zip(ref, got, strict=True)) if a != b), 0)
         raise UserError(
             f"CTranslate2 verification FAILED for {ct2_dir}: WER vs the merged model {100 * w:.1f} % > "
-            f"{100 * max_wer:.1f} % allowed (first clip: merged {ref[0]!r}, ct2 {got[0]!r}); "
+            f"{100 * max_wer:.1f} % allowed (clip {i}: merged {ref[i]!r}, ct2 {got[i]!r}); "
             f"try ctranslate2=float16, or raise ct2_max_wer= if int8 drift is acceptable"
         )
     return result
