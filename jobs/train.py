@@ -23,6 +23,7 @@ import yaml
 
 from lib import checkpoint, hub
 from lib import model as M
+from lib.benchmark import StepTimer
 from lib.cli import run_job
 from lib.collator import WhisperCollator
 from lib.config import dump_yaml, to_dict
@@ -97,11 +98,18 @@ def main(cfg: TrainConfig, env: Env) -> dict:
         cfg.train.batch_size, cfg.train.grad_accum, eff, steps,
     )
 
-    # 4. Model: base (quantized per model.quantization), frozen, LoRA on top.
+    # 4. Model: base (quantized per model.quantization), frozen, LoRA on top. Seeded first:
+    # lora_A's random init must not depend on whatever ran before in this process.
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)
     t0 = time.time()
     base = M.load_base_model(cfg.model.base, cfg.model.quantization, precision, env.hf_token)
     M.set_generation_language(base, language, cfg.task)
     base = M.prepare_for_training(base, cfg.model.quantization, cfg.model.gradient_checkpointing)
+    # LoRA A is drawn from the global RNG, before Trainer seeds anything: seed it here, or
+    # train.seed does not reach the init and no two runs (or 1 vs N processes) start alike.
+    torch.manual_seed(cfg.train.seed)
     model = M.apply_lora(base, cfg.lora)
     trainable, total = M.count_parameters(model)
     log.info(
@@ -121,6 +129,7 @@ def main(cfg: TrainConfig, env: Env) -> dict:
     if resume_from:
         log.info("resuming from %s", resume_from)
     stopper = checkpoint.StopOnSigterm()
+    timer = StepTimer(warmup=cfg.train.timing_warmup)
     trainer = Seq2SeqTrainer(
         model=model,
         args=training_arguments(cfg, ckpt_root, precision, has_eval=eval_ds is not None),
@@ -134,6 +143,7 @@ def main(cfg: TrainConfig, env: Env) -> dict:
             LogHistoryWriter(run_dir / "log_history.json"),
             TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tb"))),
             stopper,
+            timer,
         ],
     )
 
@@ -178,6 +188,8 @@ def main(cfg: TrainConfig, env: Env) -> dict:
         "train_loss": result.metrics.get("train_loss"),
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        # steady state (after train.timing_warmup steps, without eval and saves), all processes
+        **timer.summary(cfg.train.batch_size * cfg.train.grad_accum * trainer.args.world_size),
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "adapter_size_bytes": checkpoint.dir_size(run_dir / "adapter", "adapter_model*"),
         "trainable_params": trainable,
