@@ -179,6 +179,11 @@ def prepare_for_training(model, quantization: str, gradient_checkpointing: bool)
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     if gradient_checkpointing:
         model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    # Whisper's forward takes **kwargs, so Trainer assumes it honours num_items_in_batch and
+    # then multiplies the loss by the number of processes (and skips dividing by grad_accum).
+    # Whisper ignores it (plain mean cross-entropy): with 2 processes the loss and gradient
+    # came out 2x, and grad clipping fired at half the real norm. Opt out (Trainer's own knob).
+    model.accepts_loss_kwargs = False
     add_encoder_input_grad_hook(model)
     return model
 
