@@ -107,9 +107,6 @@ def main(cfg: TrainConfig, env: Env) -> dict:
     base = M.load_base_model(cfg.model.base, cfg.model.quantization, precision, env.hf_token)
     M.set_generation_language(base, language, cfg.task)
     base = M.prepare_for_training(base, cfg.model.quantization, cfg.model.gradient_checkpointing)
-    # LoRA A is drawn from the global RNG, before Trainer seeds anything: seed it here, or
-    # train.seed does not reach the init and no two runs (or 1 vs N processes) start alike.
-    torch.manual_seed(cfg.train.seed)
     model = M.apply_lora(base, cfg.lora)
     trainable, total = M.count_parameters(model)
     log.info(
