@@ -44,15 +44,22 @@ RECIPES: dict[str, list[str]] = {
     "bf16-ckpt": ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=true"],
     "bf16": ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=false"],
     "fp16": ["model.quantization=none", "model.precision=fp16", "model.gradient_checkpointing=false"],
+    "bf16-b32": ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=false",
+                 "train.batch_size=32"],
+    "bf16-compile-b32": ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=false",
+                         "train.batch_size=32", "train.torch_compile=true"],
+    # the one a machine without a GPU can run
+    "fp32": ["model.quantization=none", "model.precision=fp32", "model.gradient_checkpointing=false"],
 }
+GPU_RECIPES = ["int8-ckpt", "nf4-ckpt", "bf16-ckpt", "bf16", "fp16"]
 
 
 @dataclass
 class BenchConfig:
     arch: str = "large-v2"
     """Whisper architecture to build with random weights: tiny, base, small, medium, large-v2, large-v3, large-v3-turbo"""
-    recipes: list[str] = field(default_factory=lambda: list(RECIPES))
-    """recipes to run, in order (see RECIPES in jobs/bench.py)"""
+    recipes: list[str] = field(default_factory=list)
+    """recipes to run, in order (see RECIPES in jobs/bench.py); default: every GPU recipe, or fp32 on a CPU"""
     batch_size: int = 8
     """clips per step"""
     steps: int = 12
@@ -122,6 +129,7 @@ def build_model(arch: str, out: Path) -> Path:
 def build_data(env: Env, name: str, n: int, label_tokens: int, eval_clips: int) -> str:
     """n train clips of 30 s (quiet noise) with label_tokens-long labels, plus a test split."""
     from datasets import Dataset
+    from datasets.arrow_writer import ArrowWriter
 
     from lib.prepared import features, write_manifest
 
@@ -132,15 +140,24 @@ def build_data(env: Env, name: str, n: int, label_tokens: int, eval_clips: int) 
     prefix = [50258, 50276, 50359, 50363]  # <|startoftranscript|><|hi|><|transcribe|><|notimestamps|>
     out.mkdir(parents=True, exist_ok=True)
     splits = {}
-    for split, count in (("train", n), ("test", max(eval_clips, 1))):
-        audio = [(0.05 * rng.standard_normal(30 * 16_000)).astype(np.float32) for _ in range(count)]
-        labels = [prefix + rng.integers(0, 50_000, label_tokens - len(prefix) - 1).tolist() + [50257]
-                  for _ in range(count)]
-        Dataset.from_dict({
-            "id": [f"{split}-{i}" for i in range(count)], "audio": audio,
-            "text": ["x"] * count, "labels": labels, "language": ["hi"] * count,
-            "duration": [30.0] * count,
-        }, features=features()).save_to_disk(str(out / split))
+    # validation: a few clips so that `make train` can show WER-while-training on the bench model
+    for split, count in (("train", n), ("validation", 8), ("test", max(eval_clips, 1))):
+        # Rows are streamed to an Arrow file and memory-mapped, not held in memory: n clips x 30 s
+        # is 1.9 MB a clip, and an in-memory table is re-pickled whole to fingerprint it.
+        tmp = out / f"{split}.arrow.tmp"
+        with ArrowWriter(features=features(), path=str(tmp)) as writer:
+            for i in range(count):
+                writer.write({
+                    "id": f"{split}-{i}",
+                    "audio": (0.05 * rng.standard_normal(30 * 16_000)).astype(np.float32),
+                    "text": "x",
+                    "labels": prefix + rng.integers(0, 50_000, label_tokens - len(prefix) - 1).tolist() + [50257],
+                    "language": "hi",
+                    "duration": 30.0,
+                })
+            writer.finalize()
+        Dataset.from_file(str(tmp)).save_to_disk(str(out / split))
+        tmp.unlink()
         splits[split] = {"rows": count, "hours": count * 30 / 3600}
     write_manifest(out, {"name": name, "source": {"kind": "bench-random"}, "language": "hi",
                          "task": "transcribe", "splits": splits, "skipped": []})
@@ -175,10 +192,11 @@ def run_recipe(cfg: BenchConfig, env: Env, recipe: str, model_dir: Path, data: s
     shutil.rmtree(env.run_dir(run), ignore_errors=True)
     cmd = [
         sys.executable, "-m", "jobs.train", f"run={run}", f"data={data}", f"model.base={model_dir}",
-        *RECIPES[recipe], f"lora.r={cfg.lora_r}", f"lora.alpha={2 * cfg.lora_r}",
+        f"lora.r={cfg.lora_r}", f"lora.alpha={2 * cfg.lora_r}",
         f"train.batch_size={cfg.batch_size}", f"train.max_steps={cfg.steps}", "train.warmup_steps=0",
         f"train.timing_warmup={cfg.warmup}", "train.logging_steps=1",
-        f"train.save_steps={10 * cfg.steps}", f"train.eval_steps={10 * cfg.steps}", *cfg.extra,
+        f"train.save_steps={10 * cfg.steps}", f"train.eval_steps={10 * cfg.steps}",
+        *RECIPES[recipe], *cfg.extra,  # later flags win: a recipe may set its own batch
     ]
     log.info("bench %s: %s", recipe, " ".join(cmd[2:]))
     t0 = time.time()
@@ -186,7 +204,9 @@ def run_recipe(cfg: BenchConfig, env: Env, recipe: str, model_dir: Path, data: s
                           capture_output=True, text=True)
     logf = env.data_dir / "bench" / cfg.arch / f"{recipe}.log"
     logf.write_text(proc.stdout + proc.stderr)
-    row = {"recipe": recipe, "batch": cfg.batch_size, "wall_s": round(time.time() - t0, 1)}
+    batch = next((int(f.split("=")[1]) for f in [*RECIPES[recipe], *cfg.extra] if f.startswith("train.batch_size=")),
+                 cfg.batch_size)
+    row = {"recipe": recipe, "batch": batch, "wall_s": round(time.time() - t0, 1)}
     mfile = env.run_dir(run) / "metrics.json"
     if proc.returncode != 0 or not mfile.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
@@ -286,6 +306,9 @@ def main(cfg: BenchConfig, env: Env) -> list[dict]:
     if peak:
         log.info("limit: %.0f samples/s (%.0f with checkpointing)", peak * 1e12 / flops.train(False),
                  peak * 1e12 / flops.train(True))
+
+    if not cfg.recipes:
+        cfg.recipes = GPU_RECIPES if torch.cuda.is_available() else ["fp32"]
 
     # 2. Inputs: random model at the architecture, 30 s clips with fixed-length labels.
     root = env.data_dir / "bench" / cfg.arch

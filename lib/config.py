@@ -50,6 +50,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except UserError as e:
                 errors.append(str(e))
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None  # `key=none` unsets an optional field unless "none" is itself a choice
         raise UserError(errors[0] if len(errors) == 1 else f"{where}: {value!r} does not fit {tp}")
     if origin in (list, tuple):
         if isinstance(value, str):
@@ -132,10 +134,8 @@ def parse_override(text: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    if value is None and raw.strip().lower() not in ("null", "none", "~"):
+    if value is None and raw.strip().lower() not in ("null", "~"):
         value = raw
-    if isinstance(value, str) and raw.strip().lower() in ("none", "null"):
-        value = None
     out: dict[str, Any] = {}
     node = out
     parts = key.split(".")

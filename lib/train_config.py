@@ -82,6 +82,10 @@ class TrainSection:
     """seeds weights of the LoRA init, dropout and data order"""
     num_workers: int = 2
     """dataloader worker processes computing log-mel; 0 = in the main process"""
+    torch_compile: bool = False
+    """compile the model with torch.compile (GPU): slower start, faster steps; see README benchmarks"""
+    timing_warmup: int = 3
+    """first optimizer steps left out of the steady samples/s in metrics.json"""
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "eval_steps", "save_steps", "logging_steps"):

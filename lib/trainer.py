@@ -106,6 +106,7 @@ def training_arguments(cfg, output_dir: Path, precision: str, has_eval: bool):
         use_cpu=on_cpu,
         ddp_find_unused_parameters=False,  # frozen base + checkpointing: DDP's search would fail
         disable_tqdm=False,
+        torch_compile=t.torch_compile,
     )
 
 

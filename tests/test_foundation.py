@@ -101,3 +101,15 @@ def test_tiny_model_loads_through_from_pretrained(tiny_model_dir):
     assert model.config.d_model == 64
     ids = proc.tokenizer("नमस्ते").input_ids
     assert proc.tokenizer.decode(ids, skip_special_tokens=True) == "नमस्ते"
+
+
+@dataclass
+class _Opt:
+    quantization: Literal["int8", "none"] = "int8"
+    max_steps: int | None = 10
+
+
+def test_none_is_a_choice_or_unsets_an_optional():
+    cfg = load_config(_Opt, None, ["quantization=none", "max_steps=none"])
+    assert cfg.quantization == "none" and cfg.max_steps is None
+    assert load_config(_Opt, None, ["max_steps=null"]).max_steps is None

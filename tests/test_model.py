@@ -131,3 +131,18 @@ def test_prepared_model_trains_encoder_lora_with_checkpointing(tiny_model_dir, q
     # encoder: 2 layers x (q, v); decoder: 2 layers x (self q, v + cross q, v)
     assert sum(".encoder.layers" in n for n in grads) == 4 and sum(".decoder.layers" in n for n in grads) == 8
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_frozen_base_in_compute_dtype_lora_in_fp32(tiny_model_dir):
+    """quantization=none keeps the frozen base in the compute dtype (half the memory of fp32
+    masters) while the trainable LoRA weights stay fp32 for the optimizer and AMP."""
+    import torch
+
+    from lib import model as M
+    from lib.train_config import LoraSection
+
+    base = M.load_base_model(str(tiny_model_dir), "none", "bf16")
+    model = M.apply_lora(M.prepare_for_training(base, "none", True), LoraSection(r=4, alpha=8))
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trainable == {torch.float32} and frozen == {torch.bfloat16}
