@@ -40,6 +40,7 @@ TOKENIZER = ROOT / "tests" / "fixtures" / "whisper_tokenizer"
 # Recipe name -> train job overrides. Same LoRA placement for all (r=32 on q_proj/v_proj).
 RECIPES: dict[str, list[str]] = {
     "int8-ckpt": ["model.quantization=int8", "model.precision=fp16", "model.gradient_checkpointing=true"],
+    "int8": ["model.quantization=int8", "model.precision=fp16", "model.gradient_checkpointing=false"],
     "nf4-ckpt": ["model.quantization=nf4", "model.precision=bf16", "model.gradient_checkpointing=true"],
     "bf16-ckpt": ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=true"],
     "bf16": ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=false"],
@@ -209,8 +210,10 @@ def run_recipe(cfg: BenchConfig, env: Env, recipe: str, model_dir: Path, data: s
     row = {"recipe": recipe, "batch": batch, "wall_s": round(time.time() - t0, 1)}
     mfile = env.run_dir(run) / "metrics.json"
     if proc.returncode != 0 or not mfile.is_file():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-        row["error"] = f"exit {proc.returncode}: {tail[0][:200]}"
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines()
+                 if ln.strip() and "it/s]" not in ln and "s/it]" not in ln]
+        errors = [ln for ln in lines if ln.startswith(("error:", "preempted:")) or "Error" in ln]
+        row["error"] = f"exit {proc.returncode}: {(errors or lines or ['?'])[-1][:200]} (log: {logf})"
         return row
     m = json.loads(mfile.read_text())
     row.update({k: m.get(k) for k in ("steady_samples_per_second", "steady_step_seconds",

@@ -14,6 +14,7 @@ Exit codes: 0 done; 2 config/data error (fix the named flag, do not retry);
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import time
@@ -74,9 +75,13 @@ def main(cfg: TrainConfig, env: Env) -> dict:
     cfg.language = language
     precision = M.resolve_precision(cfg.model.precision)
     M.check_quantization(cfg.model.quantization)
-    _check_same_run(run_dir, cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, run_dir / "config.yaml")
+    # Under torchrun every process runs this job; only rank 0 owns the run folder's files
+    # (a second writer could hand the first a half-written config.yaml).
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0:
+        _check_same_run(run_dir, cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, run_dir / "config.yaml")
     log.info("config:\n%s", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip())
 
     # 3. Data: train and validation splits; log-mel is computed per batch by the collator.
@@ -122,7 +127,7 @@ def main(cfg: TrainConfig, env: Env) -> dict:
     from transformers import Seq2SeqTrainer
     from transformers.integrations import TensorBoardCallback
 
-    resume_from, moved = checkpoint.find_resumable(ckpt_root)
+    resume_from, moved = checkpoint.find_resumable(ckpt_root, move=rank0)
     if resume_from:
         log.info("resuming from %s", resume_from)
     stopper = checkpoint.StopOnSigterm()
@@ -138,7 +143,7 @@ def main(cfg: TrainConfig, env: Env) -> dict:
         callbacks=[
             checkpoint.CompleteMarker(ckpt_root, cfg.train.keep_checkpoints),
             LogHistoryWriter(run_dir / "log_history.json"),
-            TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tb"))),
+            *([TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tb")))] if rank0 else []),
             stopper,
             timer,
         ],
@@ -154,7 +159,8 @@ def main(cfg: TrainConfig, env: Env) -> dict:
         raise UserError(oom_message(cfg)) from None
     finally:
         stopper.uninstall()
-    write_json(run_dir / "log_history.json", trainer.state.log_history)
+    if trainer.is_world_process_zero():
+        write_json(run_dir / "log_history.json", trainer.state.log_history)
     if stopper.requested:
         raise Preempted(
             f"saved checkpoint-{trainer.state.global_step} in {ckpt_root}; rerun the same command to resume"

@@ -51,13 +51,17 @@ def mark_complete(path: Path) -> None:
     tmp.replace(path / COMPLETE)
 
 
-def find_resumable(root: Path) -> tuple[Path | None, list[Path]]:
+def find_resumable(root: Path, move: bool = True) -> tuple[Path | None, list[Path]]:
     """(newest complete checkpoint or None, unfinished ones renamed aside).
 
     Unfinished ones are renamed to incomplete-checkpoint-N (suffix -2, -3... if taken);
-    they are kept, not deleted, so a person can look at what was lost.
+    they are kept, not deleted, so a person can look at what was lost. With move=False
+    (every torchrun process but rank 0) nothing is renamed, the answer is the same.
     """
     moved: list[Path] = []
+    if not move:
+        complete = [c for c in checkpoints(root) if is_complete(c)]
+        return (complete[-1] if complete else None), moved
     for ck in checkpoints(root):
         if is_complete(ck):
             continue

@@ -127,12 +127,11 @@ def load_base_model(base: str, quantization: str, precision: str, token: str | N
     compute = DTYPES[precision]
     kwargs: dict[str, Any] = {"token": token}
     if quantization == "none":
-        # The base is frozen, so its weights need no fp32 master copy: store them in the
-        # compute dtype (large-v2: 1.55 B x 2 B = 3.1 GB instead of 6.2 GB, and no per-op
-        # cast under autocast). The LoRA weights, the only ones the optimizer steps, stay
-        # fp32 (PEFT's autocast_adapter_dtype), so fp16 AMP's grad scaler still works.
-        # Measured on an H100, large-v2, batch 8, checkpointing: see README benchmarks.
-        kwargs["dtype"] = compute
+        # fp32 weights, AMP (fp16/bf16) casting per op: the configuration measured in the
+        # README's GPU table. Storing the frozen base in the compute dtype would halve its
+        # memory (large-v2: 6.2 -> 3.1 GB); the first GPU try failed in encoder conv1
+        # (fp32 features into a bf16 conv outside autocast), so it waits for a measured fix.
+        kwargs["dtype"] = torch.float32
     else:
         kwargs["quantization_config"] = quantization_config(quantization, compute)
         kwargs["dtype"] = compute
