@@ -97,7 +97,12 @@ endif
 
 recipe_arg = $(if $(RECIPE),--recipe $(RECIPE))
 language_arg = $(if $(JOB_LANGUAGE),language=$(JOB_LANGUAGE))
-run_arg = $(if $(RUN),run=$(RUN))
+# `make prepare LANG=hi` then `make train LANG=hi` need no names: the dataset defaults to
+# cv_LANG (the Common Voice recipe's naming) and the run to whisper-large-v2-lora-LANG.
+DATA_NAME = $(or $(DATA),$(if $(JOB_LANGUAGE),cv_$(JOB_LANGUAGE)))
+RUN_NAME = $(or $(RUN),$(if $(JOB_LANGUAGE),whisper-large-v2-lora-$(JOB_LANGUAGE)))
+run_arg = $(if $(RUN_NAME),run=$(RUN_NAME))
+data_arg = $(if $(DATA_NAME),data=$(DATA_NAME))
 
 .PHONY: help
 help: ## list the targets and the variables they read
@@ -171,22 +176,22 @@ push: ## push the image to its registry (set IMAGE_NAME=registry/path first)
 .PHONY: prepare
 prepare: ## prepare a dataset into DATA_DIR/prepared/DATA (LANG, DATA, RECIPE, ARGS)
 	mkdir -p $(DATA_ABS)
-	$(call job,prepare,$(recipe_arg) $(if $(DATA),name=$(DATA)) $(language_arg) $(ARGS))
+	$(call job,prepare,$(recipe_arg) $(if $(DATA_NAME),name=$(DATA_NAME)) $(language_arg) $(ARGS))
 
 .PHONY: train
 train: recipe_arg = --recipe $(or $(RECIPE),$(TRAIN_RECIPE))
 train: ## fine-tune into DATA_DIR/runs/RUN; GPUS>1 runs torchrun (LANG, DATA, RUN, RECIPE, ARGS)
 	mkdir -p $(DATA_ABS)
 	$(if $(MULTI_GPU),$(call job_torchrun,train,$(TRAIN_ARGS)),$(call job,train,$(TRAIN_ARGS)))
-TRAIN_ARGS = $(recipe_arg) $(run_arg) $(if $(DATA),data=$(DATA)) $(language_arg) $(ARGS)
+TRAIN_ARGS = $(recipe_arg) $(run_arg) $(data_arg) $(language_arg) $(ARGS)
 
 .PHONY: eval
 eval: ## word error rate of run RUN on DATA (LANG, DATA, RUN, ARGS e.g. split=test)
 	mkdir -p $(DATA_ABS)
-	$(call job,eval,$(recipe_arg) $(run_arg) $(if $(DATA),data=$(DATA)) $(language_arg) $(ARGS))
+	$(call job,eval,$(recipe_arg) $(run_arg) $(data_arg) $(language_arg) $(ARGS))
 
 .PHONY: export
-export: ## merge run RUN's adapter into a standalone model (RUN, ARGS e.g. dtype=float16)
+export: ## merge run RUN's adapter into a standalone model (RUN, ARGS e.g. dtype=bf16)
 	mkdir -p $(DATA_ABS)
 	$(call job,export,$(recipe_arg) $(run_arg) $(ARGS))
 
@@ -196,7 +201,7 @@ transcribe: ## transcribe audio with run RUN or a model (ARGS="audio=/data/x.wav
 	$(call job,transcribe,$(recipe_arg) $(run_arg) $(language_arg) $(ARGS))
 
 .PHONY: bench
-bench: ## time and size the training recipes on this GPU (ARGS e.g. arch=h100)
+bench: ## time and size the training recipes on this GPU (ARGS e.g. arch=large-v3 batch_size=16)
 	mkdir -p $(DATA_ABS)
 	$(call job,bench,$(recipe_arg) $(ARGS))
 

@@ -51,7 +51,7 @@ class PrepareConfig:
     """`make prepare`: which source, which language, which filters."""
 
     name: str = "dataset"
-    """Output folder name: DATA_DIR/prepared/NAME; `make train data.name=NAME` reads it."""
+    """Output folder name: DATA_DIR/prepared/NAME; `make train DATA=NAME` (data=NAME) reads it."""
     language: str = "hi"
     """ISO code of the speech (hi, en, ...) or its English name; must be a Whisper language."""
     task: Literal["transcribe", "translate"] = "transcribe"

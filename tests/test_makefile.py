@@ -139,6 +139,17 @@ def test_prepare_names_the_dataset():
     assert "name=cv-hi" in argv and "language=hi" in argv and "source.kind=cv" in argv
 
 
+def test_lang_alone_names_the_dataset_and_the_run():
+    """`make prepare LANG=hi` then `make train LANG=hi`: both agree on cv_hi with no names given."""
+    prep = job_line(make("-n", "prepare", "LANG=hi").stdout)
+    train = job_line(make("-n", "train", "LANG=hi").stdout)
+    assert "name=cv_hi" in prep
+    assert "data=cv_hi" in train and "run=whisper-large-v2-lora-hi" in train
+    # explicit names win, and without LANG no name is invented
+    assert "data=x" in job_line(make("-n", "train", "LANG=hi", "DATA=x").stdout)
+    assert "data=" not in make("-n", "train").stdout
+
+
 def test_unknown_runner_is_an_error():
     proc = make("-n", "train", "RUNNER=podman", check=False)
     assert proc.returncode != 0 and "RUNNER=podman" in proc.stderr
