@@ -163,7 +163,7 @@ def main(cfg: CorpusConfig, env: Env) -> dict:
     n_val, n_test = cfg.validation, cfg.test
     split_of = ["test"] * n_test + ["validation"] * n_val + ["train"] * (len(sentences) - n_val - n_test)
     rows = []
-    for i, (text, split) in enumerate(zip(sentences, split_of)):
+    for i, (text, split) in enumerate(zip(sentences, split_of, strict=True)):
         rows.append({"audio": f"clips/{split}_{i:05d}.wav", "text": text, "split": split,
                      "voice": rng.choice(VOICES), "speed": rng.randint(cfg.speed_min, cfg.speed_max),
                      "pitch": rng.randint(cfg.pitch_min, cfg.pitch_max)})
