@@ -2,6 +2,11 @@
 
     python -m jobs.train --recipe jobs/recipes/whisper-large-v2_lora-int8_1gpu.yaml run=hi-v1 data=cv-hi
     make train RUN=hi-v1 DATA=cv-hi          # the same, in the image
+    make train RUN=hi-v1 DATA=cv-hi RECIPE=auto   # quantization/precision/checkpointing for this GPU
+
+`--recipe auto` is the recipe above with model.quantization, model.precision and
+model.gradient_checkpointing chosen from this GPU's memory and measured speeds (lib/recipes.py);
+it logs the choice and why; key=value flags still win over it.
 
 Reads DATA_DIR/prepared/DATA (from `make prepare`), writes DATA_DIR/runs/RUN/:
 config.yaml, checkpoints/checkpoint-N/ (adapter + optimizer state, COMPLETE marker last),
@@ -13,6 +18,7 @@ Exit codes: 0 done; 2 config/data error (fix the named flag, do not retry);
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -22,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from lib import checkpoint, hub
+from lib import checkpoint, hub, recipes
 from lib import model as M
 from lib.benchmark import StepTimer
 from lib.cli import run_job
@@ -41,6 +47,9 @@ from lib.trainer import (
 )
 
 log = logging.getLogger("whisper_ft")
+
+# The walkthrough's recipe: the Makefile's default, and the base of `--recipe auto`.
+DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "whisper-large-v2_lora-int8_1gpu.yaml"
 
 # Settings a resumed run must share with the run that wrote its checkpoints.
 FIXED_ON_RESUME = ("data", "language", "task", "model", "lora")
@@ -246,5 +255,11 @@ def _check_same_run(run_dir: Path, cfg: TrainConfig) -> None:
         )
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m jobs.train ...`; `--recipe auto` is read by lib.recipes.expand_auto."""
+    hook = functools.partial(recipes.expand_auto, DEFAULT_RECIPE)
+    return run_job("train", __doc__, TrainConfig, main, argv, recipe_hook=hook)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_job("train", __doc__, TrainConfig, main))
+    raise SystemExit(cli())

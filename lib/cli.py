@@ -49,9 +49,14 @@ def setup_logging(env: Env | None = None) -> None:
 
 
 def run_job(
-    name: str, doc: str, cfg_cls: type[T], main: Callable[[T, Env], Any], argv: list[str] | None = None
+    name: str, doc: str, cfg_cls: type[T], main: Callable[[T, Env], Any], argv: list[str] | None = None,
+    recipe_hook: Callable[[str | None, list[str]], tuple[str | None, list[str]]] | None = None,
 ) -> int:
-    """Parse argv, build the config, call main(cfg, env); return the process exit code."""
+    """Parse argv, build the config, call main(cfg, env); return the process exit code.
+
+    recipe_hook(recipe, flags) -> (recipe, flags): a job's own reading of --recipe before the
+    config is built (train: `--recipe auto`, lib/recipes.py); called after logging is set up.
+    """
     parser = argparse.ArgumentParser(
         prog=f"python -m jobs.{name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -67,7 +72,10 @@ def run_job(
             env_file = ".env" if Path(".env").is_file() else None
         env = load_env(env_file)
         setup_logging(env)
-        cfg = load_config(cfg_cls, args.recipe, args.overrides)
+        recipe, overrides = args.recipe, args.overrides
+        if recipe_hook is not None:
+            recipe, overrides = recipe_hook(recipe, overrides)
+        cfg = load_config(cfg_cls, recipe, overrides)
         log.info("%s: environment %s", name, env.describe())
         main(cfg, env)
         return 0

@@ -1,0 +1,235 @@
+"""`--recipe auto` for the train job: quantization, precision and checkpointing picked for this GPU.
+
+    python -m jobs.train --recipe auto run=hi-1 data=cv_hi
+    make train LANG=hi RECIPE=auto
+
+auto = the walkthrough recipe (jobs/recipes/whisper-large-v2_lora-int8_1gpu.yaml) for everything
+else (LoRA, lr, schedule, batch size), with model.quantization, model.precision and
+model.gradient_checkpointing set by `choose()`: the fastest mode measured below whose peak
+memory, scaled to the run's batch size, fits in 85% of the card. key=value flags still win over
+the choice. `choose` is pure (tests give it a made-up GpuInfo); `detect` asks torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("whisper_ft")
+
+AUTO = "auto"
+GIB = 2**30
+
+# Share of the card's memory a predicted peak may use. The peaks below are
+# torch.cuda.max_memory_allocated (tensors only): the CUDA context (~0.5 GiB), the caching
+# allocator's fragmentation and a different clip mix need the other 15%.
+USABLE_FRACTION = 0.85
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    """device name as the driver reports it, e.g. NVIDIA H100 80GB HBM3"""
+    total_memory: int
+    """bytes"""
+    bf16: bool
+    """native bf16 (compute capability 8.0+: A100, A10, L4, H100); T4 and V100 have none"""
+    capability: tuple[int, int]
+    """CUDA compute capability, e.g. (9, 0) for an H100, (7, 5) for a T4"""
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One measured training mode of whisper-large-v2 + LoRA."""
+
+    quantization: str
+    precision: str
+    gradient_checkpointing: bool
+    samples_per_s: float
+    peak_gib: float
+    """peak GPU memory at MEASURED_BATCH"""
+    weights_gib: float
+    """the part of the peak that does not grow with the batch (estimated, see FIXED_GIB)"""
+
+    def label(self, precision: str | None = None) -> str:
+        ckpt = "checkpointing" if self.gradient_checkpointing else "no checkpointing"
+        return f"{self.quantization}/{precision or self.precision}/{ckpt}"
+
+    def peak_at(self, batch_size: int) -> float:
+        """Predicted peak GiB: fixed part + activations (the rest of the measured peak) x batch / 8."""
+        return self.weights_gib + (self.peak_gib - self.weights_gib) * batch_size / MEASURED_BATCH
+
+
+# Not measured: parameter counts x bytes per parameter. large-v2 has 1.543 B parameters, 1.468 B
+# of them in the layers' linear weights (what bitsandbytes quantizes) and 75 M elsewhere (kept in
+# fp32 when quantized); LoRA r=32 on q,v is 15.7 M fp32 weights + grads + 2 Adam moments = 0.23 GiB.
+#   none: 1.543 B x 4 B (fp32 masters)        + 0.23 = 6.0 GiB
+#   int8: 1.468 B x 1 B + 75 M x 4 B           + 0.23 = 1.9 GiB
+#   nf4:  1.468 B x 0.5 B + 75 M x 4 B         + 0.23 = 1.2 GiB
+FIXED_GIB = {"none": 6.0, "int8": 1.9, "nf4": 1.2}
+
+# Measured on one H100 80GB through the real train job: whisper-large-v2 with random weights,
+# batch 8, 30 s clips, 40-token labels, LoRA r=32 on q_proj/v_proj; peak = max_memory_allocated.
+# The numbers are for large-v2 (large-v3 has the same size). For smaller bases (medium, small,
+# base) nothing is scaled down: the rule is conservative there (the same mode needs less).
+# int8 is dominated (nf4 is faster and smaller), so auto never picks it; it stays for the record.
+MEASURED_ON = "H100 80GB, whisper-large-v2, batch 8"
+MEASURED_BATCH = 8
+MEASURED = (
+    Mode("int8", "fp16", True, 4.4, 17.6, FIXED_GIB["int8"]),  # the walkthrough's recipe
+    Mode("nf4", "bf16", True, 8.0, 4.3, FIXED_GIB["nf4"]),
+    Mode("none", "bf16", True, 10.3, 8.9, FIXED_GIB["none"]),
+    Mode("none", "bf16", False, 16.7, 27.1, FIXED_GIB["none"]),
+    Mode("none", "fp16", False, 16.7, 27.1, FIXED_GIB["none"]),
+    Mode("int8", "fp16", False, 6.9, 38.8, FIXED_GIB["int8"]),
+)
+WALKTHROUGH = MEASURED[0]
+
+
+@dataclass(frozen=True)
+class Choice:
+    quantization: str
+    precision: str
+    gradient_checkpointing: bool
+    why: str
+    """one line citing the card's memory, the margin and the measured numbers behind the pick"""
+
+    def overrides(self) -> dict[str, str]:
+        """The choice as config keys and flag values."""
+        return {
+            "model.quantization": self.quantization,
+            "model.precision": self.precision,
+            "model.gradient_checkpointing": str(self.gradient_checkpointing).lower(),
+        }
+
+    def flags(self) -> list[str]:
+        return [f"{k}={v}" for k, v in self.overrides().items()]
+
+    def __str__(self) -> str:
+        return " ".join(self.flags())
+
+
+def _candidates(bf16: bool) -> list[tuple[Mode, str]]:
+    """(mode, precision to run it in), one per quantization x checkpointing, fastest first.
+
+    The half precision is bf16 where the card has it (no fp16 overflow), else fp16: a row measured
+    in bf16 then stands in for fp16 (the one pair measured both ways ran at the same speed).
+    """
+    half = "bf16" if bf16 else "fp16"
+    out: dict[tuple[str, bool], tuple[Mode, str]] = {}
+    for m in MEASURED:
+        prec = "fp16" if m.precision == "bf16" and not bf16 else m.precision
+        key = (m.quantization, m.gradient_checkpointing)
+        if key not in out or (m.precision == half and out[key][0].precision != half):
+            out[key] = (m, prec)
+    return sorted(out.values(), key=lambda mp: (-mp[0].samples_per_s, mp[0].peak_gib))
+
+
+def choose(gpu: GpuInfo | None, batch_size: int) -> Choice:
+    """The fastest measured mode whose peak at `batch_size` fits in USABLE_FRACTION of the card."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    if gpu is None:
+        return Choice("none", "fp32", False, (
+            "no CUDA GPU is visible: fp32 (a CPU has no fast fp16/bf16), no quantization (bitsandbytes "
+            "int8/nf4 only slow a CPU down), no checkpointing (as the CPU recipe: it only costs time; "
+            "set model.gradient_checkpointing=true if RAM runs short)"
+        ))
+    total = gpu.total_memory / GIB
+    budget = total * USABLE_FRACTION
+    card = (
+        f"{gpu.name} (sm {gpu.capability[0]}.{gpu.capability[1]}{'' if gpu.bf16 else ', no bf16'}) "
+        f"has {total:.1f} GiB, {USABLE_FRACTION:.0%} = {budget:.1f} GiB usable"
+    )
+    source = f"measured on {MEASURED_ON}; conservative for smaller bases"
+    cands = _candidates(gpu.bf16)
+    fits = [(m, p) for m, p in cands if m.peak_at(batch_size) <= budget]
+    if fits:
+        mode, prec = fits[0]
+        skipped = [
+            f"{m.label(p)} {m.samples_per_s} samples/s would need ~{m.peak_at(batch_size):.1f} GiB"
+            for m, p in cands if m.samples_per_s > mode.samples_per_s
+        ]
+        stand_in = "" if prec == mode.precision else f" (measured in {mode.precision}, run in {prec})"
+        why = (
+            f"{card}; fastest measured mode that fits at batch {batch_size}: {mode.label(prec)}{stand_in}, "
+            f"{mode.samples_per_s} samples/s, peak {mode.peak_gib} GiB at batch {MEASURED_BATCH}"
+            + (f" -> ~{mode.peak_at(batch_size):.1f} GiB at batch {batch_size}" if batch_size != MEASURED_BATCH else "")
+            + (f"; faster but too big: {', '.join(skipped)}" if skipped else "")
+            + (f"; the walkthrough's {WALKTHROUGH.label()} does {WALKTHROUGH.samples_per_s} samples/s "
+               f"at {WALKTHROUGH.peak_gib} GiB" if mode is not WALKTHROUGH else "")
+            + f" ({source})"
+        )
+        return Choice(mode.quantization, prec, mode.gradient_checkpointing, why)
+    # Nothing fits at this batch size: the smallest mode, and the batch size that would fit.
+    mode, prec = min(cands, key=lambda mp: mp[0].peak_at(batch_size))
+    per_clip = (mode.peak_gib - mode.weights_gib) / MEASURED_BATCH
+    best = math.floor((budget - mode.weights_gib) / per_clip)
+    if best >= 1:
+        # The largest batch that fits and divides yours: the same clips per optimizer step.
+        fit = max(b for b in range(1, best + 1) if batch_size % b == 0)
+        advice = (f"use train.batch_size={fit} train.grad_accum={batch_size // fit} "
+                  f"(~{mode.peak_at(fit):.1f} GiB; multiply grad_accum by any you had)")
+    else:
+        advice = f"even batch 1 needs ~{mode.peak_at(1):.1f} GiB: use a bigger GPU or a smaller model.base"
+    why = (
+        f"{card}; no measured mode fits at batch {batch_size}: the smallest, {mode.label(prec)} "
+        f"({mode.samples_per_s} samples/s, peak {mode.peak_gib} GiB at batch {MEASURED_BATCH}), needs "
+        f"~{mode.peak_at(batch_size):.1f} GiB; {advice} ({source})"
+    )
+    return Choice(mode.quantization, prec, mode.gradient_checkpointing, why)
+
+
+def detect() -> GpuInfo | None:
+    """This process's CUDA device (LOCAL_RANK under torchrun), or None without one."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    props = torch.cuda.get_device_properties(index)
+    # From the capability, not torch.cuda.is_bf16_supported(): that also says yes where bf16 is
+    # only emulated (T4, V100), which runs but slowly.
+    return GpuInfo(props.name, props.total_memory, props.major >= 8, (props.major, props.minor))
+
+
+def _flag_keys(flags: list[str]) -> set[str]:
+    from lib.config import parse_override
+
+    def walk(node: dict, prefix: str) -> set[str]:
+        keys = set()
+        for k, v in node.items():
+            keys |= walk(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+        return keys
+
+    return set().union(*(walk(parse_override(f), "") for f in flags))
+
+
+def expand_auto(
+    default_recipe: str | Path, recipe: str | None, flags: list[str],
+    probe: Callable[[], GpuInfo | None] | None = None,
+) -> tuple[str | None, list[str]]:
+    """run_job's recipe hook for train: `--recipe auto` -> (default recipe, choice flags + your flags).
+
+    Layers: defaults < the walkthrough recipe < the auto choice < key=value flags (later flags win,
+    so yours override the choice). Any other --recipe passes through unchanged.
+    """
+    if recipe != AUTO:
+        return recipe, list(flags)
+    from lib.config import load_config
+    from lib.train_config import TrainConfig
+
+    # The batch size the run will use (your flags included); bad flags fail here, before probing.
+    batch_size = load_config(TrainConfig, default_recipe, flags).train.batch_size
+    choice = choose((probe or detect)(), batch_size)
+    won = [f for f in flags if _flag_keys([f]) & set(choice.overrides())]
+    log.info(
+        "recipe auto: %s because %s%s", choice, choice.why,
+        f"; your flags win: {' '.join(won)}" if won else "",
+    )
+    return str(default_recipe), [*choice.flags(), *flags]

@@ -1,0 +1,165 @@
+"""`--recipe auto`: the choice per GPU (lib.recipes.choose), the layering (walkthrough < choice <
+your flags) and the real train job on the CPU picking fp32 / no quantization and saying why."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.train import DEFAULT_RECIPE, cli
+from lib import recipes
+from lib.config import load_config
+from lib.errors import UserError
+from lib.recipes import MEASURED, USABLE_FRACTION, GpuInfo, choose, expand_auto
+from lib.train_config import TrainConfig
+from tests.helpers import tone, write_prepared
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# total_memory as torch.cuda.get_device_properties reports it on these cards.
+H100 = GpuInfo("NVIDIA H100 80GB HBM3", 85_520_809_984, True, (9, 0))
+A100_40 = GpuInfo("NVIDIA A100-SXM4-40GB", 42_505_273_344, True, (8, 0))
+A10 = GpuInfo("NVIDIA A10", 23_836_098_560, True, (8, 6))
+T4 = GpuInfo("Tesla T4", 15_828_320_256, False, (7, 5))
+GB8 = GpuInfo("NVIDIA GeForce RTX 3070", 8_361_738_240, True, (8, 6))
+GB4 = GpuInfo("NVIDIA T1000", 4_294_967_296, False, (7, 5))
+
+
+@pytest.mark.parametrize("gpu, expected, cited", [
+    # 79.6 GiB x 0.85 = 67.7 usable: the fastest mode, no checkpointing (27.1 GiB), fits.
+    (H100, ("none", "bf16", False), ["79.6 GiB", "67.7 GiB usable", "16.7 samples/s", "27.1 GiB", "4.4 samples/s"]),
+    # 39.6 x 0.85 = 33.6 >= 27.1: still no checkpointing.
+    (A100_40, ("none", "bf16", False), ["39.6 GiB", "33.6 GiB usable", "16.7 samples/s", "27.1 GiB"]),
+    # 22.2 x 0.85 = 18.9 < 27.1: checkpointing on, 8.9 GiB.
+    (A10, ("none", "bf16", True), ["18.9 GiB usable", "10.3 samples/s", "8.9 GiB", "~27.1 GiB"]),
+    # no bf16 on a T4: the same mode in fp16; 14.7 x 0.85 = 12.5 >= 8.9.
+    (T4, ("none", "fp16", True), ["no bf16", "12.5 GiB usable", "10.3 samples/s", "measured in bf16, run in fp16"]),
+    # 7.8 x 0.85 = 6.6 < 8.9: NF4 (4.3 GiB).
+    (GB8, ("nf4", "bf16", True), ["6.6 GiB usable", "8.0 samples/s", "4.3 GiB", "~8.9 GiB"]),
+    (None, ("none", "fp32", False), ["no CUDA GPU"]),
+], ids=["H100-80GB", "A100-40GB", "A10-24GB", "T4-16GB", "8GB", "CPU"])
+def test_choice_per_gpu_at_batch_8(gpu, expected, cited):
+    c = choose(gpu, 8)
+    assert (c.quantization, c.precision, c.gradient_checkpointing) == expected, c.why
+    for text in cited:
+        assert text in c.why, (text, c.why)
+    if gpu is not None:
+        assert gpu.name in c.why and "H100 80GB, whisper-large-v2, batch 8" in c.why
+
+
+def test_activations_scale_with_the_batch_size():
+    # A100 40 GB at batch 16: no checkpointing needs 6.0 + 21.1 x 2 = 48.2 GiB > 33.6 -> checkpointing.
+    c = choose(A100_40, 16)
+    assert (c.quantization, c.precision, c.gradient_checkpointing) == ("none", "bf16", True)
+    assert "~48.2 GiB" in c.why and "~11.8 GiB at batch 16" in c.why
+    # and a smaller batch lets the fastest mode onto the A10: 6.0 + 21.1 x 4/8 = 16.6 <= 18.9
+    assert choose(A10, 4).gradient_checkpointing is False
+
+
+def test_a_card_too_small_gets_the_smallest_mode_and_a_batch_that_fits():
+    c = choose(GB4, 8)  # 3.4 GiB usable; nf4 at batch 8 = 4.3 GiB
+    assert (c.quantization, c.precision, c.gradient_checkpointing) == ("nf4", "fp16", True)
+    assert "no measured mode fits" in c.why and "train.batch_size=4 train.grad_accum=2" in c.why
+
+
+def test_int8_is_never_chosen_and_the_pick_fits_whenever_something_does():
+    for gib in (3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 80, 141):
+        for batch in (1, 2, 4, 8, 16, 32):
+            for bf16 in (True, False):
+                gpu = GpuInfo("x", gib * 2**30, bf16, (8, 0) if bf16 else (7, 5))
+                c = choose(gpu, batch)
+                assert c.quantization != "int8"  # nf4 is faster and smaller
+                assert c.precision == ("bf16" if bf16 else "fp16")
+                mode = next(m for m in MEASURED if (m.quantization, m.gradient_checkpointing)
+                            == (c.quantization, c.gradient_checkpointing))
+                fits_any = any(m.peak_at(batch) <= gib * USABLE_FRACTION for m in MEASURED)
+                if fits_any:
+                    assert mode.peak_at(batch) <= gib * USABLE_FRACTION, (gib, batch)
+
+
+# ---- layering: walkthrough recipe < auto choice < your flags --------------------------------------
+
+
+def auto_cfg(flags: list[str], gpu: GpuInfo | None) -> TrainConfig:
+    recipe, merged = expand_auto(DEFAULT_RECIPE, "auto", ["run=r", "data=d", *flags], probe=lambda: gpu)
+    return load_config(TrainConfig, recipe, merged)
+
+
+def test_auto_starts_from_the_walkthrough_recipe(caplog):
+    with caplog.at_level(logging.INFO, logger="whisper_ft"):
+        cfg = auto_cfg([], H100)
+    walk = load_config(TrainConfig, DEFAULT_RECIPE, ["run=r", "data=d"])
+    assert (cfg.model.quantization, cfg.model.precision, cfg.model.gradient_checkpointing) == ("none", "bf16", False)
+    assert cfg.model.base == walk.model.base and cfg.lora == walk.lora and cfg.train == walk.train
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recipe auto: ")]
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        "recipe auto: model.quantization=none model.precision=bf16 model.gradient_checkpointing=false because "
+    )
+
+
+def test_explicit_flags_win_over_the_choice(caplog):
+    with caplog.at_level(logging.INFO, logger="whisper_ft"):
+        cfg = auto_cfg(["model.quantization=int8", "lora.r=16"], H100)
+    assert (cfg.model.quantization, cfg.model.precision, cfg.model.gradient_checkpointing) == ("int8", "bf16", False)
+    assert cfg.lora.r == 16
+    assert "your flags win: model.quantization=int8" in caplog.text and "lora.r" not in caplog.text
+
+
+def test_the_batch_size_flag_drives_the_choice():
+    assert auto_cfg([], A100_40).model.gradient_checkpointing is False
+    assert auto_cfg(["train.batch_size=16"], A100_40).model.gradient_checkpointing is True
+
+
+def test_unknown_keys_stay_errors_and_other_recipes_pass_through():
+    with pytest.raises(UserError, match="unknown key 'quantisation'"):
+        auto_cfg(["model.quantisation=nf4"], H100)
+    assert expand_auto(DEFAULT_RECIPE, "x.yaml", ["a=1"], probe=lambda: H100) == ("x.yaml", ["a=1"])
+    assert expand_auto(DEFAULT_RECIPE, None, [], probe=lambda: H100) == (None, [])
+
+
+def test_make_train_recipe_auto_reaches_the_job():
+    proc = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "-n", "train", "RUNNER=local",
+                           "RECIPE=auto", "RUN=r", "DATA=d"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "python -m jobs.train" in proc.stdout and "--recipe auto " in proc.stdout
+    # the Makefile's default recipe is the one auto starts from
+    assert "--recipe jobs/recipes/whisper-large-v2_lora-int8_1gpu.yaml" in subprocess.run(
+        ["make", "--no-print-directory", "-C", str(ROOT), "-n", "train", "RUNNER=local"],
+        capture_output=True, text=True, timeout=60).stdout
+    assert DEFAULT_RECIPE == ROOT / "jobs/recipes/whisper-large-v2_lora-int8_1gpu.yaml"
+
+
+# ---- the real job on the CPU ------------------------------------------------------------------------
+
+
+def test_train_job_with_recipe_auto_on_the_cpu(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    clips = [(w, tone(1.0, 200 + 150 * i)) for i, w in enumerate(["नमस्ते", "धन्यवाद", "पानी", "घर"])]
+    write_prepared(data / "prepared" / "toy", tiny_model_dir, {"train": clips, "validation": clips[:1]})
+    envfile = tmp_path / "env"
+    envfile.write_text(f"DATA_DIR={data}\n")
+    monkeypatch.setenv("DATA_DIR", str(data))
+    monkeypatch.setattr(recipes, "detect", lambda: None)  # the CPU even on a GPU machine
+    code = cli([
+        "--recipe", "auto", "--env-file", str(envfile), "run=auto", "data=toy", f"model.base={tiny_model_dir}",
+        "model.gradient_checkpointing=true", "train.batch_size=2", "train.max_steps=2", "train.eval_steps=2",
+        "train.save_steps=2", "train.num_workers=0", "train.generation_max_length=8", "train.max_eval_samples=1",
+    ])
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    line = next(ln for ln in err.splitlines() if "recipe auto: " in ln)
+    assert " INFO recipe auto: model.quantization=none model.precision=fp32 model.gradient_checkpointing=false " \
+           "because no CUDA GPU is visible" in line
+    assert line.endswith("your flags win: model.gradient_checkpointing=true")
+    saved = yaml.safe_load((data / "runs" / "auto" / "config.yaml").read_text())
+    assert saved["model"] == {"base": str(tiny_model_dir), "quantization": "none", "precision": "fp32",
+                              "gradient_checkpointing": True}
+    # everything else is the walkthrough's
+    assert (saved["lora"]["r"], saved["lora"]["alpha"], saved["train"]["lr"], saved["train"]["warmup_steps"]) \
+        == (32, 64, 1e-3, 50)
+    assert (data / "runs" / "auto" / "adapter" / "adapter_model.safetensors").is_file()
