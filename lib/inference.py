@@ -165,7 +165,7 @@ def resolve_dtype(precision: Precision, device: str):
 
     if precision == "auto":
         if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.float32
     if device == "cpu" and precision == "fp16":
         raise UserError("precision=fp16 needs a GPU; on the CPU use precision=fp32 (or auto)")

@@ -61,18 +61,22 @@ def resolve_language(tokenizer, language: str) -> str:
 
 
 def resolve_precision(precision: str) -> str:
-    """auto -> bf16 on GPUs that support it (Ampere+), fp16 on older GPUs (T4, V100), fp32 on CPU."""
+    """auto -> bf16 on GPUs that support it (Ampere+), fp16 on older GPUs (T4, V100), fp32 on CPU.
+
+    including_emulation=False: torch otherwise answers yes on a T4/V100, where bf16 is emulated
+    and far slower than fp16.
+    """
     cuda = torch.cuda.is_available()
     if precision == "auto":
         if not cuda:
             return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if precision in ("fp16", "bf16") and not cuda:
         raise UserError(
             f"model.precision={precision} needs a CUDA GPU and none is visible: "
             f"use model.precision=auto (fp32 on CPU) or fp32"
         )
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise UserError("model.precision=bf16: this GPU has no bf16 (e.g. T4); use fp16 or auto")
     return precision
 
