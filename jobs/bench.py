@@ -45,6 +45,11 @@ RECIPES: dict[str, list[str]] = {
     "bf16-ckpt": ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=true"],
     "bf16": ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=false"],
     "fp16": ["model.quantization=none", "model.precision=fp16", "model.gradient_checkpointing=false"],
+    # frozen base stored in bf16 (model.base_dtype=compute): half the weight memory
+    "bf16-ckpt-half": ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=true",
+                       "model.base_dtype=compute"],
+    "bf16-half": ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=false",
+                  "model.base_dtype=compute"],
     "bf16-b32": ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=false",
                  "train.batch_size=32"],
     "bf16-compile-b32": ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=false",

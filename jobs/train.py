@@ -118,7 +118,7 @@ def main(cfg: TrainConfig, env: Env) -> dict:
 
     set_seed(cfg.train.seed)
     t0 = time.time()
-    base = M.load_base_model(cfg.model.base, cfg.model.quantization, precision, env.hf_token)
+    base = M.load_base_model(cfg.model.base, cfg.model.quantization, precision, env.hf_token, cfg.model.base_dtype)
     M.set_generation_language(base, language, cfg.task)
     base = M.prepare_for_training(base, cfg.model.quantization, cfg.model.gradient_checkpointing)
     model = M.apply_lora(base, cfg.lora)

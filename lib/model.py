@@ -124,18 +124,21 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype):
     return None
 
 
-def load_base_model(base: str, quantization: str, precision: str, token: str | None = None):
-    """WhisperForConditionalGeneration, quantized per `quantization`; precision already resolved."""
+def load_base_model(base: str, quantization: str, precision: str, token: str | None = None,
+                    base_dtype: str = "fp32"):
+    """WhisperForConditionalGeneration, quantized per `quantization`; precision already resolved.
+
+    base_dtype (quantization=none only): "fp32" keeps fp32 weights with AMP casting per op,
+    the configuration measured in the README's GPU table; "compute" stores the frozen base
+    in the compute dtype, half the memory (large-v2: 6.2 -> 3.1 GB) and no per-op weight
+    cast. The trainable LoRA weights stay fp32 either way (PEFT's autocast_adapter_dtype).
+    """
     from transformers import WhisperForConditionalGeneration
 
     compute = DTYPES[precision]
     kwargs: dict[str, Any] = {"token": token}
     if quantization == "none":
-        # fp32 weights, AMP (fp16/bf16) casting per op: the configuration measured in the
-        # README's GPU table. Storing the frozen base in the compute dtype would halve its
-        # memory (large-v2: 6.2 -> 3.1 GB); the first GPU try failed in encoder conv1
-        # (fp32 features into a bf16 conv outside autocast), so it waits for a measured fix.
-        kwargs["dtype"] = torch.float32
+        kwargs["dtype"] = compute if base_dtype == "compute" else torch.float32
     else:
         kwargs["quantization_config"] = quantization_config(quantization, compute)
         kwargs["dtype"] = compute
@@ -147,6 +150,18 @@ def load_base_model(base: str, quantization: str, precision: str, token: str | N
 
 def _require_grad_on_encoder_input(module, inputs, output):
     output.requires_grad_(True)
+
+
+def _features_to_conv_dtype(module, args):
+    """Cast the log-mel features (fp32 from the collator) to encoder conv1's weight dtype.
+
+    Why: with a half-precision base (model.base_dtype=compute) the Trainer's bf16/fp16 step
+    can run conv1 outside autocast, and conv1d refuses fp32 input with a bf16 bias (seen on
+    an H100: "Input type (float) and bias type (c10::BFloat16) should be the same"). A no-op
+    for fp32 and quantized bases, whose conv1 is fp32.
+    """
+    x, *rest = args
+    return (x.to(module.weight.dtype), *rest) if x.dtype != module.weight.dtype else None
 
 
 def add_encoder_input_grad_hook(model):
@@ -161,6 +176,7 @@ def add_encoder_input_grad_hook(model):
     hook so that a reentrant setting (older torch/PEFT defaults) stays correct.
     """
     encoder = model.get_encoder() if hasattr(model, "get_encoder") else model.model.encoder
+    encoder.conv1.register_forward_pre_hook(_features_to_conv_dtype)
     return encoder.conv1.register_forward_hook(_require_grad_on_encoder_input)
 
 

@@ -21,6 +21,9 @@ class ModelConfig:
     """base weights in 8-bit (LLM.int8), 4-bit NF4 (QLoRA) or full precision (none)"""
     precision: Literal["fp16", "bf16", "fp32", "auto"] = "fp16"
     """compute precision; auto = bf16 where the GPU supports it, else fp16 on a GPU, fp32 on CPU"""
+    base_dtype: Literal["fp32", "compute"] = "fp32"
+    """frozen base weights with quantization=none: fp32 masters (measured default) or the
+    compute dtype (half the weight memory; not yet measured on a GPU, see README benchmarks)"""
     gradient_checkpointing: bool = True
     """recompute activations in the backward pass: ~30% slower, far less activation memory"""
 

@@ -148,3 +148,34 @@ def test_lora_weights_stay_fp32_on_a_half_precision_base(tiny_model_dir):
     trainable = {p.dtype for p in model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     assert trainable == {torch.float32} and frozen == {torch.bfloat16}
+
+
+def test_half_precision_base_trains_from_fp32_features(tiny_model_dir):
+    """model.base_dtype=compute: a bf16 base fed the collator's fp32 log-mel must run and give
+    LoRA gradients, with or without autocast (on an H100 conv1 failed before the cast hook)."""
+    import numpy as np
+    import torch
+    from transformers import WhisperProcessor
+
+    from lib import model as M
+    from lib.collator import WhisperCollator
+    from lib.train_config import LoraSection
+
+    base = M.load_base_model(str(tiny_model_dir), "none", "bf16", base_dtype="compute")
+    assert base.model.encoder.conv1.weight.dtype == torch.bfloat16
+    model = M.apply_lora(M.prepare_for_training(base, "none", True), LoraSection(r=4, alpha=8))
+    proc = WhisperProcessor.from_pretrained(tiny_model_dir)
+    collate = WhisperCollator(proc.feature_extractor, base.config.decoder_start_token_id)
+    rng = np.random.default_rng(0)
+    batch = collate([{"audio": rng.standard_normal(16_000).astype(np.float32) * 0.1,
+                      "labels": [50258, 50276, 50359, 50363, 1000 + i, 50257]} for i in range(2)])
+    assert batch["input_features"].dtype == torch.float32
+    model.train()
+    for autocast in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch).loss
+        loss.backward()
+        grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+        assert torch.isfinite(loss) and grads and all(g is not None for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
