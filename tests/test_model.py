@@ -133,6 +133,24 @@ def test_prepared_model_trains_encoder_lora_with_checkpointing(tiny_model_dir, q
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
 
 
+def test_int8_checkpointing_gives_the_same_gradients_as_no_checkpointing(tiny_model_dir):
+    """int8 uses reentrant checkpointing (bitsandbytes stashes its inputs out of reach of the
+    non-reentrant kind, see prepare_for_training): it must not change what LoRA learns."""
+    x = torch.randn(2, 80, 3000)
+    labels = torch.tensor([[50259, 50359, 400, 401, 50257]] * 2)
+    grads = []
+    for ckpt in (False, True):
+        base = M.load_base_model(str(tiny_model_dir), "int8", "fp32")
+        torch.manual_seed(0)
+        model = M.apply_lora(M.prepare_for_training(base, "int8", ckpt), LoraSection(r=2, alpha=4, dropout=0.0))
+        model.train()
+        model(input_features=x, labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if "lora_B" in n})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 12
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6), n
+    assert any(".encoder.layers" in n and g.abs().sum() > 0 for n, g in grads[1].items())
+
 
 def test_lora_weights_stay_fp32_on_a_half_precision_base(tiny_model_dir):
     """The optimizer steps only LoRA weights: PEFT keeps them fp32 even when the frozen base
