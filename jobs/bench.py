@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.benchmark import ARCHS, flops_per_sample, whisper_config
+from lib.benchmark import ARCHS, flops_per_sample, save_random_whisper, whisper_config
 from lib.cli import run_job
 from lib.env import Env
 from lib.errors import UserError
@@ -98,37 +98,17 @@ class BenchConfig:
 
 
 def build_model(arch: str, out: Path) -> Path:
-    """Random weights at `arch`, saved with the real multilingual tokenizer; reused if present."""
+    """Random weights at `arch` in fp16, with the real multilingual tokenizer; reused if present."""
     import torch
-    from transformers import (
-        GenerationConfig,
-        WhisperFeatureExtractor,
-        WhisperForConditionalGeneration,
-        WhisperProcessor,
-        WhisperTokenizer,
-    )
 
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
-    cfg = whisper_config(arch)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    with torch.device(device):  # initialising 1.5 B parameters on the GPU takes seconds, on a CPU minutes
-        model = WhisperForConditionalGeneration(cfg).to(torch.float16)
-    gen = json.loads((TOKENIZER / "generation_config.json").read_text())
-    for k in ("transformers_version", "alignment_heads"):
-        gen.pop(k, None)
-    model.generation_config = GenerationConfig(**gen)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    WhisperProcessor(
-        feature_extractor=WhisperFeatureExtractor(feature_size=cfg.num_mel_bins),
-        tokenizer=WhisperTokenizer.from_pretrained(TOKENIZER),
-    ).save_pretrained(tmp)
+    save_random_whisper(whisper_config(arch), tmp, TOKENIZER, seed=0,
+                        device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float16)
     shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    del model
+    tmp.rename(out)  # written aside, then renamed: a killed build is never taken as a model
     return out
 
 

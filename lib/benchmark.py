@@ -43,6 +43,41 @@ def whisper_config(arch: str):
     )
 
 
+def save_random_whisper(config, out, tokenizer_dir, seed: int = 0, device: str = "cpu", dtype=None):
+    """A Whisper with random weights at `config`, saved with save_pretrained together with the
+    real multilingual tokenizer and generation config from `tokenizer_dir`, so that it loads
+    through the real from_pretrained path (tests' tiny model, `make bench`'s large ones)."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from transformers import (
+        GenerationConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+
+    tokenizer_dir, out = Path(tokenizer_dir), Path(out)
+    torch.manual_seed(seed)
+    with torch.device(device):  # 1.5 B parameters initialise in seconds on a GPU, minutes on a CPU
+        model = WhisperForConditionalGeneration(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    gen = json.loads((tokenizer_dir / "generation_config.json").read_text())
+    for k in ("transformers_version", "alignment_heads"):
+        gen.pop(k, None)
+    model.generation_config = GenerationConfig(**gen)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    WhisperProcessor(
+        feature_extractor=WhisperFeatureExtractor(feature_size=config.num_mel_bins),
+        tokenizer=WhisperTokenizer.from_pretrained(tokenizer_dir),
+    ).save_pretrained(out)
+    return out
+
+
 @dataclass
 class FlopCount:
     forward: float

@@ -20,15 +20,15 @@ log = logging.getLogger("whisper_ft")
 
 
 def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
-    """WER in percent (the walkthrough's unit) with jiwer; rows with an empty reference are
-    skipped because WER is undefined for them (jiwer raises)."""
-    import jiwer
+    """Exact-text WER in percent (the walkthrough's unit), by lib.metrics like `make eval`;
+    rows with an empty reference are skipped because WER is undefined for them."""
+    from lib.metrics import wer
 
     pairs = [(r.strip(), h.strip()) for r, h in zip(references, hypotheses, strict=True) if r.strip()]
     if not pairs:
         return float("nan")
     refs, hyps = zip(*pairs, strict=True)
-    return 100.0 * jiwer.wer(list(refs), list(hyps))
+    return 100.0 * wer(list(refs), list(hyps))
 
 
 def make_compute_metrics(tokenizer):

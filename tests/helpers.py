@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -15,17 +14,10 @@ TOKENIZER_DIR = FIXTURES / "whisper_tokenizer"
 def build_tiny_whisper(out: Path, seed: int = 0, **overrides) -> Path:
     """A 2-layer, d_model-64 Whisper with random weights and the real multilingual tokenizer,
     written with save_pretrained so that tests load it through the real from_pretrained path."""
-    import torch
-    from transformers import (
-        GenerationConfig,
-        WhisperConfig,
-        WhisperFeatureExtractor,
-        WhisperForConditionalGeneration,
-        WhisperProcessor,
-        WhisperTokenizer,
-    )
+    from transformers import WhisperConfig
 
-    torch.manual_seed(seed)
+    from lib.benchmark import save_random_whisper
+
     cfg = dict(
         vocab_size=51865,
         num_mel_bins=80,
@@ -44,17 +36,7 @@ def build_tiny_whisper(out: Path, seed: int = 0, **overrides) -> Path:
         decoder_start_token_id=50258,
     )
     cfg.update(overrides)
-    model = WhisperForConditionalGeneration(WhisperConfig(**cfg))
-    gen = json.loads((TOKENIZER_DIR / "generation_config.json").read_text())
-    gen.pop("transformers_version", None)
-    gen.pop("alignment_heads", None)
-    model.generation_config = GenerationConfig(**gen)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok = WhisperTokenizer.from_pretrained(TOKENIZER_DIR)
-    fe = WhisperFeatureExtractor(feature_size=80)
-    WhisperProcessor(feature_extractor=fe, tokenizer=tok).save_pretrained(out)
-    return out
+    return save_random_whisper(WhisperConfig(**cfg), out, TOKENIZER_DIR, seed=seed)
 
 
 def tone(seconds: float, freq: float = 440.0, sr: int = 16_000) -> np.ndarray:
