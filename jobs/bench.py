@@ -38,24 +38,34 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "tests" / "fixtures" / "whisper_tokenizer"
 
 # Recipe name -> train job overrides. Same LoRA placement for all (r=32 on q_proj/v_proj).
+_INT8 = ["model.quantization=int8", "model.precision=fp16"]
+_NF4 = ["model.quantization=nf4", "model.precision=bf16"]
+_BF16 = ["model.quantization=none", "model.precision=bf16"]
+_HALF = [*_BF16, "model.base_dtype=compute"]  # frozen base stored in bf16: half the weight memory
+_CKPT, _NOCKPT = ["model.gradient_checkpointing=true"], ["model.gradient_checkpointing=false"]
+_COMPILE = ["train.compile=layers"]
 RECIPES: dict[str, list[str]] = {
-    "int8-ckpt": ["model.quantization=int8", "model.precision=fp16", "model.gradient_checkpointing=true"],
-    "int8": ["model.quantization=int8", "model.precision=fp16", "model.gradient_checkpointing=false"],
-    "nf4-ckpt": ["model.quantization=nf4", "model.precision=bf16", "model.gradient_checkpointing=true"],
-    "bf16-ckpt": ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=true"],
-    "bf16": ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=false"],
-    "fp16": ["model.quantization=none", "model.precision=fp16", "model.gradient_checkpointing=false"],
-    # frozen base stored in bf16 (model.base_dtype=compute): half the weight memory
-    "bf16-ckpt-half": ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=true",
-                       "model.base_dtype=compute"],
-    "bf16-half": ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=false",
-                  "model.base_dtype=compute"],
-    "bf16-b32": ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=false",
-                 "train.batch_size=32"],
-    "bf16-compile-b32": ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=false",
-                         "train.batch_size=32", "train.torch_compile=true"],
+    "int8-ckpt": [*_INT8, *_CKPT],  # the walkthrough's
+    "int8": [*_INT8, *_NOCKPT],
+    "nf4-ckpt": [*_NF4, *_CKPT],
+    "bf16-ckpt": [*_BF16, *_CKPT],
+    "bf16": [*_BF16, *_NOCKPT],
+    "fp16": ["model.quantization=none", "model.precision=fp16", *_NOCKPT],
+    "bf16-ckpt-half": [*_HALF, *_CKPT],
+    "bf16-half": [*_HALF, *_NOCKPT],
+    "bf16-b32": [*_BF16, *_NOCKPT, "train.batch_size=32"],
+    "bf16-half-b32": [*_HALF, *_NOCKPT, "train.batch_size=32"],
+    "bf16-ckpt-half-compile": [*_HALF, *_CKPT, *_COMPILE],
+    "bf16-ckpt90-half-compile": [*_HALF, *_CKPT, "model.checkpoint_fraction=0.9", *_COMPILE],
+    "bf16-ckpt75-half-compile": [*_HALF, *_CKPT, "model.checkpoint_fraction=0.75", *_COMPILE],
+    "bf16-half-compile": [*_HALF, *_NOCKPT, *_COMPILE],
+    "bf16-half-compile-b16": [*_HALF, *_NOCKPT, *_COMPILE, "train.batch_size=16"],
+    "bf16-half-compile-b32": [*_HALF, *_NOCKPT, *_COMPILE, "train.batch_size=32"],
+    "bf16-compile-model-b32": [*_BF16, *_NOCKPT, "train.batch_size=32", "train.compile=model"],
+    # what `make train RECIPE=auto` picks on this machine (the walkthrough recipe + lib/recipes.py's choice)
+    "auto": [],
     # the one a machine without a GPU can run
-    "fp32": ["model.quantization=none", "model.precision=fp32", "model.gradient_checkpointing=false"],
+    "fp32": ["model.quantization=none", "model.precision=fp32", *_NOCKPT],
 }
 GPU_RECIPES = ["int8-ckpt", "nf4-ckpt", "bf16-ckpt", "bf16", "fp16"]
 
@@ -86,6 +96,10 @@ class BenchConfig:
     """README.md to append the rows to (between <!-- bench:rows --> markers); empty: don't"""
     extra: list[str] = field(default_factory=list)
     """extra train-job overrides for every recipe, e.g. extra=train.num_workers=4"""
+    profile_steps: int = 2
+    """profile the last N steps of each recipe (not timed): where GPU time goes, in RUN/profile.txt"""
+    recipe_timeout: int = 0
+    """seconds a recipe may take (compiling included) before it is stopped and reported; 0 = no limit"""
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -93,8 +107,8 @@ class BenchConfig:
         unknown = [r for r in self.recipes if r not in RECIPES]
         if unknown:
             raise UserError(f"recipes: unknown {unknown}; choose from {', '.join(RECIPES)}")
-        if self.steps <= self.warmup:
-            raise UserError(f"steps={self.steps} must exceed warmup={self.warmup}")
+        if self.steps <= self.warmup + self.profile_steps:
+            raise UserError(f"steps={self.steps} must exceed warmup={self.warmup} + profile_steps={self.profile_steps}")
 
 
 def build_model(arch: str, out: Path) -> Path:
@@ -177,22 +191,30 @@ def run_recipe(cfg: BenchConfig, env: Env, recipe: str, model_dir: Path, data: s
     run = f"bench-{cfg.arch}-{recipe}"
     shutil.rmtree(env.run_dir(run), ignore_errors=True)
     cmd = [
-        sys.executable, "-m", "jobs.train", f"run={run}", f"data={data}", f"model.base={model_dir}",
+        sys.executable, "-m", "jobs.train", *(["--recipe", "auto"] if recipe == "auto" else []),
+        f"run={run}", f"data={data}", f"model.base={model_dir}",
         f"lora.r={cfg.lora_r}", f"lora.alpha={2 * cfg.lora_r}",
         f"train.batch_size={cfg.batch_size}", f"train.max_steps={cfg.steps}", "train.warmup_steps=0",
-        f"train.timing_warmup={cfg.warmup}", "train.logging_steps=1",
+        f"train.timing_warmup={cfg.warmup}", "train.logging_steps=1", f"train.profile_steps={cfg.profile_steps}",
         f"train.save_steps={10 * cfg.steps}", f"train.eval_steps={10 * cfg.steps}",
         *RECIPES[recipe], *cfg.extra,  # later flags win: a recipe may set its own batch
     ]
     log.info("bench %s: %s", recipe, " ".join(cmd[2:]))
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "DATA_DIR": str(env.data_dir)},
-                          capture_output=True, text=True)
     logf = env.data_dir / "bench" / cfg.arch / f"{recipe}.log"
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "DATA_DIR": str(env.data_dir)},
+                              capture_output=True, text=True, timeout=cfg.recipe_timeout or None)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        logf.write_text(out)
+        return {"recipe": recipe, "batch": cfg.batch_size, "wall_s": round(time.time() - t0, 1),
+                "error": f"stopped after recipe_timeout={cfg.recipe_timeout} s (log: {logf})"}
     logf.write_text(proc.stdout + proc.stderr)
-    batch = next((int(f.split("=")[1]) for f in [*RECIPES[recipe], *cfg.extra] if f.startswith("train.batch_size=")),
-                 cfg.batch_size)
-    row = {"recipe": recipe, "batch": batch, "wall_s": round(time.time() - t0, 1)}
+    row = {"recipe": recipe, "batch": _flag(recipe, cfg, "train.batch_size", cfg.batch_size, int),
+           "checkpointing": _flag(recipe, cfg, "model.gradient_checkpointing", "false", str) == "true"
+           and _flag(recipe, cfg, "model.checkpoint_fraction", 1.0, float),
+           "wall_s": round(time.time() - t0, 1)}
     mfile = env.run_dir(run) / "metrics.json"
     if proc.returncode != 0 or not mfile.is_file():
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines()
@@ -202,8 +224,18 @@ def run_recipe(cfg: BenchConfig, env: Env, recipe: str, model_dir: Path, data: s
         return row
     m = json.loads(mfile.read_text())
     row.update({k: m.get(k) for k in ("steady_samples_per_second", "steady_step_seconds",
-                                      "peak_gpu_memory_bytes", "adapter_size_bytes", "trainable_params")})
+                                      "peak_gpu_memory_bytes", "adapter_size_bytes", "trainable_params", "profile")})
+    if recipe == "auto":  # what it chose, from the job's own log line
+        row["chosen"] = next((ln.split("recipe auto: ", 1)[1] for ln in (proc.stderr + proc.stdout).splitlines()
+                              if "recipe auto: " in ln), "?")
+        row["checkpointing"] = "model.gradient_checkpointing=true" in row["chosen"].split(" because ")[0]
     return row
+
+
+def _flag(recipe: str, cfg: BenchConfig, key: str, default, cast):
+    """The value a recipe's flags (then extra=) give `key`; the last one wins, as in the job."""
+    vals = [f.split("=", 1)[1] for f in [*RECIPES[recipe], *cfg.extra] if f.startswith(key + "=")]
+    return cast(vals[-1]) if vals else default
 
 
 def eval_speed(cfg: BenchConfig, model_dir: Path, data_dir: Path) -> list[dict]:
@@ -260,19 +292,47 @@ def eval_speed(cfg: BenchConfig, model_dir: Path, data_dir: Path) -> list[dict]:
     return rows
 
 
+COLUMNS = ["recipe", "batch", "samples/s", "x int8-ckpt", "tokens/s", "peak GiB", "adapter MB",
+           "% of bf16 peak", "GPU busy %", "GPU time: matmul / attention / other %"]
+
+
+def logmel_speed(model_dir: Path, data_dir: Path, clips: int = 16) -> float:
+    """Clips/s of the collator's CPU log-mel in one process (one dataloader worker's rate)."""
+    from transformers import WhisperFeatureExtractor
+
+    from lib.prepared import load_split
+
+    fe = WhisperFeatureExtractor.from_pretrained(model_dir)
+    audio = [np.asarray(a, dtype=np.float32) for a in load_split(data_dir, "train")["audio"][:clips]]
+    fe(audio[:2], sampling_rate=16_000, return_tensors="pt")
+    t0 = time.perf_counter()
+    fe(audio, sampling_rate=16_000, return_tensors="pt")
+    return len(audio) / (time.perf_counter() - t0)
+
+
 def table(rows: list[dict], peak: float | None, flops) -> list[str]:
-    lines = ["| recipe | batch | samples/s | tokens/s | peak GiB | adapter MB | % of bf16 peak |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown rows; 'x int8-ckpt' is the speed over the walkthrough's recipe in the same run,
+    '% of bf16 peak' counts checkpointing's recomputed forward as work, the last two columns
+    come from the profiled steps (GPU busy = kernel time over wall time)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    ref = next((r["steady_samples_per_second"] for r in rows
+                if r["recipe"] == "int8-ckpt" and r.get("steady_samples_per_second")), None)
     for r in rows:
+        name = r["recipe"] + (f" ({r['chosen'].split(' because ')[0]})" if r.get("chosen") else "")
         if "error" in r:
-            lines.append(f"| {r['recipe']} | {r['batch']} | failed: {r['error']} | | | | |")
+            lines.append(f"| {name} | {r['batch']} | failed: {r['error']} |" + " |" * (len(COLUMNS) - 3))
             continue
         sps = r["steady_samples_per_second"] or 0
-        ckpt = "ckpt" in r["recipe"]
-        frac = f"{100 * sps * flops.train(ckpt) / (peak * 1e12):.1f}" if peak and sps else "n/a"
+        frac = f"{100 * sps * flops.train(r['checkpointing']) / (peak * 1e12):.1f}" if peak and sps else "n/a"
         mem = f"{r['peak_gpu_memory_bytes'] / 2**30:.2f}" if r.get("peak_gpu_memory_bytes") else "n/a"
-        lines.append(f"| {r['recipe']} | {r['batch']} | {sps:.2f} | {sps * flops_tokens(r):.0f} | {mem} | "
-                     f"{(r['adapter_size_bytes'] or 0) / 1e6:.1f} | {frac} |")
+        prof = r.get("profile") or {}
+        busy = f"{100 * prof['busy_fraction']:.0f}" if prof.get("busy_fraction") else "n/a"
+        kinds = prof.get("seconds_by_kind") or {}
+        split = " / ".join(f"{100 * kinds.get(k, 0) / prof['busy_s']:.0f}" for k in ("matmul", "attention", "other")) \
+            if kinds and prof.get("busy_s") else "n/a"
+        lines.append(f"| {name} | {r['batch']} | {sps:.2f} | {f'{sps / ref:.2f}' if ref and sps else 'n/a'} | "
+                     f"{sps * flops_tokens(r):.0f} | {mem} | {(r['adapter_size_bytes'] or 0) / 1e6:.1f} | {frac} | "
+                     f"{busy} | {split} |")
     return lines
 
 
@@ -302,31 +362,40 @@ def main(cfg: BenchConfig, env: Env) -> list[dict]:
     root = env.data_dir / "bench" / cfg.arch
     root.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(cfg.arch, root / "model")
-    data = build_data(env, f"bench-{cfg.arch}", max(cfg.batch_size * cfg.steps, 16), cfg.label_tokens,
-                      cfg.eval_clips)
+    # enough clips that no recipe starts a second epoch (a restart of the loader workers) while timed
+    n = max(16, cfg.steps * max(_flag(r, cfg, "train.batch_size", cfg.batch_size, int) for r in cfg.recipes))
+    data = build_data(env, f"bench-{cfg.arch}-{n}", n, cfg.label_tokens, cfg.eval_clips)
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "peft": _version("peft"), "bitsandbytes": _version("bitsandbytes")}
+    logmel = logmel_speed(model_dir, env.prepared_dir(data))
+    log.info("log-mel on the CPU: %.1f clips/s per dataloader worker", logmel)
+    rows: list[dict] = []
+    evals: list[dict] = []
+
+    def save():  # after every recipe: a stopped bench keeps what it measured
+        (root / "results.json").write_text(json.dumps(
+            {"arch": cfg.arch, "gpu": gpu, "bf16_peak_tflops": peak, "versions": versions,
+             "flop_per_sample": {"forward": flops.forward, "train": flops.train(False),
+                                 "train_checkpointing": flops.train(True)},
+             "logmel_clips_per_s_per_worker": logmel, "train": rows, "eval": evals}, indent=2))
 
     # 3. Train recipes, each a fresh train-job process.
-    rows = []
     for recipe in cfg.recipes:
         row = run_recipe(cfg, env, recipe, model_dir, data)
         row["label_tokens"] = cfg.label_tokens
         rows.append(row)
-        log.info("bench %s: %s", recipe, row)
+        log.info("bench %s: %s", recipe, {k: v for k, v in row.items() if k != "profile"})
+        save()
 
     # 4. Eval (generation) speed, ours vs the walkthrough's loop.
-    evals = eval_speed(cfg, model_dir, env.prepared_dir(data))
+    evals += eval_speed(cfg, model_dir, env.prepared_dir(data))
+    save()
 
     # 5. Report: table, JSON, README rows.
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
-                "peft": _version("peft"), "bitsandbytes": _version("bitsandbytes")}
     lines = table(rows, peak, flops)
     header = (f"{cfg.arch}, {gpu}, bf16 peak {peak:.0f} TFLOP/s measured, " if peak else f"{cfg.arch}, {gpu}, ") + \
-        ", ".join(f"{k} {v}" for k, v in versions.items())
-    (root / "results.json").write_text(json.dumps(
-        {"arch": cfg.arch, "gpu": gpu, "bf16_peak_tflops": peak, "versions": versions,
-         "flop_per_sample": {"forward": flops.forward, "train": flops.train(False),
-                             "train_checkpointing": flops.train(True)},
-         "train": rows, "eval": evals}, indent=2))
+        ", ".join(f"{k} {v}" for k, v in versions.items()) + f", log-mel {logmel:.0f} clips/s per CPU worker"
     print("\n" + header)
     print("\n".join(lines))
     for e in evals:
@@ -352,8 +421,10 @@ def _append_readme(path: Path, header: str, rows: list[str], evals: list[dict]) 
     if marker not in text:
         raise UserError(f"readme={path}: no '{marker}' line to append under; add it below the benchmarks table")
     stamp = time.strftime("%Y-%m-%d")
-    add = [f"| {stamp} {header} | | | | | | |"] + rows
-    add += [f"| eval: {e['setting']} | | {e['clips_per_s']:.2f} clips/s | | | | |" for e in evals]
+    pad = " |" * (len(COLUMNS) - 1)
+    add = [f"| {stamp} {header} |{pad}"] + rows
+    add += [f"| eval: {e['setting']} | | {e['clips_per_s']:.2f} clips/s |" + " |" * (len(COLUMNS) - 3)
+            for e in evals]
     path.write_text(text.replace(marker, "\n".join(add) + "\n" + marker))
 
 

@@ -30,7 +30,7 @@ import yaml
 
 from lib import checkpoint, hub, recipes
 from lib import model as M
-from lib.benchmark import StepTimer
+from lib.benchmark import ProfileSteps, StepTimer
 from lib.cli import run_job
 from lib.collator import WhisperCollator
 from lib.config import dump_yaml, to_dict
@@ -120,8 +120,12 @@ def main(cfg: TrainConfig, env: Env) -> dict:
     t0 = time.time()
     base = M.load_base_model(cfg.model.base, cfg.model.quantization, precision, env.hf_token, cfg.model.base_dtype)
     M.set_generation_language(base, language, cfg.task)
-    base = M.prepare_for_training(base, cfg.model.quantization, cfg.model.gradient_checkpointing)
+    base = M.prepare_for_training(base, cfg.model.quantization, cfg.model.gradient_checkpointing,
+                                  cfg.model.checkpoint_fraction)
     model = M.apply_lora(base, cfg.lora)
+    if cfg.train.compile == "layers":
+        log.info("compile: %d encoder/decoder layers with torch.compile (compiled on their first step)",
+                 M.compile_layers(model))
     trainable, total = M.count_parameters(model)
     log.info(
         "model: %s, %s, %s, checkpointing %s, loaded in %.0f s; trainable params: %s of %s (%.2f%%)",
@@ -140,7 +144,12 @@ def main(cfg: TrainConfig, env: Env) -> dict:
     if resume_from:
         log.info("resuming from %s", resume_from)
     stopper = checkpoint.StopOnSigterm()
-    timer = StepTimer(warmup=cfg.train.timing_warmup)
+    profiler = None
+    if cfg.train.profile_steps:
+        # the last steps of the run (after warm-up and compilation), left out of the timing
+        start = steps - cfg.train.profile_steps
+        profiler = ProfileSteps(start, cfg.train.profile_steps, run_dir / "profile.txt")
+    timer = StepTimer(warmup=cfg.train.timing_warmup, until=start if profiler else None)
     trainer = Seq2SeqTrainer(
         model=model,
         args=training_arguments(cfg, ckpt_root, precision, has_eval=eval_ds is not None),
@@ -155,6 +164,7 @@ def main(cfg: TrainConfig, env: Env) -> dict:
             *([TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tb")))] if rank0 else []),
             stopper,
             timer,
+            *([profiler] if profiler else []),
         ],
     )
 
@@ -203,6 +213,7 @@ def main(cfg: TrainConfig, env: Env) -> dict:
         # steady state (after train.timing_warmup steps, without eval and saves), all processes
         **timer.summary(cfg.train.batch_size * cfg.train.grad_accum * trainer.args.world_size),
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "profile": profiler.summary if profiler else None,
         "adapter_size_bytes": checkpoint.dir_size(run_dir / "adapter", "adapter_model*"),
         "trainable_params": trainable,
         "total_params": total,

@@ -180,8 +180,9 @@ def add_encoder_input_grad_hook(model):
     return encoder.conv1.register_forward_hook(_require_grad_on_encoder_input)
 
 
-def prepare_for_training(model, quantization: str, gradient_checkpointing: bool):
-    """Freeze the base, upcast what must be fp32, turn on (non-reentrant) checkpointing."""
+def prepare_for_training(model, quantization: str, gradient_checkpointing: bool, checkpoint_fraction: float = 1.0):
+    """Freeze the base, upcast what must be fp32, turn on (non-reentrant) checkpointing
+    for `checkpoint_fraction` of the encoder and decoder layers (see select_checkpointed)."""
     from peft import prepare_model_for_kbit_training
 
     # Non-reentrant checkpointing frees what autograd saved with save_for_backward; but
@@ -215,6 +216,8 @@ def prepare_for_training(model, quantization: str, gradient_checkpointing: bool)
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     if gradient_checkpointing:
         model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+        if checkpoint_fraction < 1:
+            select_checkpointed(model, checkpoint_fraction)
     # Whisper's forward takes **kwargs, so Trainer assumes it honours num_items_in_batch and
     # then multiplies the loss by the number of processes (and skips dividing by grad_accum).
     # Whisper ignores it (plain mean cross-entropy): with 2 processes the loss and gradient
@@ -222,6 +225,46 @@ def prepare_for_training(model, quantization: str, gradient_checkpointing: bool)
     model.accepts_loss_kwargs = False
     add_encoder_input_grad_hook(model)
     return model
+
+
+def select_checkpointed(model, fraction: float) -> int:
+    """Keep checkpointing on `fraction` of each layer stack, evenly spaced; returns how many.
+
+    Why: checkpointing trades a second forward for memory, layer by layer. Most of the
+    memory is in the encoder's 1,500 positions, so a card with room for a few layers'
+    activations runs those layers once and recomputes only the rest: the step costs
+    1 + fraction/2 forward-and-backwards' worth of compute in between the two settings.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    whisper = model.model if hasattr(model, "model") else model
+    on = 0
+    for stack in (whisper.encoder.layers, whisper.decoder.layers):
+        layers = [m for m in stack if isinstance(m, GradientCheckpointingLayer)]
+        for i, layer in enumerate(layers):
+            # layer i is checkpointed when the running count floor((i+1) f) steps up at it
+            keep = int((i + 1) * fraction) > int(i * fraction)
+            layer.gradient_checkpointing = keep and layer.gradient_checkpointing
+            on += bool(layer.gradient_checkpointing)
+    return on
+
+
+def compile_layers(model) -> int:
+    """torch.compile each encoder and decoder layer in place (regional compilation); returns how many.
+
+    Why per layer: the 32 + 32 layers of large-v2 share code, so one compiled graph serves
+    each stack (parameters are graph inputs), and compiling takes about a minute where the
+    whole model took longer than ten; the fused kernels are where the time goes (layer
+    norm, residual adds, GELU, LoRA dropout between the matrix products).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer):
+            m.compile()
+            n += 1
+    return n
 
 
 def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str]):

@@ -26,11 +26,17 @@ class ModelConfig:
     compute dtype (half the weight memory; not yet measured on a GPU, see README benchmarks)"""
     gradient_checkpointing: bool = True
     """recompute activations in the backward pass: ~30% slower, far less activation memory"""
+    checkpoint_fraction: float = 1.0
+    """with gradient_checkpointing: share of encoder/decoder layers checkpointed, evenly spaced
+    (e.g. 0.75: a quarter of the layers keep their activations; faster, more memory)"""
 
     def __post_init__(self):
         # lib.config reads the flag value `none` as YAML null; both mean full precision here.
         if self.quantization is None:
             self.quantization = "none"
+        if not 0 < self.checkpoint_fraction <= 1:
+            raise UserError(f"model.checkpoint_fraction={self.checkpoint_fraction}: must be in (0, 1] "
+                            f"(for none, set model.gradient_checkpointing=false)")
 
 
 @dataclass
@@ -85,12 +91,17 @@ class TrainSection:
     """seeds weights of the LoRA init, dropout and data order"""
     num_workers: int = 2
     """dataloader worker processes computing log-mel; 0 = in the main process"""
-    torch_compile: bool = False
-    """compile the model with torch.compile (GPU): slower start, faster steps; see README benchmarks"""
+    compile: Literal["none", "layers", "model"] | None = "none"
+    """torch.compile: layers = each encoder/decoder layer (one graph per stack, about a minute
+    to compile), model = the whole model through Trainer; see README benchmarks"""
     timing_warmup: int = 3
     """first optimizer steps left out of the steady samples/s in metrics.json"""
+    profile_steps: int = 0
+    """profile the last N steps (torch.profiler): RUN/profile.txt, where GPU time goes; not timed"""
 
     def __post_init__(self):
+        if self.compile is None:  # the flag value `none` reads as YAML null
+            self.compile = "none"
         for name in ("batch_size", "grad_accum", "eval_steps", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"train.{name}={getattr(self, name)}: must be >= 1")
@@ -105,6 +116,9 @@ class TrainSection:
                 f"train.save_steps={self.save_steps} must be a multiple of train.eval_steps="
                 f"{self.eval_steps}, so every checkpoint has a WER to pick the best by"
             )
+        if self.profile_steps < 0 or (self.max_steps is not None
+                                      and self.profile_steps and self.profile_steps >= self.max_steps):
+            raise UserError(f"train.profile_steps={self.profile_steps}: must be >= 0 and below train.max_steps")
         if self.keep_checkpoints < 1:
             raise UserError(f"train.keep_checkpoints={self.keep_checkpoints}: must be >= 1")
 

@@ -101,12 +101,14 @@ def training_arguments(cfg, output_dir: Path, precision: str, has_eval: bool):
         remove_unused_columns=False,  # the collator needs `audio`, which forward() does not take
         label_names=["labels"],  # PeftModel hides forward's signature; say where the labels are
         dataloader_num_workers=0 if on_cpu else t.num_workers,
+        # workers live across epochs: a restart costs each epoch a pause of process start-up + first batch
+        dataloader_persistent_workers=not on_cpu and t.num_workers > 0,
         seed=t.seed,
         data_seed=t.seed,
         use_cpu=on_cpu,
         ddp_find_unused_parameters=False,  # frozen base + checkpointing: DDP's search would fail
         disable_tqdm=False,
-        torch_compile=t.torch_compile,
+        torch_compile=t.compile == "model",
     )
 
 

@@ -1,0 +1,82 @@
+"""Speed knobs of the train job on a tiny Whisper: profiling, partial checkpointing, compiled layers."""
+
+import json
+
+import pytest
+import torch
+
+from jobs.train import main
+from lib import model as M
+from lib.env import Env
+from lib.errors import UserError
+from tests.test_train import cfg, data_dir, lora_weights  # noqa: F401  (data_dir is a fixture)
+
+
+def test_profile_writes_where_the_time_goes_and_is_not_timed(data_dir, tiny_model_dir):  # noqa: F811
+    metrics = main(cfg(tiny_model_dir, "prof", **{"train.profile_steps": 2, "train.timing_warmup": 2,
+                                                  "train.eval_steps": 6, "train.save_steps": 6}),
+                   Env(data_dir=data_dir))
+    prof = metrics["profile"]
+    assert prof["steps"] == 2 and prof["wall_s"] > 0 and 0 < prof["busy_s"]
+    assert prof["seconds_by_kind"]["matmul"] > 0  # the linear layers were seen
+    assert set(prof["seconds_by_kind"]) <= {"matmul", "attention", "other", "copy"}
+    # 6 steps, warm-up 2, the last 2 profiled: steps 3 and 4 are timed
+    assert metrics["steady_steps"] == 2
+    text = (data_dir / "runs" / "prof" / "profile.txt").read_text()
+    assert "profile of 2 optimizer steps" in text and "| matmul |" in text
+
+
+def test_profile_steps_must_leave_steps_to_train(tiny_model_dir):
+    with pytest.raises(UserError, match="train.profile_steps=6"):
+        cfg(tiny_model_dir, "x", **{"train.profile_steps": 6})
+
+
+def _checkpointed(model) -> list[list[bool]]:
+    w = model.model
+    return [[bool(layer.gradient_checkpointing) for layer in stack] for stack in (w.encoder.layers, w.decoder.layers)]
+
+
+def test_checkpoint_fraction_picks_evenly_spaced_layers(tiny_model_dir):
+    from transformers import WhisperForConditionalGeneration
+
+    for fraction, expect in ((1.0, [True, True]), (0.5, [False, True])):
+        m = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir)
+        M.prepare_for_training(m, "none", True, fraction)
+        assert _checkpointed(m) == [expect, expect]
+    m = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir)
+    M.prepare_for_training(m, "none", False, 0.5)
+    assert _checkpointed(m) == [[False, False], [False, False]]
+    # 32 layers at 0.75: 24 checkpointed, never two un-checkpointed in a row
+    keep = [int((i + 1) * 0.75) > int(i * 0.75) for i in range(32)]
+    assert sum(keep) == 24 and "FalseFalse" not in "".join(map(str, keep))
+
+
+def test_checkpoint_fraction_must_be_a_share(tiny_model_dir):
+    with pytest.raises(UserError, match="model.checkpoint_fraction=0"):
+        cfg(tiny_model_dir, "x", **{"model.checkpoint_fraction": 0})
+
+
+def test_partial_checkpointing_trains_like_full(data_dir, tiny_model_dir):  # noqa: F811
+    """Checkpointing only changes what is kept in memory: same LoRA weights after training."""
+    env = Env(data_dir=data_dir)
+    common = {"model.gradient_checkpointing": "true", "lora.dropout": 0.0, "train.max_steps": 3,
+              "train.eval_steps": 3, "train.save_steps": 3}
+    main(cfg(tiny_model_dir, "ck-all", **common), env)
+    main(cfg(tiny_model_dir, "ck-half", **common, **{"model.checkpoint_fraction": 0.5}), env)
+    a, b = (lora_weights(data_dir / "runs" / r / "adapter") for r in ("ck-all", "ck-half"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_compiled_layers_train_like_eager(data_dir, tiny_model_dir):  # noqa: F811
+    """train.compile=layers: the same function, so the same loss curve (float rounding apart)."""
+    env = Env(data_dir=data_dir)
+    common = {"lora.dropout": 0.0, "train.max_steps": 3, "train.eval_steps": 3, "train.save_steps": 3,
+              "train.logging_steps": 1}
+    main(cfg(tiny_model_dir, "eager", **common), env)
+    main(cfg(tiny_model_dir, "compiled", **common, **{"train.compile": "layers"}), env)
+    losses = [[h["loss"] for h in json.loads((data_dir / "runs" / r / "log_history.json").read_text()) if "loss" in h]
+              for r in ("eager", "compiled")]
+    assert len(losses[0]) == 3
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
