@@ -256,15 +256,36 @@ def compile_layers(model) -> int:
     each stack (parameters are graph inputs), and compiling takes about a minute where the
     whole model took longer than ten; the fused kernels are where the time goes (layer
     norm, residual adds, GELU, LoRA dropout between the matrix products).
+
+    A checkpointed layer gets its body compiled and the checkpoint left outside, in eager
+    mode: compiling transformers' checkpointing wrapper (the checkpoint traced into the
+    graph) failed on an H100 with torch 2.11 in the decoder layers ("Node add_461 was
+    invalid, but is output", inductor's partitioner), while torch 2.13 on the CPU compiled it.
     """
+    import functools
+    import types
+
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     n = 0
     for m in model.modules():
-        if isinstance(m, GradientCheckpointingLayer):
+        if not isinstance(m, GradientCheckpointingLayer):
+            continue
+        body = getattr(type(m).forward, "__wrapped__", None)  # forward without the checkpointing wrapper
+        if m.gradient_checkpointing and body is not None:
+            m.forward = functools.partial(_checkpoint_compiled, m, torch.compile(types.MethodType(body, m)))
+        else:
             m.compile()
-            n += 1
+        n += 1
     return n
+
+
+def _checkpoint_compiled(layer, compiled, *args, **kwargs):
+    """A checkpointed layer's forward: eager checkpoint (the layer's own settings, e.g.
+    non-reentrant) around the compiled body; plain compiled body in eval/generation."""
+    if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+        return layer._gradient_checkpointing_func(compiled, *args, **kwargs)
+    return compiled(*args, **kwargs)
 
 
 def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str]):

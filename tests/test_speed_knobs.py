@@ -1,5 +1,6 @@
 """Speed knobs of the train job on a tiny Whisper: profiling, partial checkpointing, compiled layers."""
 
+import functools
 import json
 
 import pytest
@@ -69,14 +70,40 @@ def test_partial_checkpointing_trains_like_full(data_dir, tiny_model_dir):  # no
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
-def test_compiled_layers_train_like_eager(data_dir, tiny_model_dir):  # noqa: F811
-    """train.compile=layers: the same function, so the same loss curve (float rounding apart)."""
+@pytest.mark.parametrize("ckpt", ["false", "true"])
+def test_compiled_layers_train_like_eager(data_dir, tiny_model_dir, ckpt):  # noqa: F811
+    """train.compile=layers: the same function, so the same loss curve (float rounding apart);
+    with checkpointing, the checkpoint stays outside the compiled body."""
     env = Env(data_dir=data_dir)
     common = {"lora.dropout": 0.0, "train.max_steps": 3, "train.eval_steps": 3, "train.save_steps": 3,
-              "train.logging_steps": 1}
-    main(cfg(tiny_model_dir, "eager", **common), env)
-    main(cfg(tiny_model_dir, "compiled", **common, **{"train.compile": "layers"}), env)
+              "train.logging_steps": 1, "model.gradient_checkpointing": ckpt}
+    main(cfg(tiny_model_dir, f"eager-{ckpt}", **common), env)
+    main(cfg(tiny_model_dir, f"compiled-{ckpt}", **common, **{"train.compile": "layers"}), env)
     losses = [[h["loss"] for h in json.loads((data_dir / "runs" / r / "log_history.json").read_text()) if "loss" in h]
-              for r in ("eager", "compiled")]
+              for r in (f"eager-{ckpt}", f"compiled-{ckpt}")]
     assert len(losses[0]) == 3
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_compiled_checkpointed_layer_recomputes_its_body(tiny_model_dir):
+    """The compiled body runs twice per step in a checkpointed layer (forward, then recompute
+    in backward) and once without checkpointing: checkpointing still saves memory."""
+    from transformers import WhisperForConditionalGeneration
+
+    for ckpt, calls in ((True, 2), (False, 1)):
+        m = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir)
+        M.prepare_for_training(m, "none", ckpt)
+        layer = m.model.encoder.layers[0]
+        M.compile_layers(m)
+        m.train()
+        seen = []
+        if ckpt:
+            compiled = layer.forward.args[1]  # forward = partial(_checkpoint_compiled, layer, compiled body)
+            layer.forward = functools.partial(
+                M._checkpoint_compiled, layer, lambda *a, **k: seen.append(1) or compiled(*a, **k))
+        else:
+            layer.register_forward_hook(lambda *a: seen.append(1))
+        feats = torch.randn(1, 80, 3000, requires_grad=False)
+        out = m(input_features=feats, labels=torch.tensor([[50258, 50259, 50257]]))
+        out.loss.backward()
+        assert len(seen) == calls
