@@ -53,10 +53,26 @@ class Mode:
     """peak GPU memory at MEASURED_BATCH"""
     weights_gib: float
     """the part of the peak that does not grow with the batch (estimated, see FIXED_GIB)"""
+    base_dtype: str = "fp32"
+    """model.base_dtype: fp32 masters or the compute dtype (quantization=none only)"""
+    compile: str = "none"
+    """train.compile"""
+    checkpoint_fraction: float = 1.0
+    """model.checkpoint_fraction (with gradient_checkpointing)"""
 
     def label(self, precision: str | None = None) -> str:
-        ckpt = "checkpointing" if self.gradient_checkpointing else "no checkpointing"
-        return f"{self.quantization}/{precision or self.precision}/{ckpt}"
+        ckpt = "no checkpointing" if not self.gradient_checkpointing else (
+            "checkpointing" if self.checkpoint_fraction == 1 else f"checkpointing {self.checkpoint_fraction:.0%}")
+        parts = [self.quantization, precision or self.precision]
+        if self.base_dtype == "compute":
+            parts.append("half-precision base")
+        if self.compile != "none":
+            parts.append(f"compiled {self.compile}")
+        return "/".join([*parts, ckpt])
+
+    def key(self) -> tuple:
+        """What tells two modes apart, the precision aside."""
+        return (self.quantization, self.gradient_checkpointing, self.base_dtype, self.compile, self.checkpoint_fraction)
 
     def peak_at(self, batch_size: int) -> float:
         """Predicted peak GiB: fixed part + activations (the rest of the measured peak) x batch / 8."""
@@ -67,42 +83,61 @@ class Mode:
 # of them in the layers' linear weights (what bitsandbytes quantizes) and 75 M elsewhere (kept in
 # fp32 when quantized); LoRA r=32 on q,v is 15.7 M fp32 weights + grads + 2 Adam moments = 0.23 GiB.
 #   none: 1.543 B x 4 B (fp32 masters)        + 0.23 = 6.0 GiB
+#   half: 1.543 B x 2 B (base in bf16/fp16)   + 0.23 = 3.1 GiB
 #   int8: 1.468 B x 1 B + 75 M x 4 B           + 0.23 = 1.9 GiB
 #   nf4:  1.468 B x 0.5 B + 75 M x 4 B         + 0.23 = 1.2 GiB
-FIXED_GIB = {"none": 6.0, "int8": 1.9, "nf4": 1.2}
+FIXED_GIB = {"none": 6.0, "half": 3.1, "int8": 1.9, "nf4": 1.2}
 
-# Measured on one H100 80GB through the real train job: whisper-large-v2 with random weights,
-# batch 8, 30 s clips, 40-token labels, LoRA r=32 on q_proj/v_proj; peak = max_memory_allocated.
-# The numbers are for large-v2 (large-v3 has the same size). For smaller bases (medium, small,
-# base) nothing is scaled down: the rule is conservative there (the same mode needs less).
-# int8 is dominated (nf4 is faster and smaller), so auto never picks it; it stays for the record.
+# Measured on one H100 80GB through the real train job (`make bench`, README "GPU benchmarks"):
+# whisper-large-v2 with random weights, batch 8, 30 s clips, 40-token labels, LoRA r=32 on
+# q_proj/v_proj; peak = max_memory_allocated. The numbers are for large-v2 (large-v3 has the
+# same size). For smaller bases (medium, small, base) nothing is scaled down: the rule is
+# conservative there (the same mode needs less). int8 is dominated (nf4 is faster and
+# smaller), so auto never picks it; it stays for the record.
 MEASURED_ON = "H100 80GB, whisper-large-v2, batch 8"
 MEASURED_BATCH = 8
+_HALF = dict(base_dtype="compute")
 MEASURED = (
-    Mode("int8", "fp16", True, 4.4, 17.6, FIXED_GIB["int8"]),  # the walkthrough's recipe
+    Mode("int8", "fp16", True, 5.0, 6.2, FIXED_GIB["int8"]),  # the walkthrough's recipe
     Mode("nf4", "bf16", True, 8.0, 4.3, FIXED_GIB["nf4"]),
     Mode("none", "bf16", True, 10.3, 8.9, FIXED_GIB["none"]),
     Mode("none", "bf16", False, 16.7, 27.1, FIXED_GIB["none"]),
     Mode("none", "fp16", False, 16.7, 27.1, FIXED_GIB["none"]),
-    Mode("int8", "fp16", False, 6.9, 38.8, FIXED_GIB["int8"]),
+    Mode("int8", "fp16", False, 6.9, 36.1, FIXED_GIB["int8"]),
+    Mode("none", "bf16", True, 11.7, 5.3, FIXED_GIB["half"], **_HALF),
+    Mode("none", "bf16", False, 18.7, 21.2, FIXED_GIB["half"], **_HALF),
+    Mode("none", "bf16", True, 17.3, 5.3, FIXED_GIB["half"], **_HALF, compile="layers"),
+    Mode("none", "bf16", True, 23.2, 6.4, FIXED_GIB["half"], **_HALF, compile="layers", checkpoint_fraction=0.9),
+    Mode("none", "bf16", False, 28.6, 19.5, FIXED_GIB["half"], **_HALF, compile="layers"),
 )
 WALKTHROUGH = MEASURED[0]
 
 
 @dataclass(frozen=True)
 class Choice:
-    quantization: str
+    mode: Mode
     precision: str
-    gradient_checkpointing: bool
     why: str
     """one line citing the card's memory, the margin and the measured numbers behind the pick"""
 
+    @property
+    def quantization(self) -> str:
+        return self.mode.quantization
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.mode.gradient_checkpointing
+
     def overrides(self) -> dict[str, str]:
         """The choice as config keys and flag values."""
+        m = self.mode
         return {
-            "model.quantization": self.quantization,
+            "model.quantization": m.quantization,
             "model.precision": self.precision,
-            "model.gradient_checkpointing": str(self.gradient_checkpointing).lower(),
+            "model.gradient_checkpointing": str(m.gradient_checkpointing).lower(),
+            "model.checkpoint_fraction": str(m.checkpoint_fraction),
+            "model.base_dtype": m.base_dtype,
+            "train.compile": m.compile,
         }
 
     def flags(self) -> list[str]:
@@ -119,10 +154,10 @@ def _candidates(bf16: bool) -> list[tuple[Mode, str]]:
     in bf16 then stands in for fp16 (the one pair measured both ways ran at the same speed).
     """
     half = "bf16" if bf16 else "fp16"
-    out: dict[tuple[str, bool], tuple[Mode, str]] = {}
+    out: dict[tuple, tuple[Mode, str]] = {}
     for m in MEASURED:
         prec = "fp16" if m.precision == "bf16" and not bf16 else m.precision
-        key = (m.quantization, m.gradient_checkpointing)
+        key = m.key()
         if key not in out or (m.precision == half and out[key][0].precision != half):
             out[key] = (m, prec)
     return sorted(out.values(), key=lambda mp: (-mp[0].samples_per_s, mp[0].peak_gib))
@@ -133,7 +168,7 @@ def choose(gpu: GpuInfo | None, batch_size: int) -> Choice:
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
     if gpu is None:
-        return Choice("none", "fp32", False, (
+        return Choice(Mode("none", "fp32", False, 0, 0, 0), "fp32", (
             "no CUDA GPU is visible: fp32 (a CPU has no fast fp16/bf16), no quantization (bitsandbytes "
             "int8/nf4 only slow a CPU down), no checkpointing (as the CPU recipe: it only costs time; "
             "set model.gradient_checkpointing=true if RAM runs short)"
@@ -163,7 +198,7 @@ def choose(gpu: GpuInfo | None, batch_size: int) -> Choice:
                f"at {WALKTHROUGH.peak_gib} GiB" if mode is not WALKTHROUGH else "")
             + f" ({source})"
         )
-        return Choice(mode.quantization, prec, mode.gradient_checkpointing, why)
+        return Choice(mode, prec, why)
     # Nothing fits at this batch size: the smallest mode, and the batch size that would fit.
     mode, prec = min(cands, key=lambda mp: mp[0].peak_at(batch_size))
     per_clip = (mode.peak_gib - mode.weights_gib) / MEASURED_BATCH
@@ -180,7 +215,7 @@ def choose(gpu: GpuInfo | None, batch_size: int) -> Choice:
         f"({mode.samples_per_s} samples/s, peak {mode.peak_gib} GiB at batch {MEASURED_BATCH}), needs "
         f"~{mode.peak_at(batch_size):.1f} GiB; {advice} ({source})"
     )
-    return Choice(mode.quantization, prec, mode.gradient_checkpointing, why)
+    return Choice(mode, prec, why)
 
 
 def detect() -> GpuInfo | None:

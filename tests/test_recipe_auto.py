@@ -3,6 +3,7 @@ your flags) and the real train job on the CPU picking fp32 / no quantization and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
 from pathlib import Path
@@ -30,16 +31,16 @@ GB4 = GpuInfo("NVIDIA T1000", 4_294_967_296, False, (7, 5))
 
 
 @pytest.mark.parametrize("gpu, expected, cited", [
-    # 79.6 GiB x 0.85 = 67.7 usable: the fastest mode, no checkpointing (27.1 GiB), fits.
-    (H100, ("none", "bf16", False), ["79.6 GiB", "67.7 GiB usable", "16.7 samples/s", "27.1 GiB", "4.4 samples/s"]),
-    # 39.6 x 0.85 = 33.6 >= 27.1: still no checkpointing.
-    (A100_40, ("none", "bf16", False), ["39.6 GiB", "33.6 GiB usable", "16.7 samples/s", "27.1 GiB"]),
-    # 22.2 x 0.85 = 18.9 < 27.1: checkpointing on, 8.9 GiB.
-    (A10, ("none", "bf16", True), ["18.9 GiB usable", "10.3 samples/s", "8.9 GiB", "~27.1 GiB"]),
-    # no bf16 on a T4: the same mode in fp16; 14.7 x 0.85 = 12.5 >= 8.9.
-    (T4, ("none", "fp16", True), ["no bf16", "12.5 GiB usable", "10.3 samples/s", "measured in bf16, run in fp16"]),
-    # 7.8 x 0.85 = 6.6 < 8.9: NF4 (4.3 GiB).
-    (GB8, ("nf4", "bf16", True), ["6.6 GiB usable", "8.0 samples/s", "4.3 GiB", "~8.9 GiB"]),
+    # 79.6 GiB x 0.85 = 67.7 usable: the fastest mode (bf16 base, compiled layers, no checkpointing, 19.5 GiB) fits.
+    (H100, ("none", "bf16", False), ["79.6 GiB", "67.7 GiB usable", "28.6 samples/s", "19.5 GiB", "5.0 samples/s"]),
+    # 39.6 x 0.85 = 33.6 >= 19.5: still no checkpointing.
+    (A100_40, ("none", "bf16", False), ["39.6 GiB", "33.6 GiB usable", "28.6 samples/s", "19.5 GiB"]),
+    # 22.2 x 0.85 = 18.9 < 19.5: 90 % of the layers checkpointed, 6.4 GiB.
+    (A10, ("none", "bf16", True), ["18.9 GiB usable", "23.2 samples/s", "6.4 GiB", "~19.5 GiB", "checkpointing 90%"]),
+    # no bf16 on a T4: the same mode in fp16; 14.7 x 0.85 = 12.5 >= 6.4.
+    (T4, ("none", "fp16", True), ["no bf16", "12.5 GiB usable", "23.2 samples/s", "measured in bf16, run in fp16"]),
+    # 7.8 x 0.85 = 6.6 >= 6.4: still fits.
+    (GB8, ("none", "bf16", True), ["6.6 GiB usable", "23.2 samples/s", "6.4 GiB", "~19.5 GiB"]),
     (None, ("none", "fp32", False), ["no CUDA GPU"]),
 ], ids=["H100-80GB", "A100-40GB", "A10-24GB", "T4-16GB", "8GB", "CPU"])
 def test_choice_per_gpu_at_batch_8(gpu, expected, cited):
@@ -52,11 +53,11 @@ def test_choice_per_gpu_at_batch_8(gpu, expected, cited):
 
 
 def test_activations_scale_with_the_batch_size():
-    # A100 40 GB at batch 16: no checkpointing needs 6.0 + 21.1 x 2 = 48.2 GiB > 33.6 -> checkpointing.
+    # A100 40 GB at batch 16: no checkpointing needs 3.1 + 16.4 x 2 = 35.9 GiB > 33.6 -> checkpointing.
     c = choose(A100_40, 16)
     assert (c.quantization, c.precision, c.gradient_checkpointing) == ("none", "bf16", True)
-    assert "~48.2 GiB" in c.why and "~11.8 GiB at batch 16" in c.why
-    # and a smaller batch lets the fastest mode onto the A10: 6.0 + 21.1 x 4/8 = 16.6 <= 18.9
+    assert "~35.9 GiB" in c.why and "~9.7 GiB at batch 16" in c.why
+    # and a smaller batch lets the fastest mode onto the A10: 3.1 + 16.4 x 4/8 = 11.3 <= 18.9
     assert choose(A10, 4).gradient_checkpointing is False
 
 
@@ -74,8 +75,8 @@ def test_int8_is_never_chosen_and_the_pick_fits_whenever_something_does():
                 c = choose(gpu, batch)
                 assert c.quantization != "int8"  # nf4 is faster and smaller
                 assert c.precision == ("bf16" if bf16 else "fp16")
-                mode = next(m for m in MEASURED if (m.quantization, m.gradient_checkpointing)
-                            == (c.quantization, c.gradient_checkpointing))
+                mode = c.mode
+                assert mode in MEASURED
                 fits_any = any(m.peak_at(batch) <= gib * USABLE_FRACTION for m in MEASURED)
                 if fits_any:
                     assert mode.peak_at(batch) <= gib * USABLE_FRACTION, (gib, batch)
@@ -94,11 +95,14 @@ def test_auto_starts_from_the_walkthrough_recipe(caplog):
         cfg = auto_cfg([], H100)
     walk = load_config(TrainConfig, DEFAULT_RECIPE, ["run=r", "data=d"])
     assert (cfg.model.quantization, cfg.model.precision, cfg.model.gradient_checkpointing) == ("none", "bf16", False)
-    assert cfg.model.base == walk.model.base and cfg.lora == walk.lora and cfg.train == walk.train
+    assert (cfg.model.base_dtype, cfg.train.compile) == ("compute", "layers")
+    assert cfg.model.base == walk.model.base and cfg.lora == walk.lora
+    assert cfg.train == dataclasses.replace(walk.train, compile="layers")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recipe auto: ")]
     assert len(lines) == 1
     assert lines[0].startswith(
-        "recipe auto: model.quantization=none model.precision=bf16 model.gradient_checkpointing=false because "
+        "recipe auto: model.quantization=none model.precision=bf16 model.gradient_checkpointing=false "
+        "model.checkpoint_fraction=1.0 model.base_dtype=compute train.compile=layers because "
     )
 
 
@@ -154,11 +158,11 @@ def test_train_job_with_recipe_auto_on_the_cpu(tiny_model_dir, tmp_path, monkeyp
     assert code == 0, err[-3000:]
     line = next(ln for ln in err.splitlines() if "recipe auto: " in ln)
     assert " INFO recipe auto: model.quantization=none model.precision=fp32 model.gradient_checkpointing=false " \
-           "because no CUDA GPU is visible" in line
+           "model.checkpoint_fraction=1.0 model.base_dtype=fp32 train.compile=none because no CUDA GPU is visible" in line
     assert line.endswith("your flags win: model.gradient_checkpointing=true")
     saved = yaml.safe_load((data / "runs" / "auto" / "config.yaml").read_text())
     assert saved["model"] == {"base": str(tiny_model_dir), "quantization": "none", "precision": "fp32",
-                              "base_dtype": "fp32", "gradient_checkpointing": True}
+                              "base_dtype": "fp32", "gradient_checkpointing": True, "checkpoint_fraction": 1.0}
     # everything else is the walkthrough's
     assert (saved["lora"]["r"], saved["lora"]["alpha"], saved["train"]["lr"], saved["train"]["warmup_steps"]) \
         == (32, 64, 1e-3, 50)
