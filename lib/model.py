@@ -124,6 +124,33 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype):
     return None
 
 
+class _Once(logging.Filter):
+    """Let each distinct message through once, then say that repeats are dropped.
+
+    Why: bitsandbytes' MatMul8bitLt logs "inputs will be cast from torch.float32 to float16"
+    on every call of every 8-bit layer, not once: 66,592 lines in a 10-step large-v2 run
+    (6.7 MB of log), which buries everything else in a real run's log.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        record.msg, record.args = f"{msg} (logged once; repeats dropped)", None
+        return True
+
+
+def quiet_repeated_bitsandbytes_warnings() -> None:
+    lg = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Once) for f in lg.filters):
+        lg.addFilter(_Once())
+
+
 def load_base_model(base: str, quantization: str, precision: str, token: str | None = None,
                     base_dtype: str = "fp32"):
     """WhisperForConditionalGeneration, quantized per `quantization`; precision already resolved.
@@ -140,6 +167,7 @@ def load_base_model(base: str, quantization: str, precision: str, token: str | N
     if quantization == "none":
         kwargs["dtype"] = compute if base_dtype == "compute" else torch.float32
     else:
+        quiet_repeated_bitsandbytes_warnings()
         kwargs["quantization_config"] = quantization_config(quantization, compute)
         kwargs["dtype"] = compute
         # bitsandbytes quantizes while loading, onto one device: this process's GPU (torchrun

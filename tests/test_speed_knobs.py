@@ -107,3 +107,15 @@ def test_compiled_checkpointed_layer_recomputes_its_body(tiny_model_dir):
         out = m(input_features=feats, labels=torch.tensor([[50258, 50259, 50257]]))
         out.loss.backward()
         assert len(seen) == calls
+
+
+def test_bitsandbytes_cast_warning_is_logged_once(data_dir, tiny_model_dir, caplog):  # noqa: F811
+    """bitsandbytes logs its fp32->fp16 cast on every 8-bit matmul call; the run's log gets it once."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        main(cfg(tiny_model_dir, "int8-log", **{"model.quantization": "int8", "train.max_steps": 2,
+                                                "train.eval_steps": 2, "train.save_steps": 2}),
+             Env(data_dir=data_dir))
+    casts = [r for r in caplog.records if "MatMul8bitLt" in r.getMessage()]
+    assert len(casts) == 1 and "repeats dropped" in casts[0].getMessage()
