@@ -96,13 +96,17 @@ def test_compiled_checkpointed_layer_recomputes_its_body(tiny_model_dir):
         layer = m.model.encoder.layers[0]
         M.compile_layers(m)
         m.train()
-        seen = []
+        seen: list[int] = []
         if ckpt:
             compiled = layer.forward.args[1]  # forward = partial(_checkpoint_compiled, layer, compiled body)
-            layer.forward = functools.partial(
-                M._checkpoint_compiled, layer, lambda *a, **k: seen.append(1) or compiled(*a, **k))
+
+            def counted(*a, seen=seen, compiled=compiled, **k):
+                seen.append(1)
+                return compiled(*a, **k)
+
+            layer.forward = functools.partial(M._checkpoint_compiled, layer, counted)
         else:
-            layer.register_forward_hook(lambda *a: seen.append(1))
+            layer.register_forward_hook(lambda *a, seen=seen: seen.append(1))
         feats = torch.randn(1, 80, 3000, requires_grad=False)
         out = m(input_features=feats, labels=torch.tensor([[50258, 50259, 50257]]))
         out.loss.backward()

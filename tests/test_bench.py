@@ -1,0 +1,63 @@
+"""`make bench` and `jobs.bench_quality` end to end on the CPU, at the smallest sizes."""
+
+import json
+
+import pytest
+
+from jobs import bench, bench_quality
+from lib.env import Env
+from lib.errors import UserError
+from tests.test_train import data_dir  # noqa: F401  (a fixture)
+
+
+def test_bench_runs_recipes_through_the_train_job_and_appends_the_readme(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("| table |\n<!-- bench:rows -->\nafter\n")
+    cfg = bench.BenchConfig(arch="tiny", recipes=["fp32", "auto"], batch_size=2, steps=4, warmup=1,
+                            profile_steps=1, eval_clips=0, readme=str(readme))
+    rows = bench.main(cfg, Env(data_dir=tmp_path / "data"))
+    assert [r["recipe"] for r in rows] == ["fp32", "auto"]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["steady_samples_per_second"] > 0 and r["trainable_params"] > 0
+        assert r["profile"]["steps"] == 1 and r["profile"]["seconds_by_kind"]["matmul"] > 0
+    # no GPU: auto chooses fp32 and says so
+    assert rows[1]["chosen"].startswith("model.quantization=none model.precision=fp32 ") and "because" in rows[1]["chosen"]
+    saved = json.loads((tmp_path / "data" / "bench" / "tiny" / "results.json").read_text())
+    assert [r["recipe"] for r in saved["train"]] == ["fp32", "auto"] and saved["logmel_clips_per_s_per_worker"] > 0
+    lines = readme.read_text().splitlines()
+    i = lines.index("<!-- bench:rows -->")
+    added = lines[1:i]
+    assert len(added) == 3 and added[0].startswith("| ") and "tiny" in added[0]
+    assert all(ln.count("|") == len(bench.COLUMNS) + 1 for ln in added), added  # as many cells as the header
+    assert lines[-1] == "after"
+
+
+def test_bench_refuses_unknown_recipes_and_too_few_steps():
+    with pytest.raises(UserError, match="unknown"):
+        bench.BenchConfig(recipes=["bf17"])
+    with pytest.raises(UserError, match="steps=5 must exceed"):
+        bench.BenchConfig(steps=5, warmup=3, profile_steps=2)
+
+
+def test_bench_reports_a_recipe_that_overruns_its_time(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench.RECIPES, "slow", ["train.max_steps=100000"])
+    cfg = bench.BenchConfig(arch="tiny", recipes=["slow"], batch_size=1, steps=4, warmup=1, profile_steps=1,
+                            eval_clips=0, recipe_timeout=5)
+    rows = bench.main(cfg, Env(data_dir=tmp_path))
+    assert "stopped after recipe_timeout=5 s" in rows[0]["error"]
+
+
+def test_quality_guard_compares_the_fast_curve_with_the_seed_noise(data_dir, tiny_model_dir, monkeypatch):  # noqa: F811
+    cfg = bench_quality.QualityConfig(data="toy", model=str(tiny_model_dir), steps=4, batch_size=2, tolerance=1e9)
+    result = bench_quality.main(cfg, Env(data_dir=data_dir))
+    assert {k: len(v) for k, v in result["curves"].items()} == {"reference": 4, "noise": 4, "fast": 4}
+    assert result["passed"] and result["distance_noise_reference"] > 0
+    assert json.loads((data_dir / "bench" / "quality.json").read_text())["passed"] is True
+    cfg.tolerance = 0.0  # nothing is within zero noise: the guard fails loudly
+    with pytest.raises(UserError, match="loss curve is"):
+        bench_quality.main(cfg, Env(data_dir=data_dir))
+
+
+def test_distance_is_the_mean_absolute_step_difference():
+    assert bench_quality.distance([1.0, 2.0], [1.5, 1.0]) == pytest.approx(0.75)
