@@ -74,6 +74,8 @@ def train_losses(cfg: QualityConfig, env: Env, run: str, flags: list[str], seed:
            f"train.batch_size={cfg.batch_size}", f"train.max_steps={cfg.steps}", f"train.lr={cfg.lr}",
            "train.warmup_steps=2", "train.logging_steps=1", f"train.seed={seed}",
            f"train.eval_steps={10 * cfg.steps}", f"train.save_steps={10 * cfg.steps}",
+           # Trainer still evaluates (generates) once at the end: keep that short, it is not the point
+           "train.max_eval_samples=8", "train.generation_max_length=48",
            *([] if flags == ["auto"] else flags)]
     if flags == ["auto"]:  # auto picks the precision too; don't override it
         cmd = [c for c in cmd if not c.startswith("model.precision=")]

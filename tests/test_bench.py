@@ -54,8 +54,14 @@ def test_quality_guard_compares_the_fast_curve_with_the_seed_noise(data_dir, tin
     assert {k: len(v) for k, v in result["curves"].items()} == {"reference": 4, "noise": 4, "fast": 4}
     assert result["passed"] and result["distance_noise_reference"] > 0
     assert json.loads((data_dir / "bench" / "quality.json").read_text())["passed"] is True
-    cfg.tolerance = 0.0  # nothing is within zero noise: the guard fails loudly
-    with pytest.raises(UserError, match="loss curve is"):
+
+
+def test_quality_guard_fails_loudly_when_the_fast_curve_drifts(data_dir, tiny_model_dir, monkeypatch):  # noqa: F811
+    curves = {"quality-reference": [2.0, 1.5, 1.0, 0.8], "quality-noise": [2.0, 1.6, 1.1, 0.8],
+              "quality-fast": [2.0, 1.9, 1.8, 1.7]}  # seed noise 0.05, fast 0.525 away
+    monkeypatch.setattr(bench_quality, "train_losses", lambda cfg, env, run, flags, seed: curves[run])
+    cfg = bench_quality.QualityConfig(data="toy", model=str(tiny_model_dir), steps=4)
+    with pytest.raises(UserError, match=r"loss curve is 0.5250 from the reference's, more than 1.5 x the seed noise 0.0500"):
         bench_quality.main(cfg, Env(data_dir=data_dir))
 
 
