@@ -1,16 +1,21 @@
 """Benchmark training and eval speed/memory at a named Whisper size with random weights.
 
-    python -m jobs.bench                                   # large-v2, every recipe, batch 8
-    python -m jobs.bench arch=tiny recipes=bf16,int8-ckpt steps=6   # quick look on any machine
-    make bench ARGS="arch=large-v3 batch_size=16"
+    python -m jobs.bench                                   # large-v2, the default run below
+    python -m jobs.bench arch=tiny recipes=fp32,auto steps=6   # quick look on any machine
+    make bench ARGS="extra=train.num_workers=8 readme=README.md"   # the README's H100 run
 
 Random weights need no Hub: the model is built from the architecture's published config,
 the inputs are 30 s clips with 40-token labels (the walkthrough's shapes). Each recipe runs
-the real train job (`python -m jobs.train`: Trainer, collator, log-mel, LoRA, quantization)
-in a fresh process for `steps` optimizer steps; the first `warmup` are not timed.
-Prints a table (samples/s, tokens/s, peak GPU memory, adapter size, fraction of the GPU's
-measured bf16 peak), writes DATA_DIR/bench/ARCH/results.json, and appends the rows to the
-benchmarks table in README.md (between the bench markers) when `readme=` names it.
+the real train job (`python -m jobs.train`: Trainer, collator, log-mel, LoRA, quantization,
+compilation) in a fresh process for `steps` optimizer steps: the first `warmup` are not
+timed, the last `profile_steps` are profiled (not timed) to show where the GPU time goes.
+The default run on a GPU: the walkthrough's 8-bit recipe, the low-memory recipe (<= 8 GiB),
+the fastest recipe, and what `--recipe auto` picks on this machine; then eval (generation)
+clips/s, ours vs the walkthrough's loop. Prints a table (samples/s, speed over the 8-bit
+recipe, tokens/s, peak GPU memory, adapter size, fraction of the GPU's measured bf16 peak,
+GPU busy, GPU time by kind), writes DATA_DIR/bench/ARCH/results.json after every recipe,
+and appends the rows to the benchmarks table in README.md (above `<!-- bench:rows -->`)
+when `readme=` names it.
 """
 
 from __future__ import annotations
