@@ -84,6 +84,8 @@ def main(cfg: TrainConfig, env: Env) -> dict:
     cfg.language = language
     precision = M.resolve_precision(cfg.model.precision)
     M.check_quantization(cfg.model.quantization)
+    if cfg.train.compile != "none":
+        M.check_compiler(cfg.train.compile)
     # Under torchrun every process runs this job; only rank 0 owns the run folder's files
     # (a second writer could hand the first a half-written config.yaml).
     rank0 = int(os.environ.get("RANK", "0")) == 0

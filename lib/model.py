@@ -277,6 +277,19 @@ def select_checkpointed(model, fraction: float) -> int:
     return on
 
 
+def check_compiler(mode: str) -> None:
+    """torch.compile needs a C compiler at run time: Triton builds its launcher with one on a
+    GPU, inductor's CPU code is C++. Fail before loading weights, naming the flag."""
+    import shutil
+
+    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if not cc or not shutil.which(cc):
+        raise UserError(
+            f"train.compile={mode} needs a C compiler (torch.compile's Triton/C++ code is built on first use) "
+            f"and none was found (CC, cc, gcc, clang): install gcc, or set train.compile=none (slower steps)"
+        )
+
+
 def compile_layers(model) -> int:
     """torch.compile each encoder and decoder layer in place (regional compilation); returns how many.
 

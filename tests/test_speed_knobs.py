@@ -123,3 +123,12 @@ def test_bitsandbytes_cast_warning_is_logged_once(data_dir, tiny_model_dir, capl
              Env(data_dir=data_dir))
     casts = [r for r in caplog.records if "MatMul8bitLt" in r.getMessage()]
     assert len(casts) == 1 and "repeats dropped" in casts[0].getMessage()
+
+
+def test_compile_without_a_c_compiler_is_a_clear_error(data_dir, tiny_model_dir, monkeypatch):  # noqa: F811
+    import shutil
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="train.compile=layers needs a C compiler.*train.compile=none"):
+        main(cfg(tiny_model_dir, "no-cc", **{"train.compile": "layers"}), Env(data_dir=data_dir))
