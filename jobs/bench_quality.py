@@ -12,9 +12,10 @@ prepared data, each a fresh process, `steps` optimizer steps, training loss logg
               checkpointing; `fast=auto` uses what --recipe auto picks), seed 42
 
 The fast curve passes when its mean distance to the reference curve is within the
-distance the seed alone makes (noise), times `tolerance`. Where a setting cannot run
-(no GPU: fp32 instead of bf16, and the half-precision base is then fp32 too), the
-run says so and uses what this machine has. Writes DATA_DIR/bench/quality.json.
+distance the seed alone makes (noise), times `tolerance`. Without a GPU every run is fp32
+(the half-precision base then stays fp32) unless cpu_bf16=true runs the fast settings in
+bf16 through CPU autocast (slow, but it checks the bf16 numerics on real weights).
+Writes DATA_DIR/bench/quality.json.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class QualityConfig:
     lr: float = 1e-3
     tolerance: float = 1.5
     """pass when distance(fast, reference) <= tolerance x distance(noise, reference)"""
+    cpu_bf16: bool = False
+    """no GPU: run the fast settings in bf16 anyway (CPU autocast, slow), base stored in bf16"""
 
     def __post_init__(self):
         if not self.data or not self.model:
@@ -64,11 +67,9 @@ class QualityConfig:
             raise UserError(f"steps={self.steps}: at least 4, to have a curve")
 
 
-def train_losses(cfg: QualityConfig, env: Env, run: str, flags: list[str], seed: int) -> list[float]:
-    import torch
-
+def train_losses(cfg: QualityConfig, env: Env, run: str, flags: list[str], seed: int,
+                 precision: str = "auto") -> list[float]:
     shutil.rmtree(env.run_dir(run), ignore_errors=True)
-    precision = "auto" if torch.cuda.is_available() else "fp32"
     cmd = [sys.executable, "-m", "jobs.train", *(["--recipe", "auto"] if flags == ["auto"] else []),
            f"run={run}", f"data={cfg.data}", f"model.base={cfg.model}", f"model.precision={precision}",
            f"train.batch_size={cfg.batch_size}", f"train.max_steps={cfg.steps}", f"train.lr={cfg.lr}",
@@ -102,14 +103,19 @@ def main(cfg: QualityConfig, env: Env) -> dict:
 
     if not (env.prepared_dir(cfg.data) / "manifest.json").is_file():
         raise UserError(f"data={cfg.data}: no prepared dataset at {env.prepared_dir(cfg.data)}; run `make prepare`")
-    if not torch.cuda.is_available():
-        log.warning("no GPU: every run in fp32; int8 runs through bitsandbytes' CPU backend, the "
-                    "'half-precision' base stays fp32 (model.base_dtype=compute with fp32 compute)")
+    gpu = torch.cuda.is_available()
+    fast_precision = "auto" if gpu else ("bf16" if cfg.cpu_bf16 else "fp32")
+    if not gpu:
+        log.warning("no GPU: the reference runs in fp32 (int8 through bitsandbytes' CPU backend); the fast "
+                    "settings in %s%s", fast_precision,
+                    " (CPU autocast, base stored in bf16)" if cfg.cpu_bf16 else
+                    ", so their base stays fp32 (cpu_bf16=true checks bf16 numerics, slowly)")
     fast = ["auto"] if cfg.fast == "auto" else FAST
+    ref_precision = "fp16" if gpu else "fp32"  # the walkthrough's int8 runs in fp16
     curves = {
-        "reference": train_losses(cfg, env, "quality-reference", REFERENCE, 42),
-        "noise": train_losses(cfg, env, "quality-noise", REFERENCE, 43),
-        "fast": train_losses(cfg, env, "quality-fast", fast, 42),
+        "reference": train_losses(cfg, env, "quality-reference", REFERENCE, 42, ref_precision),
+        "noise": train_losses(cfg, env, "quality-noise", REFERENCE, 43, ref_precision),
+        "fast": train_losses(cfg, env, "quality-fast", fast, 42, fast_precision),
     }
     noise = distance(curves["noise"], curves["reference"])
     gap = distance(curves["fast"], curves["reference"])
@@ -118,7 +124,7 @@ def main(cfg: QualityConfig, env: Env) -> dict:
     result = {
         "model": cfg.model, "data": cfg.data, "steps": cfg.steps, "batch_size": cfg.batch_size,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "fast": fast, "reference": REFERENCE, "curves": curves,
+        "fast": fast, "fast_precision": fast_precision, "reference": REFERENCE, "curves": curves,
         "distance_fast_reference": gap, "distance_noise_reference": noise,
         "last_quarter_mean": {k: sum(v[-tail:]) / tail for k, v in curves.items()},
         "passed": passed,

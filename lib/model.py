@@ -71,11 +71,18 @@ def resolve_precision(precision: str) -> str:
         if not cuda:
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-    if precision in ("fp16", "bf16") and not cuda:
+    if precision == "fp16" and not cuda:
         raise UserError(
-            f"model.precision={precision} needs a CUDA GPU and none is visible: "
-            f"use model.precision=auto (fp32 on CPU) or fp32"
+            "model.precision=fp16 needs a CUDA GPU and none is visible: "
+            "use model.precision=auto (fp32 on CPU) or fp32"
         )
+    if precision == "bf16" and not cuda:
+        # Allowed when asked for by name: CPU autocast does bf16, slowly on most CPUs. It is how
+        # the bf16 numerics of the fast recipes are checked on real weights without a GPU
+        # (jobs/bench_quality.py cpu_bf16=true).
+        log.warning("model.precision=bf16 on a CPU: bf16 autocast on the CPU, for checking numerics; "
+                    "slower than fp32 on most CPUs (model.precision=auto picks fp32)")
+        return precision
     if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise UserError("model.precision=bf16: this GPU has no bf16 (e.g. T4); use fp16 or auto")
     return precision

@@ -1,6 +1,7 @@
 """`make bench` and `jobs.bench_quality` end to end on the CPU, at the smallest sizes."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -59,7 +60,7 @@ def test_quality_guard_compares_the_fast_curve_with_the_seed_noise(data_dir, tin
 def test_quality_guard_fails_loudly_when_the_fast_curve_drifts(data_dir, tiny_model_dir, monkeypatch):  # noqa: F811
     curves = {"quality-reference": [2.0, 1.5, 1.0, 0.8], "quality-noise": [2.0, 1.6, 1.1, 0.8],
               "quality-fast": [2.0, 1.9, 1.8, 1.7]}  # seed noise 0.05, fast 0.525 away
-    monkeypatch.setattr(bench_quality, "train_losses", lambda cfg, env, run, flags, seed: curves[run])
+    monkeypatch.setattr(bench_quality, "train_losses", lambda cfg, env, run, *a: curves[run])
     cfg = bench_quality.QualityConfig(data="toy", model=str(tiny_model_dir), steps=4)
     with pytest.raises(UserError, match=r"loss curve is 0.5250 from the reference's, more than 1.5 x the seed noise 0.0500"):
         bench_quality.main(cfg, Env(data_dir=data_dir))
@@ -67,3 +68,20 @@ def test_quality_guard_fails_loudly_when_the_fast_curve_drifts(data_dir, tiny_mo
 
 def test_distance_is_the_mean_absolute_step_difference():
     assert bench_quality.distance([1.0, 2.0], [1.5, 1.0]) == pytest.approx(0.75)
+
+
+@pytest.mark.slow
+def test_quality_guard_on_real_whisper_base(tmp_path):
+    """The guard itself, on real weights: the fast settings learn like the walkthrough recipe.
+    ~10 min on 2 CPU cores: -m slow."""
+    from tests.helpers import tone, write_prepared
+
+    base = Path("/work/shared/models/whisper-base-hf")
+    if not (base / "model.safetensors").is_file():
+        pytest.skip(f"{base} not present")
+    words = ["नमस्ते दोस्त", "धन्यवाद जी", "पानी लाओ", "घर चलो", "हमने उसका जन्मदिन मनाया", "आज बारिश होगी"]
+    clips = [(w, tone(1.5, 220 + 150 * i)) for i, w in enumerate(words)]
+    write_prepared(tmp_path / "prepared" / "tones", base, {"train": clips, "validation": clips[:2]}, language="hi")
+    cfg = bench_quality.QualityConfig(data="tones", model=str(base), steps=10, batch_size=3)
+    result = bench_quality.main(cfg, Env(data_dir=tmp_path))  # raises when not within 1.5 x seed noise
+    assert result["passed"]

@@ -78,6 +78,8 @@ def test_precision_on_cpu(monkeypatch):
     assert M.resolve_precision("auto") == "fp32"
     with pytest.raises(UserError, match="model.precision=fp16 needs a CUDA GPU"):
         M.resolve_precision("fp16")
+    # bf16 by name is allowed (CPU autocast, for checking numerics), with a warning
+    assert M.resolve_precision("bf16") == "bf16"
 
 
 def test_quantization_without_bitsandbytes_is_a_user_error(monkeypatch):
