@@ -83,6 +83,9 @@ def test_compiled_layers_train_like_eager(data_dir, tiny_model_dir, ckpt):  # no
               for r in (f"eager-{ckpt}", f"compiled-{ckpt}")]
     assert len(losses[0]) == 3
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    # the adapter a compiled run saves is the same file an eager run saves (no _orig_mod. prefixes)
+    a, b = (lora_weights(data_dir / "runs" / r / "adapter") for r in (f"eager-{ckpt}", f"compiled-{ckpt}"))
+    assert a.keys() == b.keys()
 
 
 def test_compiled_checkpointed_layer_recomputes_its_body(tiny_model_dir):
