@@ -195,11 +195,36 @@ def gpu_peak_tflops() -> float | None:
     return 2 * 8192**3 / sorted(times)[len(times) // 2] / 1e12
 
 
+def train_job(args: list[str], env: Env, logf: Path, timeout: float | None = None) -> tuple[int | None, str]:
+    """`python -m jobs.train ARGS` in a fresh process with DATA_DIR = env.data_dir; its output is
+    written to `logf`. Returns (exit code, output); the exit code is None when it was stopped
+    after `timeout` seconds."""
+    cmd = [sys.executable, "-m", "jobs.train", *args]
+    logf.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "DATA_DIR": str(env.data_dir)},
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        logf.write_text(out)
+        return None, out
+    logf.write_text(proc.stdout + proc.stderr)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def last_error(output: str) -> str:
+    """The line of a failed job's output that says why (its `error:` line, else the last
+    exception line, else its last line), without progress bars."""
+    lines = [ln for ln in output.splitlines() if ln.strip() and "it/s]" not in ln and "s/it]" not in ln]
+    errors = [ln for ln in lines if ln.startswith(("error:", "preempted:")) or "Error" in ln]
+    return (errors or lines or ["?"])[-1][:200]
+
+
 def run_recipe(cfg: BenchConfig, env: Env, recipe: str, model_dir: Path, data: str) -> dict:
     run = f"bench-{cfg.arch}-{recipe}"
     shutil.rmtree(env.run_dir(run), ignore_errors=True)
-    cmd = [
-        sys.executable, "-m", "jobs.train", *(["--recipe", "auto"] if recipe == "auto" else []),
+    args = [
+        *(["--recipe", "auto"] if recipe == "auto" else []),
         f"run={run}", f"data={data}", f"model.base={model_dir}",
         f"lora.r={cfg.lora_r}", f"lora.alpha={2 * cfg.lora_r}",
         f"train.batch_size={cfg.batch_size}", f"train.max_steps={cfg.steps}", "train.warmup_steps=0",
@@ -210,34 +235,26 @@ def run_recipe(cfg: BenchConfig, env: Env, recipe: str, model_dir: Path, data: s
         "train.max_eval_samples=2", "train.generation_max_length=8",
         *RECIPES[recipe], *cfg.extra,  # later flags win: a recipe may set its own batch
     ]
-    log.info("bench %s: %s", recipe, " ".join(cmd[2:]))
+    log.info("bench %s: jobs.train %s", recipe, " ".join(args))
     t0 = time.time()
     logf = env.data_dir / "bench" / cfg.arch / f"{recipe}.log"
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "DATA_DIR": str(env.data_dir)},
-                              capture_output=True, text=True, timeout=cfg.recipe_timeout or None)
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
-        logf.write_text(out)
+    code, output = train_job(args, env, logf, timeout=cfg.recipe_timeout or None)
+    if code is None:
         return {"recipe": recipe, "batch": cfg.batch_size, "wall_s": round(time.time() - t0, 1),
                 "error": f"stopped after recipe_timeout={cfg.recipe_timeout} s (log: {logf})"}
-    logf.write_text(proc.stdout + proc.stderr)
     row = {"recipe": recipe, "batch": _flag(recipe, cfg, "train.batch_size", cfg.batch_size, int),
            "checkpointing": _flag(recipe, cfg, "model.gradient_checkpointing", "false", str) == "true"
            and _flag(recipe, cfg, "model.checkpoint_fraction", 1.0, float),
            "wall_s": round(time.time() - t0, 1)}
     mfile = env.run_dir(run) / "metrics.json"
-    if proc.returncode != 0 or not mfile.is_file():
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines()
-                 if ln.strip() and "it/s]" not in ln and "s/it]" not in ln]
-        errors = [ln for ln in lines if ln.startswith(("error:", "preempted:")) or "Error" in ln]
-        row["error"] = f"exit {proc.returncode}: {(errors or lines or ['?'])[-1][:200]} (log: {logf})"
+    if code != 0 or not mfile.is_file():
+        row["error"] = f"exit {code}: {last_error(output)} (log: {logf})"
         return row
     m = json.loads(mfile.read_text())
     row.update({k: m.get(k) for k in ("steady_samples_per_second", "steady_step_seconds",
                                       "peak_gpu_memory_bytes", "adapter_size_bytes", "trainable_params", "profile")})
     if recipe == "auto":  # what it chose, from the job's own log line
-        row["chosen"] = next((ln.split("recipe auto: ", 1)[1] for ln in (proc.stderr + proc.stdout).splitlines()
+        row["chosen"] = next((ln.split("recipe auto: ", 1)[1] for ln in output.splitlines()
                               if "recipe auto: " in ln), "?")
         chosen = dict(f.split("=", 1) for f in row["chosen"].split(" because ")[0].split())
         row["checkpointing"] = chosen.get("model.gradient_checkpointing") == "true" and \

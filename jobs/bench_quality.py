@@ -22,19 +22,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
+from jobs.bench import last_error, train_job
 from lib.cli import run_job
 from lib.env import Env
 from lib.errors import UserError
 
 log = logging.getLogger("whisper_ft")
-ROOT = Path(__file__).resolve().parent.parent
 
 REFERENCE = ["model.quantization=int8", "model.gradient_checkpointing=true"]
 FAST = ["model.quantization=none", "model.base_dtype=compute", "train.compile=layers",
@@ -69,26 +65,24 @@ class QualityConfig:
 
 def train_losses(cfg: QualityConfig, env: Env, run: str, flags: list[str], seed: int,
                  precision: str = "auto") -> list[float]:
+    """The per-step training loss of one train-job run; flags == ["auto"] means `--recipe auto`
+    (which picks the precision too)."""
     shutil.rmtree(env.run_dir(run), ignore_errors=True)
-    cmd = [sys.executable, "-m", "jobs.train", *(["--recipe", "auto"] if flags == ["auto"] else []),
-           f"run={run}", f"data={cfg.data}", f"model.base={cfg.model}", f"model.precision={precision}",
-           f"train.batch_size={cfg.batch_size}", f"train.max_steps={cfg.steps}", f"train.lr={cfg.lr}",
-           "train.warmup_steps=2", "train.logging_steps=1", f"train.seed={seed}",
-           f"train.eval_steps={10 * cfg.steps}", f"train.save_steps={10 * cfg.steps}",
-           # Trainer still evaluates (generates) once at the end: keep that short, it is not the point
-           "train.max_eval_samples=8", "train.generation_max_length=48",
-           *([] if flags == ["auto"] else flags)]
-    if flags == ["auto"]:  # auto picks the precision too; don't override it
-        cmd = [c for c in cmd if not c.startswith("model.precision=")]
-    log.info("quality %s: %s", run, " ".join(cmd[2:]))
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "DATA_DIR": str(env.data_dir)},
-                          capture_output=True, text=True)
-    (env.data_dir / "bench").mkdir(parents=True, exist_ok=True)
-    (env.data_dir / "bench" / f"{run}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        tail = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()][-1:]
-        raise UserError(f"{run}: the train job failed (exit {proc.returncode}): {tail}; "
-                        f"log: {env.data_dir / 'bench' / f'{run}.log'}")
+    auto = flags == ["auto"]
+    args = [*(["--recipe", "auto"] if auto else []),
+            f"run={run}", f"data={cfg.data}", f"model.base={cfg.model}",
+            *([] if auto else [f"model.precision={precision}"]),
+            f"train.batch_size={cfg.batch_size}", f"train.max_steps={cfg.steps}", f"train.lr={cfg.lr}",
+            "train.warmup_steps=2", "train.logging_steps=1", f"train.seed={seed}",
+            f"train.eval_steps={10 * cfg.steps}", f"train.save_steps={10 * cfg.steps}",
+            # Trainer still evaluates (generates) once at the end: keep that short, it is not the point
+            "train.max_eval_samples=8", "train.generation_max_length=48",
+            *([] if auto else flags)]
+    log.info("quality %s: jobs.train %s", run, " ".join(args))
+    logf = env.data_dir / "bench" / f"{run}.log"
+    code, output = train_job(args, env, logf)
+    if code != 0:
+        raise UserError(f"{run}: the train job failed (exit {code}): {last_error(output)}; log: {logf}")
     hist = json.loads((env.run_dir(run) / "log_history.json").read_text())
     return [h["loss"] for h in hist if "loss" in h and "eval_loss" not in h]
 

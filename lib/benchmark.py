@@ -249,7 +249,7 @@ class ProfileSteps(TrainerCallback):
         what = "GPU kernels" if s["device"] == "cuda" else "CPU operators (self time)"
         lines = [
             f"profile of {s['steps']} optimizer steps: wall {s['wall_s']:.3f} s, {what} {s['busy_s']:.3f} s "
-            f"({100 * (s['busy_fraction'] or 0):.0f}% of the wall time)",
+            f"({100 * (s['busy_fraction'] or 0):.0f}% of the profiled wall time, which the profiler itself slows)",
             "",
             "| kind | seconds | share of busy |",
             "|---|---|---|",
