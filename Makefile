@@ -84,12 +84,17 @@ DOCKER_TTY =
 LOCAL_ENV = DATA_DIR=$(DATA_ABS) HF_HOME=$(DATA_ABS)/hf-cache PATH=$(abspath $(VENV))/bin:$$PATH
 LOCAL_ENV_FILE = $(if $(HAVE_ENV_FILE),--env-file $(ENV_FILE))
 
-# $(call job,NAME,ARGS): the command line that runs jobs.NAME with ARGS on $(RUNNER).
+# The Python module behind each target: jobs.NAME for the user's jobs, lib.tools.NAME for the
+# developer tools (the image's entrypoint maps the same names).
+MODULE_bench := lib.tools.bench
+module = $(or $(MODULE_$(1)),jobs.$(1))
+
+# $(call job,NAME,ARGS): the command line that runs job (or tool) NAME with ARGS on $(RUNNER).
 ifeq ($(RUNNER),docker)
 job = $(strip $(DOCKER_RUN) $(1) $(2))
 job_torchrun = $(strip $(DOCKER_RUN) torchrun --standalone --nproc_per_node=$(NPROC) -m jobs.$(1) $(2))
 else ifeq ($(RUNNER),local)
-job = $(strip $(LOCAL_ENV) python -m jobs.$(1) $(LOCAL_ENV_FILE) $(2))
+job = $(strip $(LOCAL_ENV) python -m $(call module,$(1)) $(LOCAL_ENV_FILE) $(2))
 job_torchrun = $(strip $(LOCAL_ENV) torchrun --standalone --nproc_per_node=$(NPROC) -m jobs.$(1) $(LOCAL_ENV_FILE) $(2))
 else
 $(error RUNNER=$(RUNNER): use RUNNER=docker or RUNNER=local)

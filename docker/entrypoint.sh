@@ -2,6 +2,7 @@
 # The image's command line: the first word picks the job, the rest goes to it unchanged.
 #
 #   IMAGE train --recipe jobs/recipes/X.yaml language=hi  ->  python -m jobs.train --recipe ... language=hi
+#   IMAGE bench arch=large-v2                             ->  python -m lib.tools.bench arch=large-v2
 #   IMAGE torchrun --nproc_per_node=2 -m jobs.train ...   ->  runs as given (multi-GPU)
 #   IMAGE bash | python ... | nvidia-smi                  ->  runs as given (make shell)
 #
@@ -9,13 +10,14 @@
 # checkpoints and exits 3 (see lib/errors.py).
 set -euo pipefail
 
-jobs="prepare train eval export transcribe bench"
+jobs="prepare train eval export transcribe"
+tools="bench"
 
 usage() {
   cat <<USAGE
 usage: IMAGE JOB [--recipe FILE] [--env-file FILE] [key=value ...]
-  JOB is one of: ${jobs}
-  (python -m jobs.JOB --help lists each job's options)
+  JOB is one of: ${jobs} (python -m jobs.JOB --help lists its options)
+  or a developer tool: ${tools} (python -m lib.tools.TOOL --help)
 or:    IMAGE torchrun ... -m jobs.train ...   multi-GPU training
 or:    IMAGE COMMAND ...                      any command, e.g. bash
 USAGE
@@ -30,10 +32,15 @@ case "$1" in
   help | -h | --help)
     usage
     ;;
-  prepare | train | eval | export | transcribe | bench)
+  prepare | train | eval | export | transcribe)
     job="$1"
     shift
     exec python -m "jobs.${job}" "$@"
+    ;;
+  bench)
+    tool="$1"
+    shift
+    exec python -m "lib.tools.${tool}" "$@"
     ;;
   *)
     exec "$@"

@@ -9,6 +9,9 @@ import numpy as np
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_DIR = FIXTURES / "whisper_tokenizer"
+# Real whisper-base weights for the slow tests, where a developer checkout has them: the
+# `shared/` folder beside the repository (a user's clone has none; those tests then skip or fail).
+SHARED_WHISPER_BASE = Path(__file__).resolve().parents[2] / "shared" / "models" / "whisper-base-hf"
 
 
 def build_tiny_whisper(out: Path, seed: int = 0, **overrides) -> Path:
@@ -16,7 +19,7 @@ def build_tiny_whisper(out: Path, seed: int = 0, **overrides) -> Path:
     written with save_pretrained so that tests load it through the real from_pretrained path."""
     from transformers import WhisperConfig
 
-    from lib.benchmark import save_random_whisper
+    from lib.tools.models import save_random_whisper
 
     cfg = dict(
         vocab_size=51865,

@@ -1,13 +1,13 @@
 """`make bench` and `jobs.bench_quality` end to end on the CPU, at the smallest sizes."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-from jobs import bench, bench_quality
 from lib.env import Env
 from lib.errors import UserError
+from lib.tools import bench, bench_quality
+from tests.helpers import SHARED_WHISPER_BASE
 from tests.test_train import data_dir  # noqa: F401  (a fixture)
 
 
@@ -76,7 +76,7 @@ def test_quality_guard_on_real_whisper_base(tmp_path):
     ~10 min on 2 CPU cores: -m slow."""
     from tests.helpers import tone, write_prepared
 
-    base = Path("/work/shared/models/whisper-base-hf")
+    base = SHARED_WHISPER_BASE
     if not (base / "model.safetensors").is_file():
         pytest.skip(f"{base} not present")
     words = ["नमस्ते दोस्त", "धन्यवाद जी", "पानी लाओ", "घर चलो", "हमने उसका जन्मदिन मनाया", "आज बारिश होगी"]

@@ -18,6 +18,8 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile"
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 BIN = Path(sys.executable).parent
 JOBS = ["prepare", "train", "eval", "export", "transcribe", "bench"]
+# the module each name runs: the user's jobs, and the bench tool from lib/tools
+MODULES = {job: f"jobs.{job}" for job in JOBS} | {"bench": "lib.tools.bench"}
 
 
 def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
@@ -186,7 +188,7 @@ def entry(fake_bin, *args):
 def test_entrypoint_maps_a_job_to_its_module(fake_bin, job):
     proc = entry(fake_bin, job, "--recipe", "jobs/recipes/x.yaml", "language=hi", "a b=c")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"python -m jobs.{job} --recipe jobs/recipes/x.yaml language=hi a b=c"
+    assert proc.stdout.strip() == f"python -m {MODULES[job]} --recipe jobs/recipes/x.yaml language=hi a b=c"
 
 
 def test_entrypoint_runs_other_commands_as_given(fake_bin):

@@ -11,7 +11,7 @@ import yaml
 
 from lib.env import Env
 from lib.errors import UserError
-from tests.helpers import tone, write_prepared
+from tests.helpers import SHARED_WHISPER_BASE, tone, write_prepared
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int = 1, scale: float = 0.5) -> Path:
@@ -129,11 +129,11 @@ def test_eval_plain_model_with_limit(data_dir, tiny_model_dir):
 
 @pytest.mark.slow
 def test_whisper_base_zero_shot_on_a_few_clips(tmp_path):
-    """Real weights: /work/shared/models/whisper-base-hf, zero-shot on synthesized English speech-free
+    """Real weights: ../shared/models/whisper-base-hf, zero-shot on synthesized English speech-free
     tones is meaningless, so this only checks the whole path runs and reports (minutes on a CPU)."""
     from jobs.eval import EvalConfig, main
 
-    base = Path("/work/shared/models/whisper-base-hf")
+    base = SHARED_WHISPER_BASE
     if not base.is_dir():
         pytest.fail(f"{base} missing: this slow test needs the shared whisper-base weights")
     write_prepared(tmp_path / "prepared" / "tones", base, {"test": [("a", tone(2.0, 440)), ("b", tone(1.0, 880))]},

@@ -41,7 +41,7 @@ def make(*args: str, lang: str = "C.UTF-8", check: bool = True, timeout: int = 6
 
 def job_line(out: str) -> list[str]:
     """The one command line of a job target (the line that runs docker, python or torchrun)."""
-    lines = [ln for ln in out.splitlines() if re.search(r"\b(docker run|python -m jobs\.|torchrun)\b", ln)]
+    lines = [ln for ln in out.splitlines() if re.search(r"\b(docker run|python -m (jobs|lib\.tools)\.|torchrun)\b", ln)]
     assert len(lines) == 1, out
     return shlex.split(lines[0])
 
@@ -103,7 +103,7 @@ def test_local_runner_command_line(target, env_file, tmp_path):
     assert "docker" not in argv
     assert f"DATA_DIR={data}" in argv
     i = argv.index("-m")
-    assert argv[i - 1] == "python" and argv[i + 1] == f"jobs.{target}"
+    assert argv[i - 1] == "python" and argv[i + 1] == ("lib.tools.bench" if target == "bench" else f"jobs.{target}")
     assert argv[argv.index("--env-file") + 1] == str(env_file)
 
 

@@ -17,7 +17,7 @@ from lib.config import load_config
 from lib.env import Env
 from lib.errors import Preempted, UserError
 from lib.train_config import TrainConfig
-from tests.helpers import tone, write_prepared
+from tests.helpers import SHARED_WHISPER_BASE, tone, write_prepared
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ["नमस्ते", "धन्यवाद", "हाँ", "नहीं", "पानी", "घर"]
@@ -263,7 +263,7 @@ def test_out_of_memory_names_the_knobs(data_dir, tiny_model_dir, monkeypatch):
 def test_real_whisper_base_wer_falls(tmp_path):
     """Fine-tune the real whisper-base for 30 steps (~15 s/step on 2 idle cores) on its own transcripts of two tones and
     words it cannot know; the lead's demo that WER falls. Minutes on a CPU: -m slow."""
-    base = Path("/work/shared/models/whisper-base-hf")
+    base = SHARED_WHISPER_BASE
     if not (base / "model.safetensors").is_file():
         pytest.skip(f"{base} not present")
     words = ["नमस्ते दोस्त", "धन्यवाद जी", "पानी लाओ", "घर चलो"]

@@ -1,10 +1,10 @@
 """Synthesize a small Hindi speech corpus with espeak-ng, for realistic end-to-end runs without a download.
 
     apt-get install -y espeak-ng ffmpeg
-    DATA_DIR=/work/demo-data python -m jobs.make_synthetic_corpus            # -> DATA_DIR/corpora/synth-hi
-    python -m jobs.make_synthetic_corpus out=/tmp/synth-hi sentences=300 seed=1
-    DATA_DIR=/work/demo-data python -m jobs.prepare name=synth-hi language=hi source.kind=manifest \
-        source.path=/work/demo-data/corpora/synth-hi/manifest.csv model=/work/shared/models/whisper-base-hf
+    DATA_DIR=data python -m lib.tools.make_synthetic_corpus            # -> data/corpora/synth-hi
+    python -m lib.tools.make_synthetic_corpus out=/tmp/synth-hi sentences=300 seed=1
+    DATA_DIR=data python -m jobs.prepare name=synth-hi language=hi source.kind=manifest \
+        source.path=data/corpora/synth-hi/manifest.csv model=openai/whisper-base   # or a local copy
 
 Builds SENTENCES distinct short Hindi sentences (3-8 words, Devanagari) from a small
 vocabulary and a few templates (subject, object, verb agreeing with the subject's gender,

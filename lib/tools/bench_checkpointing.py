@@ -1,7 +1,7 @@
 """Memory of one training step under each checkpointing kind, on the CPU (no GPU needed).
 
-    python -m jobs.bench_checkpointing                 # whisper-base size, batch 4, 30 s inputs
-    python -m jobs.bench_checkpointing arch=small batch_size=2
+    python -m lib.tools.bench_checkpointing                 # whisper-base size, batch 4, 30 s inputs
+    python -m lib.tools.bench_checkpointing arch=small batch_size=2
 
 Each (quantization, checkpointing) case runs in a fresh process: random weights at `arch`,
 LoRA r=8 on q_proj/v_proj, one forward+backward; it prints the extra resident memory
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lib.cli import run_job
 from lib.env import Env
+from lib.tools.runner import ROOT
 
 CASES = [("int8", "none"), ("int8", "non-reentrant"), ("int8", "reentrant"),
          ("none", "none"), ("none", "non-reentrant"), ("none", "reentrant")]
@@ -27,7 +28,7 @@ CASES = [("int8", "none"), ("int8", "non-reentrant"), ("int8", "reentrant"),
 @dataclass
 class Config:
     arch: str = "base"
-    """Whisper size with random weights (see lib/benchmark.ARCHS)"""
+    """Whisper size with random weights (see lib/tools/models.ARCHS)"""
     batch_size: int = 4
     """clips of 30 s per step"""
 
@@ -43,7 +44,7 @@ def step(arch: str, batch: int, quant: str, ckpt: str, model_dir: Path) -> str:
     from transformers import WhisperForConditionalGeneration
 
     from lib import model as M
-    from lib.benchmark import whisper_config
+    from lib.tools.models import whisper_config
     from lib.train_config import LoraSection
 
     if not (model_dir / "config.json").is_file():
@@ -90,10 +91,10 @@ def main(cfg: Config, env: Env) -> None:
     print(f"\n{cfg.arch}, batch {cfg.batch_size} x 30 s, one forward+backward on the CPU")
     print("| quantization | checkpointing | extra MiB | encoder lora_B grad sum |\n|---|---|---|---|")
     for quant, ckpt in CASES:
-        code = (f"from jobs.bench_checkpointing import step; from pathlib import Path; "
+        code = (f"from lib.tools.bench_checkpointing import step; from pathlib import Path; "
                 f"print(step({cfg.arch!r}, {cfg.batch_size}, {quant!r}, {ckpt!r}, Path({str(model_dir)!r})))")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent.parent)
+                             cwd=ROOT)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("|")]
         print(lines[-1] if lines else f"| {quant} | {ckpt} | failed: {out.stderr.strip().splitlines()[-1:]} | |")
 

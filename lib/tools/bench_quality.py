@@ -1,7 +1,7 @@
 """Training-quality guard: a fast recipe's loss curve against the walkthrough recipe's, on real weights.
 
-    python -m jobs.bench_quality data=synth-hi model=../shared/models/whisper-base-hf
-    python -m jobs.bench_quality data=cv_hi model=openai/whisper-large-v2 fast=auto steps=50   # on a GPU
+    python -m lib.tools.bench_quality data=synth-hi model=../shared/models/whisper-base-hf
+    python -m lib.tools.bench_quality data=cv_hi model=openai/whisper-large-v2 fast=auto steps=50   # on a GPU
 
 Speed knobs must not change what is learnt. Three runs of the real train job on the same
 prepared data, each a fresh process, `steps` optimizer steps, training loss logged every step:
@@ -25,10 +25,10 @@ import logging
 import shutil
 from dataclasses import dataclass
 
-from jobs.bench import last_error, train_job
 from lib.cli import run_job
 from lib.env import Env
 from lib.errors import UserError
+from lib.tools.runner import last_error, run_job_process
 
 log = logging.getLogger("whisper_ft")
 
@@ -80,7 +80,7 @@ def train_losses(cfg: QualityConfig, env: Env, run: str, flags: list[str], seed:
             *([] if auto else flags)]
     log.info("quality %s: jobs.train %s", run, " ".join(args))
     logf = env.data_dir / "bench" / f"{run}.log"
-    code, output = train_job(args, env, logf)
+    code, output = run_job_process("train", args, env, logf)
     if code != 0:
         raise UserError(f"{run}: the train job failed (exit {code}): {last_error(output)}; log: {logf}")
     hist = json.loads((env.run_dir(run) / "log_history.json").read_text())

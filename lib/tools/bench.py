@@ -1,7 +1,7 @@
 """Benchmark training and eval speed/memory at a named Whisper size with random weights.
 
-    python -m jobs.bench                                   # large-v2, the default run below
-    python -m jobs.bench arch=tiny recipes=fp32,auto steps=6   # quick look on any machine
+    python -m lib.tools.bench                                   # large-v2, the default run below
+    python -m lib.tools.bench arch=tiny recipes=fp32,auto steps=6   # quick look on any machine
     make bench ARGS="extra=train.num_workers=8 readme=README.md"   # the README's H100 run
 
 Random weights need no Hub: the model is built from the architecture's published config,
@@ -22,24 +22,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lib.benchmark import ARCHS, flops_per_sample, save_random_whisper, whisper_config
 from lib.cli import run_job
 from lib.env import Env
 from lib.errors import UserError
+from lib.tools.models import ARCHS, flops_per_sample, save_random_whisper, whisper_config
+from lib.tools.runner import ROOT, last_error, run_job_process
 
 log = logging.getLogger("whisper_ft")
-ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "tests" / "fixtures" / "whisper_tokenizer"
 
 # Recipe name -> train job overrides. Same LoRA placement for all (r=32 on q_proj/v_proj).
@@ -195,31 +192,6 @@ def gpu_peak_tflops() -> float | None:
     return 2 * 8192**3 / sorted(times)[len(times) // 2] / 1e12
 
 
-def train_job(args: list[str], env: Env, logf: Path, timeout: float | None = None) -> tuple[int | None, str]:
-    """`python -m jobs.train ARGS` in a fresh process with DATA_DIR = env.data_dir; its output is
-    written to `logf`. Returns (exit code, output); the exit code is None when it was stopped
-    after `timeout` seconds."""
-    cmd = [sys.executable, "-m", "jobs.train", *args]
-    logf.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "DATA_DIR": str(env.data_dir)},
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
-        logf.write_text(out)
-        return None, out
-    logf.write_text(proc.stdout + proc.stderr)
-    return proc.returncode, proc.stdout + proc.stderr
-
-
-def last_error(output: str) -> str:
-    """The line of a failed job's output that says why (its `error:` line, else the last
-    exception line, else its last line), without progress bars."""
-    lines = [ln for ln in output.splitlines() if ln.strip() and "it/s]" not in ln and "s/it]" not in ln]
-    errors = [ln for ln in lines if ln.startswith(("error:", "preempted:")) or "Error" in ln]
-    return (errors or lines or ["?"])[-1][:200]
-
-
 def run_recipe(cfg: BenchConfig, env: Env, recipe: str, model_dir: Path, data: str) -> dict:
     run = f"bench-{cfg.arch}-{recipe}"
     shutil.rmtree(env.run_dir(run), ignore_errors=True)
@@ -238,7 +210,7 @@ def run_recipe(cfg: BenchConfig, env: Env, recipe: str, model_dir: Path, data: s
     log.info("bench %s: jobs.train %s", recipe, " ".join(args))
     t0 = time.time()
     logf = env.data_dir / "bench" / cfg.arch / f"{recipe}.log"
-    code, output = train_job(args, env, logf, timeout=cfg.recipe_timeout or None)
+    code, output = run_job_process("train", args, env, logf, timeout=cfg.recipe_timeout or None)
     if code is None:
         return {"recipe": recipe, "batch": cfg.batch_size, "wall_s": round(time.time() - t0, 1),
                 "error": f"stopped after recipe_timeout={cfg.recipe_timeout} s (log: {logf})"}

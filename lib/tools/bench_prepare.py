@@ -1,10 +1,12 @@
 """Benchmark `make prepare` and measure the storage decision (raw 16 kHz audio vs log-mel).
 
-    .venv/bin/python -m jobs.bench_prepare [--clips 1000] [--num-proc 2] [--model tests/fixtures/whisper_tokenizer]
+    python -m lib.tools.bench_prepare                    # 1,000 clips, num_proc=2
+    python -m lib.tools.bench_prepare clips=200 num_proc=1 model=tests/fixtures/whisper_tokenizer
 
 1. Throughput: writes CLIPS five-second 48 kHz mono mp3 clips (10 synthesized voices-like
-   signals, copied) in a temporary Common Voice layout, runs the prepare job on them with
-   --num-proc workers and prints clips/s (wall clock, tokenizer load and writing included).
+   signals, copied) in a temporary Common Voice layout, runs the prepare job on them
+   (`python -m jobs.prepare`, its own process) with num_proc workers and prints clips/s
+   (wall clock: process start, tokenizer load and writing included).
 2. Storage: bytes per clip on disk of the prepared dataset (float32 16 kHz audio) versus a
    precomputed 80 x 3000 float32 log-mel (960,000 bytes a clip), and the CPU time to compute
    log-mel for a batch of 8 x 30 s with WhisperFeatureExtractor (numpy path and torch path).
@@ -12,15 +14,20 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from lib.cli import run_job
+from lib.env import Env
+from lib.errors import UserError
+from lib.tools.runner import ROOT, last_error, run_job_process
 
 SECONDS = 5.0
 
@@ -65,20 +72,17 @@ def dir_bytes(path: Path) -> int:
 
 
 def bench_throughput(n: int, num_proc: int, model: str, work: Path) -> dict:
-    from jobs.prepare import PrepareConfig, main
-    from lib.config import load_config
-    from lib.env import Env
-
     release = make_release(work / "cv", n)
     mp3_bytes = dir_bytes(release / "clips")
-    cfg = load_config(PrepareConfig, None, [
-        f"model={model}", "name=bench", "language=hi", "source.kind=cv", f"source.path={release}",
-        "source.validation=", "source.test=", f"num_proc={num_proc}"])
+    args = [f"model={model}", "name=bench", "language=hi", "source.kind=cv", f"source.path={release}",
+            "source.validation=", "source.test=", f"num_proc={num_proc}"]
     t0 = time.perf_counter()
-    manifest = main(cfg, Env(data_dir=work / "data"))
+    code, output = run_job_process("prepare", args, Env(data_dir=work / "data"), work / "prepare.log")
     wall = time.perf_counter() - t0
+    if code != 0:
+        raise UserError(f"bench_prepare: the prepare job failed (exit {code}): {last_error(output)}")
     out = work / "data" / "prepared" / "bench"
-    rows = manifest["splits"]["train"]["rows"]
+    rows = json.loads((out / "manifest.json").read_text())["splits"]["train"]["rows"]
     return {"clips": n, "rows_written": rows, "num_proc": num_proc, "wall_s": round(wall, 1),
             "clips_per_s": round(n / wall, 1), "audio_hours_per_s": round(n * SECONDS / 3600 / wall, 4),
             "mp3_bytes_per_clip": mp3_bytes // n, "prepared_bytes_per_clip": dir_bytes(out / "train") // rows}
@@ -105,23 +109,32 @@ def bench_logmel(batch: int = 8, repeats: int = 3) -> dict:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clips", type=int, default=1000)
-    p.add_argument("--num-proc", type=int, default=2)
-    p.add_argument("--model", default=str(Path(__file__).parent.parent / "tests" / "fixtures" / "whisper_tokenizer"))
-    p.add_argument("--skip-throughput", action="store_true")
-    args = p.parse_args()
-    from lib.cli import setup_logging
+@dataclass
+class BenchPrepareConfig:
+    clips: int = 1000
+    """five-second mp3 clips to prepare"""
+    num_proc: int = 2
+    """prepare's worker processes"""
+    model: str = str(ROOT / "tests" / "fixtures" / "whisper_tokenizer")
+    """tokenizer (a Whisper folder or Hub id) prepare tokenizes with"""
+    throughput: bool = True
+    """false: only the log-mel timing"""
 
-    setup_logging()
+    def __post_init__(self):
+        if self.clips < 1 or self.num_proc < 1:
+            raise UserError("clips and num_proc must be >= 1")
+
+
+def main(cfg: BenchPrepareConfig, env: Env) -> dict:
+    # 1. Prepare throughput on a temporary Common Voice release; 2. log-mel cost per batch.
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
-        if not args.skip_throughput:
-            results["throughput"] = bench_throughput(args.clips, args.num_proc, args.model, Path(tmp))
+        if cfg.throughput:
+            results["throughput"] = bench_throughput(cfg.clips, cfg.num_proc, cfg.model, Path(tmp))
     results["logmel"] = bench_logmel()
     print(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_job("bench_prepare", __doc__, BenchPrepareConfig, main))
