@@ -75,23 +75,12 @@ class EvalConfig:
             raise UserError("speed_clips must be >= 1")
 
 
-def _run_data_name(run_config: dict) -> str | None:
-    data = run_config.get("data")
-    if isinstance(data, dict):
-        return data.get("name") or data.get("prepared")
-    return data
-
-
 def main(cfg: EvalConfig, env: Env) -> dict:
-    from lib.inference import (
-        check_language,
-        load_model,
-        resolve_source,
-        speed_compare,
-        transcribe_dataset,
-    )
+    from lib.inference import speed_compare, transcribe_dataset
+    from lib.language import job_language, task_setting
     from lib.metrics import score
-    from lib.prepared import load_split, read_manifest
+    from lib.model import load_model, resolve_source
+    from lib.prepared import load_split, open_prepared
     from lib.report import (
         device_description,
         package_versions,
@@ -103,11 +92,10 @@ def main(cfg: EvalConfig, env: Env) -> dict:
 
     # 1. What to evaluate, on what, and where the report goes.
     source = resolve_source(env, cfg.run, cfg.model, cfg.adapter)
-    data = cfg.data or _run_data_name(source.run_config)
+    data = cfg.data or source.run_config.get("data")
     if not data:
         raise UserError("which dataset? set data=<prepared name> (see DATA_DIR/prepared)")
-    data_path = Path(data) if (Path(data) / "manifest.json").is_file() else env.prepared_dir(data)
-    manifest = read_manifest(data_path)
+    data_path, manifest = open_prepared(env, data)
     if cfg.out:
         out = Path(cfg.out)
     elif source.run_dir is not None:
@@ -116,7 +104,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         out = env.data_dir / "evals" / f"{Path(source.base).name}-{data_path.name}-{cfg.split}"
     if (out / "report.json").exists() and not cfg.force:
         raise UserError(f"{out} already holds an evaluation report: set force=true to replace it, or out=")
-    task = cfg.task or source.run_config.get("task") or "transcribe"
+    task = task_setting(cfg.task, run_config=source.run_config, adapter=source.adapter, manifest=manifest)
     log.info("eval: %s on %s/%s -> %s", source.describe(), data_path, cfg.split, out)
 
     # 2. The split (first `limit` clips when asked).
@@ -129,9 +117,9 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     log.info("eval: %d clips, %.2f h of audio", len(ds), sum(durations) / 3600)
 
     # 3. The model (adapter attached, base reachable through disable_adapter()).
-    model, processor, info = load_model(source, cfg.precision, cfg.quantization)
-    language = check_language(cfg.language or source.run_config.get("language") or manifest.get("language"),
-                              model)
+    model, processor, info = load_model(source, cfg.precision, cfg.quantization, token=env.hf_token)
+    language = job_language(processor.tokenizer, cfg.language, run_config=source.run_config,
+                            adapter=source.adapter, manifest=manifest, model=model)
     log.info("eval: language %s, task %s, %s", language, task, info)
 
     # 4. Transcribe: the model as given, then the base zero-shot on the same clips.

@@ -1,7 +1,7 @@
 """Merge a run's LoRA adapter into its base and save a standalone model; optionally CTranslate2 and the Hub.
 
     python -m jobs.export run=hi-small                        # -> DATA_DIR/runs/hi-small/merged
-    python -m jobs.export run=hi-small ctranslate2=int8 push_to_hub=me/whisper-small-hi
+    python -m jobs.export run=hi-small ctranslate2=int8 hub.push=true hub.repo_id=me/whisper-small-hi
     python -m jobs.export adapter=DIR model=openai/whisper-small language=hi data=cv-hi out=DIR
 
 The merged model is checked before it is moved into OUT: on verify_clips clips of the
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +22,7 @@ from lib.cli import run_job
 from lib.config import to_dict
 from lib.env import Env
 from lib.errors import UserError
+from lib.hub import HubConfig
 
 log = logging.getLogger("whisper_ft")
 
@@ -56,12 +57,9 @@ class ExportConfig:
     """also write OUT-ct2-<type> for faster-whisper / CTranslate2"""
     ct2_max_wer: float = 0.25
     """WER allowed between CTranslate2 and merged transcripts (int8 drifts more than float16)"""
-    push_to_hub: str | None = None
-    """Hub repo id (user/name) to upload the merged model with a model card (needs HF_TOKEN)"""
-    private: bool = True
-    """create the Hub repo private"""
     force: bool = False
     """replace an OUT that holds a different model"""
+    hub: HubConfig = field(default_factory=HubConfig)
 
     def __post_init__(self):
         if self.verify_clips < 0:
@@ -76,11 +74,14 @@ def main(cfg: ExportConfig, env: Env) -> dict:
     import numpy as np
 
     from lib import export as ex
-    from lib.inference import check_language, load_processor, resolve_source
-    from lib.prepared import load_split
+    from lib import hub
+    from lib.language import job_language, task_setting
+    from lib.model import load_base, load_processor, resolve_source
+    from lib.prepared import load_split, open_prepared
     from lib.report import package_versions
 
-    # 1. What to merge, where to.
+    # 1. What to merge, where to; a push without a token fails here, before any work.
+    hub.require_token(cfg.hub, env.hf_token)
     source = resolve_source(env, cfg.run, cfg.model, cfg.adapter)
     if not source.adapter:
         raise UserError("export merges an adapter: give run=NAME or adapter=DIR (model= is only the base)")
@@ -91,17 +92,16 @@ def main(cfg: ExportConfig, env: Env) -> dict:
     ct2_out = out.parent / f"{out.name}-ct2-{cfg.ctranslate2}"
     if cfg.ctranslate2 != "none":
         ex.check_destination(ct2_out, fp, cfg.force)
-    task = cfg.task or source.run_config.get("task") or "transcribe"
+    task = task_setting(cfg.task, run_config=source.run_config, adapter=source.adapter)
     log.info("export: %s -> %s (%s)", source.describe(), out, cfg.dtype)
 
     # 2. Verification clips from the prepared split (first verify_clips rows).
     clips: list = []
     if cfg.verify_clips:
         data = cfg.data or source.run_config.get("data")
-        data = data.get("name") if isinstance(data, dict) else data
         if not data:
             raise UserError("verification needs clips: set data=<prepared name> (or verify_clips=0 to skip)")
-        data_path = Path(data) if (Path(data) / "manifest.json").is_file() else env.prepared_dir(data)
+        data_path, _ = open_prepared(env, data)
         ds = load_split(data_path, cfg.split)
         ds = ds.select(range(min(cfg.verify_clips, len(ds)))).with_format("numpy", columns=["audio"])
         clips = [np.asarray(a) for a in ds["audio"]]
@@ -110,8 +110,9 @@ def main(cfg: ExportConfig, env: Env) -> dict:
 
     # 3. Merge into a float base (never 8-bit: see lib.export.load_float_base) and save to staging.
     merged = ex.merge(source, cfg.dtype)
-    language = check_language(cfg.language or source.run_config.get("language"), merged)
-    processor = load_processor(source)
+    processor = load_processor(source.adapter, source.base)
+    language = job_language(processor.tokenizer, cfg.language, run_config=source.run_config, adapter=source.adapter,
+                            model=merged)
     staging = out.parent / f".{out.name}.incomplete"
     if staging.exists():
         import shutil
@@ -135,14 +136,12 @@ def main(cfg: ExportConfig, env: Env) -> dict:
 
     # 5. Optional CTranslate2 conversion, checked the same way on the CPU.
     if cfg.ctranslate2 != "none":
-        from transformers import WhisperForConditionalGeneration
-
         ct2_staging = out.parent / f".{ct2_out.name}.incomplete"
         ex.convert_ctranslate2(out, ct2_staging, cfg.ctranslate2)
         ct2_manifest = {**manifest, "ctranslate2": cfg.ctranslate2, "merged_from": str(out)}
         if clips:
-            merged = WhisperForConditionalGeneration.from_pretrained(out, dtype=ex.torch_dtype("fp32")).eval()
-            ct2_manifest["verify_ct2"] = ex.verify_ct2(ct2_staging, merged, load_processor(source), clips,
+            merged = load_base(str(out), "none", "fp32", base_dtype="compute").eval()
+            ct2_manifest["verify_ct2"] = ex.verify_ct2(ct2_staging, merged, processor, clips,
                                                        language, task, cfg.ctranslate2, cfg.ct2_max_wer,
                                                        cfg.verify_tokens)
         (ct2_staging / ex.MANIFEST).write_text(json.dumps(ct2_manifest, indent=2, ensure_ascii=False))
@@ -152,11 +151,12 @@ def main(cfg: ExportConfig, env: Env) -> dict:
         log.info("export: CTranslate2 %s model in %s", cfg.ctranslate2, ct2_out)
 
     # 6. Optional Hub push with a model card carrying the eval report.
-    if cfg.push_to_hub:
+    if cfg.hub.push:
         report = source.run_dir / "eval" / "report.md" if source.run_dir else None
-        card = ex.model_card(cfg.push_to_hub, source.base, language, task,
-                             report.read_text() if report and report.is_file() else None, manifest)
-        manifest["hub"] = ex.push_to_hub(out, cfg.push_to_hub, env.hf_token, card, cfg.private)
+        card = hub.model_card(kind="merged", repo_id=cfg.hub.repo_id, base=source.base, language=language,
+                              task=task, report_md=report.read_text() if report and report.is_file() else None,
+                              verify=manifest.get("verify"), dtype=cfg.dtype)
+        manifest["hub"] = hub.push_folder(out, cfg.hub, env.hf_token, card, "merged model")
         (out / ex.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
         log.info("export: pushed to %s", manifest["hub"])
     return manifest

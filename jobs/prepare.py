@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lib.audio import SAMPLING_RATE
 from lib.cli import run_job
 from lib.config import to_dict
 from lib.data import (
@@ -33,14 +34,13 @@ from lib.data import (
     load_tokenizer,
     max_target_positions,
     process_split,
-    resolve_language,
     versions,
-    whisper_languages,
     write_split,
 )
 from lib.env import Env
 from lib.errors import UserError
-from lib.prepared import MANIFEST, SAMPLING_RATE, write_manifest
+from lib.language import known_languages, resolve_language
+from lib.prepared import MANIFEST, write_manifest
 from lib.sources import SourceConfig, read_source
 
 log = logging.getLogger("whisper_ft")
@@ -88,7 +88,7 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
     # 1. Check the language against the tokenizer before any work.
     tokenizer = load_tokenizer(cfg.model)
     cfg.language = resolve_language(cfg.language, tokenizer)
-    known = sorted(whisper_languages(tokenizer))
+    known = sorted(known_languages(tokenizer))
     limits = Limits(cfg.min_duration, cfg.max_duration, max_target_positions(cfg.model))
     log.info("prepare: %s -> %s, language=%s task=%s, tokenizer %s, clips %.1f-%.0f s, labels <= %d tokens",
              cfg.source.kind, out, cfg.language, cfg.task, cfg.model, cfg.min_duration, cfg.max_duration,

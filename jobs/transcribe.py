@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from lib.audio import SAMPLING_RATE
 from lib.cli import run_job
 from lib.env import Env
 from lib.errors import UserError
@@ -56,27 +57,23 @@ class TranscribeConfig:
 
 
 def main(cfg: TranscribeConfig, env: Env) -> str:
-    from lib.inference import (
-        check_language,
-        default_language_task,
-        load_audio,
-        load_model,
-        resolve_source,
-        transcribe_long,
-    )
+    from lib.audio import load_file
+    from lib.inference import transcribe_long
+    from lib.language import job_language, task_setting
+    from lib.model import load_model, resolve_source
 
-    # 1. Inputs first: a missing file should not wait for a model to load.
-    audio = load_audio(cfg.audio)
+    # 1. Inputs first: a missing or broken file should not wait for a model to load.
+    audio = load_file(cfg.audio)
     if cfg.out and Path(cfg.out).exists() and not cfg.force:
         raise UserError(f"out={cfg.out} already exists: set force=true to replace it")
     source = resolve_source(env, cfg.run, cfg.model, cfg.adapter)
 
     # 2. Model, language, task.
-    model, processor, info = load_model(source, cfg.precision, cfg.quantization)
-    default_language, default_task = default_language_task(source, model)
-    language = check_language(cfg.language or default_language, model)
-    task = cfg.task or default_task or "transcribe"
-    log.info("transcribe: %s (%.1f s) with %s, language %s, %s", cfg.audio, len(audio) / 16_000,
+    model, processor, info = load_model(source, cfg.precision, cfg.quantization, token=env.hf_token)
+    where = dict(run_config=source.run_config, adapter=source.adapter, model=model)
+    language = job_language(processor.tokenizer, cfg.language, **where)
+    task = task_setting(cfg.task, **where)
+    log.info("transcribe: %s (%.1f s) with %s, language %s, %s", cfg.audio, len(audio) / SAMPLING_RATE,
              source.describe(), language, info)
 
     # 3. Transcribe and print.

@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 
 SAMPLING_RATE = 16_000
+"""Whisper's input rate: every clip is decoded and resampled to it"""
+WINDOW_SECONDS = 30
+"""Whisper's encoder sees 30-s windows: 30 s x 100 frames/s = 3000 mel frames"""
 
 
 class AudioError(Exception):
@@ -116,3 +119,16 @@ def decode(source: str | Path | bytes, name: str | None = None, target: int = SA
     if not np.isfinite(audio).all():
         raise AudioError(f"does not decode: {name} has NaN or infinite samples")
     return resample(audio, sr, target)
+
+
+def load_file(path: str | Path, flag: str = "audio") -> np.ndarray:
+    """A user's audio file (transcribe) through the same decoder and checks as prepare's clips;
+    a file that cannot be used is a UserError naming the flag and the reason."""
+    from lib.errors import UserError
+
+    if not Path(path).is_file():
+        raise UserError(f"{flag}={path}: no such file")
+    try:
+        return decode(path)
+    except AudioError as e:
+        raise UserError(f"{flag}={path}: cannot decode it ({e}); give a complete wav, flac, ogg or mp3 file") from None

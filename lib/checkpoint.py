@@ -150,3 +150,17 @@ class StopOnSigterm(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def save_adapter(model, processor, generation_config, dest: Path) -> Path:
+    """The final adapter: LoRA weights, processor, generation config (language and task), written
+    aside (DEST.tmp) and then renamed, so DEST is never half there, not even after a kill."""
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    generation_config.save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest

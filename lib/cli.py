@@ -9,9 +9,12 @@ exits 3 (retry: the job resumes); anything else is a crash with a traceback (ret
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from lib.config import load_config
@@ -48,17 +51,63 @@ def setup_logging(env: Env | None = None) -> None:
     root.setLevel(logging.INFO)
 
 
-def run_job(
-    name: str, doc: str, cfg_cls: type[T], main: Callable[[T, Env], Any], argv: list[str] | None = None,
-    recipe_hook: Callable[[str | None, list[str]], tuple[str | None, list[str]]] | None = None,
-) -> int:
-    """Parse argv, build the config, call main(cfg, env); return the process exit code.
+def _module_of(fn: Callable) -> str:
+    """The dotted module a job's main lives in (jobs.train, lib.tools.bench), also under -m."""
+    module = fn.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else module
+    return module
 
-    recipe_hook(recipe, flags) -> (recipe, flags): a job's own reading of --recipe before the
-    config is built (train: `--recipe auto`, lib/recipes.py); called after logging is set up.
+
+@dataclass
+class Recipe:
+    """What `--recipe` said, and what the job's config was built from; run_job hands it to the job."""
+
+    given: str | None
+    """the --recipe argument: a YAML path, the name of a computed recipe (train: auto), or None"""
+    path: Path | None
+    """the YAML file layered under the flags (a computed recipe's base file)"""
+    choice: dict[str, Any] | None = None
+    """what a computed recipe chose on this machine: settings, why, the flags that won over it"""
+
+    @property
+    def name(self) -> str | None:
+        return self.given if self.path is None or self.given == self.path.name else (
+            self.path.name if self.choice is None else f"{self.given} ({self.path.name})")
+
+    def describe(self) -> dict[str, Any]:
+        return {"given": self.given, "file": str(self.path) if self.path else None, "choice": self.choice}
+
+
+# A recipe computed on the machine: its base YAML and fn(config, flags) -> (config, choice).
+Computed = tuple[Path, Callable[[Any, list[str]], tuple[Any, dict[str, Any]]]]
+
+
+def build_config(cfg_cls: type[T], recipe: str | None, flags: list[str],
+                 computed: dict[str, Computed] | None = None) -> tuple[T, Recipe]:
+    """The typed config (defaults < recipe YAML < flags) and the Recipe it came from. A computed
+    recipe's name (train's `auto`) builds from its base YAML, then applies its choice to the
+    built config."""
+    if recipe is not None and recipe in (computed or {}):
+        base, apply = computed[recipe]
+        cfg, choice = apply(load_config(cfg_cls, base, flags), list(flags))
+        return cfg, Recipe(recipe, Path(base), choice)
+    return load_config(cfg_cls, recipe, flags), Recipe(recipe, Path(recipe) if recipe else None)
+
+
+def run_job(
+    name: str, doc: str, cfg_cls: type[T], main: Callable[..., Any], argv: list[str] | None = None,
+    computed: dict[str, Computed] | None = None,
+) -> int:
+    """Parse argv, build the config, call main(cfg, env[, recipe]); return the process exit code.
+
+    main gets the Recipe as a third argument when it takes one (train writes it to metrics.json
+    and the model card). computed: recipes made on the machine (train: `--recipe auto`,
+    lib/auto.py), applied after logging is set up so that their choice is logged.
     """
     parser = argparse.ArgumentParser(
-        prog=f"python -m jobs.{name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=f"python -m {_module_of(main)}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--recipe", help="recipe YAML (defaults < recipe < key=value flags)")
     parser.add_argument("--env-file", help="KEY=value file with HF_TOKEN, MDC_API_KEY, HF_HOME, DATA_DIR")
@@ -67,17 +116,15 @@ def run_job(
     try:
         env_file = args.env_file
         if env_file is None:
-            from pathlib import Path
-
             env_file = ".env" if Path(".env").is_file() else None
         env = load_env(env_file)
         setup_logging(env)
-        recipe, overrides = args.recipe, args.overrides
-        if recipe_hook is not None:
-            recipe, overrides = recipe_hook(recipe, overrides)
-        cfg = load_config(cfg_cls, recipe, overrides)
+        cfg, recipe = build_config(cfg_cls, args.recipe, args.overrides, computed)
         log.info("%s: environment %s", name, env.describe())
-        main(cfg, env)
+        if len(inspect.signature(main).parameters) >= 3:
+            main(cfg, env, recipe)
+        else:
+            main(cfg, env)
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lib.audio import SAMPLING_RATE
+
 IGNORE_INDEX = -100  # positions the cross-entropy loss skips
 
 
@@ -25,7 +27,7 @@ class WhisperCollator:
     """the model's WhisperFeatureExtractor (80 or 128 mel bins)"""
     decoder_start_token_id: int
     """<|startoftranscript|> (50258 for every multilingual Whisper), from the model config"""
-    sampling_rate: int = 16_000
+    sampling_rate: int = SAMPLING_RATE
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         audio = [np.asarray(r["audio"], dtype=np.float32) for r in rows]

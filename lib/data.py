@@ -47,27 +47,6 @@ def max_target_positions(model: str) -> int:
         return 448
 
 
-def whisper_languages(tokenizer) -> dict[str, str]:
-    """Language code -> name for the codes that have a <|xx|> token in this tokenizer."""
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
-
-    unk = tokenizer.unk_token_id
-    return {c: n for c, n in LANGUAGES.items() if tokenizer.convert_tokens_to_ids(f"<|{c}|>") not in (None, unk)}
-
-
-def resolve_language(value: str, tokenizer, flag: str = "language") -> str:
-    """'hi', 'Hindi' or 'hindi' -> 'hi'; anything else is a UserError listing the valid codes."""
-    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
-
-    langs = whisper_languages(tokenizer)
-    code = value.strip().lower()
-    code = TO_LANGUAGE_CODE.get(code, code)
-    if code not in langs:
-        raise UserError(f"{flag}={value!r} is not a language this Whisper tokenizer knows; use an ISO code such "
-                        f"as {flag}=hi. Known codes: {', '.join(sorted(langs))}")
-    return code
-
-
 @dataclass
 class Limits:
     min_duration: float

@@ -7,7 +7,6 @@ Documented contract (README, Kubernetes podFailurePolicy, cloud batch retry rule
   anything else (1, 137 for SIGKILL, ...) is a crash or infrastructure failure: retry.
 """
 
-EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 3
 

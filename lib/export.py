@@ -23,8 +23,15 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lib.audio import SAMPLING_RATE
 from lib.errors import UserError
-from lib.inference import ModelSource, check_adapter_matches, features_for, load_processor
+from lib.inference import features_for
+from lib.model import (
+    ModelSource,
+    attach_adapter,
+    load_base,
+    load_processor,
+)
 
 log = logging.getLogger("whisper_ft")
 
@@ -33,12 +40,6 @@ MANIFEST = "export.json"
 # Teacher-forced logits of the merged model vs base + adapter, as max |diff| / max |logit|.
 # Saving in fp16 rounds each weight to ~1e-3 relative, bf16 to ~4e-3; fp32 only reorders sums.
 LOGIT_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 5e-2}
-
-
-def torch_dtype(dtype: Dtype):
-    import torch
-
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
 
 
 def fingerprint(source: ModelSource, dtype: str) -> str:
@@ -75,13 +76,7 @@ def load_float_base(name: str, dtype: Dtype, device: str = "cpu"):
     and the saved "merged" model would need bitsandbytes to load. The adapter was trained on
     the quantized base, but its update belongs to the float weights the quantization stands for.
     """
-    from transformers import WhisperForConditionalGeneration
-
-    try:
-        model = WhisperForConditionalGeneration.from_pretrained(name, dtype=torch_dtype(dtype))
-    except OSError as e:
-        raise UserError(f"model={name}: cannot load the base model ({e})") from None
-    return model.to(device).eval()
+    return load_base(name, "none", dtype, base_dtype="compute", device=device).eval()
 
 
 def merge(source: ModelSource, dtype: Dtype, device: str = "cpu"):
@@ -94,14 +89,10 @@ def merge(source: ModelSource, dtype: Dtype, device: str = "cpu"):
 
 def merge_into(base, adapter: str, base_name: str):
     """Attach the adapter to an already loaded float base and fold it in."""
-    from peft import PeftModel
-
     if getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None) is not None:
         raise UserError("refusing to merge into a quantized (8-bit/4-bit) base: load it in fp16/bf16/fp32 "
                         "(see lib.export.load_float_base for why)")
-    check_adapter_matches(adapter, base, base_name)
-    peft_model = PeftModel.from_pretrained(base, adapter, is_trainable=False)
-    return peft_model.merge_and_unload().eval()
+    return attach_adapter(base, adapter, base_name).merge_and_unload().eval()
 
 
 def save_merged(model, processor, out: Path, language: str, task: str) -> None:
@@ -158,16 +149,13 @@ def verify_merged(source: ModelSource, merged_dir: Path, clips: Sequence[np.ndar
                   task: str, dtype: Dtype, max_wer: float, device: str = "cpu",
                   max_new_tokens: int = 64) -> dict[str, Any]:
     """Reload the saved merged model and compare it with base + adapter; UserError if they differ."""
-    from peft import PeftModel
-    from transformers import WhisperForConditionalGeneration
-
     # fp32 on the CPU (half-precision matmuls there are slow and partial): the merged
     # weights keep their fp16/bf16 rounding, which is what we want to measure.
     run_dtype = "fp32" if device == "cpu" else dtype
-    reference = PeftModel.from_pretrained(load_float_base(source.base, run_dtype, device), source.adapter).eval()
-    candidate = WhisperForConditionalGeneration.from_pretrained(merged_dir, dtype=torch_dtype(run_dtype))
-    candidate = candidate.to(device).eval()
-    result = compare_models(reference, candidate, load_processor(source), clips, language, task, max_new_tokens)
+    reference = attach_adapter(load_float_base(source.base, run_dtype, device), source.adapter, source.base)
+    candidate = load_base(str(merged_dir), "none", run_dtype, base_dtype="compute", device=device).eval()
+    processor = load_processor(source.adapter, source.base)
+    result = compare_models(reference, candidate, processor, clips, language, task, max_new_tokens)
     tol = LOGIT_TOLERANCE[dtype]
     result.update(max_wer=max_wer, logit_tolerance=tol,
                   passed=result["wer_vs_reference"] <= max_wer and result["max_relative_logit_diff"] <= tol)
@@ -229,7 +217,7 @@ def ct2_tokens(ct2_dir: Path, processor, clips: Sequence[np.ndarray], language: 
 
     model = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type=compute_type)
     feats = processor.feature_extractor([np.asarray(c, dtype=np.float32) for c in clips],
-                                        sampling_rate=16_000, return_tensors="np").input_features
+                                        sampling_rate=SAMPLING_RATE, return_tensors="np").input_features
     tok = processor.tokenizer
     prompt = tok.convert_tokens_to_ids(["<|startoftranscript|>", f"<|{language}|>", f"<|{task}|>",
                                         "<|notimestamps|>"])
@@ -273,52 +261,3 @@ def move_into_place(staging: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
-
-
-def model_card(repo_id: str, base: str, language: str, task: str, report_md: str | None,
-               manifest: dict[str, Any]) -> str:
-    """README.md for the Hub: metadata header, how to use it, how it was made, the eval report."""
-    v = manifest.get("verify") or {}
-    lines = [
-        "---",
-        f"language: [{language}]",
-        "library_name: transformers",
-        "pipeline_tag: automatic-speech-recognition",
-        f"base_model: {base}",
-        "tags: [whisper, lora, peft]",
-        "---",
-        "",
-        f"# {repo_id.split('/')[-1]}",
-        "",
-        f"Whisper `{base}` fine-tuned with LoRA for {task} in `{language}`; the adapter is merged "
-        f"into the base ({manifest.get('dtype')}).",
-        "",
-        "```python",
-        "from transformers import pipeline",
-        f'asr = pipeline("automatic-speech-recognition", model="{repo_id}")',
-        'print(asr("clip.wav")["text"])',
-        "```",
-        "",
-        f"Export check: {v.get('identical', '?')}/{v.get('clips', '?')} test clips transcribed identically "
-        f"by the merged model and base + adapter.",
-        "",
-    ]
-    lines += ["## Evaluation", "", report_md.split("\n", 1)[1].strip() if report_md else "(no eval report yet)", ""]
-    return "\n".join(lines)
-
-
-def push_to_hub(folder: Path, repo_id: str, token: str | None, card: str, private: bool) -> str:
-    """Create (or reuse) the model repo and upload the folder with its model card."""
-    from huggingface_hub import HfApi
-
-    if not token:
-        raise UserError("push_to_hub needs HF_TOKEN (a write token) in the env file or environment")
-    (folder / "README.md").write_text(card, encoding="utf-8")
-    api = HfApi(token=token)
-    try:
-        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                          commit_message="Upload merged Whisper (LoRA) export")
-    except Exception as e:
-        raise UserError(f"push_to_hub={repo_id} failed: {type(e).__name__}: {e} (check HF_TOKEN has write access)") from e
-    return str(url)

@@ -1,14 +1,27 @@
-"""Load a Whisper base (full, 8-bit or 4-bit) and wrap it with LoRA for training.
+"""Load Whisper for every job: the base (full, 8-bit or 4-bit), its processor, a LoRA adapter.
 
-Checks run before any weights are read: the base is a Whisper model (config.model_type),
-the language is one the tokenizer knows, the quantization mode works on this machine,
-the precision fits the hardware.
+The one place that decides, for train, eval, export and transcribe alike:
+  device        pick_device(): the CUDA GPU when there is one, else the CPU
+  precision     resolve_precision(): auto -> bf16 on GPUs with native bf16, fp16 on older
+                GPUs (T4, V100), fp32 on a CPU; fp16 on a CPU is an error, bf16 a warning
+  quantization  check_quantization(): tried on one tiny layer before any weights are read
+  base dtype    load_base(base_dtype=): fp32 weights with autocast, or the compute dtype
+  what to load  resolve_source(): run= / adapter= / model= -> base (+ adapter), from the
+                flags, the run folder and the adapter's adapter_config.json
+  processor     load_processor(): the first of the given places that has one
+
+Checks that cost seconds run before any weights are read: the base is a Whisper model
+(config.model_type), the quantization works on this machine, the precision fits it.
+Making the loaded base trainable (freeze, checkpointing, LoRA) is lib/lora.py's.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +29,12 @@ import torch
 from lib.errors import UserError
 
 log = logging.getLogger("whisper_ft")
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]
 
 
 def load_base_config(base: str, token: str | None = None):
@@ -37,61 +56,61 @@ def load_base_config(base: str, token: str | None = None):
     return cfg
 
 
-def load_processor(base: str, token: str | None = None):
+def load_processor(*places: str | None, token: str | None = None):
+    """The WhisperProcessor (tokenizer + feature extractor) of the first place that has one.
+
+    Eval, export and transcribe pass (adapter, base): a run saves its processor next to the
+    adapter, so the adapter's wins; train passes the base alone.
+    """
     from transformers import WhisperProcessor
 
-    try:
-        return WhisperProcessor.from_pretrained(base, token=token)
-    except (OSError, ValueError) as e:
-        raise UserError(f"model.base={base}: no Whisper processor/tokenizer there ({e})") from None
+    errors = []
+    for where in [p for p in places if p]:
+        if _is_local(where) and not (Path(where).expanduser() / "tokenizer_config.json").is_file():
+            errors.append(f"{where}: no tokenizer_config.json")
+            continue
+        try:
+            return WhisperProcessor.from_pretrained(where, token=token)
+        except (OSError, ValueError) as e:
+            errors.append(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    raise UserError(f"no Whisper processor (tokenizer + feature extractor) found: {'; '.join(errors)}")
 
 
-def resolve_language(tokenizer, language: str) -> str:
-    """Normalise a code or name ('hi', 'Hindi') to the code; unknown -> UserError naming language=."""
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
-
-    lang = language.strip().lower()
-    code = lang if lang in LANGUAGES else TO_LANGUAGE_CODE.get(lang)
-    if code is None or tokenizer.convert_tokens_to_ids(f"<|{code}|>") in (None, tokenizer.unk_token_id):
-        raise UserError(
-            f"language={language!r} is not a Whisper language; use a code such as hi, de, ta, sw "
-            f"(known: {', '.join(sorted(LANGUAGES))})"
-        )
-    return code
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_precision(precision: str) -> str:
+def resolve_precision(precision: str, device: str | None = None, flag: str = "model.precision") -> str:
     """auto -> bf16 on GPUs that support it (Ampere+), fp16 on older GPUs (T4, V100), fp32 on CPU.
 
+    `flag` is the name of the setting in the caller's config (train: model.precision; eval,
+    export and transcribe: precision), so that the error names what to change.
     including_emulation=False: torch otherwise answers yes on a T4/V100, where bf16 is emulated
     and far slower than fp16.
     """
-    cuda = torch.cuda.is_available()
+    cuda = (device or pick_device()) == "cuda"
     if precision == "auto":
         if not cuda:
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if precision == "fp16" and not cuda:
         raise UserError(
-            "model.precision=fp16 needs a CUDA GPU and none is visible: "
-            "use model.precision=auto (fp32 on CPU) or fp32"
+            f"{flag}=fp16 needs a CUDA GPU and none is visible: "
+            f"use {flag}=auto (fp32 on CPU) or fp32"
         )
     if precision == "bf16" and not cuda:
         # Allowed when asked for by name: CPU autocast does bf16, slowly on most CPUs. It is how
         # the bf16 numerics of the fast recipes are checked on real weights without a GPU
-        # (jobs/bench_quality.py cpu_bf16=true).
-        log.warning("model.precision=bf16 on a CPU: bf16 autocast on the CPU, for checking numerics; "
-                    "slower than fp32 on most CPUs (model.precision=auto picks fp32)")
+        # (lib/tools/bench_quality.py cpu_bf16=true).
+        log.warning("%s=bf16 on a CPU: bf16 on the CPU, for checking numerics; slower than fp32 on "
+                    "most CPUs (%s=auto picks fp32)", flag, flag)
         return precision
     if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise UserError("model.precision=bf16: this GPU has no bf16 (e.g. T4); use fp16 or auto")
+        raise UserError(f"{flag}=bf16: this GPU has no bf16 (e.g. T4); use fp16 or auto")
     return precision
 
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def check_quantization(quantization: str) -> None:
+def check_quantization(quantization: str, flag: str = "model.quantization") -> None:
     """int8 / nf4 need bitsandbytes with a backend for this device; test one tiny layer."""
     if quantization == "none":
         return
@@ -109,9 +128,9 @@ def check_quantization(quantization: str) -> None:
             layer(x)
     except Exception as e:  # ImportError, missing native library, unsupported device
         raise UserError(
-            f"model.quantization={quantization}: bitsandbytes does not work on this machine ({device}): "
+            f"{flag}={quantization}: bitsandbytes does not work on this machine ({device}): "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
-            f"use model.quantization=none (more memory) or run on a CUDA GPU"
+            f"use {flag}=none (more memory) or run on a CUDA GPU"
         ) from None
 
 
@@ -158,14 +177,18 @@ def quiet_repeated_bitsandbytes_warnings() -> None:
         lg.addFilter(_Once())
 
 
-def load_base_model(base: str, quantization: str, precision: str, token: str | None = None,
-                    base_dtype: str = "fp32"):
-    """WhisperForConditionalGeneration, quantized per `quantization`; precision already resolved.
+def load_base(name: str, quantization: str = "none", precision: str = "fp32", base_dtype: str = "fp32",
+              device: str | None = None, token: str | None = None, flag: str = "model"):
+    """WhisperForConditionalGeneration `name`, quantized per `quantization`; precision already resolved.
 
     base_dtype (quantization=none only): "fp32" keeps fp32 weights with AMP casting per op,
-    the configuration measured in the README's GPU table; "compute" stores the frozen base
-    in the compute dtype, half the memory (large-v2: 6.2 -> 3.1 GB) and no per-op weight
-    cast. The trainable LoRA weights stay fp32 either way (PEFT's autocast_adapter_dtype).
+    the configuration measured in the README's GPU table for training; "compute" stores the
+    weights in the compute dtype, half the memory (large-v2: 6.2 -> 3.1 GB) and no per-op
+    weight cast: what inference and merging use, and train's model.base_dtype=compute.
+    The trainable LoRA weights stay fp32 either way (PEFT's autocast_adapter_dtype).
+    device (quantization=none): move the model there; None leaves it on the CPU (the Trainer
+    moves it). A quantized base is quantized while loading, onto one device: this process's
+    GPU (torchrun sets LOCAL_RANK per process), or the CPU.
     """
     from transformers import WhisperForConditionalGeneration
 
@@ -177,198 +200,14 @@ def load_base_model(base: str, quantization: str, precision: str, token: str | N
         quiet_repeated_bitsandbytes_warnings()
         kwargs["quantization_config"] = quantization_config(quantization, compute)
         kwargs["dtype"] = compute
-        # bitsandbytes quantizes while loading, onto one device: this process's GPU (torchrun
-        # sets LOCAL_RANK per process), or the CPU.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else "cpu"}
-    return WhisperForConditionalGeneration.from_pretrained(base, **kwargs)
-
-
-def _require_grad_on_encoder_input(module, inputs, output):
-    output.requires_grad_(True)
-
-
-def _features_to_conv_dtype(module, args):
-    """Cast the log-mel features (fp32 from the collator) to encoder conv1's weight dtype.
-
-    Why: with a half-precision base (model.base_dtype=compute) the Trainer's bf16/fp16 step
-    can run conv1 outside autocast, and conv1d refuses fp32 input with a bf16 bias (seen on
-    an H100: "Input type (float) and bias type (c10::BFloat16) should be the same"). A no-op
-    for fp32 and quantized bases, whose conv1 is fp32.
-    """
-    x, *rest = args
-    return (x.to(module.weight.dtype), *rest) if x.dtype != module.weight.dtype else None
-
-
-def add_encoder_input_grad_hook(model):
-    """Make encoder conv1's output require grad.
-
-    Why: with the base frozen, nothing entering the encoder requires grad. Reentrant
-    activation checkpointing (torch.utils.checkpoint use_reentrant=True) then sees inputs
-    without grad and drops the gradient of everything inside the checkpointed layers, so
-    encoder LoRA weights silently never train. transformers' enable_input_require_grads()
-    only hooks get_input_embeddings(), which for Whisper is the *decoder* token embedding,
-    not the audio path. We use non-reentrant checkpointing (no such problem), and keep this
-    hook so that a reentrant setting (older torch/PEFT defaults) stays correct.
-    """
-    encoder = model.get_encoder() if hasattr(model, "get_encoder") else model.model.encoder
-    encoder.conv1.register_forward_pre_hook(_features_to_conv_dtype)
-    return encoder.conv1.register_forward_hook(_require_grad_on_encoder_input)
-
-
-def prepare_for_training(model, quantization: str, gradient_checkpointing: bool, checkpoint_fraction: float = 1.0):
-    """Freeze the base, upcast what must be fp32, turn on (non-reentrant) checkpointing
-    for `checkpoint_fraction` of the encoder and decoder layers (see select_checkpointed)."""
-    from peft import prepare_model_for_kbit_training
-
-    # Non-reentrant checkpointing frees what autograd saved with save_for_backward; but
-    # bitsandbytes' MatMul8bitLt keeps its input on ctx (ctx.tensors = (CAt, subA, A)), out of
-    # reach of those hooks, so under int8 every linear's input (fp32 after PEFT's upcast)
-    # lives until backward and checkpointing saves little: 17.6 GiB on an H100 (large-v2,
-    # batch 8) against 5.4 for the reentrant walkthrough loop. Reentrant checkpointing runs
-    # the forward under no_grad, so nothing is stashed. Measured on the CPU (base-size model,
-    # batch 4, 30 s, extra RSS in forward+backward): int8 2221 MiB non-reentrant, 1078 MiB
-    # reentrant, 2584 MiB without checkpointing; identical LoRA gradients. The encoder input
-    # hook below makes reentrant checkpointing see an input that requires grad.
-    ckpt_kwargs = {"use_reentrant": quantization == "int8"}
-    if quantization != "none":
-        # PEFT freezes the base, upcasts the non-quantized parameters (layer norms, conv,
-        # embeddings) to fp32 and turns checkpointing on. Kept as PEFT does it: a run that
-        # routed it through activation_checkpointing_enable instead measured slower and
-        # larger on an H100 (nf4, large-v2, batch 8: 6.2 samples/s at 5.9 GiB vs 8.0 at
-        # 4.3 GiB), though that run also used 8 dataloader workers instead of 2.
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs=ckpt_kwargs,
-        )
-    else:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if gradient_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-    if gradient_checkpointing:
-        model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
-        if checkpoint_fraction < 1:
-            select_checkpointed(model, checkpoint_fraction)
-    # Whisper's forward takes **kwargs, so Trainer assumes it honours num_items_in_batch and
-    # then multiplies the loss by the number of processes (and skips dividing by grad_accum).
-    # Whisper ignores it (plain mean cross-entropy): with 2 processes the loss and gradient
-    # came out 2x, and grad clipping fired at half the real norm. Opt out (Trainer's own knob).
-    model.accepts_loss_kwargs = False
-    add_encoder_input_grad_hook(model)
-    return model
-
-
-def select_checkpointed(model, fraction: float) -> int:
-    """Keep checkpointing on `fraction` of each layer stack, evenly spaced; returns how many.
-
-    Why: checkpointing trades a second forward for memory, layer by layer. Most of the
-    memory is in the encoder's 1,500 positions, so a card with room for a few layers'
-    activations runs those layers once and recomputes only the rest: the step costs
-    1 + fraction/2 forward-and-backwards' worth of compute in between the two settings.
-    """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    whisper = model.model if hasattr(model, "model") else model
-    on = 0
-    for stack in (whisper.encoder.layers, whisper.decoder.layers):
-        layers = [m for m in stack if isinstance(m, GradientCheckpointingLayer)]
-        for i, layer in enumerate(layers):
-            # layer i is checkpointed when the running count floor((i+1) f) steps up at it
-            keep = int((i + 1) * fraction) > int(i * fraction)
-            layer.gradient_checkpointing = keep and layer.gradient_checkpointing
-            on += bool(layer.gradient_checkpointing)
-    return on
-
-
-def check_compiler(mode: str) -> None:
-    """torch.compile needs a C compiler at run time: Triton builds its launcher with one on a
-    GPU, inductor's CPU code is C++. Fail before loading weights, naming the flag."""
-    import shutil
-
-    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-    if not cc or not shutil.which(cc):
-        raise UserError(
-            f"train.compile={mode} needs a C compiler (torch.compile's Triton/C++ code is built on first use) "
-            f"and none was found (CC, cc, gcc, clang): install gcc, or set train.compile=none (slower steps)"
-        )
-
-
-def compile_layers(model) -> int:
-    """torch.compile each encoder and decoder layer in place (regional compilation); returns how many.
-
-    Why per layer: the 32 + 32 layers of large-v2 share code, so one compiled graph serves
-    each stack (parameters are graph inputs), and compiling takes about a minute where the
-    whole model took longer than ten; the fused kernels are where the time goes (layer
-    norm, residual adds, GELU, LoRA dropout between the matrix products).
-
-    A checkpointed layer gets its body compiled and the checkpoint left outside, in eager
-    mode: compiling transformers' checkpointing wrapper (the checkpoint traced into the
-    graph) failed on an H100 with torch 2.11 in the decoder layers ("Node add_461 was
-    invalid, but is output", inductor's partitioner), while torch 2.13 on the CPU compiled it.
-    """
-    import functools
-    import types
-
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    n = 0
-    for m in model.modules():
-        if not isinstance(m, GradientCheckpointingLayer):
-            continue
-        body = getattr(type(m).forward, "__wrapped__", None)  # forward without the checkpointing wrapper
-        if m.gradient_checkpointing and body is not None:
-            m.forward = functools.partial(_checkpoint_compiled, m, torch.compile(types.MethodType(body, m)))
-        else:
-            m.compile()
-        n += 1
-    return n
-
-
-def _checkpoint_compiled(layer, compiled, *args, **kwargs):
-    """A checkpointed layer's forward: eager checkpoint (the layer's own settings, e.g.
-    non-reentrant) around the compiled body; plain compiled body in eval/generation."""
-    if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
-        return layer._gradient_checkpointing_func(compiled, *args, **kwargs)
-    return compiled(*args, **kwargs)
-
-
-def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str]):
-    """PEFT LoraConfig. No task_type: SEQ_2_SEQ_LM wraps Whisper in a class whose forward
-    passes input_ids, which Whisper does not take."""
-    from peft import LoraConfig
-
-    targets: Any = "all-linear" if target_modules == ["all-linear"] else list(target_modules)
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=targets)
-
-
-def apply_lora(model, cfg):
-    """Wrap with LoRA (cfg is lib.train_config.LoraSection); unknown targets -> UserError."""
-    from peft import get_peft_model
-
     try:
-        return get_peft_model(model, lora_config(cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules))
-    except ValueError as e:
-        raise UserError(
-            f"lora.target_modules={','.join(cfg.target_modules)}: {str(e).splitlines()[0]} "
-            f"(Whisper has q_proj, k_proj, v_proj, out_proj, fc1, fc2; or use all-linear)"
-        ) from None
-
-
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit packed weights count as stored elements x 2."""
-    trainable = total = 0
-    for p in model.parameters():
-        n = p.numel()
-        if p.__class__.__name__ == "Params4bit":
-            n *= 2  # two 4-bit values per stored uint8
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total
+        model = WhisperForConditionalGeneration.from_pretrained(name, **kwargs)
+    except OSError as e:
+        raise UserError(f"{flag}={name}: cannot load a Whisper model ({str(e).splitlines()[0]})") from None
+    if quantization == "none" and device is not None:
+        model.to(device)
+    return model
 
 
 def set_generation_language(model, language: str, task: str) -> None:
@@ -379,3 +218,157 @@ def set_generation_language(model, language: str, task: str) -> None:
     gen.forced_decoder_ids = None  # the old way; with language/task set, generate() builds the prompt
     if hasattr(model.config, "forced_decoder_ids"):
         model.config.forced_decoder_ids = None
+
+
+# --- What eval, export and transcribe load: run= / adapter= / model= -------------------------
+
+
+@dataclass
+class ModelSource:
+    """What to load: a base model, optionally an adapter, and what the run folder says."""
+
+    base: str
+    adapter: str | None = None
+    run_dir: Path | None = None
+    run_config: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return f"{self.base} + adapter {self.adapter}" if self.adapter else self.base
+
+
+def _is_local(name: str) -> bool:
+    return Path(name).exists() or name.startswith(("/", "./", "../", "~"))
+
+
+def adapter_config(adapter: str) -> dict[str, Any]:
+    """adapter_config.json of a local folder or a Hub id (the Hub only when it is reachable)."""
+    if _is_local(adapter):
+        path = Path(adapter).expanduser()
+        if not path.is_dir():
+            raise UserError(f"adapter={adapter}: no such folder")
+        cfg = path / "adapter_config.json"
+        if not cfg.is_file():
+            if (path / "config.json").is_file():
+                raise UserError(
+                    f"adapter={adapter} holds a full model (config.json), not a LoRA adapter: "
+                    f"pass it as model={adapter} instead"
+                )
+            raise UserError(f"adapter={adapter}: no adapter_config.json; is this the run's adapter/ folder?")
+        return json.loads(cfg.read_text())
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(adapter, "adapter_config.json")).read_text())
+    except Exception as e:  # offline, missing repo, gated: all need the same fix
+        raise UserError(f"adapter={adapter}: cannot read adapter_config.json from the Hub ({e})") from None
+
+
+def resolve_source(env, run: str | None = None, model: str | None = None,
+                   adapter: str | None = None) -> ModelSource:
+    """Turn run= / model= / adapter= into a ModelSource; errors name the flag to fix.
+
+      run=NAME            DATA_DIR/runs/NAME/adapter, on the base named in its adapter_config.json
+                          (or model=, which must then have the same shapes);
+      adapter=DIR|HUB_ID  a PEFT LoRA adapter, on its own base or on model=;
+      model=DIR|HUB_ID    a plain or merged Whisper, no adapter.
+    """
+    import yaml
+
+    if run and adapter:
+        raise UserError("give run= or adapter=, not both (run=NAME already means DATA_DIR/runs/NAME/adapter)")
+    if not (run or model or adapter):
+        raise UserError("nothing to load: set run=NAME, or model=DIR|HUB_ID, or adapter=DIR|HUB_ID")
+    run_dir, run_config = None, {}
+    if run:
+        run_dir = env.run_dir(run)
+        if not run_dir.is_dir():
+            runs = sorted(p.name for p in run_dir.parent.iterdir()) if run_dir.parent.is_dir() else []
+            raise UserError(f"run={run}: {run_dir} does not exist (runs: {', '.join(runs) or 'none yet'})")
+        if not (run_dir / "adapter" / "adapter_config.json").is_file():
+            raise UserError(
+                f"run={run}: {run_dir}/adapter/adapter_config.json missing: the run has not finished; "
+                f"wait for `make train`, or pass adapter=<a checkpoint folder>"
+            )
+        adapter = str(run_dir / "adapter")
+        if (run_dir / "config.yaml").is_file():
+            run_config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    if model and _is_local(model) and not Path(model).expanduser().is_dir():
+        raise UserError(f"model={model}: no such folder (give a model folder or a Hub id like openai/whisper-small)")
+    if adapter:
+        acfg = adapter_config(adapter)
+        base = model or acfg.get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"adapter={adapter}: adapter_config.json names no base model: set model=")
+        if not model and _is_local(base) and not Path(base).is_dir():
+            raise UserError(
+                f"the adapter's base {base} (adapter_config.json base_model_name_or_path) is not here: "
+                f"set model= to that base model's folder or Hub id"
+            )
+        return ModelSource(base=str(base), adapter=str(adapter), run_dir=run_dir, run_config=run_config)
+    return ModelSource(base=str(model), run_dir=run_dir, run_config=run_config)
+
+
+def check_adapter_matches(adapter: str, base_model, base_name: str) -> None:
+    """Refuse an adapter whose LoRA shapes do not fit the base (trained on another model size).
+
+    LoRA A is (r, in_features) and B is (out_features, r) of the module it wraps; a
+    whisper-small adapter (d_model 768) on whisper-base (512) fails here with a message
+    instead of a 40-line size-mismatch traceback from load_state_dict.
+    """
+    from safetensors import safe_open
+
+    declared = adapter_config(adapter).get("base_model_name_or_path")
+    path = Path(adapter) / "adapter_model.safetensors"
+    if not path.is_file():
+        if _is_local(adapter):
+            raise UserError(f"adapter={adapter}: adapter_model.safetensors missing")
+        return  # a Hub adapter: peft downloads and shape-checks it
+    modules = dict(base_model.named_modules())
+    problems = []
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            name = key.split(".lora_")[0].removeprefix("base_model.model.")
+            mod = modules.get(name)
+            shape = tuple(f.get_slice(key).get_shape())
+            if mod is None or not hasattr(mod, "in_features"):
+                problems.append(f"{name} not in the base")
+            elif ".lora_A." in key and shape[1] != mod.in_features:
+                problems.append(f"{name}: adapter in_features {shape[1]}, base {mod.in_features}")
+            elif ".lora_B." in key and shape[0] != mod.out_features:
+                problems.append(f"{name}: adapter out_features {shape[0]}, base {mod.out_features}")
+    if problems:
+        raise UserError(
+            f"adapter {adapter} does not fit model={base_name} ({len(problems)} mismatches, e.g. "
+            f"{problems[0]}); the adapter was trained on {declared!r} (adapter_config.json "
+            f"base_model_name_or_path): set model= to that base"
+        )
+    if declared and Path(str(declared)).name != Path(base_name).name:
+        log.warning("adapter says its base is %s, loading it on %s (shapes match)", declared, base_name)
+
+
+def attach_adapter(model, adapter: str, base_name: str):
+    """The base with the LoRA adapter attached for inference (PeftModel; the base stays reachable
+    through disable_adapter()), after the shape check."""
+    from peft import PeftModel
+
+    check_adapter_matches(adapter, model, base_name)
+    return PeftModel.from_pretrained(model, adapter, is_trainable=False).eval()
+
+
+def load_model(source: ModelSource, precision: str = "auto", quantization: str = "none",
+               device: str | None = None, token: str | None = None):
+    """(model, processor, info) for inference: the base with the adapter attached, or the plain model.
+
+    The weights are stored in the compute dtype (no fp32 masters are needed without training).
+    """
+    device = device or pick_device()
+    resolved = resolve_precision(precision, device, flag="precision")
+    check_quantization(quantization, flag="quantization")
+    model = load_base(source.base, quantization, resolved, base_dtype="compute", device=device, token=token)
+    model.eval()
+    if source.adapter:
+        model = attach_adapter(model, source.adapter, source.base)
+    info = {"device": device, "dtype": str(DTYPES[resolved]).removeprefix("torch."), "quantization": quantization}
+    return model, load_processor(source.adapter, source.base, token=token), info

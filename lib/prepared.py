@@ -7,7 +7,7 @@
 
 Every split has these columns:
   id        str            stable row id (clip file name or manifest row)
-  audio     list[float32]  mono waveform at 16 kHz (SAMPLING_RATE), not log-mel: log-mel
+  audio     list[float32]  mono waveform at 16 kHz (lib.audio.SAMPLING_RATE), not log-mel: log-mel
                            is computed per batch by the collator (see README, storage)
   text      str            the transcript as given
   labels    list[int32]    tokenized transcript with the language/task prefix and
@@ -24,7 +24,6 @@ from typing import Any
 
 from lib.errors import UserError
 
-SAMPLING_RATE = 16_000
 SPLITS = ("train", "validation", "test")
 COLUMNS = ("id", "audio", "text", "labels", "language", "duration")
 MANIFEST = "manifest.json"
@@ -46,15 +45,34 @@ def features():
     )
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+def _require_manifest(path: Path) -> Path:
     mf = path / MANIFEST
     if not mf.is_file():
         raise UserError(
             f"no prepared dataset at {path} ({MANIFEST} missing): run `make prepare` first, "
-            f"or set data.name= to one of: {', '.join(list_prepared(path.parent)) or '(none yet)'}"
+            f"or set data= to one of: {', '.join(list_prepared(path.parent)) or '(none yet)'}"
         )
-    return json.loads(mf.read_text())
+    return mf
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    return json.loads(_require_manifest(Path(path)).read_text())
+
+
+def open_prepared(env, data: str) -> tuple[Path, dict[str, Any]]:
+    """(folder, manifest) of `data=`: a prepared dataset's name under DATA_DIR/prepared, or the
+    path of a prepared folder; a missing one names the flag and the datasets there are."""
+    if data and (Path(data) / MANIFEST).is_file():
+        path = Path(data)
+    else:
+        path = env.prepared_dir(data)
+    if not (path / MANIFEST).is_file():
+        have = list_prepared(path.parent)
+        raise UserError(
+            f"data={data}: no prepared dataset at {path}; run `make prepare` first or pick one of: "
+            f"{', '.join(have) if have else '(none prepared yet)'}"
+        )
+    return path, read_manifest(path)
 
 
 def list_prepared(root: str | Path) -> list[str]:
@@ -69,7 +87,7 @@ def load_split(path: str | Path, split: str):
     from datasets import load_from_disk
 
     path = Path(path)
-    manifest = read_manifest(path)
+    _require_manifest(path)
     d = path / split
     if not d.is_dir():
         have = [s for s in SPLITS if (path / s).is_dir()]
@@ -81,7 +99,6 @@ def load_split(path: str | Path, split: str):
     missing = [c for c in COLUMNS if c not in ds.column_names]
     if missing:
         raise UserError(f"{d}: columns {missing} missing; it was not written by `make prepare`: prepare again")
-    del manifest
     return ds
 
 

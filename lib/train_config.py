@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lib.errors import UserError
+from lib.hub import HubConfig
 
 
 @dataclass
@@ -124,20 +125,6 @@ class TrainSection:
 
 
 @dataclass
-class HubSection:
-    push: bool = False
-    """push the final adapter + model card to the Hub (needs HF_TOKEN with write scope)"""
-    repo_id: str | None = None
-    """e.g. your-name/whisper-large-v2-hi-lora"""
-    private: bool = True
-    """create the repo private"""
-
-    def __post_init__(self):
-        if self.push and not self.repo_id:
-            raise UserError("hub.push=true needs hub.repo_id=OWNER/NAME")
-
-
-@dataclass
 class TrainConfig:
     run: str = ""
     """run name: outputs go to DATA_DIR/runs/RUN; a rerun with the same name resumes"""
@@ -150,7 +137,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
-    hub: HubSection = field(default_factory=HubSection)
+    hub: HubConfig = field(default_factory=HubConfig)
 
     def __post_init__(self):
         if not self.data:

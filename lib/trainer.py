@@ -1,4 +1,8 @@
-"""Seq2SeqTrainer wiring for Whisper + LoRA: arguments, WER while training, run-folder logs.
+"""Seq2SeqTrainer wiring for Whisper + LoRA: the checks before loading, the data, the Trainer and
+its callbacks, WER while training, run-folder logs, the metrics a finished run writes.
+
+`make train` (jobs/train.py) is these steps in order: check_setup, training_splits,
+lib.lora.build_training_model, build_trainer, train, lib.checkpoint.save_adapter, run_metrics.
 
 Evaluation generates with the language and task forced (generation config), decodes, and
 scores WER with jiwer; the best checkpoint by WER is loaded at the end
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +125,195 @@ def oom_message(cfg) -> str:
         + ("" if m.gradient_checkpointing else "set model.gradient_checkpointing=true, ")
         + ("" if m.quantization == "nf4" else "or use model.quantization=nf4 (int8 -> nf4 halves the base weights)")
     )
+
+
+# Settings a resumed run must share with the run that wrote its checkpoints.
+FIXED_ON_RESUME = ("data", "language", "task", "model", "lora")
+
+
+def check_same_run(run_dir: Path, cfg) -> None:
+    """A rerun resumes; it must not silently mix checkpoints of a different model, LoRA or data."""
+    import yaml
+
+    from lib.config import to_dict
+    from lib.errors import UserError
+
+    old_path = run_dir / "config.yaml"
+    if not old_path.is_file():
+        return
+    old, new = yaml.safe_load(old_path.read_text()) or {}, to_dict(cfg)
+    diff = [k for k in FIXED_ON_RESUME if old.get(k) != new.get(k)]
+    if diff:
+        raise UserError(
+            f"run={cfg.run} already exists in {run_dir} with different {', '.join(diff)} settings "
+            f"(see its config.yaml): choose a new run= name, or use the same settings to resume"
+        )
+
+
+def check_setup(cfg, env, manifest: dict):
+    """Checks that cost seconds, before any weights are loaded or GPU time is spent: the base is
+    Whisper, the language is one it knows and the one the data was prepared for, the precision,
+    quantization and compiler work here. Sets cfg.language to the resolved code; returns
+    (processor, precision)."""
+    from lib import lora
+    from lib import model as M
+    from lib.errors import UserError
+    from lib.language import job_language, resolve_language
+
+    M.load_base_config(cfg.model.base, env.hf_token)
+    processor = M.load_processor(cfg.model.base, token=env.hf_token)
+    language = job_language(processor.tokenizer, cfg.language, manifest=manifest)
+    data_lang = manifest.get("language")
+    if data_lang and cfg.language and resolve_language(data_lang, processor.tokenizer) != language:
+        raise UserError(
+            f"language={cfg.language} but {cfg.data} was prepared for '{data_lang}' (its labels carry that "
+            f"language token): set language={data_lang} or prepare the data again for {cfg.language}"
+        )
+    cfg.language = language
+    precision = M.resolve_precision(cfg.model.precision)
+    M.check_quantization(cfg.model.quantization)
+    if cfg.train.compile != "none":
+        lora.check_compiler(cfg.train.compile)
+    return processor, precision
+
+
+def _columns(ds):
+    """Only what the collator reads, as numpy (no per-sample Python float lists)."""
+    return ds.select_columns(["audio", "labels"]).with_format("numpy")
+
+
+def training_splits(cfg, data_dir: Path):
+    """(train split, validation split or None, optimizer steps) of the prepared dataset, logged."""
+    from lib.errors import UserError
+    from lib.prepared import load_split
+
+    train_ds = _columns(load_split(data_dir, "train"))
+    eval_ds = None
+    if (data_dir / "validation").is_dir():
+        eval_ds = _columns(load_split(data_dir, "validation"))
+        if cfg.train.max_eval_samples:
+            eval_ds = eval_ds.select(range(min(cfg.train.max_eval_samples, len(eval_ds))))
+    else:
+        log.warning("%s has no validation split: no WER during training, the final adapter is the last step", cfg.data)
+    if len(train_ds) == 0:
+        raise UserError(f"data={cfg.data}: the train split is empty; prepare more data")
+    eff = cfg.train.batch_size * cfg.train.grad_accum
+    steps = cfg.train.max_steps or int(cfg.train.epochs * -(-len(train_ds) // eff))
+    log.info(
+        "data: %d train clips, %d validation clips; %d x %d = %d clips per optimizer step -> %d steps",
+        len(train_ds), len(eval_ds) if eval_ds is not None else 0,
+        cfg.train.batch_size, cfg.train.grad_accum, eff, steps,
+    )
+    return train_ds, eval_ds, steps
+
+
+@dataclass
+class Callbacks:
+    """The callbacks train() and run_metrics() read back."""
+
+    stopper: Any
+    timer: Any
+    profiler: Any = None
+
+
+def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path, precision: str, steps: int):
+    """(Seq2SeqTrainer, Callbacks): the run's arguments, collator, WER metric and callbacks (the
+    COMPLETE marker and rotation, log_history.json, TensorBoard on rank 0, SIGTERM, timing,
+    profiling of the last train.profile_steps steps)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import Seq2SeqTrainer
+    from transformers.integrations import TensorBoardCallback
+
+    from lib import checkpoint
+    from lib.benchmark import ProfileSteps, StepTimer
+    from lib.collator import WhisperCollator
+
+    ckpt_root = run_dir / "checkpoints"
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    profiler = None
+    if cfg.train.profile_steps:
+        # the last steps of the run (after warm-up and compilation), left out of the timing
+        profiler = ProfileSteps(steps - cfg.train.profile_steps, cfg.train.profile_steps, run_dir / "profile.txt")
+    cb = Callbacks(stopper=checkpoint.StopOnSigterm(),
+                   timer=StepTimer(warmup=cfg.train.timing_warmup, until=profiler.start if profiler else None),
+                   profiler=profiler)
+    processor.tokenizer.set_prefix_tokens(language=cfg.language, task=cfg.task)
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=training_arguments(cfg, ckpt_root, precision, has_eval=eval_ds is not None),
+        data_collator=WhisperCollator(processor.feature_extractor, base.config.decoder_start_token_id),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=processor,
+        compute_metrics=make_compute_metrics(processor.tokenizer) if eval_ds is not None else None,
+        callbacks=[
+            checkpoint.CompleteMarker(ckpt_root, cfg.train.keep_checkpoints),
+            LogHistoryWriter(run_dir / "log_history.json"),
+            *([TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tb")))] if rank0 else []),
+            cb.stopper,
+            cb.timer,
+            *([profiler] if profiler else []),
+        ],
+    )
+    return trainer, cb
+
+
+def train(trainer, cb: Callbacks, cfg, run_dir: Path, resume_from: Path | None):
+    """trainer.train(), resumed from `resume_from`; SIGTERM -> checkpoint at the next step
+    boundary -> Preempted (exit 3, a retry resumes); out of GPU memory -> UserError naming the flags."""
+    import torch
+
+    from lib.errors import Preempted, UserError
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    cb.stopper.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.OutOfMemoryError:
+        raise UserError(oom_message(cfg)) from None
+    finally:
+        cb.stopper.uninstall()
+    if trainer.is_world_process_zero():
+        write_json(run_dir / "log_history.json", trainer.state.log_history)
+    if cb.stopper.requested:
+        raise Preempted(
+            f"saved checkpoint-{trainer.state.global_step} in {run_dir / 'checkpoints'}; rerun the same command to resume"
+        )
+    return result
+
+
+def run_metrics(trainer, result, cb: Callbacks, cfg, model, run_dir: Path, precision: str,
+                resume_from: Path | None, moved: list[Path], recipe=None) -> dict[str, Any]:
+    """metrics.json of a finished run: WER, speed, memory, sizes, what was resumed and which
+    recipe (with what --recipe auto chose) built the config."""
+    import torch
+
+    from lib import checkpoint
+    from lib.lora import count_parameters
+
+    trainable, total = count_parameters(model)
+    evals = [h for h in trainer.state.log_history if "eval_wer" in h]
+    return {
+        "global_step": trainer.state.global_step,
+        "best_eval_wer": trainer.state.best_metric,
+        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name
+        if trainer.state.best_model_checkpoint else None,
+        "first_eval_wer": evals[0]["eval_wer"] if evals else None,
+        "last_eval_wer": evals[-1]["eval_wer"] if evals else None,
+        "train_loss": result.metrics.get("train_loss"),
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        # steady state (after train.timing_warmup steps, without eval and saves), all processes
+        **cb.timer.summary(cfg.train.batch_size * cfg.train.grad_accum * trainer.args.world_size),
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "profile": cb.profiler.summary if cb.profiler else None,
+        "adapter_size_bytes": checkpoint.dir_size(run_dir / "adapter", "adapter_model*"),
+        "trainable_params": trainable,
+        "total_params": total,
+        "precision": precision,
+        "quantization": cfg.model.quantization,
+        "recipe": recipe.describe() if recipe is not None else None,
+        "resumed_from": resume_from.name if resume_from else None,
+        "incomplete_checkpoints_moved": [p.name for p in moved],
+    }

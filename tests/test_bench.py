@@ -11,13 +11,13 @@ from tests.helpers import SHARED_WHISPER_BASE
 from tests.test_train import data_dir  # noqa: F401  (a fixture)
 
 
-def test_bench_runs_recipes_through_the_train_job_and_appends_the_readme(tmp_path):
+def test_bench_runs_modes_through_the_train_job_and_appends_the_readme(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("| table |\n<!-- bench:rows -->\nafter\n")
-    cfg = bench.BenchConfig(arch="tiny", recipes=["fp32", "auto"], batch_size=2, steps=4, warmup=1,
+    cfg = bench.BenchConfig(arch="tiny", modes=["fp32", "auto"], batch_size=2, steps=4, warmup=1,
                             profile_steps=1, eval_clips=0, readme=str(readme))
     rows = bench.main(cfg, Env(data_dir=tmp_path / "data"))
-    assert [r["recipe"] for r in rows] == ["fp32", "auto"]
+    assert [r["mode"] for r in rows] == ["fp32", "auto"]
     for r in rows:
         assert "error" not in r, r
         assert r["steady_samples_per_second"] > 0 and r["trainable_params"] > 0
@@ -25,7 +25,7 @@ def test_bench_runs_recipes_through_the_train_job_and_appends_the_readme(tmp_pat
     # no GPU: auto chooses fp32 and says so
     assert rows[1]["chosen"].startswith("model.quantization=none model.precision=fp32 ") and "because" in rows[1]["chosen"]
     saved = json.loads((tmp_path / "data" / "bench" / "tiny" / "results.json").read_text())
-    assert [r["recipe"] for r in saved["train"]] == ["fp32", "auto"] and saved["logmel_clips_per_s_per_worker"] > 0
+    assert [r["mode"] for r in saved["train"]] == ["fp32", "auto"] and saved["logmel_clips_per_s_per_worker"] > 0
     lines = readme.read_text().splitlines()
     i = lines.index("<!-- bench:rows -->")
     added = lines[1:i]
@@ -34,19 +34,19 @@ def test_bench_runs_recipes_through_the_train_job_and_appends_the_readme(tmp_pat
     assert lines[-1] == "after"
 
 
-def test_bench_refuses_unknown_recipes_and_too_few_steps():
+def test_bench_refuses_unknown_modes_and_too_few_steps():
     with pytest.raises(UserError, match="unknown"):
-        bench.BenchConfig(recipes=["bf17"])
+        bench.BenchConfig(modes=["bf17"])
     with pytest.raises(UserError, match="steps=5 must exceed"):
         bench.BenchConfig(steps=5, warmup=3, profile_steps=2)
 
 
-def test_bench_reports_a_recipe_that_overruns_its_time(tmp_path, monkeypatch):
-    monkeypatch.setitem(bench.RECIPES, "slow", ["train.max_steps=100000"])
-    cfg = bench.BenchConfig(arch="tiny", recipes=["slow"], batch_size=1, steps=4, warmup=1, profile_steps=1,
-                            eval_clips=0, recipe_timeout=5)
+def test_bench_reports_a_mode_that_overruns_its_time(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench.MODES, "slow", ["train.max_steps=100000"])
+    cfg = bench.BenchConfig(arch="tiny", modes=["slow"], batch_size=1, steps=4, warmup=1, profile_steps=1,
+                            eval_clips=0, mode_timeout=5)
     rows = bench.main(cfg, Env(data_dir=tmp_path))
-    assert "stopped after recipe_timeout=5 s" in rows[0]["error"]
+    assert "stopped after mode_timeout=5 s" in rows[0]["error"]
 
 
 def test_quality_guard_compares_the_fast_curve_with_the_seed_noise(data_dir, tiny_model_dir, monkeypatch):  # noqa: F811

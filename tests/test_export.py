@@ -40,6 +40,7 @@ def exported(tmp_path_factory, tiny_model_dir):
     import huggingface_hub
 
     from jobs.export import ExportConfig, main
+    from lib.hub import HubConfig
 
     data_dir = tmp_path_factory.mktemp("data")
     make_run(data_dir, tiny_model_dir)
@@ -51,7 +52,7 @@ def exported(tmp_path_factory, tiny_model_dir):
     FakeHfApi.calls.clear()
     try:
         manifest = main(ExportConfig(run="tiny-run", dtype="fp32", ctranslate2="float16", verify_clips=3, verify_tokens=16,
-                                     push_to_hub="me/whisper-tiny-hi"),
+                                     hub=HubConfig(push=True, repo_id="me/whisper-tiny-hi")),
                         Env(data_dir=data_dir, hf_token="hf_fake_token"))
     finally:
         mp.undo()
@@ -123,7 +124,7 @@ def test_verification_fails_for_a_corrupted_merge(exported, tmp_path):
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
     from lib.export import verify_merged
-    from lib.inference import ModelSource
+    from lib.model import ModelSource
 
     data_dir, _ = exported
     run = data_dir / "runs" / "tiny-run"

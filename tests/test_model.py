@@ -1,4 +1,4 @@
-"""lib/model.py: parameter counts, the checks before loading, the encoder input-grad hook."""
+"""lib/model.py (the checks before loading, loading) and lib/lora.py (parameter counts, the encoder input-grad hook, checkpointing)."""
 
 import json
 import sys
@@ -6,8 +6,10 @@ import sys
 import pytest
 import torch
 
+from lib import lora as L
 from lib import model as M
 from lib.errors import UserError
+from lib.language import resolve_language
 from lib.train_config import LoraSection
 
 
@@ -26,8 +28,8 @@ def test_large_v2_lora_r32_qv_has_15_728_640_trainable_params():
         base = WhisperForConditionalGeneration(cfg)
         for p in base.parameters():
             p.requires_grad_(False)
-        model = M.apply_lora(base, LoraSection())
-    trainable, total = M.count_parameters(model)
+        model = L.apply_lora(base, LoraSection())
+    trainable, total = L.count_parameters(model)
     assert trainable == 15_728_640
     assert 0.009 < trainable / total < 0.011  # "about 1%" of ~1.56 B
     # fp32 adapter: 4 bytes each -> ~63 MB on disk
@@ -38,7 +40,7 @@ def test_all_linear_targets_every_linear_but_the_head(tiny_model_dir):
     from transformers import WhisperForConditionalGeneration
 
     base = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir)
-    model = M.apply_lora(base, LoraSection(r=2, alpha=4, target_modules=["all-linear"]))
+    model = L.apply_lora(base, LoraSection(r=2, alpha=4, target_modules=["all-linear"]))
     adapted = {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
     assert {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"} <= adapted
     assert "proj_out" not in adapted
@@ -49,7 +51,7 @@ def test_unknown_lora_target_is_a_user_error(tiny_model_dir):
 
     base = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir)
     with pytest.raises(UserError, match="lora.target_modules=qproj"):
-        M.apply_lora(base, LoraSection(target_modules=["qproj"]))
+        L.apply_lora(base, LoraSection(target_modules=["qproj"]))
 
 
 def test_non_whisper_base_is_refused_from_its_config(tmp_path):
@@ -67,10 +69,10 @@ def test_language_codes_and_names(tiny_model_dir):
     from transformers import WhisperTokenizer
 
     tok = WhisperTokenizer.from_pretrained(tiny_model_dir)
-    assert M.resolve_language(tok, "hi") == "hi"
-    assert M.resolve_language(tok, "Hindi") == "hi"
+    assert resolve_language("hi", tok) == "hi"
+    assert resolve_language("Hindi", tok) == "hi"
     with pytest.raises(UserError, match="language='klingon'"):
-        M.resolve_language(tok, "klingon")
+        resolve_language("klingon", tok)
 
 
 def test_precision_on_cpu(monkeypatch):
@@ -105,8 +107,8 @@ def _encoder_lora_grads(model_dir, hook: bool) -> int:
         p.requires_grad_(False)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     if hook:
-        M.add_encoder_input_grad_hook(base)
-    model = inject_adapter_in_model(M.lora_config(2, 4, 0.0, ["q_proj", "v_proj"]), base)
+        L.add_encoder_input_grad_hook(base)
+    model = inject_adapter_in_model(L.lora_config(2, 4, 0.0, ["q_proj", "v_proj"]), base)
     model.train()
     out = model(input_features=torch.randn(1, 80, 3000), labels=torch.tensor([[50259, 50359, 400, 50257]]))
     if not out.loss.requires_grad:  # nothing upstream of the loss can train
@@ -124,8 +126,8 @@ def test_encoder_input_grad_hook_lets_encoder_lora_train_under_reentrant_checkpo
 
 @pytest.mark.parametrize("quantization", ["none", "int8"])
 def test_prepared_model_trains_encoder_lora_with_checkpointing(tiny_model_dir, quantization):
-    base = M.load_base_model(str(tiny_model_dir), quantization, "fp32")
-    model = M.apply_lora(M.prepare_for_training(base, quantization, True), LoraSection(r=2, alpha=4))
+    base = M.load_base(str(tiny_model_dir), quantization, "fp32")
+    model = L.apply_lora(L.prepare_for_training(base, quantization, True), LoraSection(r=2, alpha=4))
     model.train()
     out = model(input_features=torch.randn(1, 80, 3000), labels=torch.tensor([[50259, 50359, 400, 50257]]))
     out.loss.backward()
@@ -142,9 +144,9 @@ def test_int8_checkpointing_gives_the_same_gradients_as_no_checkpointing(tiny_mo
     labels = torch.tensor([[50259, 50359, 400, 401, 50257]] * 2)
     grads = []
     for ckpt in (False, True):
-        base = M.load_base_model(str(tiny_model_dir), "int8", "fp32")
+        base = M.load_base(str(tiny_model_dir), "int8", "fp32")
         torch.manual_seed(0)
-        model = M.apply_lora(M.prepare_for_training(base, "int8", ckpt), LoraSection(r=2, alpha=4, dropout=0.0))
+        model = L.apply_lora(L.prepare_for_training(base, "int8", ckpt), LoraSection(r=2, alpha=4, dropout=0.0))
         model.train()
         model(input_features=x, labels=labels).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if "lora_B" in n})
@@ -160,11 +162,11 @@ def test_lora_weights_stay_fp32_on_a_half_precision_base(tiny_model_dir):
     import torch
     from transformers import WhisperForConditionalGeneration
 
-    from lib import model as M
+    from lib import lora as L
     from lib.train_config import LoraSection
 
     base = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
-    model = M.apply_lora(M.prepare_for_training(base, "none", True), LoraSection(r=4, alpha=8))
+    model = L.apply_lora(L.prepare_for_training(base, "none", True), LoraSection(r=4, alpha=8))
     trainable = {p.dtype for p in model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     assert trainable == {torch.float32} and frozen == {torch.bfloat16}
@@ -177,13 +179,13 @@ def test_half_precision_base_trains_from_fp32_features(tiny_model_dir):
     import torch
     from transformers import WhisperProcessor
 
-    from lib import model as M
+    from lib import lora as L
     from lib.collator import WhisperCollator
     from lib.train_config import LoraSection
 
-    base = M.load_base_model(str(tiny_model_dir), "none", "bf16", base_dtype="compute")
+    base = M.load_base(str(tiny_model_dir), "none", "bf16", base_dtype="compute")
     assert base.model.encoder.conv1.weight.dtype == torch.bfloat16
-    model = M.apply_lora(M.prepare_for_training(base, "none", True), LoraSection(r=4, alpha=8))
+    model = L.apply_lora(L.prepare_for_training(base, "none", True), LoraSection(r=4, alpha=8))
     proc = WhisperProcessor.from_pretrained(tiny_model_dir)
     collate = WhisperCollator(proc.feature_extractor, base.config.decoder_start_token_id)
     rng = np.random.default_rng(0)

@@ -12,10 +12,11 @@ import pytest
 import yaml
 
 from jobs.train import DEFAULT_RECIPE, cli
-from lib import recipes
+from lib import auto
+from lib.auto import MEASURED, USABLE_FRACTION, GpuInfo, apply_auto, choose
+from lib.cli import Recipe, build_config
 from lib.config import load_config
 from lib.errors import UserError
-from lib.recipes import MEASURED, USABLE_FRACTION, GpuInfo, choose, expand_auto
 from lib.train_config import TrainConfig
 from tests.helpers import tone, write_prepared
 
@@ -86,8 +87,11 @@ def test_int8_is_never_chosen_and_the_pick_fits_whenever_something_does():
 
 
 def auto_cfg(flags: list[str], gpu: GpuInfo | None) -> TrainConfig:
-    recipe, merged = expand_auto(DEFAULT_RECIPE, "auto", ["run=r", "data=d", *flags], probe=lambda: gpu)
-    return load_config(TrainConfig, recipe, merged)
+    """What run_job builds for `--recipe auto` (lib.cli.build_config), on a made-up GPU."""
+    computed = {"auto": (DEFAULT_RECIPE, lambda cfg, flags: apply_auto(cfg, flags, probe=lambda: gpu))}
+    cfg, recipe = build_config(TrainConfig, "auto", ["run=r", "data=d", *flags], computed)
+    assert recipe.path == DEFAULT_RECIPE and recipe.choice["settings"]["model.quantization"]
+    return cfg
 
 
 def test_auto_starts_from_the_walkthrough_recipe(caplog):
@@ -122,8 +126,11 @@ def test_the_batch_size_flag_drives_the_choice():
 def test_unknown_keys_stay_errors_and_other_recipes_pass_through():
     with pytest.raises(UserError, match="unknown key 'quantisation'"):
         auto_cfg(["model.quantisation=nf4"], H100)
-    assert expand_auto(DEFAULT_RECIPE, "x.yaml", ["a=1"], probe=lambda: H100) == ("x.yaml", ["a=1"])
-    assert expand_auto(DEFAULT_RECIPE, None, [], probe=lambda: H100) == (None, [])
+    computed = {"auto": (DEFAULT_RECIPE, lambda cfg, flags: apply_auto(cfg, flags, probe=lambda: H100))}
+    other = build_config(TrainConfig, str(DEFAULT_RECIPE), ["run=r", "data=d"], computed)
+    assert other == (load_config(TrainConfig, DEFAULT_RECIPE, ["run=r", "data=d"]), Recipe(str(DEFAULT_RECIPE), DEFAULT_RECIPE))
+    none = build_config(TrainConfig, None, ["run=r", "data=d"], computed)
+    assert none == (load_config(TrainConfig, None, ["run=r", "data=d"]), Recipe(None, None))
 
 
 def test_make_train_recipe_auto_reaches_the_job():
@@ -148,7 +155,7 @@ def test_train_job_with_recipe_auto_on_the_cpu(tiny_model_dir, tmp_path, monkeyp
     envfile = tmp_path / "env"
     envfile.write_text(f"DATA_DIR={data}\n")
     monkeypatch.setenv("DATA_DIR", str(data))
-    monkeypatch.setattr(recipes, "detect", lambda: None)  # the CPU even on a GPU machine
+    monkeypatch.setattr(auto, "detect", lambda: None)  # the CPU even on a GPU machine
     code = cli([
         "--recipe", "auto", "--env-file", str(envfile), "run=auto", "data=toy", f"model.base={tiny_model_dir}",
         "model.gradient_checkpointing=true", "train.batch_size=2", "train.max_steps=2", "train.eval_steps=2",

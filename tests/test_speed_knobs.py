@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from jobs.train import main
-from lib import model as M
+from lib import lora as L
 from lib.env import Env
 from lib.errors import UserError
 from tests.test_train import cfg, data_dir, lora_weights  # noqa: F401  (data_dir is a fixture)
@@ -42,10 +42,10 @@ def test_checkpoint_fraction_picks_evenly_spaced_layers(tiny_model_dir):
 
     for fraction, expect in ((1.0, [True, True]), (0.5, [False, True])):
         m = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir)
-        M.prepare_for_training(m, "none", True, fraction)
+        L.prepare_for_training(m, "none", True, fraction)
         assert _checkpointed(m) == [expect, expect]
     m = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir)
-    M.prepare_for_training(m, "none", False, 0.5)
+    L.prepare_for_training(m, "none", False, 0.5)
     assert _checkpointed(m) == [[False, False], [False, False]]
     # 32 layers at 0.75: 24 checkpointed, never two un-checkpointed in a row
     keep = [int((i + 1) * 0.75) > int(i * 0.75) for i in range(32)]
@@ -95,9 +95,9 @@ def test_compiled_checkpointed_layer_recomputes_its_body(tiny_model_dir):
 
     for ckpt, calls in ((True, 2), (False, 1)):
         m = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir)
-        M.prepare_for_training(m, "none", ckpt)
+        L.prepare_for_training(m, "none", ckpt)
         layer = m.model.encoder.layers[0]
-        M.compile_layers(m)
+        L.compile_layers(m)
         m.train()
         seen: list[int] = []
         if ckpt:
@@ -107,7 +107,7 @@ def test_compiled_checkpointed_layer_recomputes_its_body(tiny_model_dir):
                 seen.append(1)
                 return compiled(*a, **k)
 
-            layer.forward = functools.partial(M._checkpoint_compiled, layer, counted)
+            layer.forward = functools.partial(L._checkpoint_compiled, layer, counted)
         else:
             layer.register_forward_hook(lambda *a, seen=seen: seen.append(1))
         feats = torch.randn(1, 80, 3000, requires_grad=False)

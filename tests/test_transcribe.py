@@ -35,11 +35,13 @@ def test_transcribe_wav_with_adapter_and_resamples(tiny_model_dir, tmp_path, cap
 
 
 def test_long_file_is_cut_into_windows(tiny_model_dir, tmp_path):
-    from lib.inference import load_audio, load_model, resolve_source, transcribe_long
+    from lib.audio import load_file
+    from lib.inference import transcribe_long
+    from lib.model import load_model, resolve_source
 
     flac = tmp_path / "long.flac"
     sf.write(flac, tone(31.0, 300), 16_000)
-    audio = load_audio(flac)
+    audio = load_file(flac)
     assert len(audio) == 31 * 16_000
     model, processor, _ = load_model(resolve_source(Env(data_dir=tmp_path), model=str(tiny_model_dir)))
     text = transcribe_long(model, processor, audio, "hi", "transcribe", max_new_tokens=4)
@@ -57,6 +59,16 @@ def test_missing_or_bad_audio_is_a_clear_error(tmp_path):
         main(TranscribeConfig(audio=str(junk), model="x"), Env(data_dir=tmp_path))
     with pytest.raises(UserError, match="set audio="):
         TranscribeConfig()
+
+
+def test_truncated_audio_is_refused_as_prepare_refuses_it(tmp_path):
+    """transcribe decodes with lib/audio.py, as prepare does: a WAV cut short (its header
+    declares more samples than the file holds) is an error, not a shorter transcript."""
+    from jobs.transcribe import TranscribeConfig, main
+
+    cut = Path(__file__).parent / "fixtures" / "manifest" / "clips" / "truncated.wav"
+    with pytest.raises(UserError, match=r"audio=.*truncated.wav: cannot decode it \(truncated"):
+        main(TranscribeConfig(audio=str(cut), model="x"), Env(data_dir=tmp_path))
 
 
 def test_cli_exit_code_2_for_missing_audio(tmp_path):

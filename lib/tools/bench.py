@@ -1,19 +1,19 @@
 """Benchmark training and eval speed/memory at a named Whisper size with random weights.
 
     python -m lib.tools.bench                                   # large-v2, the default run below
-    python -m lib.tools.bench arch=tiny recipes=fp32,auto steps=6   # quick look on any machine
+    python -m lib.tools.bench arch=tiny modes=fp32,auto steps=6   # quick look on any machine
     make bench ARGS="extra=train.num_workers=8 readme=README.md"   # the README's H100 run
 
 Random weights need no Hub: the model is built from the architecture's published config,
-the inputs are 30 s clips with 40-token labels (the walkthrough's shapes). Each recipe runs
+the inputs are 30 s clips with 40-token labels (the walkthrough's shapes). Each mode runs
 the real train job (`python -m jobs.train`: Trainer, collator, log-mel, LoRA, quantization,
 compilation) in a fresh process for `steps` optimizer steps: the first `warmup` are not
 timed, the last `profile_steps` are profiled (not timed) to show where the GPU time goes.
 The default run on a GPU: the walkthrough's 8-bit recipe, the low-memory recipe (<= 8 GiB),
 the fastest recipe, and what `--recipe auto` picks on this machine; then eval (generation)
 clips/s, ours vs the walkthrough's loop. Prints a table (samples/s, speed over the 8-bit
-recipe, tokens/s, peak GPU memory, adapter size, fraction of the GPU's measured bf16 peak,
-GPU busy, GPU time by kind), writes DATA_DIR/bench/ARCH/results.json after every recipe,
+mode, tokens/s, peak GPU memory, adapter size, fraction of the GPU's measured bf16 peak,
+GPU busy, GPU time by kind), writes DATA_DIR/bench/ARCH/results.json after every mode,
 and appends the rows to the benchmarks table in README.md (above `<!-- bench:rows -->`)
 when `readme=` names it.
 """
@@ -39,14 +39,14 @@ from lib.tools.runner import ROOT, last_error, run_job_process
 log = logging.getLogger("whisper_ft")
 TOKENIZER = ROOT / "tests" / "fixtures" / "whisper_tokenizer"
 
-# Recipe name -> train job overrides. Same LoRA placement for all (r=32 on q_proj/v_proj).
+# Mode name -> train job overrides. Same LoRA placement for all (r=32 on q_proj/v_proj).
 _INT8 = ["model.quantization=int8", "model.precision=fp16"]
 _NF4 = ["model.quantization=nf4", "model.precision=bf16"]
 _BF16 = ["model.quantization=none", "model.precision=bf16"]
 _HALF = [*_BF16, "model.base_dtype=compute"]  # frozen base stored in bf16: half the weight memory
 _CKPT, _NOCKPT = ["model.gradient_checkpointing=true"], ["model.gradient_checkpointing=false"]
 _COMPILE = ["train.compile=layers"]
-RECIPES: dict[str, list[str]] = {
+MODES: dict[str, list[str]] = {
     "int8-ckpt": [*_INT8, *_CKPT],  # the walkthrough's
     "int8": [*_INT8, *_NOCKPT],
     "nf4-ckpt": [*_NF4, *_CKPT],
@@ -65,32 +65,32 @@ RECIPES: dict[str, list[str]] = {
     "bf16-half-compile-b16": [*_HALF, *_NOCKPT, *_COMPILE, "train.batch_size=16"],
     "bf16-half-compile-b32": [*_HALF, *_NOCKPT, *_COMPILE, "train.batch_size=32"],
     "bf16-compile-model-b32": [*_BF16, *_NOCKPT, "train.batch_size=32", "train.compile=model"],
-    # what `make train RECIPE=auto` picks on this machine (the walkthrough recipe + lib/recipes.py's choice)
+    # what `make train RECIPE=auto` picks on this machine (the walkthrough recipe + lib/auto.py's choice)
     "auto": [],
     # the one a machine without a GPU can run
     "fp32": ["model.quantization=none", "model.precision=fp32", *_NOCKPT],
 }
 # The default run: the issue's targets 1-3 and 5 (eval, target 4, follows): the walkthrough's
 # 8-bit recipe, the low-memory one (<= 8 GiB), the fastest, and what RECIPE=auto picks here.
-GPU_RECIPES = ["int8-ckpt", "bf16-ckpt90-half-compile", "bf16-half-compile-b32", "auto"]
+GPU_MODES = ["int8-ckpt", "bf16-ckpt90-half-compile", "bf16-half-compile-b32", "auto"]
 
 
 @dataclass
 class BenchConfig:
     arch: str = "large-v2"
     """Whisper architecture to build with random weights: tiny, base, small, medium, large-v2, large-v3, large-v3-turbo"""
-    recipes: list[str] = field(default_factory=list)
-    """recipes to run, in order (see RECIPES in jobs/bench.py); default: every GPU recipe, or fp32 on a CPU"""
+    modes: list[str] = field(default_factory=list)
+    """modes to run, in order (see MODES in lib/tools/bench.py); default: every GPU mode, or fp32 on a CPU"""
     batch_size: int = 8
     """clips per step"""
     steps: int = 10
-    """optimizer steps per recipe: warm-up (compilation included), timed, then profiled"""
+    """optimizer steps per mode: warm-up (compilation included), timed, then profiled"""
     warmup: int = 3
     """first steps not timed (allocation, autotuning)"""
     label_tokens: int = 40
     """decoder positions per sample (the walkthrough's Hindi labels are ~40 tokens)"""
     lora_r: int = 32
-    """LoRA rank for every recipe"""
+    """LoRA rank for every mode"""
     eval_clips: int = 64
     """clips for the generation timing; 0 skips it"""
     eval_new_tokens: int = 40
@@ -100,18 +100,18 @@ class BenchConfig:
     readme: str = ""
     """README.md to append the rows to (between <!-- bench:rows --> markers); empty: don't"""
     extra: list[str] = field(default_factory=list)
-    """extra train-job overrides for every recipe, e.g. extra=train.num_workers=4"""
+    """extra train-job overrides for every mode, e.g. extra=train.num_workers=4"""
     profile_steps: int = 2
-    """profile the last N steps of each recipe (not timed): where GPU time goes, in RUN/profile.txt"""
-    recipe_timeout: int = 0
-    """seconds a recipe may take (compiling included) before it is stopped and reported; 0 = no limit"""
+    """profile the last N steps of each mode (not timed): where GPU time goes, in RUN/profile.txt"""
+    mode_timeout: int = 0
+    """seconds a mode may take (compiling included) before it is stopped and reported; 0 = no limit"""
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise UserError(f"arch={self.arch}: choose one of {', '.join(ARCHS)}")
-        unknown = [r for r in self.recipes if r not in RECIPES]
+        unknown = [r for r in self.modes if r not in MODES]
         if unknown:
-            raise UserError(f"recipes: unknown {unknown}; choose from {', '.join(RECIPES)}")
+            raise UserError(f"modes: unknown {unknown}; choose from {', '.join(MODES)}")
         if self.steps <= self.warmup + self.profile_steps:
             raise UserError(f"steps={self.steps} must exceed warmup={self.warmup} + profile_steps={self.profile_steps}")
 
@@ -192,31 +192,31 @@ def gpu_peak_tflops() -> float | None:
     return 2 * 8192**3 / sorted(times)[len(times) // 2] / 1e12
 
 
-def run_recipe(cfg: BenchConfig, env: Env, recipe: str, model_dir: Path, data: str) -> dict:
-    run = f"bench-{cfg.arch}-{recipe}"
+def run_mode(cfg: BenchConfig, env: Env, mode: str, model_dir: Path, data: str) -> dict:
+    run = f"bench-{cfg.arch}-{mode}"
     shutil.rmtree(env.run_dir(run), ignore_errors=True)
     args = [
-        *(["--recipe", "auto"] if recipe == "auto" else []),
+        *(["--recipe", "auto"] if mode == "auto" else []),
         f"run={run}", f"data={data}", f"model.base={model_dir}",
         f"lora.r={cfg.lora_r}", f"lora.alpha={2 * cfg.lora_r}",
         f"train.batch_size={cfg.batch_size}", f"train.max_steps={cfg.steps}", "train.warmup_steps=0",
         f"train.timing_warmup={cfg.warmup}", "train.logging_steps=1", f"train.profile_steps={cfg.profile_steps}",
         f"train.save_steps={10 * cfg.steps}", f"train.eval_steps={10 * cfg.steps}",
-        # Trainer evaluates (generates) once after the last step: 27-55 s a recipe on the H100 with
+        # Trainer evaluates (generates) once after the last step: 27-55 s a mode on the H100 with
         # 8 clips x 225 tokens of random-weight output; 2 clips x 8 tokens keep the check, not the wait
         "train.max_eval_samples=2", "train.generation_max_length=8",
-        *RECIPES[recipe], *cfg.extra,  # later flags win: a recipe may set its own batch
+        *MODES[mode], *cfg.extra,  # later flags win: a mode may set its own batch
     ]
-    log.info("bench %s: jobs.train %s", recipe, " ".join(args))
+    log.info("bench %s: jobs.train %s", mode, " ".join(args))
     t0 = time.time()
-    logf = env.data_dir / "bench" / cfg.arch / f"{recipe}.log"
-    code, output = run_job_process("train", args, env, logf, timeout=cfg.recipe_timeout or None)
+    logf = env.data_dir / "bench" / cfg.arch / f"{mode}.log"
+    code, output = run_job_process("train", args, env, logf, timeout=cfg.mode_timeout or None)
     if code is None:
-        return {"recipe": recipe, "batch": cfg.batch_size, "wall_s": round(time.time() - t0, 1),
-                "error": f"stopped after recipe_timeout={cfg.recipe_timeout} s (log: {logf})"}
-    row = {"recipe": recipe, "batch": _flag(recipe, cfg, "train.batch_size", cfg.batch_size, int),
-           "checkpointing": _flag(recipe, cfg, "model.gradient_checkpointing", "false", str) == "true"
-           and _flag(recipe, cfg, "model.checkpoint_fraction", 1.0, float),
+        return {"mode": mode, "batch": cfg.batch_size, "wall_s": round(time.time() - t0, 1),
+                "error": f"stopped after mode_timeout={cfg.mode_timeout} s (log: {logf})"}
+    row = {"mode": mode, "batch": _flag(mode, cfg, "train.batch_size", cfg.batch_size, int),
+           "checkpointing": _flag(mode, cfg, "model.gradient_checkpointing", "false", str) == "true"
+           and _flag(mode, cfg, "model.checkpoint_fraction", 1.0, float),
            "wall_s": round(time.time() - t0, 1)}
     mfile = env.run_dir(run) / "metrics.json"
     if code != 0 or not mfile.is_file():
@@ -225,76 +225,53 @@ def run_recipe(cfg: BenchConfig, env: Env, recipe: str, model_dir: Path, data: s
     m = json.loads(mfile.read_text())
     row.update({k: m.get(k) for k in ("steady_samples_per_second", "steady_step_seconds",
                                       "peak_gpu_memory_bytes", "adapter_size_bytes", "trainable_params", "profile")})
-    if recipe == "auto":  # what it chose, from the job's own log line
-        row["chosen"] = next((ln.split("recipe auto: ", 1)[1] for ln in output.splitlines()
-                              if "recipe auto: " in ln), "?")
-        chosen = dict(f.split("=", 1) for f in row["chosen"].split(" because ")[0].split())
-        row["checkpointing"] = chosen.get("model.gradient_checkpointing") == "true" and \
-            float(chosen.get("model.checkpoint_fraction", 1))
+    if mode == "auto":  # what it chose (metrics.json) and what the run then used (config.yaml)
+        import yaml
+
+        choice = (m.get("recipe") or {}).get("choice") or {}
+        flags = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                         for k, v in (choice.get("settings") or {}).items())
+        row["chosen"] = f"{flags} because {choice.get('why', '?')}"
+        used = (yaml.safe_load((env.run_dir(run) / "config.yaml").read_text()) or {}).get("model", {})
+        row["checkpointing"] = bool(used.get("gradient_checkpointing")) and float(used.get("checkpoint_fraction", 1))
     return row
 
 
-def _flag(recipe: str, cfg: BenchConfig, key: str, default, cast):
-    """The value a recipe's flags (then extra=) give `key`; the last one wins, as in the job."""
-    vals = [f.split("=", 1)[1] for f in [*RECIPES[recipe], *cfg.extra] if f.startswith(key + "=")]
+def _flag(mode: str, cfg: BenchConfig, key: str, default, cast):
+    """The value a mode's flags (then extra=) give `key`; the last one wins, as in the job."""
+    vals = [f.split("=", 1)[1] for f in [*MODES[mode], *cfg.extra] if f.startswith(key + "=")]
     return cast(vals[-1]) if vals else default
 
 
 def eval_speed(cfg: BenchConfig, model_dir: Path, data_dir: Path) -> list[dict]:
-    """Generation clips/s: the walkthrough's loop (8-bit, batch 8, fp16 autocast) vs ours."""
+    """Generation clips/s: the walkthrough's loop (8-bit, batch 8, fp16 autocast) vs ours, through
+    the same comparison as `make eval speed_compare=true` (lib.inference.speed_compare), every
+    clip forced to eval_new_tokens tokens so that random weights do the same work."""
     import torch
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    from lib.model import quantization_config
+    from lib.inference import speed_compare
+    from lib.model import ModelSource
     from lib.prepared import load_split
 
     if not torch.cuda.is_available() or cfg.eval_clips <= 0:
         return []
     ds = load_split(data_dir, "test")
     audios = [np.asarray(a, dtype=np.float32) for a in ds["audio"][: cfg.eval_clips]]
-    proc = WhisperProcessor.from_pretrained(model_dir)
+    n = cfg.eval_new_tokens
+    r = speed_compare(ModelSource(base=str(model_dir)), audios, "hi", "transcribe", cfg.eval_batch_size, "bf16",
+                      max_new_tokens=n, min_new_tokens=n)
     rows = []
-    settings = [
-        ("walkthrough: int8, batch 8, autocast", dict(quantization_config=quantization_config("int8", torch.float16),
-                                                       device_map={"": 0}, dtype=torch.float16), 8, True),
-        (f"ours: bf16, sdpa, batch {cfg.eval_batch_size}", dict(dtype=torch.bfloat16, attn_implementation="sdpa"),
-         cfg.eval_batch_size, False),
-    ]
-    outputs = {}
-    for name, kwargs, bs, autocast in settings:
-        model = WhisperForConditionalGeneration.from_pretrained(model_dir, **kwargs)
-        if "device_map" not in kwargs:
-            model = model.cuda()
-        model.eval()
-        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        n = cfg.eval_new_tokens
-
-        def gen(batch, model=model, dtype=dtype, autocast=autocast, n=n):
-            feats = proc.feature_extractor(batch, sampling_rate=16_000, return_tensors="pt",
-                                           device="cuda").input_features.to("cuda", dtype)
-            with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=autocast):
-                return model.generate(feats, language="hi", task="transcribe", max_new_tokens=n,
-                                      min_new_tokens=n)
-
-        gen(audios[:bs])
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        ids = [gen(audios[i:i + bs]) for i in range(0, len(audios), bs)]
-        torch.cuda.synchronize()
-        sec = time.perf_counter() - t0
-        outputs[name] = [proc.tokenizer.decode(x, skip_special_tokens=True) for b in ids for x in b]
-        rows.append({"setting": name, "clips": len(audios), "seconds": round(sec, 2),
-                     "clips_per_s": len(audios) / sec, "new_tokens": n})
-        del model
-        torch.cuda.empty_cache()
-    a, b = outputs.values()
-    same = sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
-    rows[-1]["speedup"] = rows[-1]["clips_per_s"] / rows[0]["clips_per_s"]
-    rows[-1]["same_transcripts"] = same
+    for leg, name in (("walkthrough", "walkthrough: int8, batch 8, autocast"),
+                      ("ours", f"ours: bf16, sdpa, batch {cfg.eval_batch_size}")):
+        m = r[leg]
+        rows.append({"setting": name, "clips": m["clips"], "seconds": round(m["seconds"], 2),
+                     "clips_per_s": m["clips_per_s"], "new_tokens": n})
+    rows[-1]["speedup"] = r["speedup"]
+    rows[-1]["same_transcripts"] = r["same_transcripts"]
     return rows
 
 
-COLUMNS = ["recipe", "batch", "samples/s", "x int8-ckpt", "tokens/s", "peak GiB", "adapter MB",
+COLUMNS = ["mode", "batch", "samples/s", "x int8-ckpt", "tokens/s", "peak GiB", "adapter MB",
            "% of bf16 peak", "GPU busy %", "GPU time: matmul / attention / other %"]
 
 
@@ -318,9 +295,9 @@ def table(rows: list[dict], peak: float | None, flops) -> list[str]:
     come from the profiled steps (GPU busy = kernel time per step over the steady step time)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     ref = next((r["steady_samples_per_second"] for r in rows
-                if r["recipe"] == "int8-ckpt" and r.get("steady_samples_per_second")), None)
+                if r["mode"] == "int8-ckpt" and r.get("steady_samples_per_second")), None)
     for r in rows:
-        name = r["recipe"] + (f" ({r['chosen'].split(' because ')[0]})" if r.get("chosen") else "")
+        name = r["mode"] + (f" ({r['chosen'].split(' because ')[0]})" if r.get("chosen") else "")
         if "error" in r:
             lines.append(f"| {name} | {r['batch']} | failed: {r['error']} |" + " |" * (len(COLUMNS) - 3))
             continue
@@ -360,15 +337,15 @@ def main(cfg: BenchConfig, env: Env) -> list[dict]:
         log.info("limit: %.0f samples/s (%.0f with checkpointing)", peak * 1e12 / flops.train(False),
                  peak * 1e12 / flops.train(True))
 
-    if not cfg.recipes:
-        cfg.recipes = GPU_RECIPES if torch.cuda.is_available() else ["fp32"]
+    if not cfg.modes:
+        cfg.modes = GPU_MODES if torch.cuda.is_available() else ["fp32"]
 
     # 2. Inputs: random model at the architecture, 30 s clips with fixed-length labels.
     root = env.data_dir / "bench" / cfg.arch
     root.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(cfg.arch, root / "model")
-    # enough clips that no recipe starts a second epoch (a restart of the loader workers) while timed
-    n = max(16, cfg.steps * max(_flag(r, cfg, "train.batch_size", cfg.batch_size, int) for r in cfg.recipes))
+    # enough clips that no mode starts a second epoch (a restart of the loader workers) while timed
+    n = max(16, cfg.steps * max(_flag(r, cfg, "train.batch_size", cfg.batch_size, int) for r in cfg.modes))
     data = build_data(env, f"bench-{cfg.arch}-{n}", n, cfg.label_tokens, cfg.eval_clips)
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -378,19 +355,19 @@ def main(cfg: BenchConfig, env: Env) -> list[dict]:
     rows: list[dict] = []
     evals: list[dict] = []
 
-    def save():  # after every recipe: a stopped bench keeps what it measured
+    def save():  # after every mode: a stopped bench keeps what it measured
         (root / "results.json").write_text(json.dumps(
             {"arch": cfg.arch, "gpu": gpu, "bf16_peak_tflops": peak, "versions": versions,
              "flop_per_sample": {"forward": flops.forward, "train": flops.train(False),
                                  "train_checkpointing": flops.train(True)},
              "logmel_clips_per_s_per_worker": logmel, "train": rows, "eval": evals}, indent=2))
 
-    # 3. Train recipes, each a fresh train-job process.
-    for recipe in cfg.recipes:
-        row = run_recipe(cfg, env, recipe, model_dir, data)
+    # 3. Train modes, each a fresh train-job process.
+    for mode in cfg.modes:
+        row = run_mode(cfg, env, mode, model_dir, data)
         row["label_tokens"] = cfg.label_tokens
         rows.append(row)
-        log.info("bench %s: %s", recipe, {k: v for k, v in row.items() if k != "profile"})
+        log.info("bench %s: %s", mode, {k: v for k, v in row.items() if k != "profile"})
         save()
 
     # 4. Eval (generation) speed, ours vs the walkthrough's loop.

@@ -7,7 +7,7 @@ Each (quantization, checkpointing) case runs in a fresh process: random weights 
 LoRA r=8 on q_proj/v_proj, one forward+backward; it prints the extra resident memory
 during that step (sampled every 5 ms) and the sum of the encoder LoRA gradients, which
 must be equal across cases (checkpointing must not change what is learned). This is how
-the int8 + non-reentrant checkpointing problem was found (see lib/model.py).
+the int8 + non-reentrant checkpointing problem was found (see lib/lora.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Training-quality guard: a fast recipe's loss curve against the walkthrough recipe's, on real weights.
+"""Training-quality guard: the fast settings' loss curve against the walkthrough recipe's, on real weights.
 
-    python -m lib.tools.bench_quality data=synth-hi model=../shared/models/whisper-base-hf
+    python -m lib.tools.bench_quality data=synth-hi model=openai/whisper-base   # or a local copy
     python -m lib.tools.bench_quality data=cv_hi model=openai/whisper-large-v2 fast=auto steps=50   # on a GPU
 
 Speed knobs must not change what is learnt. Three runs of the real train job on the same

@@ -16,7 +16,6 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 log = logging.getLogger("whisper_ft")
 
@@ -128,20 +127,21 @@ class Choice:
     def gradient_checkpointing(self) -> bool:
         return self.mode.gradient_checkpointing
 
-    def overrides(self) -> dict[str, str]:
-        """The choice as config keys and flag values."""
+    def settings(self) -> dict[str, str | bool | float]:
+        """The choice as config keys and their typed values."""
         m = self.mode
         return {
             "model.quantization": m.quantization,
             "model.precision": self.precision,
-            "model.gradient_checkpointing": str(m.gradient_checkpointing).lower(),
-            "model.checkpoint_fraction": str(m.checkpoint_fraction),
+            "model.gradient_checkpointing": m.gradient_checkpointing,
+            "model.checkpoint_fraction": m.checkpoint_fraction,
             "model.base_dtype": m.base_dtype,
             "train.compile": m.compile,
         }
 
     def flags(self) -> list[str]:
-        return [f"{k}={v}" for k, v in self.overrides().items()]
+        """The choice as key=value flags, as a user would write them."""
+        return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.settings().items()]
 
     def __str__(self) -> str:
         return " ".join(self.flags())
@@ -245,26 +245,25 @@ def _flag_keys(flags: list[str]) -> set[str]:
     return set().union(*(walk(parse_override(f), "") for f in flags))
 
 
-def expand_auto(
-    default_recipe: str | Path, recipe: str | None, flags: list[str],
-    probe: Callable[[], GpuInfo | None] | None = None,
-) -> tuple[str | None, list[str]]:
-    """run_job's recipe hook for train: `--recipe auto` -> (default recipe, choice flags + your flags).
+def apply_auto(cfg, flags: list[str], probe: Callable[[], GpuInfo | None] | None = None):
+    """`--recipe auto` on a built TrainConfig: (the config with the choice applied, what was chosen).
 
-    Layers: defaults < the walkthrough recipe < the auto choice < key=value flags (later flags win,
-    so yours override the choice). Any other --recipe passes through unchanged.
+    `cfg` was built from the walkthrough recipe and your key=value `flags`; the choice replaces
+    the settings your flags did not name (dataclasses.replace, so every section's checks run
+    again on the result), so the layers are: defaults < walkthrough recipe < the choice < flags.
     """
-    if recipe != AUTO:
-        return recipe, list(flags)
-    from lib.config import load_config
-    from lib.train_config import TrainConfig
+    import dataclasses
 
-    # The batch size the run will use (your flags included); bad flags fail here, before probing.
-    batch_size = load_config(TrainConfig, default_recipe, flags).train.batch_size
-    choice = choose((probe or detect)(), batch_size)
-    won = [f for f in flags if _flag_keys([f]) & set(choice.overrides())]
-    log.info(
-        "recipe auto: %s because %s%s", choice, choice.why,
-        f"; your flags win: {' '.join(won)}" if won else "",
-    )
-    return str(default_recipe), [*choice.flags(), *flags]
+    choice = choose((probe or detect)(), cfg.train.batch_size)
+    settings = choice.settings()
+    named = _flag_keys(flags)
+    won = [f for f in flags if _flag_keys([f]) & set(settings)]
+    log.info("recipe auto: %s because %s%s", choice, choice.why, f"; your flags win: {' '.join(won)}" if won else "")
+    section = {"model": {}, "train": {}}
+    for key, value in settings.items():
+        if key not in named:
+            head, name = key.split(".", 1)
+            section[head][name] = value
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **section["model"]),
+                              train=dataclasses.replace(cfg.train, **section["train"]))
+    return cfg, {"settings": settings, "why": choice.why, "your_flags_won": won}
