@@ -144,6 +144,11 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def chunk_name(lo: int, hi: int) -> str:
+    """The work folder of rows lo..hi-1 of a split: its identity is the row range."""
+    return f"chunk-{lo:09d}-{hi:09d}"
+
+
 def process_split(rows, split: str, work: Path, processor: Processor, num_proc: int, chunk_rows: int,
                   fp: str):
     """Process one split in chunks saved under work/split/; returns (kept dataset, skipped list)."""
@@ -154,25 +159,37 @@ def process_split(rows, split: str, work: Path, processor: Processor, num_proc: 
     n = len(rows)
     chunks = []
     n_chunks = max(1, -(-n // chunk_rows))
+    planned = set()
     for c in range(n_chunks):
         lo, hi = c * chunk_rows, min(n, (c + 1) * chunk_rows)
-        out = work / split / f"chunk-{c:05d}"
+        # The folder is named by its row range, not its index: a rerun with another
+        # chunk_rows (say 10 -> 5 after running out of memory) must not reuse "chunk 1" =
+        # rows 10-19 as rows 5-9, which duplicated or lost rows and still exited 0.
+        out = work / split / chunk_name(lo, hi)
+        planned.add(out.name)
         marker = out / f".done-{fp}"
         if marker.is_file():
-            log.info("%s: chunk %d/%d (rows %d-%d) already done, reusing", split, c + 1, n_chunks, lo, hi - 1)
-            chunks.append(load_from_disk(str(out)))
-            continue
+            done = load_from_disk(str(out))
+            if len(done) == hi - lo:
+                log.info("%s: chunk %d/%d (rows %d-%d) already done, reusing", split, c + 1, n_chunks, lo, hi - 1)
+                chunks.append(done)
+                continue
+            log.warning("%s: chunk %s holds %d rows, not %d: redoing it", split, out.name, len(done), hi - lo)
         shutil.rmtree(out, ignore_errors=True)
         part = rows.select(range(lo, hi))
         procs = max(1, min(num_proc, hi - lo))
         done = part.map(
             processor, batched=True, batch_size=16, num_proc=procs if procs > 1 else None,
             features=_work_features(), remove_columns=[c for c in part.column_names if c not in ("id", "language", "where")],
-            desc=f"{split} {c + 1}/{n_chunks}: decode, resample, tokenize", new_fingerprint=f"{fp}-{split}-{c}",
+            desc=f"{split} {c + 1}/{n_chunks}: decode, resample, tokenize", new_fingerprint=f"{fp}-{split}-{lo}-{hi}",
         )
         done.save_to_disk(str(out))
         marker.touch()
         chunks.append(load_from_disk(str(out)))
+    # Chunks of an earlier plan (another chunk_rows) are never read again: free their disk.
+    for stale in (work / split).glob("chunk-*"):
+        if stale.name not in planned:
+            shutil.rmtree(stale, ignore_errors=True)
     if not chunks:
         return None, []
     full = concatenate_datasets(chunks) if len(chunks) > 1 else chunks[0]
