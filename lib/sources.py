@@ -140,6 +140,27 @@ def _clips_signature(paths: list[str]) -> str:
     return h.hexdigest()
 
 
+def text_lines(file: Path):
+    """The lines of a UTF-8 text file, for csv / json readers; a byte-order mark is dropped.
+
+    Read line by line in binary and decoded here, so that a file in another encoding is a
+    UserError (exit 2: retrying will not help) naming the file, the line and the encoding,
+    not a bare UnicodeDecodeError (exit 1, "retry"). Excel's "CSV UTF-8" starts with a BOM,
+    which would otherwise stick to the first column name ("\ufeffaudio").
+    """
+    with open(file, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = raw[e.start:e.start + 1].hex()
+                raise UserError(f"{file} line {n}: not UTF-8 (byte 0x{bad} at column {e.start + 1}); the file "
+                                f"must be UTF-8: convert it, e.g. iconv -f latin1 -t utf-8 {file.name} > "
+                                f"{file.stem}.utf8{file.suffix}") from None
+
+
 # ---------------------------------------------------------------- Common Voice release folder
 
 
@@ -174,28 +195,27 @@ def read_cv(folder: Path, src: SourceConfig, language: str) -> Rows:
                 raise UserError(f"{tsv} not found (source.{split}={'+'.join(names)}): this release has "
                                 f"{', '.join(have) or 'no TSVs'}; set source.{split}= to those names")
             signature[tsv.name] = _file_digest(tsv)
-            with open(tsv, newline="", encoding="utf-8") as f:
-                # Mozilla's TSVs are not quoted: a sentence may hold a literal " character.
-                reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-                missing = [c for c in CV_REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-                if missing:
-                    raise UserError(
-                        f"{tsv}: column {', '.join(repr(c) for c in missing)} missing (header has: "
-                        f"{', '.join(reader.fieldnames or []) or 'nothing'}); a Common Voice TSV needs "
-                        f"{', '.join(CV_REQUIRED_COLUMNS)}: fix the header or point source.path at a release"
-                    )
-                for line, row in enumerate(reader, start=2):
-                    where = f"{tsv.name} line {line}"
-                    clip = (row.get("path") or "").strip()
-                    if not clip or None in row:
-                        skipped.append({"split": split, "id": clip or where, "where": where,
-                                        "reason": "malformed row: wrong number of tab-separated fields"})
-                        continue
-                    if clip in seen:  # e.g. source.train=train+validated lists a clip twice
-                        continue
-                    seen.add(clip)
-                    records.append({"id": clip, "audio": {"bytes": None, "path": str(clips / clip)},
-                                    "text": row.get("sentence") or "", "language": language, "where": where})
+            # Mozilla's TSVs are not quoted: a sentence may hold a literal " character.
+            reader = csv.DictReader(text_lines(tsv), delimiter="\t", quoting=csv.QUOTE_NONE)
+            missing = [c for c in CV_REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise UserError(
+                    f"{tsv}: column {', '.join(repr(c) for c in missing)} missing (header has: "
+                    f"{', '.join(reader.fieldnames or []) or 'nothing'}); a Common Voice TSV needs "
+                    f"{', '.join(CV_REQUIRED_COLUMNS)}: fix the header or point source.path at a release"
+                )
+            for line, row in enumerate(reader, start=2):
+                where = f"{tsv.name} line {line}"
+                clip = (row.get("path") or "").strip()
+                if not clip or None in row:
+                    skipped.append({"split": split, "id": clip or where, "where": where,
+                                    "reason": "malformed row: wrong number of tab-separated fields"})
+                    continue
+                if clip in seen:  # e.g. source.train=train+validated lists a clip twice
+                    continue
+                seen.add(clip)
+                records.append({"id": clip, "audio": {"bytes": None, "path": str(clips / clip)},
+                                "text": row.get("sentence") or "", "language": language, "where": where})
         signature[f"clips:{split}"] = _clips_signature([r["audio"]["path"] for r in records])
         splits[split] = _rows_dataset(records)
     return Rows(splits, signature, {"kind": "cv", "path": str(folder)}, skipped)
@@ -221,20 +241,18 @@ def _read_table(file: Path) -> list[tuple[int, dict[str, Any]]]:
     suffix = file.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows = []
-        with open(file, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{file} line {n}: not valid JSON ({e.msg}); one object per line") from None
+        for n, line in enumerate(text_lines(file), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{file} line {n}: not valid JSON ({e.msg}); one object per line") from None
         return rows
     if suffix not in (".csv", ".tsv"):
         raise UserError(f"{file}: manifest must be .csv, .tsv or .jsonl (source.path)")
-    with open(file, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-        return [(n, row) for n, row in enumerate(reader, 2)]
+    reader = csv.DictReader(text_lines(file), delimiter="\t" if suffix == ".tsv" else ",")
+    return [(n, row) for n, row in enumerate(reader, 2)]
 
 
 def read_manifest_file(file: Path, src: SourceConfig, language: str, default_split: str | None = None,

@@ -47,3 +47,52 @@ def test_resume_with_another_chunk_rows_neither_duplicates_nor_loses_rows(tiny_m
     assert after["splits"]["train"]["rows"] == whole["splits"]["train"]["rows"]
     assert after["splits"]["train"]["rows_read"] == whole["splits"]["train"]["rows_read"] == 21
     assert after["skipped"] == whole["skipped"]
+
+
+# ---------------------------------------------------------------- item 13: encodings
+
+
+def test_latin1_tsv_and_csv_exit_2_naming_file_line_and_encoding(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from lib.cli import run_job
+    from tests.test_prepare import MANIFEST_DIR
+
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
+    src = tmp_path / "cv"
+    shutil.copytree(CV, src)
+    with open(src / "dev.tsv", "ab") as f:  # one Latin-1 row after four good ones (line 6)
+        f.write("client9\tcommon_voice_hi_00001012.mp3\tx\tcaf\xe9 cr\xe8me\t2\t0\t\t\t\t\thi\t\n".encode("latin-1"))
+    code = run_job("prepare", "", PrepareConfig, main,
+                   [f"model={tiny_model_dir}", "num_proc=1", "source.kind=cv", f"source.path={src}", "name=l1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{src / 'dev.tsv'} line 6: not UTF-8 (byte 0xe9" in err and "UnicodeDecodeError" not in err
+
+    csv_file = tmp_path / "m" / "manifest.csv"
+    shutil.copytree(MANIFEST_DIR / "clips", tmp_path / "m" / "clips")
+    csv_file.write_bytes("audio,text\nclips/en_0.wav,fine\nclips/en_1.wav,na\xefve caf\xe9\n".encode("latin-1"))
+    code = run_job("prepare", "", PrepareConfig, main,
+                   [f"model={tiny_model_dir}", "num_proc=1", "language=en", "source.kind=manifest",
+                    f"source.path={csv_file}", "name=l2"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{csv_file} line 3: not UTF-8 (byte 0xef at column 18)" in err
+
+
+def test_utf8_bom_manifest_and_tsv_are_read(tiny_model_dir, tmp_path):
+    import shutil
+
+    from tests.test_prepare import MANIFEST_DIR
+
+    shutil.copytree(MANIFEST_DIR / "clips", tmp_path / "m" / "clips")
+    body = (MANIFEST_DIR / "manifest.csv").read_bytes()
+    (tmp_path / "m" / "manifest.csv").write_bytes(b"\xef\xbb\xbf" + body)  # Excel's "CSV UTF-8"
+    m = prepare(tmp_path / "data", tiny_model_dir, "name=bom", "language=en", "source.kind=manifest",
+                f"source.path={tmp_path / 'm' / 'manifest.csv'}")
+    assert m["splits"]["train"]["rows"] == 6 and m["splits"]["test"]["rows"] == 2
+    src = tmp_path / "cv"
+    shutil.copytree(CV, src)
+    (src / "test.tsv").write_bytes(b"\xef\xbb\xbf" + (CV / "test.tsv").read_bytes())
+    m = prepare(tmp_path / "data", tiny_model_dir, "name=bomcv", "source.kind=cv", f"source.path={src}",
+                "source.train=", "source.validation=")
+    assert m["splits"]["test"]["rows"] == 4
