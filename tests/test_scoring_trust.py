@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import numpy as np
 
-
 # ---------------------------------------------------------------- item 6: training-curve WER unit
 
 
