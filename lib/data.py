@@ -20,11 +20,13 @@ import numpy as np
 
 from lib.audio import SAMPLING_RATE, AudioError, decode
 from lib.errors import UserError
+from lib.metrics import canonical
 
 log = logging.getLogger("whisper_ft")
 
 # Bump when the processing below changes what it writes, so old prepared data is redone.
-PROCESS_VERSION = 1
+# 2: transcripts are lib.metrics.canonical (NFC, ASCII digits, no zero-width joiners).
+PROCESS_VERSION = 2
 
 
 def load_tokenizer(model: str, language: str | None = None, task: str = "transcribe"):
@@ -98,7 +100,7 @@ class Processor:
 
     def row(self, audio_ref: dict, text: str, language: str) -> tuple[np.ndarray, list[int], str]:
         lim = self.limits
-        text = (text or "").strip()
+        text = canonical(text or "")
         if not text:
             return None, [], "empty transcript"
         if language not in self.known:
@@ -126,7 +128,8 @@ class Processor:
             out["labels"].append(labels)
             out["duration"].append(len(audio) / SAMPLING_RATE if audio is not None else 0.0)
             out["skip"].append(reason)
-        out["text"] = [(t or "").strip() for t in batch["text"]]
+        # The target is the canonical spelling that every score compares (lib.metrics).
+        out["text"] = [canonical(t or "") for t in batch["text"]]
         return out
 
 
