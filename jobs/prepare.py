@@ -41,7 +41,7 @@ from lib.data import (
 from lib.env import Env
 from lib.errors import UserError
 from lib.prepared import MANIFEST, SAMPLING_RATE, write_manifest
-from lib.sources import SourceConfig, read_source
+from lib.sources import SourceConfig, drop_overlaps, read_source
 
 log = logging.getLogger("whisper_ft")
 
@@ -96,6 +96,10 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
 
     # 2. Read the source rows (downloading for mdc, loading for hub); nothing is decoded yet.
     rows = read_source(cfg.source, cfg.language, env)
+    overlaps = drop_overlaps(rows)  # duplicate clips; test/validation clips or sentences in train
+    for split, by_reason in overlaps.items():
+        log.warning("prepare: dropped from %s: %s (listed in manifest.json)", split,
+                    ", ".join(f"{n} {why}" for why, n in by_reason.items()))
     counts_in = {s: len(d) for s, d in rows.splits.items()}
     log.info("prepare: rows read per split %s from %s", counts_in, rows.describe)
 
@@ -146,6 +150,7 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
         "max_target_positions": limits.max_label_tokens,
         "splits": splits,
         "skipped_by_reason": dict(Counter(s["reason"].split(":")[0] for s in skipped)),
+        "dropped_overlaps": overlaps,
         "skipped": skipped,
         "versions": versions(),
         "config": to_dict(cfg),

@@ -72,6 +72,9 @@ class SourceConfig:
     """hub / manifest: the audio column; default: the first of audio, path, file_name, ..."""
     text_column: str | None = None
     """hub / manifest: the transcript column; default: the first of text, sentence, transcription, ..."""
+    allow_outside_paths: bool = False
+    """cv / manifest / audiofolder: accept audio paths that leave the corpus folder ('../', or
+    absolute elsewhere); off, such a row stops the job, naming it (a typo or a hostile file)."""
 
     def __post_init__(self) -> None:
         need = {"cv": "path", "audiofolder": "path", "manifest": "path", "hub": "hub_id", "mdc": "mdc_id"}
@@ -187,7 +190,7 @@ def read_cv(folder: Path, src: SourceConfig, language: str) -> Rows:
     clips = folder / "clips"
     splits, signature, skipped = {}, {}, []
     for split, names in src.split_map().items():
-        records, seen = [], set()
+        records = []
         for name in names:
             tsv = folder / f"{name}.tsv"
             if not tsv.is_file():
@@ -211,14 +214,90 @@ def read_cv(folder: Path, src: SourceConfig, language: str) -> Rows:
                     skipped.append({"split": split, "id": clip or where, "where": where,
                                     "reason": "malformed row: wrong number of tab-separated fields"})
                     continue
-                if clip in seen:  # e.g. source.train=train+validated lists a clip twice
-                    continue
-                seen.add(clip)
+                # A clip listed twice (train+validated) is dropped and counted by drop_overlaps.
                 records.append({"id": clip, "audio": {"bytes": None, "path": str(clips / clip)},
                                 "text": row.get("sentence") or "", "language": language, "where": where})
+        check_inside(records, clips, src.allow_outside_paths)
         signature[f"clips:{split}"] = _clips_signature([r["audio"]["path"] for r in records])
         splits[split] = _rows_dataset(records)
     return Rows(splits, signature, {"kind": "cv", "path": str(folder)}, skipped)
+
+
+# ---------------------------------------------------------------- checks on the rows of every source
+
+
+def check_inside(records: list[dict[str, Any]], root: Path, allowed: bool) -> None:
+    """UserError if an audio path leaves `root` ("../../etc/passwd", /elsewhere/x.wav), unless allowed."""
+    if allowed:
+        return
+    top = os.path.normpath(os.path.abspath(root))
+    outside = [r for r in records
+               if os.path.commonpath([top, os.path.normpath(os.path.abspath(r["audio"]["path"]))]) != top]
+    if outside:
+        first = outside[0]
+        more = f" (and {len(outside) - 1} more rows)" if len(outside) > 1 else ""
+        raise UserError(f"{first['where']}: audio path {first['id']!r} is outside the corpus folder {top}{more}; "
+                        f"fix the path, or set source.allow_outside_paths=true if the clips really live elsewhere")
+
+
+# Splits in the order their rows are kept: a clip or sentence in test is dropped from
+# validation and train, one in validation from train. Test is the published number and
+# validation picks the best checkpoint; neither may have been trained on.
+OVERLAP_ORDER = ("test", "validation", "train")
+
+
+def drop_overlaps(rows: Rows) -> dict[str, dict[str, int]]:
+    """Drop duplicate clips within a split, and rows of a split whose clip or sentence is in a
+    split ranked above it (OVERLAP_ORDER); each drop goes to rows.skipped with its reason.
+
+    Common Voice's validated.tsv holds every dev and test clip: source.train=train+validated
+    put all test clips and sentences in train. Sentences are compared after
+    lib.metrics.normalize, the normalization the scores use: "नमस्ते, आप कैसे हैं?" recorded by
+    another speaker is still the test sentence. Hub rows have positional ids, so only their
+    sentences are compared. Returns the counts per split and reason, for manifest.json.
+    """
+    from lib.metrics import normalize
+
+    by_clip = rows.describe.get("kind") != "hub"
+    seen_clips: dict[str, tuple[str, str]] = {}  # clip -> (split, where), for the splits ranked above
+    seen_sentences: dict[str, tuple[str, str]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for split in (s for s in OVERLAP_ORDER if s in rows.splits):
+        ds = rows.splits[split]
+        texts, wheres, ids = ds["text"], ds["where"], ds["id"]
+        clips = ([os.path.normpath(a["path"]) if a.get("path") else None for a in ds["audio"]] if by_clip
+                 else [None] * len(ds))
+        keep, here_clips, here_sentences, dropped_clips = [], {}, {}, {}
+        for i, (text, where, clip) in enumerate(zip(texts, wheres, clips, strict=True)):
+            sentence = normalize(text or "")
+            reason = None
+            if clip and clip in dropped_clips:  # listed again (train+validated), maybe spelled otherwise
+                reason = dropped_clips[clip]
+            elif clip and clip in seen_clips:
+                reason = "in {}: same clip as {}".format(*seen_clips[clip])
+            elif sentence and sentence in seen_sentences:
+                reason = "in {}: same sentence as {}".format(*seen_sentences[sentence])
+            elif clip and clip in here_clips:
+                reason = f"duplicate: same clip as {here_clips[clip]}"
+            if reason:
+                if clip and not reason.startswith("duplicate"):
+                    dropped_clips[clip] = reason
+                rows.skipped.append({"split": split, "id": ids[i], "where": where, "reason": reason})
+                key = reason.split(":")[0]
+                counts.setdefault(split, {})[key] = counts.get(split, {}).get(key, 0) + 1
+                continue
+            keep.append(i)
+            if clip:
+                here_clips.setdefault(clip, where)
+            if sentence:
+                here_sentences.setdefault(sentence, where)
+        for clip, where in here_clips.items():
+            seen_clips.setdefault(clip, (split, where))
+        for sentence, where in here_sentences.items():
+            seen_sentences.setdefault(sentence, (split, where))
+        if len(keep) < len(ds):
+            rows.splits[split] = ds.select(keep)
+    return counts
 
 
 # ---------------------------------------------------------------- manifest and audiofolder
@@ -277,7 +356,8 @@ def read_manifest_file(file: Path, src: SourceConfig, language: str, default_spl
         if not rel:
             skipped.append({"split": split, "id": where, "where": where, "reason": f"empty '{audio_col}' column"})
             continue
-        path = Path(rel) if Path(rel).is_absolute() else file.parent / rel
+        # normpath, not resolve(): "clips/../../x" is outside, a symlink inside the corpus is not.
+        path = Path(os.path.normpath(rel if Path(rel).is_absolute() else file.parent / rel))
         rows_by_split.setdefault(split, []).append({
             "id": rel, "audio": {"bytes": None, "path": str(path)}, "text": str(row.get(text_col) or ""),
             "language": str(row.get("language") or language).strip(), "where": where,
@@ -289,6 +369,7 @@ def read_manifest_source(file: Path, src: SourceConfig, language: str) -> Rows:
         raise UserError(f"manifest {file} not found (source.path)")
     by_split, skipped = {}, []
     read_manifest_file(file, src, language, None, by_split, skipped)
+    check_inside([r for rs in by_split.values() for r in rs], file.parent, src.allow_outside_paths)
     return _finish_local(by_split, skipped, {file.name: _file_digest(file)}, {"kind": "manifest", "path": str(file)})
 
 
@@ -308,6 +389,7 @@ def read_audiofolder(folder: Path, src: SourceConfig, language: str) -> Rows:
     for split, meta in metas:
         read_manifest_file(meta, src, language, split, by_split, skipped)
         signature[str(meta.relative_to(folder))] = _file_digest(meta)
+    check_inside([r for rs in by_split.values() for r in rs], folder, src.allow_outside_paths)
     return _finish_local(by_split, skipped, signature, {"kind": "audiofolder", "path": str(folder)})
 
 

@@ -176,7 +176,7 @@ def test_duration_and_label_length_filters(tiny_model_dir, tmp_path):
     mf = tmp_path / "rows.jsonl"
     mf.write_text("".join(json.dumps(r) + "\n" for r in rows))
     m = prepare(tmp_path / "data", tiny_model_dir, "name=f", "language=en", "source.kind=manifest",
-                f"source.path={mf}", "min_duration=1.4")
+                f"source.path={mf}", "min_duration=1.4", "source.allow_outside_paths=true")  # absolute clips
     reasons = [s["reason"] for s in m["skipped"]]
     assert reasons[0].startswith("too short: 1.295 s < min_duration=1.4")
     assert reasons[1].startswith("labels too long: ") and "> 448" in reasons[1]

@@ -96,3 +96,107 @@ def test_utf8_bom_manifest_and_tsv_are_read(tiny_model_dir, tmp_path):
     m = prepare(tmp_path / "data", tiny_model_dir, "name=bomcv", "source.kind=cv", f"source.path={src}",
                 "source.train=", "source.validation=")
     assert m["splits"]["test"]["rows"] == 4
+
+
+# ---------------------------------------------------------------- item 2 and 14: leaks and duplicates
+
+
+def test_cv_train_plus_validated_drops_every_test_and_dev_clip_and_sentence(tiny_model_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "cv"
+    shutil.copytree(CV, src)
+    # Another speaker's clip of a test sentence, written without the danda: the same sentence
+    # once normalized as the scores normalize it (test.tsv line 2: "फूल सुंदर हैं।").
+    lines = (src / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[1] = lines[1].replace("नमस्ते, आप कैसे हैं?", "फूल  सुंदर हैं")
+    (src / "train.tsv").write_text("".join(lines), encoding="utf-8")
+    m = prepare(tmp_path / "data", tiny_model_dir, "name=v", "source.kind=cv", f"source.path={src}",
+                "source.train=train+validated")
+    out = tmp_path / "data" / "prepared" / "v"
+    train_ids = set(load_split(out, "train")["id"])
+    held_out = set(load_split(out, "test")["id"]) | set(load_split(out, "validation")["id"])
+    assert not train_ids & held_out
+    assert "common_voice_hi_00001000.mp3" not in train_ids  # the sentence that is in test
+    # validated.tsv = train (17) + dev (4) + test (4): the train lines are duplicates.
+    # The edited clip is also on validated.tsv line 2 (with its old sentence): dropped there too.
+    assert m["dropped_overlaps"] == {"train": {"in test": 6, "in validation": 4, "duplicate": 16}}
+    reasons = {s["where"]: s["reason"] for s in m["skipped"] if s["split"] == "train"}
+    assert reasons["train.tsv line 2"] == reasons["validated.tsv line 2"] == "in test: same sentence as test.tsv line 2"
+    assert reasons["validated.tsv line 18"] == "in test: same clip as test.tsv line 2"
+    assert reasons["validated.tsv line 14"] == "in validation: same clip as dev.tsv line 2"
+    assert reasons["validated.tsv line 3"] == "duplicate: same clip as train.tsv line 3"
+    # Counts still add up: kept + skipped = rows read (17 + 25 train rows).
+    train = m["splits"]["train"]
+    assert train["rows_read"] == 42 and train["rows"] + train["skipped"] == 42 and train["rows"] == 11
+    assert m["skipped_by_reason"]["in test"] == 6
+
+
+def test_manifest_same_clip_in_train_and_test_or_twice_is_dropped_and_counted(tiny_model_dir, tmp_path):
+    import shutil
+
+    from tests.test_prepare import MANIFEST_DIR
+
+    shutil.copytree(MANIFEST_DIR / "clips", tmp_path / "m" / "clips")
+    (tmp_path / "m" / "manifest.csv").write_text(
+        "audio,text,split\n"
+        "clips/en_0.wav,one,train\n"
+        "clips/en_1.wav,two,train\n"
+        "clips/./en_1.wav,two again,train\n"      # the same file, spelled another way
+        "clips/en_2.wav,three,train\n"
+        "clips/en_2.wav,three,test\n"             # a test clip also listed for train
+        "clips/en_4.wav,Four!,validation\n"
+        "clips/en_5.wav,four,train\n", encoding="utf-8")  # a validation sentence, once normalized
+    m = prepare(tmp_path / "data", tiny_model_dir, "name=mm", "language=en", "source.kind=manifest",
+                f"source.path={tmp_path / 'm' / 'manifest.csv'}")
+    assert m["dropped_overlaps"] == {"train": {"duplicate": 1, "in test": 1, "in validation": 1}}
+    assert {k: v["rows"] for k, v in m["splits"].items()} == {"train": 2, "validation": 1, "test": 1}
+    ids = load_split(tmp_path / "data" / "prepared" / "mm", "train")["id"]
+    assert sorted(ids) == ["clips/en_0.wav", "clips/en_1.wav"]
+
+
+# ---------------------------------------------------------------- item 14: paths that leave the corpus
+
+
+@pytest.mark.parametrize("bad", ["../../../etc/passwd", "clips/../../outside.wav", "ABSOLUTE"])
+def test_manifest_paths_outside_the_corpus_are_refused_unless_allowed(tiny_model_dir, tmp_path, bad):
+    import shutil
+
+    from lib.errors import UserError
+    from tests.test_prepare import MANIFEST_DIR
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(MANIFEST_DIR / "clips", corpus / "clips")
+    shutil.copy(MANIFEST_DIR / "clips" / "en_2.wav", tmp_path / "outside.wav")
+    bad = str(tmp_path / "outside.wav") if bad == "ABSOLUTE" else bad
+    mf = corpus / "manifest.csv"
+    mf.write_text(f"audio,text\nclips/en_0.wav,fine\n{bad},escape\n", encoding="utf-8")
+    flags = ("name=p", "language=en", "source.kind=manifest", f"source.path={mf}")
+    with pytest.raises(UserError, match=r"manifest.csv line 3: audio path .* is outside the corpus folder .*"
+                                        r"source.allow_outside_paths=true"):
+        prepare(tmp_path / "data", tiny_model_dir, *flags)
+    assert not (tmp_path / "data" / "prepared").exists()  # refused before any work
+    if bad.endswith("outside.wav"):  # a real clip elsewhere, on purpose: the flag lets it in
+        m = prepare(tmp_path / "data", tiny_model_dir, *flags, "source.allow_outside_paths=true")
+        assert m["splits"]["train"]["rows"] == 2
+
+
+def test_absolute_path_inside_the_corpus_and_cv_dotdot(tiny_model_dir, tmp_path):
+    import shutil
+
+    from lib.errors import UserError
+    from tests.test_prepare import MANIFEST_DIR
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(MANIFEST_DIR / "clips", corpus / "clips")
+    mf = corpus / "manifest.csv"
+    mf.write_text(f"audio,text\n{corpus / 'clips' / 'en_0.wav'},fine\n", encoding="utf-8")
+    m = prepare(tmp_path / "data", tiny_model_dir, "name=a", "language=en", "source.kind=manifest",
+                f"source.path={mf}")
+    assert m["splits"]["train"]["rows"] == 1
+    src = tmp_path / "cv"
+    shutil.copytree(CV, src)
+    with open(src / "test.tsv", "a", encoding="utf-8") as f:
+        f.write("client9\t../../secret.mp3\tx\tएक वाक्य।\t2\t0\t\t\t\t\thi\t\n")
+    with pytest.raises(UserError, match=r"test.tsv line 6: audio path '../../secret.mp3' is outside"):
+        prepare(tmp_path / "data", tiny_model_dir, "name=cvp", "source.kind=cv", f"source.path={src}")
