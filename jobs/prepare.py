@@ -29,6 +29,7 @@ from lib.data import (
     PROCESS_VERSION,
     Limits,
     Processor,
+    drop_fast_speech,
     fingerprint,
     load_tokenizer,
     max_target_positions,
@@ -64,6 +65,9 @@ class PrepareConfig:
     """Seconds; shorter clips are skipped (an empty or click-only recording)."""
     max_duration: float = 30.0
     """Seconds; longer clips are skipped: Whisper sees 30 s windows (3000 mel frames)."""
+    max_rate_vs_median: float = 2.5
+    """Skip clips spoken faster (characters/s) than this many times their language's median in
+    the corpus: audio cut short with the full transcript. 0 turns the check off."""
     chunk_rows: int = 2000
     """Rows per saved chunk: a killed job redoes at most one chunk per split."""
     force: bool = False
@@ -78,6 +82,9 @@ class PrepareConfig:
         if not 0 <= self.min_duration < self.max_duration <= 30.0:
             raise UserError(f"min_duration={self.min_duration} / max_duration={self.max_duration}: need "
                             f"0 <= min_duration < max_duration <= 30 (Whisper's window is 30 s)")
+        if self.max_rate_vs_median < 0 or 0 < self.max_rate_vs_median <= 1:
+            raise UserError(f"max_rate_vs_median={self.max_rate_vs_median}: use a ratio above 1 (default 2.5), "
+                            f"or 0 to turn the speaking-rate check off")
         if self.chunk_rows < 1:
             raise UserError(f"chunk_rows={self.chunk_rows}: must be at least 1")
 
@@ -123,6 +130,8 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
         kept[split], skipped_split = process_split(ds, split, work / "chunks", processor, cfg.num_proc,
                                                    cfg.chunk_rows, fp)
         skipped += skipped_split
+    # Needs every split's durations first: the median is the corpus's.
+    skipped += drop_fast_speech(kept, cfg.max_rate_vs_median, rows.splits)
 
     # 5. Write the splits, then the manifest last; swap the finished folder into place.
     stage = work / "dataset"

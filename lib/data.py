@@ -204,6 +204,58 @@ def process_split(rows, split: str, work: Path, processor: Processor, num_proc: 
     return kept, skipped
 
 
+# The speaking-rate check needs a median worth the name: fewer clips of a language, no check.
+RATE_MIN_CLIPS = 10
+
+
+def drop_fast_speech(kept: dict[str, Any], max_ratio: float, sources: dict[str, Any]) -> list[dict[str, str]]:
+    """Skip clips whose transcript is spoken impossibly fast for their audio; returns the skips.
+
+    An mp3 cut short by a failed copy and without a Xing/Info length header decodes "fine"
+    into, say, 2 s of a 6 s sentence and trains the model to hallucinate the rest. Nothing in
+    the file tells, but the rate does: characters (spaces excluded) per second far above the
+    median of the corpus in that language (all splits together). Silence only lowers a clip's
+    rate, so a real clip rarely reaches 2.5x the median: Common Voice's spread is about 0.5-1.5x.
+    `kept` is filtered in place; `sources` (the source rows) give each skip its file and line;
+    max_ratio 0 turns the check off.
+    """
+    if max_ratio <= 0:
+        return []
+    rates: dict[str, list[float]] = {}
+    per_split = {}
+    for split, ds in kept.items():
+        if ds is None or len(ds) == 0:
+            continue
+        chars = [len(t.replace(" ", "")) for t in ds["text"]]
+        rows = list(zip(chars, ds["duration"], ds["language"], strict=True))
+        per_split[split] = rows
+        for n, d, lang in rows:
+            if d > 0:
+                rates.setdefault(lang, []).append(n / d)
+    medians = {lang: float(np.median(r)) for lang, r in rates.items() if len(r) >= RATE_MIN_CLIPS}
+    skipped = []
+    for split, rows in per_split.items():
+        ds, keep, where = kept[split], [], None
+        for i, (n, d, lang) in enumerate(rows):
+            median = medians.get(lang)
+            rate = n / d if d > 0 else float("inf")
+            if median and rate > max_ratio * median:
+                if where is None:
+                    src = sources[split]
+                    where = dict(zip(src["id"], src["where"], strict=True))
+                row_id = ds[i]["id"]
+                skipped.append({"split": split, "id": row_id, "where": where.get(row_id, row_id),
+                                "reason": f"speech too fast: {rate:.0f} characters/s for {d:.2f} s of audio, "
+                                          f"{rate / median:.1f}x the '{lang}' median of {median:.1f} "
+                                          f"(max_rate_vs_median={max_ratio:g}): truncated audio or the wrong "
+                                          f"transcript?"})
+            else:
+                keep.append(i)
+        if len(keep) < len(ds):
+            kept[split] = ds.select(keep)
+    return skipped
+
+
 def write_split(ds, dest: Path) -> dict[str, float]:
     ds.save_to_disk(str(dest))
     seconds = float(np.sum(ds["duration"])) if len(ds) else 0.0

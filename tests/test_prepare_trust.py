@@ -200,3 +200,40 @@ def test_absolute_path_inside_the_corpus_and_cv_dotdot(tiny_model_dir, tmp_path)
         f.write("client9\t../../secret.mp3\tx\tएक वाक्य।\t2\t0\t\t\t\t\thi\t\n")
     with pytest.raises(UserError, match=r"test.tsv line 6: audio path '../../secret.mp3' is outside"):
         prepare(tmp_path / "data", tiny_model_dir, "name=cvp", "source.kind=cv", f"source.path={src}")
+
+
+# ---------------------------------------------------------------- item 14: impossible speaking rate
+
+
+def _cut_mp3_without_length_header(clip, keep: float) -> bytes:
+    """The first `keep` share of an mp3 whose Xing/Info frame (the length header) is defaced."""
+    data = bytearray(clip.read_bytes())
+    for tag in (b"Xing", b"Info"):
+        at = data.find(tag, 0, 4096)
+        if at >= 0:
+            data[at:at + 4] = b"XXXX"
+    return bytes(data[: int(len(data) * keep)])
+
+
+def test_truncated_mp3_without_length_header_is_skipped_for_its_speaking_rate(tiny_model_dir, tmp_path):
+    import shutil
+
+    from lib.audio import decode
+
+    src = tmp_path / "cv"
+    shutil.copytree(CV, src)
+    clip = src / "clips" / "common_voice_hi_00001001.mp3"  # train.tsv line 3, 2.21 s, 18 characters
+    clip.write_bytes(_cut_mp3_without_length_header(clip, 0.3))
+    seconds = len(decode(clip)) / 16_000  # decodes "fine": nothing in the file says it was cut
+    assert seconds < 0.9
+    m = prepare(tmp_path / "data", tiny_model_dir, "name=r", "source.kind=cv", f"source.path={src}")
+    fast = [s for s in m["skipped"] if s["reason"].startswith("speech too fast")]
+    assert [(s["split"], s["where"]) for s in fast] == [("train", "train.tsv line 3")]
+    assert "the 'hi' median of 8." in fast[0]["reason"] and "max_rate_vs_median=2.5" in fast[0]["reason"]
+    assert m["skipped_by_reason"]["speech too fast"] == 1
+    assert "common_voice_hi_00001001.mp3" not in load_split(tmp_path / "data" / "prepared" / "r", "train")["id"]
+    # Off: the clip is kept (and every other clip of the fixture passes the check either way).
+    m = prepare(tmp_path / "data", tiny_model_dir, "name=r0", "source.kind=cv", f"source.path={src}",
+                "max_rate_vs_median=0")
+    assert "speech too fast" not in m["skipped_by_reason"]
+    assert m["splits"]["train"]["rows"] == 12
