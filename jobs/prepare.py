@@ -2,9 +2,8 @@
 
     python -m jobs.prepare --recipe jobs/recipes/prepare_cv_hi.yaml [--env-file .env] [key=value ...]
     python -m jobs.prepare name=cv_hi language=hi source.kind=cv source.path=/data/cv-corpus-17.0/hi
-    python -m jobs.prepare name=cv_hi language=hi source.kind=hub \
-        source.hub_id=mozilla-foundation/common_voice_11_0 source.hub_config=hi \
-        source.train=train+validation source.validation= source.test=test
+    python -m jobs.prepare name=fleurs_hi language=hi source.kind=hub source.hub_id=google/fleurs \
+        source.hub_config=hi_in source.hub_revision=refs/convert/parquet source.text_column=raw_transcription
 
 Reads a Common Voice release folder, a Mozilla Data Collective download, a Hugging Face Hub
 dataset, a CSV/TSV/JSONL manifest or an audiofolder; decodes and resamples every clip to

@@ -17,6 +17,7 @@ audiofolder (Hugging Face audiofolder layout: metadata.csv with file_name + tran
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -54,7 +55,7 @@ class SourceConfig:
     path: str = ""
     """cv / audiofolder: the folder; manifest: the file. Relative paths are from the repo root."""
     hub_id: str = ""
-    """hub: dataset id, e.g. mozilla-foundation/common_voice_11_0."""
+    """hub: dataset id, e.g. google/fleurs (a repo of data files: datasets 5 runs no loading script)."""
     hub_config: str | None = None
     """hub: the dataset config (subset), e.g. hi."""
     hub_revision: str | None = None
@@ -80,7 +81,7 @@ class SourceConfig:
         need = {"cv": "path", "audiofolder": "path", "manifest": "path", "hub": "hub_id", "mdc": "mdc_id"}
         key = need[self.kind]
         if not getattr(self, key):
-            example = {"path": "/data/cv-corpus-17.0/hi", "hub_id": "mozilla-foundation/common_voice_11_0",
+            example = {"path": "/data/cv-corpus-17.0/hi", "hub_id": "google/fleurs",
                        "mdc_id": "<dataset id from mozilladatacollective.com>"}[key]
             raise UserError(f"source.kind={self.kind} needs source.{key}=..., e.g. source.{key}={example}")
 
@@ -407,6 +408,41 @@ def _finish_local(by_split, skipped, signature, describe) -> Rows:
 # ---------------------------------------------------------------- Hugging Face Hub
 
 
+@contextlib.contextmanager
+def audio_kept_encoded():
+    """While active, datasets' Audio feature stores files and bytes as they are, without torchcodec.
+
+    datasets 5 imports torchcodec in Audio.encode_example for every value, even a plain file
+    path, so `load_dataset` of a Hub repo in audiofolder shape (metadata.csv + clips) died
+    with "please install 'torchcodec'" while building its Arrow cache. We never let datasets
+    decode (lib/audio.py does, from these bytes or paths), so storing the value needs no codec:
+    this does what encode_example does for a path or bytes. Anything else (a decoded array)
+    still goes to datasets' own code.
+    """
+    from datasets.features.audio import Audio
+
+    original = Audio.encode_example
+
+    def encode(self, value):
+        if isinstance(value, str):
+            return {"bytes": None, "path": value}
+        if isinstance(value, Path):
+            return {"bytes": None, "path": str(value.absolute())}
+        if isinstance(value, (bytes, bytearray)):
+            return {"bytes": bytes(value), "path": None}
+        if isinstance(value, dict) and "array" not in value and (value.get("bytes") or value.get("path")):
+            if value.get("bytes") is None and value.get("path") and not os.path.isfile(value["path"]):
+                return original(self, value)  # a path relative to an archive: datasets' own rules
+            return {"bytes": value.get("bytes"), "path": value.get("path")}
+        return original(self, value)
+
+    Audio.encode_example = encode
+    try:
+        yield
+    finally:
+        Audio.encode_example = original
+
+
 def read_hub(src: SourceConfig, language: str, token: str | None) -> Rows:
     """load_dataset per split expression; audio kept encoded (Audio(decode=False)) so we decode it."""
     import datasets
@@ -417,8 +453,9 @@ def read_hub(src: SourceConfig, language: str, token: str | None) -> Rows:
     for split, parts in src.split_map().items():
         expr = "+".join(parts)
         try:
-            ds = datasets.load_dataset(src.hub_id, src.hub_config, split=expr, token=token or None,
-                                       revision=src.hub_revision)
+            with audio_kept_encoded():
+                ds = datasets.load_dataset(src.hub_id, src.hub_config, split=expr, token=token or None,
+                                           revision=src.hub_revision)
         except DatasetNotFoundError as e:
             msg = str(e)
             if "gated" in msg and not token:
@@ -450,11 +487,15 @@ def read_hub(src: SourceConfig, language: str, token: str | None) -> Rows:
             ds = ds.rename_column(text_col, "text")
 
         def add_ids(batch, idx, expr=expr, lang_col=lang_col):
+            from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
             n = len(batch["text"])
             return {
                 "id": [f"{expr}/{i}" for i in idx],
                 "where": [f"{src.hub_id} split {expr} row {i}" for i in idx],
-                "language": batch[lang_col] if lang_col else [language] * n,
+                # FLEURS's language column holds English names ("Hindi"): the row's code is "hi".
+                "language": ([TO_LANGUAGE_CODE.get(str(v).strip().lower(), v) for v in batch[lang_col]]
+                             if lang_col else [language] * n),
             }
 
         ds = ds.map(add_ids, with_indices=True, batched=True, desc=f"{split}: index rows")

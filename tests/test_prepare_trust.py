@@ -237,3 +237,86 @@ def test_truncated_mp3_without_length_header_is_skipped_for_its_speaking_rate(ti
                 "max_rate_vs_median=0")
     assert "speech too fast" not in m["skipped_by_reason"]
     assert m["splits"]["train"]["rows"] == 12
+
+
+# ---------------------------------------------------------------- item 9: Hub audio without torchcodec
+
+
+def _fake_hub(monkeypatch, tmp_path, builder: str, **kw):
+    """Stand in for the Hub at datasets.load_dataset: the same call, answered by a local builder."""
+    import datasets
+
+    real_load = datasets.load_dataset
+    calls = []
+
+    def fake_load_dataset(path, name=None, *, split, token=None, revision=None):
+        calls.append((path, name, split, revision))
+        return real_load(builder, split=split, cache_dir=str(tmp_path / "hf-cache"), **kw)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    return calls
+
+
+def test_hub_dataset_in_audiofolder_shape_needs_no_torchcodec(tiny_model_dir, tmp_path, monkeypatch):
+    import csv
+    import importlib.util
+    import shutil
+
+    from tests.test_prepare import MANIFEST_DIR
+
+    assert importlib.util.find_spec("torchcodec") is None  # the lock has none: that is the point
+    repo = tmp_path / "repo"
+    for split, names in (("train", ["en_0", "en_1", "en_2"]), ("test", ["en_4", "en_5"])):
+        (repo / split).mkdir(parents=True)
+        with open(repo / split / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["file_name", "transcription"])
+            for n in names:
+                shutil.copy(MANIFEST_DIR / "clips" / f"{n}.wav", repo / split / f"{n}.wav")
+                w.writerow([f"{n}.wav", f"hub {n}"])
+    calls = _fake_hub(monkeypatch, tmp_path, "audiofolder", data_dir=str(repo))
+    m = prepare(tmp_path / "data", tiny_model_dir, "name=af", "language=en", "source.kind=hub",
+                "source.hub_id=org/af", "source.validation=")
+    assert [c[2] for c in calls] == ["train", "test"]
+    assert {k: v["rows"] for k, v in m["splits"].items()} == {"train": 3, "test": 2}
+    ds = load_split(tmp_path / "data" / "prepared" / "af", "test")
+    assert ds[0]["text"] == "hub en_4" and abs(ds[0]["duration"] - len(ds[0]["audio"]) / 16_000) < 1e-3
+    # Decoded by lib/audio.py: the same samples as decoding the file ourselves.
+    from lib.audio import decode
+
+    want = decode(MANIFEST_DIR / "clips" / "en_4.wav")
+    assert len(ds[0]["audio"]) == len(want)
+
+
+def test_shipped_hub_recipe_reads_a_parquet_fleurs_shaped_dataset(tiny_model_dir, tmp_path, monkeypatch):
+    from datasets import Audio, Dataset, Features, Value
+
+    from tests.test_prepare import MANIFEST_DIR, REPO
+
+    recipe = REPO / "jobs" / "recipes" / "prepare_hub_fleurs_hi.yaml"
+    cfg = load_config(PrepareConfig, recipe, [f"model={tiny_model_dir}", "num_proc=1"])
+    assert cfg.source.hub_revision == "refs/convert/parquet"  # a revision datasets 5 can load
+    files = {}
+    for split, names in (("train", ["hi_0", "en_0"]), ("validation", ["en_1"]), ("test", ["hi_1"])):
+        n = len(names)
+        ext = {"hi_0": "mp3", "hi_1": "mp3"}
+        ds = Dataset.from_dict(
+            {"id": list(range(n)), "num_samples": [0] * n, "path": [f"{x}.{ext.get(x, 'wav')}" for x in names],
+             "audio": [{"bytes": (MANIFEST_DIR / "clips" / f"{x}.{ext.get(x, 'wav')}").read_bytes(), "path": None}
+                       for x in names],
+             "transcription": [f"lower {x}" for x in names], "raw_transcription": [f"Raw {x}।" for x in names],
+             "gender": [0] * n, "lang_id": [0] * n, "language": ["Hindi"] * n, "lang_group_id": [0] * n},
+            features=Features({"id": Value("int32"), "num_samples": Value("int32"), "path": Value("string"),
+                               "audio": {"bytes": Value("binary"), "path": Value("string")},
+                               "transcription": Value("string"), "raw_transcription": Value("string"),
+                               "gender": Value("int64"), "lang_id": Value("int64"), "language": Value("string"),
+                               "lang_group_id": Value("int64")}))
+        ds = ds.cast_column("audio", Audio(sampling_rate=16_000))  # as the Hub's parquet export types it
+        files[split] = str(tmp_path / f"{split}.parquet")
+        ds.to_parquet(files[split])
+    calls = _fake_hub(monkeypatch, tmp_path, "parquet", data_files=files)
+    m = main(cfg, Env(data_dir=tmp_path / "data"))
+    assert {c[:2] for c in calls} == {(cfg.source.hub_id, cfg.source.hub_config)}
+    assert {k: v["rows"] for k, v in m["splits"].items()} == {"train": 2, "validation": 1, "test": 1}
+    row = load_split(tmp_path / "data" / "prepared" / cfg.name, "test")[0]
+    assert row["text"] == "Raw hi_1।" and row["language"] == "hi"
