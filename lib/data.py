@@ -160,6 +160,8 @@ def process_split(rows, split: str, work: Path, processor: Processor, num_proc: 
     from lib.prepared import COLUMNS, features
 
     n = len(rows)
+    if n == 0:  # e.g. every train row was also in test: nothing to save (an empty save does not load)
+        return None, []
     chunks = []
     n_chunks = max(1, -(-n // chunk_rows))
     planned = set()

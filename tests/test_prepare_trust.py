@@ -320,3 +320,10 @@ def test_shipped_hub_recipe_reads_a_parquet_fleurs_shaped_dataset(tiny_model_dir
     assert {k: v["rows"] for k, v in m["splits"].items()} == {"train": 2, "validation": 1, "test": 1}
     row = load_split(tmp_path / "data" / "prepared" / cfg.name, "test")[0]
     assert row["text"] == "Raw hi_1।" and row["language"] == "hi"
+
+
+def test_train_made_only_of_test_clips_is_dropped_whole_without_a_crash(tiny_model_dir, tmp_path):
+    m = prepare(tmp_path / "data", tiny_model_dir, "name=e", "source.kind=cv", f"source.path={CV}",
+                "source.train=test", "source.validation=")
+    assert list(m["splits"]) == ["test"] and m["dropped_overlaps"] == {"train": {"in test": 4}}
+    assert sum(s["split"] == "train" for s in m["skipped"]) == 4
