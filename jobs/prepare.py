@@ -7,9 +7,11 @@
 
 Reads a Common Voice release folder, a Mozilla Data Collective download, a Hugging Face Hub
 dataset, a CSV/TSV/JSONL manifest or an audiofolder; decodes and resamples every clip to
-16 kHz mono, tokenizes the transcript with the <|lang|><|task|> prefix, and drops (and
-reports) rows that cannot train: undecodable or truncated audio, missing clips, empty
-transcripts, clips outside [min_duration, max_duration], labels over max_target_positions.
+16 kHz mono, tokenizes the canonical transcript (lib.metrics.canonical) with the
+<|lang|><|task|> prefix, and drops (and reports) rows that cannot train: undecodable or
+truncated audio, missing clips, empty transcripts, clips outside [min_duration,
+max_duration], labels over max_target_positions, speech impossibly fast for the audio,
+duplicate clips, and train (validation) rows whose clip or sentence is in validation or test.
 Re-running with the same inputs and config does nothing; a killed run resumes by chunk.
 """
 
