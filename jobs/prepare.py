@@ -2,15 +2,16 @@
 
     python -m jobs.prepare --recipe jobs/recipes/prepare_cv_hi.yaml [--env-file .env] [key=value ...]
     python -m jobs.prepare name=cv_hi language=hi source.kind=cv source.path=/data/cv-corpus-17.0/hi
-    python -m jobs.prepare name=cv_hi language=hi source.kind=hub \
-        source.hub_id=mozilla-foundation/common_voice_11_0 source.hub_config=hi \
-        source.train=train+validation source.validation= source.test=test
+    python -m jobs.prepare name=fleurs_hi language=hi source.kind=hub source.hub_id=google/fleurs \
+        source.hub_config=hi_in source.hub_revision=refs/convert/parquet source.text_column=raw_transcription
 
 Reads a Common Voice release folder, a Mozilla Data Collective download, a Hugging Face Hub
 dataset, a CSV/TSV/JSONL manifest or an audiofolder; decodes and resamples every clip to
-16 kHz mono, tokenizes the transcript with the <|lang|><|task|> prefix, and drops (and
-reports) rows that cannot train: undecodable or truncated audio, missing clips, empty
-transcripts, clips outside [min_duration, max_duration], labels over max_target_positions.
+16 kHz mono, tokenizes the canonical transcript (lib.metrics.canonical) with the
+<|lang|><|task|> prefix, and drops (and reports) rows that cannot train: undecodable or
+truncated audio, missing clips, empty transcripts, clips outside [min_duration,
+max_duration], labels over max_target_positions, speech impossibly fast for the audio,
+duplicate clips, and train (validation) rows whose clip or sentence is in validation or test.
 Re-running with the same inputs and config does nothing; a killed run resumes by chunk.
 """
 
@@ -30,6 +31,7 @@ from lib.data import (
     PROCESS_VERSION,
     Limits,
     Processor,
+    drop_fast_speech,
     fingerprint,
     load_tokenizer,
     max_target_positions,
@@ -41,7 +43,7 @@ from lib.env import Env
 from lib.errors import UserError
 from lib.language import known_languages, resolve_language
 from lib.prepared import MANIFEST, write_manifest
-from lib.sources import SourceConfig, read_source
+from lib.sources import SourceConfig, drop_overlaps, read_source
 
 log = logging.getLogger("whisper_ft")
 
@@ -64,6 +66,9 @@ class PrepareConfig:
     """Seconds; shorter clips are skipped (an empty or click-only recording)."""
     max_duration: float = 30.0
     """Seconds; longer clips are skipped: Whisper sees 30 s windows (3000 mel frames)."""
+    max_rate_vs_median: float = 2.5
+    """Skip clips spoken faster (characters/s) than this many times their language's median in
+    the corpus: audio cut short with the full transcript. 0 turns the check off."""
     chunk_rows: int = 2000
     """Rows per saved chunk: a killed job redoes at most one chunk per split."""
     force: bool = False
@@ -78,6 +83,9 @@ class PrepareConfig:
         if not 0 <= self.min_duration < self.max_duration <= 30.0:
             raise UserError(f"min_duration={self.min_duration} / max_duration={self.max_duration}: need "
                             f"0 <= min_duration < max_duration <= 30 (Whisper's window is 30 s)")
+        if self.max_rate_vs_median < 0 or 0 < self.max_rate_vs_median <= 1:
+            raise UserError(f"max_rate_vs_median={self.max_rate_vs_median}: use a ratio above 1 (default 2.5), "
+                            f"or 0 to turn the speaking-rate check off")
         if self.chunk_rows < 1:
             raise UserError(f"chunk_rows={self.chunk_rows}: must be at least 1")
 
@@ -96,6 +104,10 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
 
     # 2. Read the source rows (downloading for mdc, loading for hub); nothing is decoded yet.
     rows = read_source(cfg.source, cfg.language, env)
+    overlaps = drop_overlaps(rows)  # duplicate clips; test/validation clips or sentences in train
+    for split, by_reason in overlaps.items():
+        log.warning("prepare: dropped from %s: %s (listed in manifest.json)", split,
+                    ", ".join(f"{n} {why}" for why, n in by_reason.items()))
     counts_in = {s: len(d) for s, d in rows.splits.items()}
     log.info("prepare: rows read per split %s from %s", counts_in, rows.describe)
 
@@ -119,6 +131,8 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
         kept[split], skipped_split = process_split(ds, split, work / "chunks", processor, cfg.num_proc,
                                                    cfg.chunk_rows, fp)
         skipped += skipped_split
+    # Needs every split's durations first: the median is the corpus's.
+    skipped += drop_fast_speech(kept, cfg.max_rate_vs_median, rows.splits)
 
     # 5. Write the splits, then the manifest last; swap the finished folder into place.
     stage = work / "dataset"
@@ -146,6 +160,7 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
         "max_target_positions": limits.max_label_tokens,
         "splits": splits,
         "skipped_by_reason": dict(Counter(s["reason"].split(":")[0] for s in skipped)),
+        "dropped_overlaps": overlaps,
         "skipped": skipped,
         "versions": versions(),
         "config": to_dict(cfg),

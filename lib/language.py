@@ -29,14 +29,20 @@ def known_languages(tokenizer) -> dict[str, str]:
     return {c: n for c, n in LANGUAGES.items() if tokenizer.convert_tokens_to_ids(f"<|{c}|>") not in (None, unk)}
 
 
+def language_code(value) -> str:
+    """A code or an English name as written ("hi", "Hindi", "<|hi|>") -> the code it names ("hi");
+    unknown values come back lower-cased, for resolve_language (or prepare's row check) to refuse."""
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    code = str(value).strip().strip("<|>").lower()
+    return TO_LANGUAGE_CODE.get(code, code)
+
+
 def resolve_language(value: str, tokenizer, flag: str = "language", where: str = "") -> str:
     """'hi', 'Hindi' or 'hindi' -> 'hi'; anything else is a UserError listing the valid codes
     (`where`: the file the value came from, when it was not the flag)."""
-    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
-
     langs = known_languages(tokenizer)
-    code = str(value).strip().strip("<|>").lower()
-    code = TO_LANGUAGE_CODE.get(code, code)
+    code = language_code(value)
     if code not in langs:
         said = f" (from {where})" if where else ""
         raise UserError(f"{flag}={value!r}{said} is not a language this Whisper tokenizer knows; use an ISO code such "

@@ -11,6 +11,10 @@ Three views of the same transcripts, each labelled for what it is:
                          "हमने उसका जन्मदिन मनाया।" -> "हमन उसक जन मद न मन य"
                          and real vowel-sign errors disappear from the score.
 
+Every view first takes `canonical()`, the spelling `make prepare` writes into the training
+targets (NFC, ASCII digits, no zero-width joiners), so training and scoring agree on what
+"the same text" is.
+
 Corpus rates are total edits / total reference words (or characters), not a mean of
 per-utterance rates: 1 error in a 2-word clip and 0 in a 98-word clip is 1 %, not 25 %.
 """
@@ -36,15 +40,44 @@ REPEAT_MIN = 4
 REPEAT_MAX_N = 4
 
 _SPACE = re.compile(r"\s+")
+# Characters that change how a word is drawn, never which word it is: zero-width non-joiner
+# and joiner (in Devanagari they pick "क्‌ष" or a half form "क्‍ष" over the conjunct "क्ष"),
+# zero-width space, a stray byte-order mark, soft hyphen. Left in, "क्ष" and "क्‍ष" are two
+# words to the scorer and two token sequences to the model.
+_INVISIBLE = dict.fromkeys(map(ord, "\u200c\u200d\u200b\ufeff\u00ad"))
+
+
+def _ascii_digit(m: re.Match) -> str:
+    return str(unicodedata.decimal(m.group()))
+
+
+# \d on a str pattern is every Unicode decimal digit (Nd): Devanagari "२", Arabic-Indic, ...
+_DIGIT = re.compile(r"[^0-9\D]")
+
+
+def canonical(text: str) -> str:
+    """The one spelling of a transcript: the form `make prepare` trains on and every score compares.
+
+    NFC (so "ज़" typed as one code point or as ज + nukta are the same letters), decimal digits
+    of any script as ASCII ("२०२४" -> "2024", as Whisper writes numbers in Hindi), the
+    invisible joiners above removed, whitespace collapsed. Case and punctuation stay: this
+    is still the exact text, only without spellings a reader cannot see.
+
+    >>> canonical("वर्ष २०२४ में\u200d")
+    'वर्ष 2024 में'
+    """
+    text = unicodedata.normalize("NFC", text).translate(_INVISIBLE)
+    text = _DIGIT.sub(_ascii_digit, text)
+    return _SPACE.sub(" ", text).strip()
 
 
 def normalize(text: str) -> str:
-    """NFKC, casefold, punctuation/symbols to spaces, whitespace collapsed; keeps combining marks.
+    """canonical(), then NFKC, casefold, punctuation/symbols to spaces; keeps combining marks.
 
     >>> normalize("हमने उसका जन्मदिन मनाया।")
     'हमने उसका जन्मदिन मनाया'
     """
-    text = unicodedata.normalize("NFKC", text).casefold()
+    text = unicodedata.normalize("NFKC", canonical(text)).casefold()
     # Categories P* (punctuation, "।" and "॥" are Po) and S* (symbols) become spaces;
     # M* (combining marks) and everything else stay.
     text = "".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in text)
@@ -186,6 +219,9 @@ def score(refs: Sequence[str], hyps: Sequence[str], ids: Sequence[str] | None = 
           ) -> tuple[dict, list[Utterance]]:
     """All corpus metrics plus one Utterance per row (word errors on normalized text)."""
     ids = list(ids) if ids is not None else [str(i) for i in range(len(refs))]
+    # Every view scores the canonical spelling, the one prepare trained on: "२०२४" vs "2024"
+    # or a zero-width joiner is not an error a listener could hear.
+    refs, hyps = [canonical(r) for r in refs], [canonical(h) for h in hyps]
     n_refs = [normalize(r) for r in refs]
     n_hyps = [normalize(h) for h in hyps]
     raw_w = word_errors(refs, hyps)[0]

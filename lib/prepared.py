@@ -9,7 +9,8 @@ Every split has these columns:
   id        str            stable row id (clip file name or manifest row)
   audio     list[float32]  mono waveform at 16 kHz (lib.audio.SAMPLING_RATE), not log-mel: log-mel
                            is computed per batch by the collator (see README, storage)
-  text      str            the transcript as given
+  text      str            the transcript in lib.metrics.canonical spelling (NFC, ASCII
+                           digits, no zero-width joiners): what labels encode, what eval scores
   labels    list[int32]    tokenized transcript with the language/task prefix and
                            <|endoftext|>, as WhisperTokenizer(language, task) makes it
   language  str            ISO code of the row's language (e.g. "hi")

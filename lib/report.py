@@ -24,6 +24,12 @@ log = logging.getLogger("whisper_ft")
 WORST_N = 20
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "jiwer", "ctranslate2")
 
+# log_history.json's eval_wer comes from lib.trainer.word_error_rate, which reports percent
+# (the walkthrough's unit), while report.json's rates are fractions. The unit is known, so it
+# is not guessed from the values: "<= 1.5 means a fraction" drew a run at 1 % WER as 100 %.
+# tests/test_prepare_trust.py ties this factor to the trainer's real compute_metrics.
+LOG_HISTORY_WER_TO_PERCENT = 1.0
+
 METRIC_LABELS = {
     "normalized_wer": "WER, normalized (NFKC, casefold, punctuation removed, vowel signs kept)",
     "normalized_cer": "CER, normalized",
@@ -153,9 +159,7 @@ def plot_training_curves(log_history: Path, out_png: Path) -> bool:
     xs, ys = series["eval_wer"]
     if xs:
         ax2 = ax.twinx()
-        # The trainer logs WER as a fraction or a percent depending on its compute_metrics.
-        scale = 100 if max(ys) <= 1.5 else 1
-        ax2.plot(xs, [y * scale for y in ys], "s--", color="tab:red", label="eval WER (%)")
+        ax2.plot(xs, [y * LOG_HISTORY_WER_TO_PERCENT for y in ys], "s--", color="tab:red", label="eval WER (%)")
         ax2.set_ylabel("eval WER (%)")
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2

@@ -17,6 +17,7 @@ audiofolder (Hugging Face audiofolder layout: metadata.csv with file_name + tran
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -54,7 +55,7 @@ class SourceConfig:
     path: str = ""
     """cv / audiofolder: the folder; manifest: the file. Relative paths are from the repo root."""
     hub_id: str = ""
-    """hub: dataset id, e.g. mozilla-foundation/common_voice_11_0."""
+    """hub: dataset id, e.g. google/fleurs (a repo of data files: datasets 5 runs no loading script)."""
     hub_config: str | None = None
     """hub: the dataset config (subset), e.g. hi."""
     hub_revision: str | None = None
@@ -72,12 +73,15 @@ class SourceConfig:
     """hub / manifest: the audio column; default: the first of audio, path, file_name, ..."""
     text_column: str | None = None
     """hub / manifest: the transcript column; default: the first of text, sentence, transcription, ..."""
+    allow_outside_paths: bool = False
+    """cv / manifest / audiofolder: accept audio paths that leave the corpus folder ('../', or
+    absolute elsewhere); off, such a row stops the job, naming it (a typo or a hostile file)."""
 
     def __post_init__(self) -> None:
         need = {"cv": "path", "audiofolder": "path", "manifest": "path", "hub": "hub_id", "mdc": "mdc_id"}
         key = need[self.kind]
         if not getattr(self, key):
-            example = {"path": "/data/cv-corpus-17.0/hi", "hub_id": "mozilla-foundation/common_voice_11_0",
+            example = {"path": "/data/cv-corpus-17.0/hi", "hub_id": "google/fleurs",
                        "mdc_id": "<dataset id from mozilladatacollective.com>"}[key]
             raise UserError(f"source.kind={self.kind} needs source.{key}=..., e.g. source.{key}={example}")
 
@@ -140,6 +144,27 @@ def _clips_signature(paths: list[str]) -> str:
     return h.hexdigest()
 
 
+def text_lines(file: Path):
+    """The lines of a UTF-8 text file, for csv / json readers; a byte-order mark is dropped.
+
+    Read line by line in binary and decoded here, so that a file in another encoding is a
+    UserError (exit 2: retrying will not help) naming the file, the line and the encoding,
+    not a bare UnicodeDecodeError (exit 1, "retry"). Excel's "CSV UTF-8" starts with a BOM,
+    which would otherwise stick to the first column name ("\ufeffaudio").
+    """
+    with open(file, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = raw[e.start:e.start + 1].hex()
+                raise UserError(f"{file} line {n}: not UTF-8 (byte 0x{bad} at column {e.start + 1}); the file "
+                                f"must be UTF-8: convert it, e.g. iconv -f latin1 -t utf-8 {file.name} > "
+                                f"{file.stem}.utf8{file.suffix}") from None
+
+
 # ---------------------------------------------------------------- Common Voice release folder
 
 
@@ -166,7 +191,7 @@ def read_cv(folder: Path, src: SourceConfig, language: str) -> Rows:
     clips = folder / "clips"
     splits, signature, skipped = {}, {}, []
     for split, names in src.split_map().items():
-        records, seen = [], set()
+        records = []
         for name in names:
             tsv = folder / f"{name}.tsv"
             if not tsv.is_file():
@@ -174,31 +199,106 @@ def read_cv(folder: Path, src: SourceConfig, language: str) -> Rows:
                 raise UserError(f"{tsv} not found (source.{split}={'+'.join(names)}): this release has "
                                 f"{', '.join(have) or 'no TSVs'}; set source.{split}= to those names")
             signature[tsv.name] = _file_digest(tsv)
-            with open(tsv, newline="", encoding="utf-8") as f:
-                # Mozilla's TSVs are not quoted: a sentence may hold a literal " character.
-                reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-                missing = [c for c in CV_REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-                if missing:
-                    raise UserError(
-                        f"{tsv}: column {', '.join(repr(c) for c in missing)} missing (header has: "
-                        f"{', '.join(reader.fieldnames or []) or 'nothing'}); a Common Voice TSV needs "
-                        f"{', '.join(CV_REQUIRED_COLUMNS)}: fix the header or point source.path at a release"
-                    )
-                for line, row in enumerate(reader, start=2):
-                    where = f"{tsv.name} line {line}"
-                    clip = (row.get("path") or "").strip()
-                    if not clip or None in row:
-                        skipped.append({"split": split, "id": clip or where, "where": where,
-                                        "reason": "malformed row: wrong number of tab-separated fields"})
-                        continue
-                    if clip in seen:  # e.g. source.train=train+validated lists a clip twice
-                        continue
-                    seen.add(clip)
-                    records.append({"id": clip, "audio": {"bytes": None, "path": str(clips / clip)},
-                                    "text": row.get("sentence") or "", "language": language, "where": where})
+            # Mozilla's TSVs are not quoted: a sentence may hold a literal " character.
+            reader = csv.DictReader(text_lines(tsv), delimiter="\t", quoting=csv.QUOTE_NONE)
+            missing = [c for c in CV_REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise UserError(
+                    f"{tsv}: column {', '.join(repr(c) for c in missing)} missing (header has: "
+                    f"{', '.join(reader.fieldnames or []) or 'nothing'}); a Common Voice TSV needs "
+                    f"{', '.join(CV_REQUIRED_COLUMNS)}: fix the header or point source.path at a release"
+                )
+            for line, row in enumerate(reader, start=2):
+                where = f"{tsv.name} line {line}"
+                clip = (row.get("path") or "").strip()
+                if not clip or None in row:
+                    skipped.append({"split": split, "id": clip or where, "where": where,
+                                    "reason": "malformed row: wrong number of tab-separated fields"})
+                    continue
+                # A clip listed twice (train+validated) is dropped and counted by drop_overlaps.
+                records.append({"id": clip, "audio": {"bytes": None, "path": str(clips / clip)},
+                                "text": row.get("sentence") or "", "language": language, "where": where})
+        check_inside(records, clips, src.allow_outside_paths)
         signature[f"clips:{split}"] = _clips_signature([r["audio"]["path"] for r in records])
         splits[split] = _rows_dataset(records)
     return Rows(splits, signature, {"kind": "cv", "path": str(folder)}, skipped)
+
+
+# ---------------------------------------------------------------- checks on the rows of every source
+
+
+def check_inside(records: list[dict[str, Any]], root: Path, allowed: bool) -> None:
+    """UserError if an audio path leaves `root` ("../../etc/passwd", /elsewhere/x.wav), unless allowed."""
+    if allowed:
+        return
+    top = os.path.normpath(os.path.abspath(root))
+    outside = [r for r in records
+               if os.path.commonpath([top, os.path.normpath(os.path.abspath(r["audio"]["path"]))]) != top]
+    if outside:
+        first = outside[0]
+        more = f" (and {len(outside) - 1} more rows)" if len(outside) > 1 else ""
+        raise UserError(f"{first['where']}: audio path {first['id']!r} is outside the corpus folder {top}{more}; "
+                        f"fix the path, or set source.allow_outside_paths=true if the clips really live elsewhere")
+
+
+# Splits in the order their rows are kept: a clip or sentence in test is dropped from
+# validation and train, one in validation from train. Test is the published number and
+# validation picks the best checkpoint; neither may have been trained on.
+OVERLAP_ORDER = ("test", "validation", "train")
+
+
+def drop_overlaps(rows: Rows) -> dict[str, dict[str, int]]:
+    """Drop duplicate clips within a split, and rows of a split whose clip or sentence is in a
+    split ranked above it (OVERLAP_ORDER); each drop goes to rows.skipped with its reason.
+
+    Common Voice's validated.tsv holds every dev and test clip: source.train=train+validated
+    put all test clips and sentences in train. Sentences are compared after
+    lib.metrics.normalize, the normalization the scores use: "नमस्ते, आप कैसे हैं?" recorded by
+    another speaker is still the test sentence. Hub rows have positional ids, so only their
+    sentences are compared. Returns the counts per split and reason, for manifest.json.
+    """
+    from lib.metrics import normalize
+
+    by_clip = rows.describe.get("kind") != "hub"
+    seen_clips: dict[str, tuple[str, str]] = {}  # clip -> (split, where), for the splits ranked above
+    seen_sentences: dict[str, tuple[str, str]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for split in (s for s in OVERLAP_ORDER if s in rows.splits):
+        ds = rows.splits[split]
+        texts, wheres, ids = ds["text"], ds["where"], ds["id"]
+        clips = ([os.path.normpath(a["path"]) if a.get("path") else None for a in ds["audio"]] if by_clip
+                 else [None] * len(ds))
+        keep, here_clips, here_sentences, dropped_clips = [], {}, {}, {}
+        for i, (text, where, clip) in enumerate(zip(texts, wheres, clips, strict=True)):
+            sentence = normalize(text or "")
+            reason = None
+            if clip and clip in dropped_clips:  # listed again (train+validated), maybe spelled otherwise
+                reason = dropped_clips[clip]
+            elif clip and clip in seen_clips:
+                reason = "in {}: same clip as {}".format(*seen_clips[clip])
+            elif sentence and sentence in seen_sentences:
+                reason = "in {}: same sentence as {}".format(*seen_sentences[sentence])
+            elif clip and clip in here_clips:
+                reason = f"duplicate: same clip as {here_clips[clip]}"
+            if reason:
+                if clip and not reason.startswith("duplicate"):
+                    dropped_clips[clip] = reason
+                rows.skipped.append({"split": split, "id": ids[i], "where": where, "reason": reason})
+                key = reason.split(":")[0]
+                counts.setdefault(split, {})[key] = counts.get(split, {}).get(key, 0) + 1
+                continue
+            keep.append(i)
+            if clip:
+                here_clips.setdefault(clip, where)
+            if sentence:
+                here_sentences.setdefault(sentence, where)
+        for clip, where in here_clips.items():
+            seen_clips.setdefault(clip, (split, where))
+        for sentence, where in here_sentences.items():
+            seen_sentences.setdefault(sentence, (split, where))
+        if len(keep) < len(ds):
+            rows.splits[split] = ds.select(keep)
+    return counts
 
 
 # ---------------------------------------------------------------- manifest and audiofolder
@@ -221,20 +321,18 @@ def _read_table(file: Path) -> list[tuple[int, dict[str, Any]]]:
     suffix = file.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows = []
-        with open(file, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{file} line {n}: not valid JSON ({e.msg}); one object per line") from None
+        for n, line in enumerate(text_lines(file), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{file} line {n}: not valid JSON ({e.msg}); one object per line") from None
         return rows
     if suffix not in (".csv", ".tsv"):
         raise UserError(f"{file}: manifest must be .csv, .tsv or .jsonl (source.path)")
-    with open(file, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-        return [(n, row) for n, row in enumerate(reader, 2)]
+    reader = csv.DictReader(text_lines(file), delimiter="\t" if suffix == ".tsv" else ",")
+    return [(n, row) for n, row in enumerate(reader, 2)]
 
 
 def read_manifest_file(file: Path, src: SourceConfig, language: str, default_split: str | None = None,
@@ -259,7 +357,8 @@ def read_manifest_file(file: Path, src: SourceConfig, language: str, default_spl
         if not rel:
             skipped.append({"split": split, "id": where, "where": where, "reason": f"empty '{audio_col}' column"})
             continue
-        path = Path(rel) if Path(rel).is_absolute() else file.parent / rel
+        # normpath, not resolve(): "clips/../../x" is outside, a symlink inside the corpus is not.
+        path = Path(os.path.normpath(rel if Path(rel).is_absolute() else file.parent / rel))
         rows_by_split.setdefault(split, []).append({
             "id": rel, "audio": {"bytes": None, "path": str(path)}, "text": str(row.get(text_col) or ""),
             "language": str(row.get("language") or language).strip(), "where": where,
@@ -271,6 +370,7 @@ def read_manifest_source(file: Path, src: SourceConfig, language: str) -> Rows:
         raise UserError(f"manifest {file} not found (source.path)")
     by_split, skipped = {}, []
     read_manifest_file(file, src, language, None, by_split, skipped)
+    check_inside([r for rs in by_split.values() for r in rs], file.parent, src.allow_outside_paths)
     return _finish_local(by_split, skipped, {file.name: _file_digest(file)}, {"kind": "manifest", "path": str(file)})
 
 
@@ -290,6 +390,7 @@ def read_audiofolder(folder: Path, src: SourceConfig, language: str) -> Rows:
     for split, meta in metas:
         read_manifest_file(meta, src, language, split, by_split, skipped)
         signature[str(meta.relative_to(folder))] = _file_digest(meta)
+    check_inside([r for rs in by_split.values() for r in rs], folder, src.allow_outside_paths)
     return _finish_local(by_split, skipped, signature, {"kind": "audiofolder", "path": str(folder)})
 
 
@@ -307,6 +408,41 @@ def _finish_local(by_split, skipped, signature, describe) -> Rows:
 # ---------------------------------------------------------------- Hugging Face Hub
 
 
+@contextlib.contextmanager
+def audio_kept_encoded():
+    """While active, datasets' Audio feature stores files and bytes as they are, without torchcodec.
+
+    datasets 5 imports torchcodec in Audio.encode_example for every value, even a plain file
+    path, so `load_dataset` of a Hub repo in audiofolder shape (metadata.csv + clips) died
+    with "please install 'torchcodec'" while building its Arrow cache. We never let datasets
+    decode (lib/audio.py does, from these bytes or paths), so storing the value needs no codec:
+    this does what encode_example does for a path or bytes. Anything else (a decoded array)
+    still goes to datasets' own code.
+    """
+    from datasets.features.audio import Audio
+
+    original = Audio.encode_example
+
+    def encode(self, value):
+        if isinstance(value, str):
+            return {"bytes": None, "path": value}
+        if isinstance(value, Path):
+            return {"bytes": None, "path": str(value.absolute())}
+        if isinstance(value, (bytes, bytearray)):
+            return {"bytes": bytes(value), "path": None}
+        if isinstance(value, dict) and "array" not in value and (value.get("bytes") or value.get("path")):
+            if value.get("bytes") is None and value.get("path") and not os.path.isfile(value["path"]):
+                return original(self, value)  # a path relative to an archive: datasets' own rules
+            return {"bytes": value.get("bytes"), "path": value.get("path")}
+        return original(self, value)
+
+    Audio.encode_example = encode
+    try:
+        yield
+    finally:
+        Audio.encode_example = original
+
+
 def read_hub(src: SourceConfig, language: str, token: str | None) -> Rows:
     """load_dataset per split expression; audio kept encoded (Audio(decode=False)) so we decode it."""
     import datasets
@@ -317,8 +453,9 @@ def read_hub(src: SourceConfig, language: str, token: str | None) -> Rows:
     for split, parts in src.split_map().items():
         expr = "+".join(parts)
         try:
-            ds = datasets.load_dataset(src.hub_id, src.hub_config, split=expr, token=token or None,
-                                       revision=src.hub_revision)
+            with audio_kept_encoded():
+                ds = datasets.load_dataset(src.hub_id, src.hub_config, split=expr, token=token or None,
+                                           revision=src.hub_revision)
         except DatasetNotFoundError as e:
             msg = str(e)
             if "gated" in msg and not token:
@@ -350,11 +487,15 @@ def read_hub(src: SourceConfig, language: str, token: str | None) -> Rows:
             ds = ds.rename_column(text_col, "text")
 
         def add_ids(batch, idx, expr=expr, lang_col=lang_col):
+            from lib.language import language_code
+
             n = len(batch["text"])
             return {
                 "id": [f"{expr}/{i}" for i in idx],
                 "where": [f"{src.hub_id} split {expr} row {i}" for i in idx],
-                "language": batch[lang_col] if lang_col else [language] * n,
+                # FLEURS's language column holds English names ("Hindi"): the row's code is "hi".
+                "language": ([language_code(v) for v in batch[lang_col]]
+                             if lang_col else [language] * n),
             }
 
         ds = ds.map(add_ids, with_indices=True, batched=True, desc=f"{split}: index rows")

@@ -126,7 +126,7 @@ def test_killed_run_keeps_old_dataset_and_resumes_finished_chunks(tiny_model_dir
     # The old dataset is untouched and still the finished one; two chunks are saved.
     assert read_manifest(data / "prepared" / "k") == json.loads(json.dumps(before, default=str))
     done = sorted(p.parent.name for p in (data / "prepared" / ".k.partial").rglob(".done-*"))
-    assert done == ["chunk-00000", "chunk-00001"]
+    assert done == ["chunk-000000000-000000006", "chunk-000000006-000000012"]
     calls.clear()
     after = prepare(data, tiny_model_dir, *flags)
     assert len(calls) == 1  # only the third chunk (5 rows, one batch) was processed again
@@ -176,7 +176,7 @@ def test_duration_and_label_length_filters(tiny_model_dir, tmp_path):
     mf = tmp_path / "rows.jsonl"
     mf.write_text("".join(json.dumps(r) + "\n" for r in rows))
     m = prepare(tmp_path / "data", tiny_model_dir, "name=f", "language=en", "source.kind=manifest",
-                f"source.path={mf}", "min_duration=1.4")
+                f"source.path={mf}", "min_duration=1.4", "source.allow_outside_paths=true")  # absolute clips
     reasons = [s["reason"] for s in m["skipped"]]
     assert reasons[0].startswith("too short: 1.295 s < min_duration=1.4")
     assert reasons[1].startswith("labels too long: ") and "> 448" in reasons[1]
