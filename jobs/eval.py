@@ -80,7 +80,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     from lib.language import job_language, task_setting
     from lib.metrics import score
     from lib.model import load_model, resolve_source
-    from lib.prepared import load_split, open_prepared
+    from lib.prepared import check_tokenizer, load_split, open_prepared
     from lib.report import (
         device_description,
         package_versions,
@@ -120,6 +120,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     model, processor, info = load_model(source, cfg.precision, cfg.quantization, token=env.hf_token)
     language = job_language(processor.tokenizer, cfg.language, run_config=source.run_config,
                             adapter=source.adapter, manifest=manifest, model=model)
+    check_tokenizer(manifest, processor.tokenizer, data, source.base, "model")
     log.info("eval: language %s, task %s, %s", language, task, info)
 
     # 4. Transcribe: the model as given, then the base zero-shot on the same clips.

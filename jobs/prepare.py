@@ -42,7 +42,7 @@ from lib.data import (
 from lib.env import Env
 from lib.errors import UserError
 from lib.language import known_languages, resolve_language
-from lib.prepared import MANIFEST, write_manifest
+from lib.prepared import MANIFEST, tokenizer_signature, write_manifest
 from lib.sources import SourceConfig, drop_overlaps, read_source
 
 log = logging.getLogger("whisper_ft")
@@ -156,6 +156,7 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
         "language": cfg.language,
         "task": cfg.task,
         "tokenizer": cfg.model,
+        "tokenizer_signature": tokenizer_signature(tokenizer, cfg.language, cfg.task),
         "sampling_rate": SAMPLING_RATE,
         "max_target_positions": limits.max_label_tokens,
         "splits": splits,

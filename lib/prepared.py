@@ -109,3 +109,55 @@ def write_manifest(path: str | Path, manifest: dict[str, Any]) -> None:
     tmp = path / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
     tmp.replace(path / MANIFEST)
+
+
+# The special tokens whose ids a label sequence relies on. Their ids differ between Whisper
+# generations: large-v3 added a language, so v2's <|transcribe|> (50359) is v3's <|translate|>,
+# and v2's <|notimestamps|> (50363) is v3's <|nospeech|>.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|startoftranscript|>", "<|translate|>", "<|transcribe|>",
+                  "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|nospeech|>", "<|notimestamps|>")
+
+
+def tokenizer_signature(tokenizer, language: str, task: str) -> dict[str, Any]:
+    """What the labels were tokenized with: the prefix every label starts with, the special
+    tokens' ids, the vocabulary size. Stored in manifest.json; train and eval compare it
+    with their base's tokenizer (check_tokenizer)."""
+    tokenizer.set_prefix_tokens(language=language, task=task, predict_timestamps=False)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    unk = tokenizer.unk_token_id
+    return {
+        "prefix": [int(i) for i in tokenizer.prefix_tokens],
+        "special_ids": {t: int(i) for t, i in ids.items() if i is not None and i != unk},
+        "vocab_size": len(tokenizer),
+    }
+
+
+def check_tokenizer(manifest: dict[str, Any], tokenizer, data: str, base: str, flag: str) -> None:
+    """Refuse a base whose tokenizer gives the prepared labels other meanings.
+
+    A dataset prepared with one Whisper's tokenizer trains another without any error: the ids
+    are just numbers, and a large-v3 run on large-v2 labels learns to start every transcript
+    with <|translate|> <|nospeech|>. Prepared folders written before the signature was stored
+    are passed with a warning (prepare again to have them checked).
+    """
+    import logging
+
+    stored = manifest.get("tokenizer_signature")
+    if not stored:
+        logging.getLogger("whisper_ft").warning(
+            "data=%s: its manifest.json (prepared before tokenizer signatures were stored) cannot say which "
+            "tokenizer made its labels; prepare it again with model=%s to have that checked", data, base)
+        return
+    language, task = manifest.get("language"), manifest.get("task") or "transcribe"
+    ours = tokenizer_signature(tokenizer, language, task)
+    diff = [k for k in ("prefix", "vocab_size") if stored.get(k) != ours[k]]
+    diff += [f"{t} {stored['special_ids'].get(t)} vs {ours['special_ids'].get(t)}"
+             for t in sorted(set(stored.get("special_ids", {})) | set(ours["special_ids"]))
+             if stored.get("special_ids", {}).get(t) != ours["special_ids"].get(t)]
+    if diff:
+        raise UserError(
+            f"data={data} was tokenized with {manifest.get('tokenizer')!r}, whose token ids differ from "
+            f"{flag}={base}'s ({'; '.join(map(str, diff[:4]))}): its labels would mean other tokens to this "
+            f"model. Prepare the data again with model={base} (make prepare ... ARGS=\"model={base}\"), "
+            f"or train/evaluate the model it was prepared for"
+        )

@@ -159,6 +159,7 @@ def check_setup(cfg, env, manifest: dict):
     from lib import model as M
     from lib.errors import UserError
     from lib.language import job_language, resolve_language
+    from lib.prepared import check_tokenizer
 
     M.load_base_config(cfg.model.base, env.hf_token)
     processor = M.load_processor(cfg.model.base, token=env.hf_token)
@@ -170,6 +171,7 @@ def check_setup(cfg, env, manifest: dict):
             f"language token): set language={data_lang} or prepare the data again for {cfg.language}"
         )
     cfg.language = language
+    check_tokenizer(manifest, processor.tokenizer, cfg.data, cfg.model.base, "model.base")
     precision = M.resolve_precision(cfg.model.precision)
     M.check_quantization(cfg.model.quantization)
     if cfg.train.compile != "none":

@@ -53,7 +53,7 @@ def write_prepared(out: Path, model_dir: Path, rows: dict[str, list[tuple[str, n
     from datasets import Dataset
     from transformers import WhisperTokenizer
 
-    from lib.prepared import features, write_manifest
+    from lib.prepared import features, tokenizer_signature, write_manifest
 
     tok = WhisperTokenizer.from_pretrained(model_dir, language=language, task="transcribe")
     out.mkdir(parents=True, exist_ok=True)
@@ -74,6 +74,7 @@ def write_prepared(out: Path, model_dir: Path, rows: dict[str, list[tuple[str, n
     write_manifest(out, {
         "name": name or out.name, "source": {"kind": "test"}, "language": language,
         "task": "transcribe", "tokenizer": str(model_dir), "sampling_rate": 16_000,
+        "tokenizer_signature": tokenizer_signature(tok, language, "transcribe"),
         "splits": counts, "skipped": [],
     })
     return out

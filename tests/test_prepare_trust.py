@@ -7,6 +7,7 @@ import pytest
 from jobs.prepare import PrepareConfig, main
 from lib.config import load_config
 from lib.env import Env
+from lib.errors import UserError
 from lib.prepared import load_split
 from tests.test_prepare import CV
 
@@ -327,3 +328,51 @@ def test_train_made_only_of_test_clips_is_dropped_whole_without_a_crash(tiny_mod
                 "source.train=test", "source.validation=")
     assert list(m["splits"]) == ["test"] and m["dropped_overlaps"] == {"train": {"in test": 4}}
     assert sum(s["split"] == "train" for s in m["skipped"]) == 4
+
+
+# ---- item 3: data tokenized for one Whisper must not train another -----------------------------
+
+
+def test_manifest_stores_the_tokenizer_signature_and_train_refuses_another(tiny_model_dir, tmp_path):
+    """prepare stores the label prefix and the special-token ids; train and eval refuse a base
+    whose tokenizer gives those ids other meanings, and say to prepare again with model=."""
+    from transformers import WhisperTokenizer
+
+    from lib.prepared import check_tokenizer, tokenizer_signature
+
+    data = tmp_path / "data"
+    m = prepare(data, tiny_model_dir, "name=sig", "language=hi", "source.kind=cv", f"source.path={CV}")
+    sig = m["tokenizer_signature"]
+    tok = WhisperTokenizer.from_pretrained(tiny_model_dir)
+    assert sig["prefix"] == tok.convert_tokens_to_ids(
+        ["<|startoftranscript|>", "<|hi|>", "<|transcribe|>", "<|notimestamps|>"])
+    assert sig["special_ids"]["<|transcribe|>"] == 50359 and sig["vocab_size"] == len(tok)
+    check_tokenizer(m, tok, "sig", str(tiny_model_dir), "model.base")  # the same tokenizer passes
+
+    other = WhisperTokenizer.from_pretrained(tiny_model_dir)
+    other.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})  # vocabulary grows
+    shifted = dict(m, tokenizer_signature=dict(sig, special_ids={**sig["special_ids"], "<|transcribe|>": 50360}))
+    for manifest, t in ((m, other), (shifted, tok)):
+        with pytest.raises(UserError, match=r"data=sig was tokenized with .* Prepare the data again with model=B"):
+            check_tokenizer(manifest, t, "sig", "B", "model.base")
+    assert tokenizer_signature(tok, "hi", "transcribe") == sig
+
+
+def test_train_job_refuses_data_prepared_for_another_tokenizer(tiny_model_dir, tmp_path):
+    import json
+
+    from jobs.train import main
+    from lib.config import load_config
+    from lib.train_config import TrainConfig
+    from tests.helpers import tone, write_prepared
+
+    data = tmp_path / "data"
+    out = write_prepared(data / "prepared" / "toy", tiny_model_dir, {"train": [("नमस्ते", tone(1.0))]})
+    mf = json.loads((out / "manifest.json").read_text())
+    mf["tokenizer_signature"]["special_ids"]["<|notimestamps|>"] = 50364  # v3's id for it
+    (out / "manifest.json").write_text(json.dumps(mf))
+    cfg = load_config(TrainConfig, None, ["run=r", "data=toy", f"model.base={tiny_model_dir}",
+                                         "model.quantization=none", "model.precision=fp32"])
+    with pytest.raises(UserError, match=r"<\|notimestamps\|> 50364 vs 50363.*Prepare the data again"):
+        main(cfg, Env(data_dir=data))
+    assert not (data / "runs" / "r" / "config.yaml").exists()
