@@ -47,8 +47,9 @@ class EvalConfig:
     """auto: bf16/fp16 on a GPU, fp32 on the CPU"""
     quantization: Literal["none", "int8"] = "none"
     """int8 (bitsandbytes) only when asked: it is slower to generate and can shift WER"""
-    max_new_tokens: int = 225
-    """tokens per transcript; 448 minus the 4-token prompt is the model's hard limit"""
+    max_new_tokens: int | None = None
+    """tokens per transcript; default: the split's longest label + 25 % + 8 (lib.inference.decode_budget),
+    at most 444 (448 positions minus the 4-token prompt); a hypothesis that hits it is flagged truncated"""
     num_beams: int = 1
     """1 = greedy (what the walkthrough reports); 5 is slower and usually a little better"""
     limit: int | None = None
@@ -69,14 +70,14 @@ class EvalConfig:
             raise UserError("batch_size must be >= 1: set batch_size=16")
         if self.limit is not None and self.limit < 1:
             raise UserError("limit must be >= 1 (or leave it unset for the whole split)")
-        if not 1 <= self.max_new_tokens <= 444:
+        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= 444:
             raise UserError("max_new_tokens must be 1..444 (448 positions minus the 4-token prompt)")
         if self.speed_clips < 1:
             raise UserError("speed_clips must be >= 1")
 
 
 def main(cfg: EvalConfig, env: Env) -> dict:
-    from lib.inference import speed_compare, transcribe_dataset
+    from lib.inference import PROMPT_TOKENS, decode_budget, speed_compare, transcribe_dataset
     from lib.language import job_language, task_setting
     from lib.metrics import score
     from lib.model import load_model, resolve_source
@@ -123,8 +124,13 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     check_tokenizer(manifest, processor.tokenizer, data, source.base, "model")
     log.info("eval: language %s, task %s, %s", language, task, info)
 
-    # 4. Transcribe: the model as given, then the base zero-shot on the same clips.
-    gen = dict(language=language, task=task, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+    # 4. Transcribe: the model as given, then the base zero-shot on the same clips, with a token
+    #    budget that fits the split's longest reference (lib.inference.decode_budget).
+    prompt = len((manifest.get("tokenizer_signature") or {}).get("prefix") or []) or PROMPT_TOKENS
+    max_new = cfg.max_new_tokens or decode_budget([len(x) for x in ds.with_format(None)["labels"]], prompt)
+    log.info("eval: up to %d new tokens per clip%s", max_new, "" if cfg.max_new_tokens else
+             " (the split's longest label + 25 % + 8; set max_new_tokens= to change it)")
+    gen = dict(language=language, task=task, batch_size=cfg.batch_size, max_new_tokens=max_new,
                num_beams=cfg.num_beams)
     label = "adapter" if source.adapter else "model"
     hyps = {label: transcribe_dataset(model, processor, ds, desc=label, **gen)}
@@ -135,8 +141,12 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     # 5. Score and write the report.
     out.mkdir(parents=True, exist_ok=True)
     results, utts = {}, {}
-    for name, (texts, _) in hyps.items():
-        results[name], utts[name] = score(refs, texts, ids)
+    for name, (texts, _, cut) in hyps.items():
+        results[name], utts[name] = score(refs, texts, ids, truncated=cut)
+        if results[name]["truncated"]:
+            log.warning("eval: %s: %d of %d hypotheses hit max_new_tokens=%d and are cut short (flag "
+                        "'truncated' in predictions.tsv); raise max_new_tokens", name, results[name]["truncated"],
+                        len(ds), max_new)
     write_predictions(out / "predictions.tsv", utts[label], durations, utts.get("base"))
     curves = None
     if source.run_dir is not None and (source.run_dir / "log_history.json").is_file():
@@ -156,8 +166,9 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         "quantization": info["quantization"],
         "batch_size": cfg.batch_size,
         "num_beams": cfg.num_beams,
-        "counts": {"utterances": len(ds), "audio_hours": sum(durations) / 3600,
-                   "limited_to": cfg.limit, **{k: results[label][k] for k in ("empty", "repetition", "too_long")}},
+        "max_new_tokens": max_new,
+        "counts": {"utterances": len(ds), "audio_hours": sum(durations) / 3600, "limited_to": cfg.limit,
+                   **{k: results[label][k] for k in ("empty", "repetition", "too_long", "truncated")}},
         "results": results,
         "speed": {"seconds": seconds, "clips_per_s": len(ds) / max(seconds, 1e-9)},
         "worst": [vars(u) for u in worst(utts[label])],
@@ -172,7 +183,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         del model
         clips = list(ds.select(range(min(cfg.speed_clips, len(ds)))).with_format("numpy")["audio"])
         report["speed_compare"] = speed_compare(source, clips, language, task, cfg.batch_size, cfg.precision,
-                                                cfg.max_new_tokens)
+                                                max_new)
         log.info("eval: speed_compare %s", report["speed_compare"])
 
     write_report(out, report)

@@ -42,8 +42,9 @@ class TranscribeConfig:
     """auto: bf16/fp16 on a GPU, fp32 on the CPU"""
     quantization: Literal["none", "int8"] = "none"
     """int8 through bitsandbytes, only when asked"""
-    max_new_tokens: int = 225
-    """tokens per 30-s window"""
+    max_new_tokens: int = 444
+    """tokens per 30-s window: 444 = 448 positions minus the 4-token prompt, room for a full window
+    of Hindi (about 75 words x 5 tokens); a window that still hits it is logged"""
     out: str | None = None
     """also write the transcript to this text file"""
     force: bool = False

@@ -49,11 +49,34 @@ class _DropMaxLengthNotice(logging.Filter):
 logging.getLogger("transformers.generation.utils").addFilter(_DropMaxLengthNotice())
 
 
+# Whisper's decoder has 448 positions; generate() starts from the 4-token prompt
+# <|startoftranscript|><|lang|><|task|><|notimestamps|>, which leaves 444 new tokens.
+MAX_POSITIONS, PROMPT_TOKENS = 448, 4
+MAX_NEW_TOKENS = MAX_POSITIONS - PROMPT_TOKENS
+
+
+def decode_budget(label_lengths: Sequence[int], prompt_tokens: int = PROMPT_TOKENS,
+                  max_positions: int = MAX_POSITIONS) -> int:
+    """New tokens to generate for a split: its longest label plus a margin, capped at what the
+    model can emit.
+
+    Why not a fixed 225 (the walkthrough's): Whisper spends about 5 tokens per Hindi word, so a
+    30-s Hindi segment (about 75 words) needs about 390; cut at 225, the missing words count as
+    deletions in every WER. A label is prompt + text + <|endoftext|>, so it needs
+    len - prompt new tokens; the margin (25 % + 8) leaves a hypothesis room to be longer than
+    its reference, which WER should see rather than a cut.
+    """
+    need = max((int(n) for n in label_lengths), default=prompt_tokens) - prompt_tokens
+    return max(16, min(max_positions - prompt_tokens, int(need * 1.25) + 8))
+
+
 def generate_batch(model, processor, audios: Sequence[np.ndarray], language: str, task: str,
-                   max_new_tokens: int = 225, num_beams: int = 1, min_new_tokens: int = 0,
-                   features_on_device: bool = False) -> list[str]:
+                   max_new_tokens: int = MAX_NEW_TOKENS, num_beams: int = 1, min_new_tokens: int = 0,
+                   features_on_device: bool = False, return_truncated: bool = False):
     """Transcripts of up to 30-s clips, language and task forced, special tokens removed.
-    min_new_tokens forces that many tokens (timing random weights, which stop at random)."""
+    min_new_tokens forces that many tokens (timing random weights, which stop at random).
+    return_truncated: also a flag per clip, true when its hypothesis ran out of tokens
+    (max_new_tokens reached with no <|endoftext|>: the end of what was said is missing)."""
     import torch
 
     device = next(model.parameters()).device
@@ -64,56 +87,75 @@ def generate_batch(model, processor, audios: Sequence[np.ndarray], language: str
             input_features=feats, language=language, task=task, max_new_tokens=max_new_tokens,
             num_beams=num_beams, **extra,
         )
-    return [t.strip() for t in processor.batch_decode(tokens, skip_special_tokens=True)]
+    texts = [t.strip() for t in processor.batch_decode(tokens, skip_special_tokens=True)]
+    if not return_truncated:
+        return texts
+    # Finished rows hold <|endoftext|> (and pad with it: Whisper's pad id is the eos id); a row
+    # without one stopped at max_new_tokens.
+    eos = processor.tokenizer.eos_token_id
+    return texts, [bool((row != eos).all()) for row in tokens]
 
 
 def transcribe_all(model, processor, audios: Sequence[np.ndarray], language: str, task: str,
-                   batch_size: int = 16, max_new_tokens: int = 225, desc: str = "transcribe",
-                   num_beams: int = 1) -> list[str]:
-    """Batched transcription with a progress bar (clips/s shows in the bar)."""
+                   batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS, desc: str = "transcribe",
+                   num_beams: int = 1) -> tuple[list[str], list[bool]]:
+    """Batched transcription with a progress bar (clips/s shows in the bar): (texts, truncated flags)."""
     from tqdm.auto import tqdm
 
     out: list[str] = []
+    cut: list[bool] = []
     with tqdm(total=len(audios), desc=desc, unit="clip") as bar:
         for i in range(0, len(audios), batch_size):
             chunk = audios[i:i + batch_size]
-            out += generate_batch(model, processor, chunk, language, task, max_new_tokens, num_beams)
+            texts, flags = generate_batch(model, processor, chunk, language, task, max_new_tokens, num_beams,
+                                          return_truncated=True)
+            out += texts
+            cut += flags
             bar.update(len(chunk))
-    return out
+    return out, cut
 
 
 def transcribe_dataset(model, processor, ds, language: str, task: str, batch_size: int = 16,
-                       max_new_tokens: int = 225, desc: str = "transcribe", num_beams: int = 1
-                       ) -> tuple[list[str], float]:
+                       max_new_tokens: int = MAX_NEW_TOKENS, desc: str = "transcribe", num_beams: int = 1
+                       ) -> tuple[list[str], float, list[bool]]:
     """Transcripts of a prepared split's `audio` column, read batch by batch (a test split
-    of 3000 x 5-s clips is 3000 x 80 000 floats: too many to hold as Python lists), and
-    the seconds spent generating."""
+    of 3000 x 5-s clips is 3000 x 80 000 floats: too many to hold as Python lists), the
+    seconds spent generating, and per clip whether the hypothesis was cut at max_new_tokens."""
     from tqdm.auto import tqdm
 
     arrays = ds.with_format("numpy", columns=["audio"])
     out: list[str] = []
+    cut: list[bool] = []
     seconds = 0.0
     with tqdm(total=len(ds), desc=desc, unit="clip") as bar:
         for i in range(0, len(ds), batch_size):
             chunk = list(arrays[i:i + batch_size]["audio"])
             t0 = time.perf_counter()
-            out += generate_batch(model, processor, chunk, language, task, max_new_tokens, num_beams)
+            texts, flags = generate_batch(model, processor, chunk, language, task, max_new_tokens, num_beams,
+                                          return_truncated=True)
             seconds += time.perf_counter() - t0
+            out += texts
+            cut += flags
             bar.update(len(chunk))
-    return out, seconds
+    return out, seconds, cut
 
 
 def transcribe_long(model, processor, audio: np.ndarray, language: str, task: str,
-                    max_new_tokens: int = 225, batch_size: int = 8) -> str:
-    """A file of any length: fixed 30-s windows transcribed as a batch and joined.
+                    max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8) -> str:
+    """A file of any length: fixed 30-s windows transcribed as a batch and joined; a window
+    whose transcript ran out of tokens is logged (its end is missing from the text).
 
     Simple and predictable; a word cut by a window edge may come out broken (Whisper's
     timestamp-based long-form decoding avoids that but is much slower on a CPU).
     """
     step = WINDOW_SECONDS * SAMPLING_RATE
     windows = [audio[i:i + step] for i in range(0, max(len(audio), 1), step)]
-    texts = transcribe_all(model, processor, windows, language, task, batch_size, max_new_tokens,
-                           desc="30-s windows")
+    texts, cut = transcribe_all(model, processor, windows, language, task, batch_size, max_new_tokens,
+                                desc="30-s windows")
+    for k in (k for k, c in enumerate(cut) if c):
+        log.warning("transcribe: window %d (%d-%d s) hit max_new_tokens=%d: the end of its transcript is missing; "
+                    "raise max_new_tokens (at most %d)", k + 1, k * WINDOW_SECONDS, (k + 1) * WINDOW_SECONDS,
+                    max_new_tokens, MAX_NEW_TOKENS)
     return " ".join(t for t in texts if t)
 
 

@@ -215,9 +215,10 @@ class Utterance:
     flags: list[str]
 
 
-def score(refs: Sequence[str], hyps: Sequence[str], ids: Sequence[str] | None = None
-          ) -> tuple[dict, list[Utterance]]:
-    """All corpus metrics plus one Utterance per row (word errors on normalized text)."""
+def score(refs: Sequence[str], hyps: Sequence[str], ids: Sequence[str] | None = None,
+          truncated: Sequence[bool] | None = None) -> tuple[dict, list[Utterance]]:
+    """All corpus metrics plus one Utterance per row (word errors on normalized text);
+    `truncated`: the rows whose hypothesis ran out of tokens, flagged and counted."""
     ids = list(ids) if ids is not None else [str(i) for i in range(len(refs))]
     # Every view scores the canonical spelling, the one prepare trained on: "२०२४" vs "2024"
     # or a zero-width joiner is not an error a listener could hear.
@@ -231,6 +232,9 @@ def score(refs: Sequence[str], hyps: Sequence[str], ids: Sequence[str] | None = 
         Utterance(i, r, h, e, w, hypothesis_flags(nr, nh))
         for i, r, h, e, w, nr, nh in zip(ids, refs, hyps, per, ref_words, n_refs, n_hyps, strict=True)
     ]
+    for u, cut in zip(utts, truncated or [False] * len(utts), strict=True):
+        if cut:
+            u.flags.append("truncated")
     metrics = {
         "wer": raw_w.rate,
         "cer": char_errors(refs, hyps).rate,
@@ -242,5 +246,6 @@ def score(refs: Sequence[str], hyps: Sequence[str], ids: Sequence[str] | None = 
         "empty": sum("empty" in u.flags for u in utts),
         "repetition": sum("repetition" in u.flags for u in utts),
         "too_long": sum("too_long" in u.flags for u in utts),
+        "truncated": sum("truncated" in u.flags for u in utts),
     }
     return metrics, utts

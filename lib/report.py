@@ -109,8 +109,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     for key, label in METRIC_LABELS.items():
         lines.append(f"| {label} | " + " | ".join(_pct(models[n][key]) for n in names) + " |")
     for key, label in (("empty", "empty outputs"), ("repetition", "repetition loops (n-gram x4+)"),
-                       ("too_long", "hypothesis > 2x reference")):
-        lines.append(f"| {label} | " + " | ".join(str(models[n][key]) for n in names) + " |")
+                       ("too_long", "hypothesis > 2x reference"),
+                       ("truncated", f"cut at max_new_tokens={report.get('max_new_tokens', '?')}")):
+        lines.append(f"| {label} | " + " | ".join(str(models[n].get(key, 0)) for n in names) + " |")
     lines += ["", f"## Worst {len(report['worst'])} clips ({names[0]}, by normalized word errors)", "",
               "| id | errors / words | reference | hypothesis | flags |", "|---|---|---|---|---|"]
     for u in report["worst"]:

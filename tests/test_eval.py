@@ -141,3 +141,42 @@ def test_whisper_base_zero_shot_on_a_few_clips(tmp_path):
     report = main(EvalConfig(model=str(base), data="tones", language="en", batch_size=2),
                   Env(data_dir=tmp_path))
     assert report["counts"]["utterances"] == 2 and 0 <= report["results"]["model"]["cer"]
+
+
+# ---- issue 11 item 1: the decode budget fits the data, and a cut hypothesis is flagged ---------
+
+
+def test_decode_budget_fits_the_longest_label_and_the_model():
+    from lib.inference import MAX_NEW_TOKENS, decode_budget
+
+    # A 30-s Hindi segment: ~75 words x ~5 tokens = ~390 tokens of text + 4 prompt + <|endoftext|>.
+    assert decode_budget([40, 395, 120]) == min(444, int(391 * 1.25) + 8) == 444  # capped at the model
+    assert decode_budget([4 + 200 + 1]) == int(201 * 1.25) + 8 == 259  # > the walkthrough's 225
+    assert decode_budget([10]) == 16 and MAX_NEW_TOKENS == 444
+    assert decode_budget([4 + 300 + 1]) > 300
+
+
+def test_eval_budget_comes_from_the_split_and_truncation_is_flagged(tiny_model_dir, tmp_path):
+    from jobs.eval import EvalConfig, main
+    from lib.inference import decode_budget
+
+    data = tmp_path / "data"
+    long_text = " ".join(["हमने उसका जन्मदिन मनाया"] * 12)  # ~300 tokens of Hindi
+    write_prepared(data / "prepared" / "long", tiny_model_dir,
+                   {"test": [(long_text, tone(1.0, 300)), ("नमस्ते", tone(1.0, 500))]})
+    env = Env(data_dir=data)
+    from transformers import WhisperTokenizer
+
+    n = len(WhisperTokenizer.from_pretrained(tiny_model_dir, language="hi", task="transcribe")(long_text).input_ids)
+    assert n > 229, n  # needs more than the old default of 225 new tokens
+    # default: the budget fits the longest label (+ margin), not the walkthrough's 225
+    report = main(EvalConfig(model=str(tiny_model_dir), data="long", language="hi", batch_size=2,
+                             out=str(tmp_path / "e1"), compare_base=False), env)
+    assert report["max_new_tokens"] == decode_budget([n, 8]) >= n - 4 > 225
+    # a budget too small for what the model says: every hypothesis is flagged and counted
+    report = main(EvalConfig(model=str(tiny_model_dir), data="long", language="hi", batch_size=2,
+                             out=str(tmp_path / "e2"), max_new_tokens=1), env)
+    assert report["max_new_tokens"] == 1 and report["counts"]["truncated"] == 2
+    rows = list(csv.DictReader((tmp_path / "e2" / "predictions.tsv").open(encoding="utf-8"), delimiter="\t"))
+    assert all("truncated" in r["flags"].split(",") for r in rows)
+    assert "cut at max_new_tokens=1 | 2 |" in (tmp_path / "e2" / "report.md").read_text()

@@ -75,3 +75,20 @@ def test_cli_exit_code_2_for_missing_audio(tmp_path):
     r = subprocess.run([sys.executable, "-m", "jobs.transcribe", f"audio={tmp_path}/none.wav", "model=x"],
                        cwd=ROOT, capture_output=True, text=True, env={"DATA_DIR": str(tmp_path), "PATH": ""})
     assert r.returncode == 2 and "none.wav: no such file" in r.stderr
+
+
+def test_default_budget_fits_a_full_window_and_a_cut_window_is_logged(tiny_model_dir, tmp_path, caplog):
+    """Issue 11 item 1: the default token budget is what a 30-s window can need (444 = 448 - the
+    4-token prompt), not 225; a window that still runs out of tokens says so."""
+    import logging
+
+    from jobs.transcribe import TranscribeConfig
+    from lib.inference import transcribe_long
+    from lib.model import load_model, resolve_source
+
+    assert TranscribeConfig(audio="x.wav").max_new_tokens == 444
+    model, processor, _ = load_model(resolve_source(Env(data_dir=tmp_path), model=str(tiny_model_dir)))
+    with caplog.at_level(logging.WARNING, logger="whisper_ft"):
+        transcribe_long(model, processor, tone(31.0, 300), "hi", "transcribe", max_new_tokens=1)
+    cut = [r.getMessage() for r in caplog.records if "hit max_new_tokens=1" in r.getMessage()]
+    assert len(cut) == 2 and cut[0].startswith("transcribe: window 1 (0-30 s)")
