@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from jobs.train import main
+from lib import checkpoint
 from lib.config import load_config
 from lib.env import Env
 from lib.errors import Preempted, UserError
@@ -157,8 +158,24 @@ def test_half_written_checkpoint_is_skipped_and_reported(data_dir, tiny_model_di
     metrics = main(cfg(tiny_model_dir, "killed", **{"train.max_steps": 6}), env)
     assert metrics["resumed_from"] == "checkpoint-3" and metrics["global_step"] == 6
     assert metrics["incomplete_checkpoints_moved"] == ["incomplete-checkpoint-5"]
-    assert (ckpts / "incomplete-checkpoint-5" / "adapter_model.safetensors").is_file()
     assert "checkpoint-5 has no COMPLETE marker" in caplog.text
+    # kept for a look until checkpoint-6 was COMPLETE, then deleted (190 MB each for large-v2)
+    assert not (ckpts / "incomplete-checkpoint-5").exists()
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(data_dir, tiny_model_dir, caplog):
+    """A missing optimizer.pt used to resume with exit 0, a fresh Adam and a restarted LR warm-up."""
+    env = Env(data_dir=data_dir)
+    main(cfg(tiny_model_dir, "damaged", **{"train.max_steps": 6}), env)
+    ckpts = data_dir / "runs/damaged/checkpoints"
+    (ckpts / "checkpoint-6" / "optimizer.pt").unlink()
+    metrics = main(cfg(tiny_model_dir, "damaged", **{"train.max_steps": 9}), env)
+    assert metrics["resumed_from"] == "checkpoint-3" and metrics["global_step"] == 9
+    assert "checkpoint-6 is damaged: optimizer.pt missing" in caplog.text
+    assert metrics["incomplete_checkpoints_moved"] == ["damaged-checkpoint-6"]
+    # the redone checkpoint-6 replaced the damaged one, which is then deleted
+    assert not (ckpts / "damaged-checkpoint-6").exists()
+    assert checkpoint.verify(ckpts / "checkpoint-9") is None
 
 
 def test_sigterm_to_the_real_job_saves_and_exits_3(data_dir, tiny_model_dir, tmp_path):
