@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from lib import checkpoint, hub, recipes
+from lib import checkpoint, hub, recipes, runlock
 from lib import model as M
 from lib.benchmark import ProfileSteps, StepTimer
 from lib.cli import run_job
@@ -268,10 +268,17 @@ def _check_same_run(run_dir: Path, cfg: TrainConfig) -> None:
         )
 
 
+def locked_main(cfg: TrainConfig, env: Env) -> dict:
+    """main() holding the run folder's lock (lib/runlock.py): a second writer exits 2.
+    Under torchrun rank 0 holds it for the whole job (the other ranks write no run files)."""
+    with runlock.hold(env.run_dir(cfg.run), enabled=int(os.environ.get("RANK", "0")) == 0):
+        return main(cfg, env)
+
+
 def cli(argv: list[str] | None = None) -> int:
     """`python -m jobs.train ...`; `--recipe auto` is read by lib.recipes.expand_auto."""
     hook = functools.partial(recipes.expand_auto, DEFAULT_RECIPE)
-    return run_job("train", __doc__, TrainConfig, main, argv, recipe_hook=hook)
+    return run_job("train", __doc__, TrainConfig, locked_main, argv, recipe_hook=hook)
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(data_dir, tiny
 
 def test_sigterm_to_the_real_job_saves_and_exits_3(data_dir, tiny_model_dir, tmp_path):
     args = flags(tiny_model_dir, "sigterm", **{
-        "train.max_steps": 500, "train.eval_steps": 1000, "train.save_steps": 1000,
+        "train.max_steps": 5000, "train.eval_steps": 10000, "train.save_steps": 10000,
         "model.gradient_checkpointing": "true",
     })
     envfile = tmp_path / "env"
@@ -195,12 +195,21 @@ def test_sigterm_to_the_real_job_saves_and_exits_3(data_dir, tiny_model_dir, tmp
     while not hist.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, proc.stdout.read()[-3000:]
+    # A second writer on the same run (a replacement pod started early): refused, exit 2.
+    second = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--env-file", str(envfile), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "DATA_DIR": str(data_dir)},
+    )
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f"is in use by pid {proc.pid} on host" in second.stderr
+    assert proc.poll() is None, "the first writer must not be disturbed"
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 3, out[-3000:]
     assert "preempted: saved checkpoint-" in out
+    assert not (data_dir / "runs/sigterm/LOCK").exists()  # released on exit 3: the retry starts at once
     ck = [p for p in (data_dir / "runs/sigterm/checkpoints").iterdir() if p.name.startswith("checkpoint-")]
-    assert len(ck) == 1 and (ck[0] / "COMPLETE").is_file() and 1 <= int(ck[0].name.split("-")[1]) < 500
+    assert len(ck) == 1 and (ck[0] / "COMPLETE").is_file() and 1 <= int(ck[0].name.split("-")[1]) < 5000
 
 
 def test_hub_push_with_a_model_card(data_dir, tiny_model_dir, monkeypatch):
