@@ -43,6 +43,7 @@ from lib.trainer import (
     make_compute_metrics,
     oom_message,
     training_arguments,
+    wer_summary,
     write_json,
 )
 
@@ -201,14 +202,10 @@ def main(cfg: TrainConfig, env: Env) -> dict:
     tmp.rename(run_dir / "adapter")
 
     # 8. Metrics, and the Hub if asked.
-    evals = [h for h in trainer.state.log_history if "eval_wer" in h]
     metrics = {
         "global_step": trainer.state.global_step,
-        "best_eval_wer": trainer.state.best_metric,
-        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name
-        if trainer.state.best_model_checkpoint else None,
-        "first_eval_wer": evals[0]["eval_wer"] if evals else None,
-        "last_eval_wer": evals[-1]["eval_wer"] if evals else None,
+        # best by normalized WER (lib/trainer.py BEST_METRIC); the exact-text WER of that step beside it
+        **wer_summary(trainer.state),
         "train_loss": result.metrics.get("train_loss"),
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
@@ -226,8 +223,9 @@ def main(cfg: TrainConfig, env: Env) -> dict:
     }
     write_json(run_dir / "metrics.json", metrics)
     log.info(
-        "done: %d steps, best WER %s, adapter %.1f MB in %s",
-        metrics["global_step"], metrics["best_eval_wer"], metrics["adapter_size_bytes"] / 1e6, run_dir / "adapter",
+        "done: %d steps, best normalized WER %s (exact-text %s), adapter %.1f MB in %s",
+        metrics["global_step"], metrics["best_eval_normalized_wer"], metrics["best_eval_wer"],
+        metrics["adapter_size_bytes"] / 1e6, run_dir / "adapter",
     )
     if cfg.hub.push:
         (run_dir / "adapter" / "README.md").write_text(hub.model_card(

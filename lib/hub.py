@@ -26,8 +26,16 @@ def require_token(push: bool, token: str | None) -> None:
 def model_card(*, repo_id: str, base: str, data: str, language: str, task: str,
                recipe: str | None, metrics: dict[str, Any], lora: dict[str, Any]) -> str:
     """README.md for the adapter repo: what it is, how it was made, how well it does."""
-    wer = metrics.get("best_eval_wer", metrics.get("eval_wer"))
-    wer_line = f"{wer:.2f}" if isinstance(wer, (int, float)) else "n/a"
+    def pct(v) -> str:
+        return f"{v:.2f}%" if isinstance(v, (int, float)) else "n/a"
+
+    # The checkpoint published is the best by normalized WER (lib/trainer.py BEST_METRIC):
+    # the headline says so, with the exact-text WER of the same checkpoint beside it.
+    wer_line = (
+        f"**{pct(metrics.get('best_eval_normalized_wer'))}** normalized WER (NFKC, casefold, punctuation "
+        f"such as \"।\" removed; the number the best checkpoint was chosen by), "
+        f"{pct(metrics.get('best_eval_wer'))} exact-text WER"
+    )
     rows = "\n".join(f"| {k} | {v} |" for k, v in metrics.items() if isinstance(v, (int, float, str)))
     return f"""---
 base_model: {base}
@@ -46,7 +54,7 @@ A LoRA adapter for [{base}](https://huggingface.co/{base}) fine-tuned to {task}
 `{language}` speech on the prepared dataset `{data}` (recipe: `{recipe or "defaults"}`).
 
 - LoRA: r={lora.get("r")}, alpha={lora.get("alpha")}, dropout={lora.get("dropout")}, targets={lora.get("target_modules")}
-- Best validation WER: **{wer_line}%**
+- Best checkpoint ({metrics.get("best_checkpoint") or "n/a"}) on the validation split: {wer_line}
 
 ## Use
 

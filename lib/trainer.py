@@ -1,8 +1,10 @@
 """Seq2SeqTrainer wiring for Whisper + LoRA: arguments, WER while training, run-folder logs.
 
 Evaluation generates with the language and task forced (generation config), decodes, and
-scores WER with jiwer; the best checkpoint by WER is loaded at the end
-(load_best_model_at_end, metric_for_best_model="wer", lower is better).
+scores two WERs with jiwer: eval_normalized_wer (lib.metrics.normalize, the number `make eval`
+calls the one to track) and eval_wer (exact text, where a missing "।" is an error). Both are
+logged; the best checkpoint is the one with the lowest normalized WER and is loaded at the end
+(load_best_model_at_end, metric_for_best_model=BEST_METRIC).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from transformers import TrainerCallback
 
 log = logging.getLogger("whisper_ft")
 
+BEST_METRIC = "normalized_wer"
+"""what picks the best checkpoint (Trainer logs it as eval_normalized_wer; lower is better)"""
+
 
 def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
     """Exact-text WER in percent (the walkthrough's unit), by lib.metrics like `make eval`;
@@ -32,7 +37,9 @@ def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
 
 
 def make_compute_metrics(tokenizer):
-    """compute_metrics for Seq2SeqTrainer(predict_with_generate=True): {'wer': percent}."""
+    """compute_metrics for Seq2SeqTrainer(predict_with_generate=True):
+    {'wer': exact-text percent, 'normalized_wer': percent on lib.metrics.normalize'd text}."""
+    from lib.metrics import normalize
 
     def compute(pred) -> dict[str, float]:
         preds = np.asarray(pred.predictions)
@@ -42,7 +49,10 @@ def make_compute_metrics(tokenizer):
         labels = np.where(labels < 0, tokenizer.pad_token_id, labels)
         hyps = tokenizer.batch_decode(preds, skip_special_tokens=True)
         refs = tokenizer.batch_decode(labels, skip_special_tokens=True)
-        return {"wer": word_error_rate(refs, hyps)}
+        return {
+            "wer": word_error_rate(refs, hyps),
+            "normalized_wer": word_error_rate([normalize(r) for r in refs], [normalize(h) for h in hyps]),
+        }
 
     return compute
 
@@ -96,7 +106,7 @@ def training_arguments(cfg, output_dir: Path, precision: str, has_eval: bool):
         predict_with_generate=True,
         generation_max_length=t.generation_max_length,
         load_best_model_at_end=has_eval,
-        metric_for_best_model="wer" if has_eval else None,
+        metric_for_best_model=BEST_METRIC if has_eval else None,
         greater_is_better=False if has_eval else None,
         remove_unused_columns=False,  # the collator needs `audio`, which forward() does not take
         label_names=["labels"],  # PeftModel hides forward's signature; say where the labels are
@@ -120,3 +130,20 @@ def oom_message(cfg) -> str:
         + ("" if m.gradient_checkpointing else "set model.gradient_checkpointing=true, ")
         + ("" if m.quantization == "nf4" else "or use model.quantization=nf4 (int8 -> nf4 halves the base weights)")
     )
+
+
+def wer_summary(state) -> dict[str, Any]:
+    """metrics.json's WER fields from a finished Trainer state: the best checkpoint by
+    normalized WER with both WERs at that step, and both WERs of the first and last eval."""
+    evals = [h for h in state.log_history if f"eval_{BEST_METRIC}" in h]
+    at_best = next((h for h in evals if h.get("step") == state.best_global_step), {})
+    return {
+        "best_by": f"eval_{BEST_METRIC}",
+        "best_checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
+        "best_eval_normalized_wer": state.best_metric,
+        "best_eval_wer": at_best.get("eval_wer"),
+        "first_eval_normalized_wer": evals[0][f"eval_{BEST_METRIC}"] if evals else None,
+        "first_eval_wer": evals[0]["eval_wer"] if evals else None,
+        "last_eval_normalized_wer": evals[-1][f"eval_{BEST_METRIC}"] if evals else None,
+        "last_eval_wer": evals[-1]["eval_wer"] if evals else None,
+    }

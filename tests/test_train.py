@@ -75,9 +75,48 @@ def test_run_folder_contract(data_dir, tiny_model_dir):
     hist = json.loads((run / "log_history.json").read_text())
     assert [h["step"] for h in hist if "eval_wer" in h] == [3, 6]
     assert metrics["best_checkpoint"] in ("checkpoint-3", "checkpoint-6")
-    assert metrics["best_eval_wer"] == min(h["eval_wer"] for h in hist if "eval_wer" in h)
+    assert metrics["best_by"] == "eval_normalized_wer"
+    assert metrics["best_eval_normalized_wer"] == min(h["eval_normalized_wer"] for h in hist if "eval_wer" in h)
+    assert all("eval_wer" in h for h in hist if "eval_normalized_wer" in h)  # both WERs logged
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert "hf_" not in (run / "config.yaml").read_text() and "language: hi" in (run / "config.yaml").read_text()
+
+
+def test_best_checkpoint_is_chosen_by_normalized_wer(data_dir, tiny_model_dir, monkeypatch):
+    """Exact-text WER counts a missing "।" as an error; the adapter, metrics.json and the model
+    card must follow the normalized WER. Scripted WERs: step 3 wins on exact text, step 6 on normalized."""
+    import jobs.train
+
+    scripted = iter([{"wer": 10.0, "normalized_wer": 50.0}, {"wer": 20.0, "normalized_wer": 30.0}])
+    monkeypatch.setattr(jobs.train, "make_compute_metrics", lambda tok: lambda pred: next(scripted))
+    metrics = main(cfg(tiny_model_dir, "by-normalized"), Env(data_dir=data_dir))
+    assert metrics["best_checkpoint"] == "checkpoint-6"
+    assert (metrics["best_eval_normalized_wer"], metrics["best_eval_wer"]) == (30.0, 20.0)
+    assert (metrics["first_eval_normalized_wer"], metrics["first_eval_wer"]) == (50.0, 10.0)
+    run = data_dir / "runs/by-normalized"
+    a, b = lora_weights(run / "adapter"), lora_weights(run / "checkpoints/checkpoint-6")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    from lib.hub import model_card
+
+    card = model_card(repo_id="me/x", base="b", data="toy", language="hi", task="transcribe", recipe=None,
+                      metrics=metrics, lora={})
+    assert "Best checkpoint (checkpoint-6)" in card
+    assert "**30.00%** normalized WER" in card and "20.00% exact-text WER" in card
+
+
+def test_compute_metrics_scores_both_wers(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from transformers import WhisperTokenizer
+
+    from lib.trainer import make_compute_metrics
+
+    tok = WhisperTokenizer.from_pretrained(tiny_model_dir, language="hi", task="transcribe")
+    ids = tok(["हमने उसका जन्मदिन मनाया।", "घर"], padding=True).input_ids
+    hyp = tok(["हमने उसका जन्मदिन मनाया", "घर"], padding=True).input_ids
+    out = make_compute_metrics(tok)(SimpleNamespace(predictions=hyp, label_ids=ids))
+    assert out == {"wer": pytest.approx(100 * 1 / 5), "normalized_wer": 0.0}
 
 
 def test_loss_falls_when_overfitting(data_dir, tiny_model_dir):
@@ -236,7 +275,7 @@ def test_hub_push_with_a_model_card(data_dir, tiny_model_dir, monkeypatch):
     assert "adapter_model.safetensors" in calls[2][2] and "generation_config.json" in calls[2][2]
     card = calls[3][1]
     assert f"base_model: {tiny_model_dir}" in card and "`toy`" in card and "- hi" in card
-    assert "best_eval_wer" in card and "hf_test_token_123" not in card
+    assert "best_eval_normalized_wer" in card and "normalized WER" in card and "hf_test_token_123" not in card
 
 
 def test_hub_push_without_token_fails_before_training(data_dir, tiny_model_dir):
@@ -301,5 +340,5 @@ def test_real_whisper_base_wer_falls(tmp_path):
     ])
     metrics = main(c, Env(data_dir=tmp_path))
     print(json.dumps(metrics, indent=2))
-    assert metrics["first_eval_wer"] >= 75
-    assert metrics["best_eval_wer"] < metrics["first_eval_wer"] - 50
+    assert metrics["first_eval_normalized_wer"] >= 75
+    assert metrics["best_eval_normalized_wer"] < metrics["first_eval_normalized_wer"] - 50
