@@ -52,9 +52,6 @@ log = logging.getLogger("whisper_ft")
 # The walkthrough's recipe: the Makefile's default, and the base of `--recipe auto`.
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "whisper-large-v2_lora-int8_1gpu.yaml"
 
-# Settings a resumed run must share with the run that wrote its checkpoints.
-FIXED_ON_RESUME = ("data", "language", "task", "model", "lora")
-
 
 def main(cfg: TrainConfig, env: Env) -> dict:
     import torch
@@ -90,8 +87,9 @@ def main(cfg: TrainConfig, env: Env) -> dict:
     # Under torchrun every process runs this job; only rank 0 owns the run folder's files
     # (a second writer could hand the first a half-written config.yaml).
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    changed_on_resume = []
     if rank0:
-        _check_same_run(run_dir, cfg)
+        changed_on_resume = _check_same_run(run_dir, cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, run_dir / "config.yaml")
     log.info("config:\n%s", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip())
@@ -219,6 +217,7 @@ def main(cfg: TrainConfig, env: Env) -> dict:
         "precision": precision,
         "quantization": cfg.model.quantization,
         "resumed_from": resume_from.name if resume_from else None,
+        "changed_on_resume": changed_on_resume,
         "incomplete_checkpoints_moved": [p.name for p in moved],
     }
     write_json(run_dir / "metrics.json", metrics)
@@ -252,18 +251,13 @@ def _columns(ds):
     return ds.select_columns(["audio", "labels"]).with_format("numpy")
 
 
-def _check_same_run(run_dir: Path, cfg: TrainConfig) -> None:
+def _check_same_run(run_dir: Path, cfg: TrainConfig) -> list[str]:
     """A rerun resumes; it must not silently mix checkpoints of a different model, LoRA or data."""
     old_path = run_dir / "config.yaml"
     if not old_path.is_file():
-        return
-    old, new = yaml.safe_load(old_path.read_text()) or {}, to_dict(cfg)
-    diff = [k for k in FIXED_ON_RESUME if old.get(k) != new.get(k)]
-    if diff:
-        raise UserError(
-            f"run={cfg.run} already exists in {run_dir} with different {', '.join(diff)} settings "
-            f"(see its config.yaml): choose a new run= name, or use the same settings to resume"
-        )
+        return []
+    return checkpoint.check_resume(yaml.safe_load(old_path.read_text()) or {}, to_dict(cfg), cfg.run, old_path,
+                                   run_dir / "checkpoints", int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def locked_main(cfg: TrainConfig, env: Env) -> dict:

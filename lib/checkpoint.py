@@ -36,6 +36,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from lib.errors import UserError
+
 log = logging.getLogger("whisper_ft")
 
 COMPLETE = "COMPLETE"
@@ -285,3 +287,71 @@ class StopOnSigterm(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+# What a resumed run must share with the run that wrote its checkpoints: what the adapter
+# is (base model, every LoRA field: its shape, scaling and dropout) and what it learns
+# (data, language, task). Everything else only changes how fast it gets there, or is a
+# train.* choice the user may revise (more steps) - allowed, and logged. Quantization is
+# among the allowed ones, on purpose: `RECIPE=auto` picks it from the GPU's memory, so a spot
+# job rescheduled on a smaller card comes back with nf4 instead of int8; refusing it (exit 2)
+# failed the Job for good. The LoRA tensors and optimizer state have the same shapes over an
+# int8, nf4 or float base; the base's rounding differs, like fp16 vs bf16 does.
+RESULT_KEYS = ("data", "language", "task", "model.base", "lora")
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def world_size_of(ck: Path) -> int:
+    """Processes that wrote a checkpoint: Trainer saves rng_state.pth alone, else rng_state_<rank>.pth each."""
+    return max(len(list(Path(ck).glob("rng_state_*.pth"))), 1)
+
+
+def check_resume(old: dict, new: dict, run: str, config_path: Path, ckpt_root: Path, world_size: int) -> list[str]:
+    """Refuse (UserError) a rerun that would change the result; return the other changes, logged.
+
+    old/new: config dicts (config.yaml of the run / this invocation). The effective batch
+    (batch_size x grad_accum x processes) must stay once a checkpoint exists: Trainer resumes
+    by skipping global_step x that many clips; batch_size and grad_accum may trade places.
+    """
+    refused = [k for k in RESULT_KEYS if _get(old, k) != _get(new, k)]
+    if refused:
+        raise UserError(
+            f"run={run} already exists with different {', '.join(refused)} settings (see {config_path}): "
+            f"choose a new run= name, or use the same settings to resume"
+        )
+    fo, fn = _flat(old), _flat(new)
+    changed = [f"{k}: {fo.get(k)!r} -> {fn.get(k)!r}" for k in sorted(set(fo) | set(fn))
+               if fo.get(k) != fn.get(k) and k != "run"]
+    done = [c for c in checkpoints(ckpt_root) if is_complete(c)]
+    if done:
+        old_world = world_size_of(done[-1])
+        t_old, t_new = old.get("train", {}), new.get("train", {})
+        e_old = t_old.get("batch_size", 0) * t_old.get("grad_accum", 0) * old_world
+        e_new = t_new.get("batch_size", 0) * t_new.get("grad_accum", 0) * world_size
+        if e_old != e_new:
+            raise UserError(
+                f"run={run} was trained with {e_old} clips per optimizer step (train.batch_size="
+                f"{t_old.get('batch_size')} x train.grad_accum={t_old.get('grad_accum')} x {old_world} processes); "
+                f"this resume would use {e_new} (x {world_size} processes): set train.batch_size and "
+                f"train.grad_accum so that their product x processes is {e_old}, or choose a new run= name"
+            )
+        if old_world != world_size:
+            changed.append(f"processes: {old_world} -> {world_size}")
+    for c in changed:
+        log.warning("resuming run=%s with a changed setting: %s", run, c)
+    return changed

@@ -309,6 +309,26 @@ def test_rerun_with_other_lora_settings_is_refused(data_dir, tiny_model_dir):
     main(cfg(tiny_model_dir, "fixed", **{"train.max_steps": 3}), env)
     with pytest.raises(UserError, match="run=fixed already exists .* different lora"):
         main(cfg(tiny_model_dir, "fixed", **{"lora.r": 8}), env)
+    with pytest.raises(UserError, match="run=fixed already exists .* different model.base"):
+        main(cfg(tiny_model_dir, "fixed", **{"model.base": str(tiny_model_dir) + "/"}), env)
+
+
+def test_resume_on_another_gpu_type_may_change_speed_settings(data_dir, tiny_model_dir, caplog):
+    """RECIPE=auto on another card picks other quantization/checkpointing: resumed and logged, not
+    refused (exit 2 failed the Kubernetes Job for good). The effective batch must stay."""
+    env = Env(data_dir=data_dir)
+    main(cfg(tiny_model_dir, "moved", **{"train.max_steps": 3}), env)
+    with pytest.raises(UserError, match=r"2 clips per optimizer step .* this resume would use 4"):
+        main(cfg(tiny_model_dir, "moved", **{"train.max_steps": 6, "train.batch_size": 4}), env)
+    metrics = main(cfg(tiny_model_dir, "moved", **{
+        "train.max_steps": 6, "model.quantization": "int8", "model.gradient_checkpointing": "true",
+        "train.batch_size": 1, "train.grad_accum": 2,  # the same 2 clips per step
+    }), env)
+    assert metrics["resumed_from"] == "checkpoint-3" and metrics["global_step"] == 6
+    assert metrics["quantization"] == "int8"
+    assert "model.quantization: 'none' -> 'int8'" in metrics["changed_on_resume"]
+    assert "model.gradient_checkpointing: False -> True" in metrics["changed_on_resume"]
+    assert "resuming run=moved with a changed setting: train.batch_size: 2 -> 1" in caplog.text
 
 
 def test_out_of_memory_names_the_knobs(data_dir, tiny_model_dir, monkeypatch):
