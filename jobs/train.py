@@ -42,6 +42,7 @@ from lib.trainer import (
     LogHistoryWriter,
     make_compute_metrics,
     oom_message,
+    optimizer_steps,
     training_arguments,
     wer_summary,
     write_json,
@@ -105,12 +106,14 @@ def main(cfg: TrainConfig, env: Env) -> dict:
         log.warning("%s has no validation split: no WER during training, the final adapter is the last step", cfg.data)
     if len(train_ds) == 0:
         raise UserError(f"data={cfg.data}: the train split is empty; prepare more data")
-    eff = cfg.train.batch_size * cfg.train.grad_accum
-    steps = cfg.train.max_steps or int(cfg.train.epochs * -(-len(train_ds) // eff))
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's processes; 1 without it
+    eff = cfg.train.batch_size * cfg.train.grad_accum * world
+    steps = optimizer_steps(len(train_ds), cfg.train.batch_size, cfg.train.grad_accum, world,
+                            cfg.train.epochs, cfg.train.max_steps)
     log.info(
-        "data: %d train clips, %d validation clips; %d x %d = %d clips per optimizer step -> %d steps",
-        len(train_ds), len(eval_ds) if eval_ds is not None else 0,
-        cfg.train.batch_size, cfg.train.grad_accum, eff, steps,
+        "data: %d train clips, %d validation clips; %d x %d x %d processes = %d clips per optimizer step "
+        "-> %d steps", len(train_ds), len(eval_ds) if eval_ds is not None else 0,
+        cfg.train.batch_size, cfg.train.grad_accum, world, eff, steps,
     )
 
     # 4. Model: base (quantized per model.quantization), frozen, LoRA on top. Seeded first:
@@ -175,6 +178,9 @@ def main(cfg: TrainConfig, env: Env) -> dict:
     stopper.install()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except checkpoint.EvalInterrupted as e:
+        log.warning("%s: evaluation abandoned, saving checkpoint-%d", e, trainer.state.global_step)
+        checkpoint.save_now(trainer)
     except torch.OutOfMemoryError:
         raise UserError(oom_message(cfg)) from None
     finally:

@@ -255,17 +255,43 @@ class CompleteMarker(TrainerCallback):
         rotate(self.root, self.keep, best)
 
 
+class EvalInterrupted(Exception):
+    """SIGTERM during evaluation inside training: the generation pass is abandoned (it can
+    outlast the pod's grace period); the job saves a checkpoint (save_now) and exits 3."""
+
+
+def agree(flag: bool) -> bool:
+    """True on every process when it is True on any (one all_reduce of a flag; a no-op
+    without torch.distributed). Each rank gets SIGTERM at its own moment: deciding alone, one
+    rank stops at step N and waits at the checkpoint barrier while another runs step N+1 and
+    waits in its gradient all-reduce, and both hang until the SIGKILL."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    # nccl reduces CUDA tensors only; gloo CPU ones. One byte, every step: microseconds.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 class StopOnSigterm(TrainerCallback):
     """SIGTERM -> finish the current step, save a checkpoint, stop; the job then exits 3.
 
     Why not Trainer's own handling: a stopped Trainer returns normally and the process
     exits 0, which Kubernetes / Batch count as success, so the run is never retried.
     The handler only sets a flag: saving from inside a signal handler could interleave
-    with a half-done optimizer step.
+    with a half-done optimizer step. Under torchrun the flag is agreed across processes at
+    every step end and every evaluation batch (agree()), so all ranks stop at the same step.
+    During evaluation the agreed flag raises EvalInterrupted: generating the rest of the
+    validation split can take longer than the grace period.
     """
 
     def __init__(self):
         self.requested = False
+        self.signalled = False
         self._previous = None
 
     def install(self) -> StopOnSigterm:
@@ -278,15 +304,34 @@ class StopOnSigterm(TrainerCallback):
             self._previous = None
 
     def _handle(self, signum, frame):
-        if not self.requested:
+        if not self.signalled:
             log.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping (exit 3)")
-        self.requested = True
+        self.signalled = True
+
+    def _agreed(self, state) -> bool:
+        if not self.requested and agree(self.signalled):
+            self.requested = True
+            log.warning("stopping at step %d on every process (SIGTERM)", state.global_step if state else -1)
+        return self.requested
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        if self._agreed(state):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if self._agreed(state):
+            raise EvalInterrupted(f"SIGTERM during the evaluation at step {state.global_step}")
+        return control
+
+
+def save_now(trainer) -> None:
+    """Checkpoint the trainer's current step outside its loop (after EvalInterrupted): the same
+    files as a scheduled save, then the on_save callbacks (COMPLETE marker, rotation). The eval
+    of this step is lost: its checkpoint has no WER and cannot become the best one."""
+    trainer._save_checkpoint(trainer.model, trial=None)
+    trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
 
 
 # What a resumed run must share with the run that wrote its checkpoints: what the adapter

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from lib.config import load_config
 from lib.env import Env, load_env
 from lib.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
+from lib.launch import report_exit
 
 T = TypeVar("T")
 log = logging.getLogger("whisper_ft")
@@ -77,11 +78,15 @@ def run_job(
             recipe, overrides = recipe_hook(recipe, overrides)
         cfg = load_config(cfg_cls, recipe, overrides)
         log.info("%s: environment %s", name, env.describe())
+        report_exit("started")
         main(cfg, env)
+        report_exit("0")
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        report_exit(str(EXIT_USER_ERROR))
         return EXIT_USER_ERROR
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
+        report_exit(str(EXIT_PREEMPTED))
         return EXIT_PREEMPTED

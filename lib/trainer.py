@@ -147,3 +147,17 @@ def wer_summary(state) -> dict[str, Any]:
         "last_eval_normalized_wer": evals[-1][f"eval_{BEST_METRIC}"] if evals else None,
         "last_eval_wer": evals[-1]["eval_wer"] if evals else None,
     }
+
+
+def optimizer_steps(n_clips: int, batch_size: int, grad_accum: int, world_size: int,
+                    epochs: float, max_steps: int | None) -> int:
+    """The optimizer steps Trainer will run, as it counts them: each of `world_size` processes
+    reads ceil(n / world) clips (the distributed sampler pads) in ceil(that / batch) batches;
+    an epoch is ceil(batches / grad_accum) steps. 1000 clips, batch 8, 2 GPUs: 63 steps an
+    epoch, not the 125 of one process."""
+    import math
+
+    if max_steps:
+        return max_steps
+    batches = math.ceil(math.ceil(n_clips / world_size) / batch_size)
+    return math.ceil(epochs * max(math.ceil(batches / grad_accum), 1))

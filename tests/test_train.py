@@ -184,6 +184,34 @@ def test_interrupted_and_resumed_equals_uninterrupted(data_dir, tiny_model_dir, 
         torch.testing.assert_close(first[k], second[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_sigterm_during_evaluation_stops_generating_and_checkpoints(data_dir, tiny_model_dir, monkeypatch):
+    """The evaluation pass can outlast the grace period: SIGTERM in its first batch -> no second
+    batch is generated, the step is checkpointed, Preempted (exit 3); the retry resumes from it."""
+    from transformers import Seq2SeqTrainer
+
+    env = Env(data_dir=data_dir)
+    extra = {"train.eval_batch_size": 1}  # 2 validation clips: 2 generation batches per eval
+    real, calls = Seq2SeqTrainer.prediction_step, []
+
+    def predict_then_sigterm(self, *a, **k):
+        calls.append(self.state.global_step)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Seq2SeqTrainer, "prediction_step", predict_then_sigterm)
+    with pytest.raises(Preempted, match="checkpoint-3"):
+        main(cfg(tiny_model_dir, "eval-term", **extra), env)
+    assert calls == [3]  # the first eval (step 3) stopped after its first batch
+    ckpts = data_dir / "runs/eval-term/checkpoints"
+    assert [p.name for p in ckpts.iterdir()] == ["checkpoint-3"]
+    assert checkpoint.verify(ckpts / "checkpoint-3") is None
+    monkeypatch.setattr(Seq2SeqTrainer, "prediction_step", real)
+    metrics = main(cfg(tiny_model_dir, "eval-term", **extra), env)
+    assert metrics["resumed_from"] == "checkpoint-3" and metrics["global_step"] == 6
+    assert metrics["best_checkpoint"] == "checkpoint-6"  # the only step with a WER
+
+
 def test_half_written_checkpoint_is_skipped_and_reported(data_dir, tiny_model_dir, caplog):
     env = Env(data_dir=data_dir)
     main(cfg(tiny_model_dir, "killed", **{"train.max_steps": 3}), env)
