@@ -85,12 +85,13 @@ LOCAL_ENV = DATA_DIR=$(DATA_ABS) HF_HOME=$(DATA_ABS)/hf-cache PATH=$(abspath $(V
 LOCAL_ENV_FILE = $(if $(HAVE_ENV_FILE),--env-file $(ENV_FILE))
 
 # $(call job,NAME,ARGS): the command line that runs jobs.NAME with ARGS on $(RUNNER).
+# job_torchrun: torchrun through lib/launch.py (SIGTERM: 270 s to checkpoint, exit 3; exit 2 kept).
 ifeq ($(RUNNER),docker)
 job = $(strip $(DOCKER_RUN) $(1) $(2))
-job_torchrun = $(strip $(DOCKER_RUN) torchrun --standalone --nproc_per_node=$(NPROC) -m jobs.$(1) $(2))
+job_torchrun = $(strip $(DOCKER_RUN) python -m lib.launch --standalone --nproc_per_node=$(NPROC) -m jobs.$(1) $(2))
 else ifeq ($(RUNNER),local)
 job = $(strip $(LOCAL_ENV) python -m jobs.$(1) $(LOCAL_ENV_FILE) $(2))
-job_torchrun = $(strip $(LOCAL_ENV) torchrun --standalone --nproc_per_node=$(NPROC) -m jobs.$(1) $(LOCAL_ENV_FILE) $(2))
+job_torchrun = $(strip $(LOCAL_ENV) python -m lib.launch --standalone --nproc_per_node=$(NPROC) -m jobs.$(1) $(LOCAL_ENV_FILE) $(2))
 else
 $(error RUNNER=$(RUNNER): use RUNNER=docker or RUNNER=local)
 endif
