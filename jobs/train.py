@@ -10,10 +10,13 @@ it logs the choice and why; key=value flags still win over it.
 
 Reads DATA_DIR/prepared/DATA (from `make prepare`), writes DATA_DIR/runs/RUN/:
 config.yaml, checkpoints/checkpoint-N/ (adapter + optimizer state, COMPLETE marker last),
-adapter/ (best-by-WER LoRA adapter + processor + generation config), log_history.json,
-metrics.json, tb/. Rerunning the same RUN resumes from the newest COMPLETE checkpoint.
+adapter/ (LoRA adapter of the best checkpoint by normalized WER + processor + generation
+config), log_history.json, metrics.json, tb/, and LOCK while it runs (a second writer exits 2).
+Rerunning the same RUN resumes from the newest checkpoint whose COMPLETE marker verifies.
 Exit codes: 0 done; 2 config/data error (fix the named flag, do not retry);
 3 stopped by SIGTERM after saving a checkpoint (retry: it resumes); other: crash (retry).
+Several GPUs: python -m lib.launch --standalone --nproc_per_node=N -m jobs.train ... (torchrun
+that keeps exit codes 2 and 3).
 """
 
 from __future__ import annotations
