@@ -90,12 +90,13 @@ MODULE_bench := lib.tools.bench
 module = $(or $(MODULE_$(1)),jobs.$(1))
 
 # $(call job,NAME,ARGS): the command line that runs job (or tool) NAME with ARGS on $(RUNNER).
+# job_torchrun: torchrun through lib/launch.py (SIGTERM: 270 s to checkpoint, exit 3; exit 2 kept).
 ifeq ($(RUNNER),docker)
 job = $(strip $(DOCKER_RUN) $(1) $(2))
-job_torchrun = $(strip $(DOCKER_RUN) torchrun --standalone --nproc_per_node=$(NPROC) -m jobs.$(1) $(2))
+job_torchrun = $(strip $(DOCKER_RUN) python -m lib.launch --standalone --nproc_per_node=$(NPROC) -m jobs.$(1) $(2))
 else ifeq ($(RUNNER),local)
 job = $(strip $(LOCAL_ENV) python -m $(call module,$(1)) $(LOCAL_ENV_FILE) $(2))
-job_torchrun = $(strip $(LOCAL_ENV) torchrun --standalone --nproc_per_node=$(NPROC) -m jobs.$(1) $(LOCAL_ENV_FILE) $(2))
+job_torchrun = $(strip $(LOCAL_ENV) python -m lib.launch --standalone --nproc_per_node=$(NPROC) -m jobs.$(1) $(LOCAL_ENV_FILE) $(2))
 else
 $(error RUNNER=$(RUNNER): use RUNNER=docker or RUNNER=local)
 endif

@@ -10,10 +10,13 @@ it logs the choice and why; key=value flags still win over it.
 
 Reads DATA_DIR/prepared/DATA (from `make prepare`), writes DATA_DIR/runs/RUN/:
 config.yaml, checkpoints/checkpoint-N/ (adapter + optimizer state, COMPLETE marker last),
-adapter/ (best-by-WER LoRA adapter + processor + generation config), log_history.json,
-metrics.json, tb/. Rerunning the same RUN resumes from the newest COMPLETE checkpoint.
+adapter/ (LoRA adapter of the best checkpoint by normalized WER + processor + generation
+config), log_history.json, metrics.json, tb/, and LOCK while it runs (a second writer exits 2).
+Rerunning the same RUN resumes from the newest checkpoint whose COMPLETE marker verifies.
 Exit codes: 0 done; 2 config/data error (fix the named flag, do not retry);
 3 stopped by SIGTERM after saving a checkpoint (retry: it resumes); other: crash (retry).
+Several GPUs: python -m lib.launch --standalone --nproc_per_node=N -m jobs.train ... (torchrun
+that keeps exit codes 2 and 3).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from lib import auto, checkpoint, hub
+from lib import auto, checkpoint, hub, runlock
 from lib import trainer as T
 from lib.cli import Recipe, run_job
 from lib.config import dump_yaml, to_dict
@@ -40,6 +43,13 @@ DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "whisper-large-v2
 
 
 def main(cfg: TrainConfig, env: Env, recipe: Recipe | None = None) -> dict:
+    """The run, holding the run folder's lock (lib/runlock.py): a second writer exits 2. Under
+    torchrun rank 0 holds it for the whole job (the other ranks write no run files)."""
+    with runlock.hold(env.run_dir(cfg.run), enabled=int(os.environ.get("RANK", "0")) == 0):
+        return _train(cfg, env, recipe)
+
+
+def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
     # 1. Inputs: the prepared dataset, the hub token, the run folder (only rank 0 writes to it
     #    under torchrun: a second writer could hand the first a half-written config.yaml).
     data_dir, manifest = open_prepared(env, cfg.data)
@@ -49,8 +59,9 @@ def main(cfg: TrainConfig, env: Env, recipe: Recipe | None = None) -> dict:
 
     # 2. Checks that cost seconds, before any weights are loaded or GPU time is spent.
     processor, precision = T.check_setup(cfg, env, manifest)
+    changed_on_resume = []
     if rank0:
-        T.check_same_run(run_dir, cfg)
+        changed_on_resume = T.check_same_run(run_dir, cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, run_dir / "config.yaml")
     log.info("config:\n%s", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip())
@@ -76,10 +87,12 @@ def main(cfg: TrainConfig, env: Env, recipe: Recipe | None = None) -> dict:
     checkpoint.save_adapter(trainer.model, processor, base.generation_config, run_dir / "adapter")
 
     # 8. Metrics, and the Hub if asked.
-    metrics = T.run_metrics(trainer, result, callbacks, cfg, model, run_dir, precision, resume_from, moved, recipe)
+    metrics = T.run_metrics(trainer, result, callbacks, cfg, model, run_dir, precision, resume_from, moved, recipe,
+                            changed_on_resume)
     T.write_json(run_dir / "metrics.json", metrics)
-    log.info("done: %d steps, best WER %s, adapter %.1f MB in %s", metrics["global_step"], metrics["best_eval_wer"],
-             metrics["adapter_size_bytes"] / 1e6, run_dir / "adapter")
+    log.info("done: %d steps, best normalized WER %s (exact-text %s), adapter %.1f MB in %s", metrics["global_step"],
+             metrics["best_eval_normalized_wer"], metrics["best_eval_wer"], metrics["adapter_size_bytes"] / 1e6,
+             run_dir / "adapter")
     if cfg.hub.push:
         card = hub.model_card(kind="adapter", repo_id=cfg.hub.repo_id, base=cfg.model.base, data=cfg.data,
                               language=cfg.language, task=cfg.task, recipe=recipe.name if recipe else None,

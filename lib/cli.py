@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from lib.config import load_config
 from lib.env import Env, load_env
 from lib.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
+from lib.launch import report_exit
 
 T = TypeVar("T")
 log = logging.getLogger("whisper_ft")
@@ -121,14 +122,18 @@ def run_job(
         setup_logging(env)
         cfg, recipe = build_config(cfg_cls, args.recipe, args.overrides, computed)
         log.info("%s: environment %s", name, env.describe())
+        report_exit("started")
         if len(inspect.signature(main).parameters) >= 3:
             main(cfg, env, recipe)
         else:
             main(cfg, env)
+        report_exit("0")
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        report_exit(str(EXIT_USER_ERROR))
         return EXIT_USER_ERROR
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
+        report_exit(str(EXIT_PREEMPTED))
         return EXIT_PREEMPTED

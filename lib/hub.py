@@ -40,6 +40,10 @@ def require_token(hub: HubConfig, token: str | None) -> None:
         )
 
 
+def _pct(v) -> str:
+    return f"{v:.2f}%" if isinstance(v, (int, float)) else "n/a"
+
+
 def model_card(*, kind: Literal["adapter", "merged"], repo_id: str, base: str, language: str, task: str,
                data: str | None = None, recipe: str | None = None, lora: dict[str, Any] | None = None,
                metrics: dict[str, Any] | None = None, report_md: str | None = None,
@@ -71,10 +75,14 @@ def model_card(*, kind: Literal["adapter", "merged"], repo_id: str, base: str, l
     if lora:
         lines += [f"- LoRA: r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
                   f"targets={lora.get('target_modules')}"]
-    wer = (metrics or {}).get("best_eval_wer")
     if adapter:
-        lines += [f"- Best validation WER: **{wer:.2f}%**" if isinstance(wer, (int, float))
-                  else "- Best validation WER: n/a", ""]
+        # The checkpoint published is the best by normalized WER (lib/trainer.py BEST_METRIC):
+        # the headline says so, with the exact-text WER of the same checkpoint beside it.
+        m = metrics or {}
+        lines += [f"- Best checkpoint ({m.get('best_checkpoint') or 'n/a'}) on the validation split: "
+                  f"**{_pct(m.get('best_eval_normalized_wer'))}** normalized WER (NFKC, casefold, punctuation "
+                  f"such as \"।\" removed; the number the best checkpoint was chosen by), "
+                  f"{_pct(m.get('best_eval_wer'))} exact-text WER", ""]
     lines += ["## Use", "", "```python"]
     if adapter:
         lines += [

@@ -202,9 +202,23 @@ def compile_layers(model) -> int:
 
 def _checkpoint_compiled(layer, compiled, *args, **kwargs):
     """A checkpointed layer's forward: eager checkpoint (the layer's own settings, e.g.
-    non-reentrant) around the compiled body; plain compiled body in eval/generation."""
+    non-reentrant) around the compiled body; plain compiled body in eval/generation.
+
+    Keyword arguments are bound into the function, the checkpoint gets only the positional
+    ones, as transformers' own wrapper does: reentrant checkpointing (int8, see
+    prepare_for_training) refuses keyword arguments ("Unexpected keyword arguments: use_cache")
+    and only passes gradients to positional tensors, which is why Whisper's layers take
+    hidden_states and encoder_hidden_states positionally. The cache is dropped as there:
+    the recompute in backward would write it a second time.
+    """
+    import functools
+
     if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
-        return layer._gradient_checkpointing_func(compiled, *args, **kwargs)
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
+        if kwargs.get("cache") is not None and not getattr(layer, "_can_checkpoint_with_cache", False):
+            kwargs["cache"] = None
+        return layer._gradient_checkpointing_func(functools.partial(compiled, **kwargs), *args)
     return compiled(*args, **kwargs)
 
 

@@ -5,8 +5,10 @@ its callbacks, WER while training, run-folder logs, the metrics a finished run w
 lib.lora.build_training_model, build_trainer, train, lib.checkpoint.save_adapter, run_metrics.
 
 Evaluation generates with the language and task forced (generation config), decodes, and
-scores WER with jiwer; the best checkpoint by WER is loaded at the end
-(load_best_model_at_end, metric_for_best_model="wer", lower is better).
+scores two WERs with jiwer: eval_normalized_wer (lib.metrics.normalize, the number `make eval`
+calls the one to track) and eval_wer (exact text, where a missing "।" is an error). Both are
+logged; the best checkpoint is the one with the lowest normalized WER and is loaded at the end
+(load_best_model_at_end, metric_for_best_model=BEST_METRIC).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from transformers import TrainerCallback
 
 log = logging.getLogger("whisper_ft")
 
+BEST_METRIC = "normalized_wer"
+"""what picks the best checkpoint (Trainer logs it as eval_normalized_wer; lower is better)"""
+
 
 def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
     """Exact-text WER in percent (the walkthrough's unit), by lib.metrics like `make eval`;
@@ -37,7 +42,9 @@ def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
 
 
 def make_compute_metrics(tokenizer):
-    """compute_metrics for Seq2SeqTrainer(predict_with_generate=True): {'wer': percent}."""
+    """compute_metrics for Seq2SeqTrainer(predict_with_generate=True):
+    {'wer': exact-text percent, 'normalized_wer': percent on lib.metrics.normalize'd text}."""
+    from lib.metrics import normalize
 
     def compute(pred) -> dict[str, float]:
         preds = np.asarray(pred.predictions)
@@ -47,7 +54,10 @@ def make_compute_metrics(tokenizer):
         labels = np.where(labels < 0, tokenizer.pad_token_id, labels)
         hyps = tokenizer.batch_decode(preds, skip_special_tokens=True)
         refs = tokenizer.batch_decode(labels, skip_special_tokens=True)
-        return {"wer": word_error_rate(refs, hyps)}
+        return {
+            "wer": word_error_rate(refs, hyps),
+            "normalized_wer": word_error_rate([normalize(r) for r in refs], [normalize(h) for h in hyps]),
+        }
 
     return compute
 
@@ -101,7 +111,7 @@ def training_arguments(cfg, output_dir: Path, precision: str, has_eval: bool):
         predict_with_generate=True,
         generation_max_length=t.generation_max_length,
         load_best_model_at_end=has_eval,
-        metric_for_best_model="wer" if has_eval else None,
+        metric_for_best_model=BEST_METRIC if has_eval else None,
         greater_is_better=False if has_eval else None,
         remove_unused_columns=False,  # the collator needs `audio`, which forward() does not take
         label_names=["labels"],  # PeftModel hides forward's signature; say where the labels are
@@ -127,27 +137,24 @@ def oom_message(cfg) -> str:
     )
 
 
-# Settings a resumed run must share with the run that wrote its checkpoints.
-FIXED_ON_RESUME = ("data", "language", "task", "model", "lora")
-
-
-def check_same_run(run_dir: Path, cfg) -> None:
-    """A rerun resumes; it must not silently mix checkpoints of a different model, LoRA or data."""
+def check_same_run(run_dir: Path, cfg) -> list[str]:
+    """A rerun resumes; it must not silently mix checkpoints of a different model, LoRA or data
+    (lib.checkpoint.check_resume refuses those); returns the other settings that changed, logged."""
     import yaml
 
+    from lib import checkpoint
     from lib.config import to_dict
-    from lib.errors import UserError
 
     old_path = run_dir / "config.yaml"
     if not old_path.is_file():
-        return
-    old, new = yaml.safe_load(old_path.read_text()) or {}, to_dict(cfg)
-    diff = [k for k in FIXED_ON_RESUME if old.get(k) != new.get(k)]
-    if diff:
-        raise UserError(
-            f"run={cfg.run} already exists in {run_dir} with different {', '.join(diff)} settings "
-            f"(see its config.yaml): choose a new run= name, or use the same settings to resume"
-        )
+        return []
+    return checkpoint.check_resume(yaml.safe_load(old_path.read_text()) or {}, to_dict(cfg), cfg.run, old_path,
+                                   run_dir / "checkpoints", world_size())
+
+
+def world_size() -> int:
+    """torchrun's processes (WORLD_SIZE); 1 without it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def check_setup(cfg, env, manifest: dict):
@@ -199,12 +206,14 @@ def training_splits(cfg, data_dir: Path):
         log.warning("%s has no validation split: no WER during training, the final adapter is the last step", cfg.data)
     if len(train_ds) == 0:
         raise UserError(f"data={cfg.data}: the train split is empty; prepare more data")
-    eff = cfg.train.batch_size * cfg.train.grad_accum
-    steps = cfg.train.max_steps or int(cfg.train.epochs * -(-len(train_ds) // eff))
+    world = world_size()
+    eff = cfg.train.batch_size * cfg.train.grad_accum * world
+    steps = optimizer_steps(len(train_ds), cfg.train.batch_size, cfg.train.grad_accum, world,
+                            cfg.train.epochs, cfg.train.max_steps)
     log.info(
-        "data: %d train clips, %d validation clips; %d x %d = %d clips per optimizer step -> %d steps",
-        len(train_ds), len(eval_ds) if eval_ds is not None else 0,
-        cfg.train.batch_size, cfg.train.grad_accum, eff, steps,
+        "data: %d train clips, %d validation clips; %d x %d x %d processes = %d clips per optimizer step "
+        "-> %d steps", len(train_ds), len(eval_ds) if eval_ds is not None else 0,
+        cfg.train.batch_size, cfg.train.grad_accum, world, eff, steps,
     )
     return train_ds, eval_ds, steps
 
@@ -270,8 +279,14 @@ def train(trainer, cb: Callbacks, cfg, run_dir: Path, resume_from: Path | None):
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     cb.stopper.install()
+    from lib import checkpoint
+
+    result = None
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except checkpoint.EvalInterrupted as e:
+        log.warning("%s: evaluation abandoned, saving checkpoint-%d", e, trainer.state.global_step)
+        checkpoint.save_now(trainer)
     except torch.OutOfMemoryError:
         raise UserError(oom_message(cfg)) from None
     finally:
@@ -286,23 +301,20 @@ def train(trainer, cb: Callbacks, cfg, run_dir: Path, resume_from: Path | None):
 
 
 def run_metrics(trainer, result, cb: Callbacks, cfg, model, run_dir: Path, precision: str,
-                resume_from: Path | None, moved: list[Path], recipe=None) -> dict[str, Any]:
-    """metrics.json of a finished run: WER, speed, memory, sizes, what was resumed and which
-    recipe (with what --recipe auto chose) built the config."""
+                resume_from: Path | None, moved: list[Path], recipe=None,
+                changed_on_resume: list[str] | None = None) -> dict[str, Any]:
+    """metrics.json of a finished run: WER (best by normalized WER, lib/trainer.py BEST_METRIC,
+    with the exact-text WER of that step beside it), speed, memory, sizes, what was resumed and
+    changed on resume, and which recipe (with what --recipe auto chose) built the config."""
     import torch
 
     from lib import checkpoint
     from lib.lora import count_parameters
 
     trainable, total = count_parameters(model)
-    evals = [h for h in trainer.state.log_history if "eval_wer" in h]
     return {
         "global_step": trainer.state.global_step,
-        "best_eval_wer": trainer.state.best_metric,
-        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name
-        if trainer.state.best_model_checkpoint else None,
-        "first_eval_wer": evals[0]["eval_wer"] if evals else None,
-        "last_eval_wer": evals[-1]["eval_wer"] if evals else None,
+        **wer_summary(trainer.state),
         "train_loss": result.metrics.get("train_loss"),
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
@@ -317,5 +329,35 @@ def run_metrics(trainer, result, cb: Callbacks, cfg, model, run_dir: Path, preci
         "quantization": cfg.model.quantization,
         "recipe": recipe.describe() if recipe is not None else None,
         "resumed_from": resume_from.name if resume_from else None,
+        "changed_on_resume": changed_on_resume or [],
         "incomplete_checkpoints_moved": [p.name for p in moved],
     }
+def wer_summary(state) -> dict[str, Any]:
+    """metrics.json's WER fields from a finished Trainer state: the best checkpoint by
+    normalized WER with both WERs at that step, and both WERs of the first and last eval."""
+    evals = [h for h in state.log_history if f"eval_{BEST_METRIC}" in h]
+    at_best = next((h for h in evals if h.get("step") == state.best_global_step), {})
+    return {
+        "best_by": f"eval_{BEST_METRIC}",
+        "best_checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
+        "best_eval_normalized_wer": state.best_metric,
+        "best_eval_wer": at_best.get("eval_wer"),
+        "first_eval_normalized_wer": evals[0][f"eval_{BEST_METRIC}"] if evals else None,
+        "first_eval_wer": evals[0]["eval_wer"] if evals else None,
+        "last_eval_normalized_wer": evals[-1][f"eval_{BEST_METRIC}"] if evals else None,
+        "last_eval_wer": evals[-1]["eval_wer"] if evals else None,
+    }
+
+
+def optimizer_steps(n_clips: int, batch_size: int, grad_accum: int, world_size: int,
+                    epochs: float, max_steps: int | None) -> int:
+    """The optimizer steps Trainer will run, as it counts them: each of `world_size` processes
+    reads ceil(n / world) clips (the distributed sampler pads) in ceil(that / batch) batches;
+    an epoch is ceil(batches / grad_accum) steps. 1000 clips, batch 8, 2 GPUs: 63 steps an
+    epoch, not the 125 of one process."""
+    import math
+
+    if max_steps:
+        return max_steps
+    batches = math.ceil(math.ceil(n_clips / world_size) / batch_size)
+    return math.ceil(epochs * max(math.ceil(batches / grad_accum), 1))

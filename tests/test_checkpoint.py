@@ -1,14 +1,30 @@
-"""lib/checkpoint.py: only COMPLETE checkpoints are resumed, partial ones are set aside."""
+"""lib/checkpoint.py: only COMPLETE checkpoints that verify are resumed, others are set aside."""
 
+import json
 import os
+import shutil
 import signal
 
-from lib.checkpoint import COMPLETE, StopOnSigterm, find_resumable, mark_complete, rotate
+import pytest
+
+from lib import checkpoint
+from lib.checkpoint import (
+    COMPLETE,
+    REQUIRED,
+    StopOnSigterm,
+    clean_set_aside,
+    find_resumable,
+    mark_complete,
+    rotate,
+    verify,
+)
 
 
 def _ckpt(root, step, complete=True):
     d = root / f"checkpoint-{step}"
     d.mkdir(parents=True)
+    for name in REQUIRED:
+        (d / name).write_bytes(name.encode() * 10)
     (d / "adapter_model.safetensors").write_bytes(b"x" * 100)
     if complete:
         mark_complete(d)
@@ -59,3 +75,119 @@ def test_sigterm_asks_trainer_to_save_and_stop():
     finally:
         stop.uninstall()
     assert signal.getsignal(signal.SIGTERM) is not stop._handle
+
+
+def test_complete_lists_every_file_with_size_and_hash(tmp_path):
+    d = _ckpt(tmp_path, 1)
+    listed = json.loads((d / COMPLETE).read_text())["files"]
+    assert set(listed) == set(REQUIRED)
+    assert listed["adapter_model.safetensors"]["size"] == 100
+    assert len(listed["optimizer.pt"]["sha256"]) == 64
+    assert verify(d) is None
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+@pytest.mark.parametrize("name", ["optimizer.pt", "trainer_state.json", "adapter_model.safetensors"])
+def test_damaged_newest_falls_back_to_the_previous_good_one(tmp_path, caplog, name, damage):
+    _ckpt(tmp_path, 100)
+    bad = _ckpt(tmp_path, 200)
+    f = bad / name
+    if damage == "truncate":  # the disk filled up, or the node died before the page cache was written
+        f.write_bytes(f.read_bytes()[:5])
+    elif damage == "flip":  # same size, other bytes
+        f.write_bytes(b"?" + f.read_bytes()[1:])
+    else:  # e.g. a missing optimizer.pt: Trainer would restart Adam and the LR warm-up, exit 0
+        f.unlink()
+    resume, moved = find_resumable(tmp_path)
+    assert resume == tmp_path / "checkpoint-100"
+    assert moved == [tmp_path / "damaged-checkpoint-200"]
+    assert f"checkpoint-200 is damaged: {name}" in caplog.text
+    assert "resuming from checkpoint-100, the newest checkpoint that verifies" in caplog.text
+
+
+def test_other_ranks_get_the_same_answer_without_renaming(tmp_path):
+    _ckpt(tmp_path, 1)
+    (_ckpt(tmp_path, 2) / "scheduler.pt").write_bytes(b"")
+    _ckpt(tmp_path, 3, complete=False)
+    assert find_resumable(tmp_path, move=False) == (tmp_path / "checkpoint-1", [])
+    assert {p.name for p in tmp_path.iterdir()} == {"checkpoint-1", "checkpoint-2", "checkpoint-3"}
+
+
+def test_marker_without_the_optimizer_is_refused(tmp_path):
+    d = _ckpt(tmp_path, 1, complete=False)
+    (d / "optimizer.pt").unlink()
+    mark_complete(d)  # lists what is there, which lacks optimizer.pt
+    assert "optimizer.pt never saved" in verify(d)
+
+
+def test_old_style_marker_is_accepted_when_the_files_are_there(tmp_path):
+    d = _ckpt(tmp_path, 1, complete=False)
+    (d / COMPLETE).write_text("ok\n")
+    assert verify(d) is None
+    (d / "scheduler.pt").unlink()
+    assert verify(d) == "scheduler.pt missing"
+
+
+def test_files_and_folder_are_fsynced_before_the_marker(tmp_path, monkeypatch):
+    d = _ckpt(tmp_path, 1, complete=False)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(type(d), "replace", lambda self, target: (events.append(("marker", str(target))),
+                                                                  real_replace(self, target))[1])
+    mark_complete(d)
+    marker_at = events.index(("marker", str(d / COMPLETE)))
+    synced_before = {p for kind, p in events[:marker_at] if kind == "fsync"}
+    assert {str(d / n) for n in REQUIRED} | {str(d)} <= synced_before
+    assert ("fsync", str(d)) in events[marker_at:]  # the rename itself reaches the disk
+
+
+def test_rotation_removes_the_marker_first(tmp_path, monkeypatch):
+    for s in (1, 2, 3):
+        _ckpt(tmp_path, s)
+    seen = []
+
+    def rmtree_killed_halfway(path, ignore_errors=False):
+        seen.append((path.name, (path / COMPLETE).exists()))
+        (path / "optimizer.pt").unlink()  # a kill -9 after deleting one file
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_killed_halfway)
+    rotate(tmp_path, keep=2, best=None)
+    assert seen == [("checkpoint-1", False)]
+    monkeypatch.undo()
+    resume, moved = find_resumable(tmp_path)
+    assert resume == tmp_path / "checkpoint-3" and moved == [tmp_path / "incomplete-checkpoint-1"]
+
+
+def test_set_aside_folders_are_deleted_once_a_newer_checkpoint_is_complete(tmp_path):
+    _ckpt(tmp_path, 3)
+    _ckpt(tmp_path, 6, complete=False)
+    (_ckpt(tmp_path, 5) / "optimizer.pt").write_bytes(b"")
+    _, moved = find_resumable(tmp_path)
+    assert sorted(p.name for p in moved) == ["damaged-checkpoint-5", "incomplete-checkpoint-6"]
+    _ckpt(tmp_path, 6, complete=False)  # the retry gets to step 6 again, a second partial
+    find_resumable(tmp_path)
+    assert (tmp_path / "incomplete-checkpoint-6-2").is_dir()
+    # the retry saved checkpoint-6 whole: everything set aside below it is gone, newer stays
+    _ckpt(tmp_path, 9, complete=False)
+    find_resumable(tmp_path)
+    clean_set_aside(tmp_path, newer_than=7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "incomplete-checkpoint-9"]
+
+
+def test_complete_marker_callback_cleans_up(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    _ckpt(tmp_path, 1, complete=False)
+    find_resumable(tmp_path)
+    _ckpt(tmp_path, 2, complete=False)  # Trainer just wrote it
+    state = TrainerState()
+    state.global_step = 2
+    checkpoint.CompleteMarker(tmp_path, keep=2).on_save(None, state, TrainerControl())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    assert verify(tmp_path / "checkpoint-2") is None

@@ -13,8 +13,10 @@ is float summation order (gloo all-reduce vs one bigger matmul): ~1e-9 on these 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,13 +50,13 @@ def _env(data_dir: Path) -> dict[str, str]:
     return env
 
 
-def _flags(model_dir: Path, env_file: Path, run: str, batch_size: int) -> list[str]:
+def _flags(model_dir: Path, env_file: Path, run: str, batch_size: int, steps: int = STEPS) -> list[str]:
     flags = {
         "run": run, "data": "toy", "model.base": model_dir, "model.quantization": "none",
         "model.precision": "fp32", "model.gradient_checkpointing": "false",
         "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0,
-        "train.batch_size": batch_size, "train.grad_accum": 1, "train.max_steps": STEPS,
-        "train.eval_steps": STEPS, "train.save_steps": STEPS, "train.logging_steps": 1,
+        "train.batch_size": batch_size, "train.grad_accum": 1, "train.max_steps": steps,
+        "train.eval_steps": steps, "train.save_steps": steps, "train.logging_steps": 1,
         "train.warmup_steps": 0, "train.lr": 1e-2, "train.seed": 7, "train.num_workers": 0,
     }
     # an empty env file, so a developer's ./.env (DATA_DIR, tokens) cannot leak into the runs
@@ -153,3 +155,99 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     assert [h["step"] for h in ha] == [h["step"] for h in hb] == list(range(1, STEPS + 1))
     assert [h["loss"] for h in ha] == pytest.approx([h["loss"] for h in hb], rel=1e-4)
     assert [h["grad_norm"] for h in ha] == pytest.approx([h["grad_norm"] for h in hb], rel=1e-3)
+
+
+# --- SIGTERM to the launcher of a 2-process job (issue 11: runs that survive) -------------------
+LONG = 40  # optimizer steps: long enough that the SIGTERM lands mid-run on a fast machine
+
+
+def _launch(model_dir, env_file, run, logs):
+    return [sys.executable, "-m", "lib.launch", "--standalone", "--nproc_per_node=2",
+            "--log-dir", str(logs), "--redirects", "3",
+            "-m", "jobs.train", *_flags(model_dir, env_file, run, batch_size=2, steps=LONG)]
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory, tiny_model_dir):
+    """2 gloo processes SIGTERMed mid-run through `python -m lib.launch`, then rerun; and one
+    uninterrupted process with the same global batch."""
+    root = tmp_path_factory.mktemp("ddp-stop")
+    data_dir = root / "data"
+    clips = [(w, tone(1.0, 200 + 150 * i)) for i, w in enumerate(WORDS)]
+    write_prepared(data_dir / "prepared" / "toy", tiny_model_dir, {"train": clips}, language="hi")
+    env_file = root / "empty.env"
+    env_file.write_text("")
+    env = _env(data_dir)
+    hist = data_dir / "runs" / "stop" / "log_history.json"
+    proc = subprocess.Popen(_launch(tiny_model_dir, env_file, "stop", root / "logs-1"), cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        if hist.is_file() and len(_log_history(hist.parent)) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    first_out, _ = proc.communicate(timeout=240)
+    first = {"rc": proc.returncode, "out": first_out,
+             "ckpts": sorted(p.name for p in (data_dir / "runs/stop/checkpoints").iterdir()),
+             "logs": {r: "".join(p.read_text() for p in (root / "logs-1").glob(f"*/attempt_0/{r}/stderr.log"))
+                      for r in (0, 1)}}
+    ckpt = data_dir / "runs/stop/checkpoints" / first["ckpts"][0]
+    first["rng"] = sorted(p.name for p in ckpt.glob("rng_state*.pth"))
+    rerun = subprocess.run(_launch(tiny_model_dir, env_file, "stop", root / "logs-2"), cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, "-m", "jobs.train", *_flags(tiny_model_dir, env_file, "single", batch_size=4, steps=LONG)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    return {"first": first, "rerun": rerun, "single": single, "runs": data_dir / "runs"}
+
+
+def test_sigterm_to_the_launcher_saves_one_step_on_both_ranks_and_exits_3(stopped):
+    first = stopped["first"]
+    assert first["rc"] == 3, f"rc={first['rc']}\n{first['out'][-3000:]}\n{first['logs'][0][-3000:]}"
+    assert len(first["ckpts"]) == 1 and first["ckpts"][0].startswith("checkpoint-"), first["ckpts"]
+    step = int(first["ckpts"][0].split("-")[1])
+    assert 1 <= step < LONG, "the SIGTERM landed after the run had finished: raise LONG"
+    assert first["rng"] == ["rng_state_0.pth", "rng_state_1.pth"]  # both ranks saved that step
+    for rank in (0, 1):
+        stops = re.findall(r"stopping at step (\d+) on every process", first["logs"][rank])
+        assert stops == [str(step)], (rank, first["logs"][rank][-3000:])
+        assert "preempted: saved checkpoint-" in first["logs"][rank]
+    assert "workers reported {'0': '3', '1': '3'}: exit 3" in first["out"]
+
+
+def test_rerun_resumes_to_the_weights_of_an_uninterrupted_run(stopped):
+    rerun, single = stopped["rerun"], stopped["single"]
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert single.returncode == 0, single.stderr[-3000:]
+    metrics = json.loads((stopped["runs"] / "stop" / "metrics.json").read_text())
+    assert metrics["resumed_from"] == stopped["first"]["ckpts"][0] and metrics["global_step"] == LONG
+    a = load_file(str(stopped["runs"] / "stop" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(stopped["runs"] / "single" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"max abs diff, interrupted 2 processes vs uninterrupted 1 process: {diff:.3e}")
+    assert diff < 1e-5
+
+
+def test_logged_step_count_accounts_for_the_processes():
+    from lib.trainer import optimizer_steps
+
+    # 1000 clips, batch 8: 125 steps an epoch alone, 63 on 2 GPUs (500 clips each, last batch short)
+    assert optimizer_steps(1000, 8, 1, 1, 1.0, None) == 125
+    assert optimizer_steps(1000, 8, 1, 2, 1.0, None) == 63
+    assert optimizer_steps(1000, 8, 4, 2, 3.0, None) == 48  # ceil(63 / 4) = 16 an epoch
+    assert optimizer_steps(1000, 8, 1, 2, 1.0, 7) == 7
+    # and it is the count Trainer runs: the DDP run above logged one epoch per step of its 4 clips
+    # (2 processes x batch 2), i.e. 1 step an epoch
+    assert optimizer_steps(len(WORDS), 2, 1, 2, 3.0, None) == 3
+
+
+def test_launcher_exit_code_from_the_workers_reports():
+    from lib.launch import outcome
+
+    assert outcome({"0": "3", "1": "3"}) == 3  # every worker saved and stopped: retry, it resumes
+    assert outcome({"0": "3", "1": "started"}) == 1  # one was SIGKILLed before it saved
+    assert outcome({"0": "2", "1": "started"}) == 2  # a config error on rank 0: do not retry
+    assert outcome({}) == 1

@@ -231,12 +231,14 @@ def test_container_gpu_image_and_args(where_c):
     if "command" in c:
         assert c["command"][:2] == ["tini", "--"], where
     args = c["args"]
-    assert args[0] in JOBS or args[0] == "torchrun", where
+    # torchrun only through lib/launch.py (exit 3 after a checkpoint, exit 2 kept)
+    launcher = args[:3] == ["python", "-m", "lib.launch"]
+    assert args[0] in JOBS or launcher, where
     assert args[args.index("--env-file") + 1] == ENV_FILE_IN_POD, where
     recipe = args[args.index("--recipe") + 1]
     assert (ROOT / recipe).is_file(), f"{where}: {recipe} does not exist"
-    if args[0] == "torchrun":
-        assert args[args.index("-m") + 1] == "jobs.train", where
+    if launcher:
+        assert args[args.index("-m", 3) + 1] == "jobs.train", where
 
 
 def test_trainjob_is_multi_node_torchrun():

@@ -41,7 +41,8 @@ def make(*args: str, lang: str = "C.UTF-8", check: bool = True, timeout: int = 6
 
 def job_line(out: str) -> list[str]:
     """The one command line of a job target (the line that runs docker, python or torchrun)."""
-    lines = [ln for ln in out.splitlines() if re.search(r"\b(docker run|python -m (jobs|lib\.tools)\.|torchrun)\b", ln)]
+    lines = [ln for ln in out.splitlines()
+             if re.search(r"\b(docker run|python -m (jobs|lib\.tools)\.|python -m lib\.launch|torchrun)\b", ln)]
     assert len(lines) == 1, out
     return shlex.split(lines[0])
 
@@ -121,13 +122,15 @@ def test_train_defaults_to_the_1gpu_recipe_and_passes_run_data_args():
 @pytest.mark.parametrize("runner", ["docker", "local"])
 def test_train_on_several_gpus_uses_torchrun(runner):
     argv = job_line(make("-n", "train", f"RUNNER={runner}", "GPUS=4", "RUN=r").stdout)
-    i = argv.index("torchrun")
+    # torchrun through lib/launch.py: its exit 3 on SIGTERM and exit 2 on a config error
+    i = argv.index("lib.launch")
+    assert argv[i - 2 : i] == ["python", "-m"]
     assert argv[i + 1 : i + 5] == ["--standalone", "--nproc_per_node=4", "-m", "jobs.train"]
     assert "run=r" in argv
     if runner == "docker":
         assert argv[argv.index("--gpus") + 1] == "4"
     # one GPU: no torchrun
-    assert "torchrun" not in job_line(make("-n", "train", f"RUNNER={runner}", "GPUS=1").stdout)
+    assert "lib.launch" not in job_line(make("-n", "train", f"RUNNER={runner}", "GPUS=1").stdout)
 
 
 def test_gpus_zero_runs_without_gpus_flag():

@@ -1,4 +1,4 @@
-"""`--recipe auto`: the choice per GPU (lib.recipes.choose), the layering (walkthrough < choice <
+"""`--recipe auto`: the choice per GPU (lib.auto.choose), the layering (walkthrough < choice <
 your flags) and the real train job on the CPU picking fp32 / no quantization and saying why."""
 
 from __future__ import annotations

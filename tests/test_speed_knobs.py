@@ -88,6 +88,41 @@ def test_compiled_layers_train_like_eager(data_dir, tiny_model_dir, ckpt):  # no
     assert a.keys() == b.keys()
 
 
+def test_int8_compiled_checkpointed_layers_train_like_eager(tiny_model_dir):
+    """int8 uses reentrant checkpointing, which refused the layers' keyword arguments
+    ("Unexpected keyword arguments: use_cache") on the first step of train.compile=layers; and
+    reentrant checkpointing only passes gradients to positional tensors: with the layers
+    compiled, every LoRA weight (the encoder's too, reached through the cross-attention)
+    must get the same gradient as in eager mode. One forward + backward on the real
+    bitsandbytes int8 CPU path and a real torch.compile (about 40 s on 2 busy cores)."""
+    from lib.train_config import LoraSection
+
+    grads = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        from lib.model import load_base
+
+        base = load_base(str(tiny_model_dir), "int8", "fp32", "fp32")
+        base = L.prepare_for_training(base, "int8", True, 1.0)
+        model = L.apply_lora(base, LoraSection(r=4, alpha=8, dropout=0.0))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # PEFT starts lora_B at 0, which would leave lora_A without a gradient
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(n)))
+        if compiled:
+            assert L.compile_layers(model) == 4
+        model.train()
+        torch.manual_seed(1)
+        out = model(input_features=torch.randn(2, 80, 3000), labels=torch.tensor([[50258, 50259, 50359, 50257]] * 2))
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    eager, comp = grads
+    assert eager.keys() == comp.keys() and len(eager) == 24
+    assert any("encoder" in n for n in comp)
+    for n in eager:
+        assert comp[n].abs().sum() > 0, f"{n}: no gradient through the compiled, checkpointed layer"
+        torch.testing.assert_close(comp[n], eager[n], rtol=1e-3, atol=1e-6, msg=n)
+
+
 def test_compiled_checkpointed_layer_recomputes_its_body(tiny_model_dir):
     """The compiled body runs twice per step in a checkpointed layer (forward, then recompute
     in backward) and once without checkpointing: checkpointing still saves memory."""

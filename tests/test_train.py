@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from jobs.train import main
+from lib import checkpoint
 from lib.config import load_config
 from lib.env import Env
 from lib.errors import Preempted, UserError
@@ -74,9 +75,48 @@ def test_run_folder_contract(data_dir, tiny_model_dir):
     hist = json.loads((run / "log_history.json").read_text())
     assert [h["step"] for h in hist if "eval_wer" in h] == [3, 6]
     assert metrics["best_checkpoint"] in ("checkpoint-3", "checkpoint-6")
-    assert metrics["best_eval_wer"] == min(h["eval_wer"] for h in hist if "eval_wer" in h)
+    assert metrics["best_by"] == "eval_normalized_wer"
+    assert metrics["best_eval_normalized_wer"] == min(h["eval_normalized_wer"] for h in hist if "eval_wer" in h)
+    assert all("eval_wer" in h for h in hist if "eval_normalized_wer" in h)  # both WERs logged
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert "hf_" not in (run / "config.yaml").read_text() and "language: hi" in (run / "config.yaml").read_text()
+
+
+def test_best_checkpoint_is_chosen_by_normalized_wer(data_dir, tiny_model_dir, monkeypatch):
+    """Exact-text WER counts a missing "।" as an error; the adapter, metrics.json and the model
+    card must follow the normalized WER. Scripted WERs: step 3 wins on exact text, step 6 on normalized."""
+    import jobs.train
+
+    scripted = iter([{"wer": 10.0, "normalized_wer": 50.0}, {"wer": 20.0, "normalized_wer": 30.0}])
+    monkeypatch.setattr(jobs.train, "make_compute_metrics", lambda tok: lambda pred: next(scripted))
+    metrics = main(cfg(tiny_model_dir, "by-normalized"), Env(data_dir=data_dir))
+    assert metrics["best_checkpoint"] == "checkpoint-6"
+    assert (metrics["best_eval_normalized_wer"], metrics["best_eval_wer"]) == (30.0, 20.0)
+    assert (metrics["first_eval_normalized_wer"], metrics["first_eval_wer"]) == (50.0, 10.0)
+    run = data_dir / "runs/by-normalized"
+    a, b = lora_weights(run / "adapter"), lora_weights(run / "checkpoints/checkpoint-6")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    from lib.hub import model_card
+
+    card = model_card(repo_id="me/x", base="b", data="toy", language="hi", task="transcribe", recipe=None,
+                      metrics=metrics, lora={})
+    assert "Best checkpoint (checkpoint-6)" in card
+    assert "**30.00%** normalized WER" in card and "20.00% exact-text WER" in card
+
+
+def test_compute_metrics_scores_both_wers(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from transformers import WhisperTokenizer
+
+    from lib.trainer import make_compute_metrics
+
+    tok = WhisperTokenizer.from_pretrained(tiny_model_dir, language="hi", task="transcribe")
+    ids = tok(["हमने उसका जन्मदिन मनाया।", "घर"], padding=True).input_ids
+    hyp = tok(["हमने उसका जन्मदिन मनाया", "घर"], padding=True).input_ids
+    out = make_compute_metrics(tok)(SimpleNamespace(predictions=hyp, label_ids=ids))
+    assert out == {"wer": pytest.approx(100 * 1 / 5), "normalized_wer": 0.0}
 
 
 def test_loss_falls_when_overfitting(data_dir, tiny_model_dir):
@@ -144,6 +184,34 @@ def test_interrupted_and_resumed_equals_uninterrupted(data_dir, tiny_model_dir, 
         torch.testing.assert_close(first[k], second[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_sigterm_during_evaluation_stops_generating_and_checkpoints(data_dir, tiny_model_dir, monkeypatch):
+    """The evaluation pass can outlast the grace period: SIGTERM in its first batch -> no second
+    batch is generated, the step is checkpointed, Preempted (exit 3); the retry resumes from it."""
+    from transformers import Seq2SeqTrainer
+
+    env = Env(data_dir=data_dir)
+    extra = {"train.eval_batch_size": 1}  # 2 validation clips: 2 generation batches per eval
+    real, calls = Seq2SeqTrainer.prediction_step, []
+
+    def predict_then_sigterm(self, *a, **k):
+        calls.append(self.state.global_step)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Seq2SeqTrainer, "prediction_step", predict_then_sigterm)
+    with pytest.raises(Preempted, match="checkpoint-3"):
+        main(cfg(tiny_model_dir, "eval-term", **extra), env)
+    assert calls == [3]  # the first eval (step 3) stopped after its first batch
+    ckpts = data_dir / "runs/eval-term/checkpoints"
+    assert [p.name for p in ckpts.iterdir()] == ["checkpoint-3"]
+    assert checkpoint.verify(ckpts / "checkpoint-3") is None
+    monkeypatch.setattr(Seq2SeqTrainer, "prediction_step", real)
+    metrics = main(cfg(tiny_model_dir, "eval-term", **extra), env)
+    assert metrics["resumed_from"] == "checkpoint-3" and metrics["global_step"] == 6
+    assert metrics["best_checkpoint"] == "checkpoint-6"  # the only step with a WER
+
+
 def test_half_written_checkpoint_is_skipped_and_reported(data_dir, tiny_model_dir, caplog):
     env = Env(data_dir=data_dir)
     main(cfg(tiny_model_dir, "killed", **{"train.max_steps": 3}), env)
@@ -157,13 +225,29 @@ def test_half_written_checkpoint_is_skipped_and_reported(data_dir, tiny_model_di
     metrics = main(cfg(tiny_model_dir, "killed", **{"train.max_steps": 6}), env)
     assert metrics["resumed_from"] == "checkpoint-3" and metrics["global_step"] == 6
     assert metrics["incomplete_checkpoints_moved"] == ["incomplete-checkpoint-5"]
-    assert (ckpts / "incomplete-checkpoint-5" / "adapter_model.safetensors").is_file()
     assert "checkpoint-5 has no COMPLETE marker" in caplog.text
+    # kept for a look until checkpoint-6 was COMPLETE, then deleted (190 MB each for large-v2)
+    assert not (ckpts / "incomplete-checkpoint-5").exists()
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(data_dir, tiny_model_dir, caplog):
+    """A missing optimizer.pt used to resume with exit 0, a fresh Adam and a restarted LR warm-up."""
+    env = Env(data_dir=data_dir)
+    main(cfg(tiny_model_dir, "damaged", **{"train.max_steps": 6}), env)
+    ckpts = data_dir / "runs/damaged/checkpoints"
+    (ckpts / "checkpoint-6" / "optimizer.pt").unlink()
+    metrics = main(cfg(tiny_model_dir, "damaged", **{"train.max_steps": 9}), env)
+    assert metrics["resumed_from"] == "checkpoint-3" and metrics["global_step"] == 9
+    assert "checkpoint-6 is damaged: optimizer.pt missing" in caplog.text
+    assert metrics["incomplete_checkpoints_moved"] == ["damaged-checkpoint-6"]
+    # the redone checkpoint-6 replaced the damaged one, which is then deleted
+    assert not (ckpts / "damaged-checkpoint-6").exists()
+    assert checkpoint.verify(ckpts / "checkpoint-9") is None
 
 
 def test_sigterm_to_the_real_job_saves_and_exits_3(data_dir, tiny_model_dir, tmp_path):
     args = flags(tiny_model_dir, "sigterm", **{
-        "train.max_steps": 500, "train.eval_steps": 1000, "train.save_steps": 1000,
+        "train.max_steps": 5000, "train.eval_steps": 10000, "train.save_steps": 10000,
         "model.gradient_checkpointing": "true",
     })
     envfile = tmp_path / "env"
@@ -178,12 +262,21 @@ def test_sigterm_to_the_real_job_saves_and_exits_3(data_dir, tiny_model_dir, tmp
     while not hist.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, proc.stdout.read()[-3000:]
+    # A second writer on the same run (a replacement pod started early): refused, exit 2.
+    second = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--env-file", str(envfile), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "DATA_DIR": str(data_dir)},
+    )
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f"is in use by pid {proc.pid} on host" in second.stderr
+    assert proc.poll() is None, "the first writer must not be disturbed"
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 3, out[-3000:]
     assert "preempted: saved checkpoint-" in out
+    assert not (data_dir / "runs/sigterm/LOCK").exists()  # released on exit 3: the retry starts at once
     ck = [p for p in (data_dir / "runs/sigterm/checkpoints").iterdir() if p.name.startswith("checkpoint-")]
-    assert len(ck) == 1 and (ck[0] / "COMPLETE").is_file() and 1 <= int(ck[0].name.split("-")[1]) < 500
+    assert len(ck) == 1 and (ck[0] / "COMPLETE").is_file() and 1 <= int(ck[0].name.split("-")[1]) < 5000
 
 
 def test_hub_push_with_a_model_card(data_dir, tiny_model_dir, monkeypatch):
@@ -210,7 +303,7 @@ def test_hub_push_with_a_model_card(data_dir, tiny_model_dir, monkeypatch):
     assert "adapter_model.safetensors" in calls[2][2] and "generation_config.json" in calls[2][2]
     card = calls[3][1]
     assert f"base_model: {tiny_model_dir}" in card and "`toy`" in card and "- hi" in card
-    assert "best_eval_wer" in card and "hf_test_token_123" not in card
+    assert "best_eval_normalized_wer" in card and "normalized WER" in card and "hf_test_token_123" not in card
 
 
 def test_hub_push_without_token_fails_before_training(data_dir, tiny_model_dir):
@@ -244,6 +337,26 @@ def test_rerun_with_other_lora_settings_is_refused(data_dir, tiny_model_dir):
     main(cfg(tiny_model_dir, "fixed", **{"train.max_steps": 3}), env)
     with pytest.raises(UserError, match="run=fixed already exists .* different lora"):
         main(cfg(tiny_model_dir, "fixed", **{"lora.r": 8}), env)
+    with pytest.raises(UserError, match="run=fixed already exists .* different model.base"):
+        main(cfg(tiny_model_dir, "fixed", **{"model.base": str(tiny_model_dir) + "/"}), env)
+
+
+def test_resume_on_another_gpu_type_may_change_speed_settings(data_dir, tiny_model_dir, caplog):
+    """RECIPE=auto on another card picks other quantization/checkpointing: resumed and logged, not
+    refused (exit 2 failed the Kubernetes Job for good). The effective batch must stay."""
+    env = Env(data_dir=data_dir)
+    main(cfg(tiny_model_dir, "moved", **{"train.max_steps": 3}), env)
+    with pytest.raises(UserError, match=r"2 clips per optimizer step .* this resume would use 4"):
+        main(cfg(tiny_model_dir, "moved", **{"train.max_steps": 6, "train.batch_size": 4}), env)
+    metrics = main(cfg(tiny_model_dir, "moved", **{
+        "train.max_steps": 6, "model.quantization": "int8", "model.gradient_checkpointing": "true",
+        "train.batch_size": 1, "train.grad_accum": 2,  # the same 2 clips per step
+    }), env)
+    assert metrics["resumed_from"] == "checkpoint-3" and metrics["global_step"] == 6
+    assert metrics["quantization"] == "int8"
+    assert "model.quantization: 'none' -> 'int8'" in metrics["changed_on_resume"]
+    assert "model.gradient_checkpointing: False -> True" in metrics["changed_on_resume"]
+    assert "resuming run=moved with a changed setting: train.batch_size: 2 -> 1" in caplog.text
 
 
 def test_out_of_memory_names_the_knobs(data_dir, tiny_model_dir, monkeypatch):
@@ -275,5 +388,5 @@ def test_real_whisper_base_wer_falls(tmp_path):
     ])
     metrics = main(c, Env(data_dir=tmp_path))
     print(json.dumps(metrics, indent=2))
-    assert metrics["first_eval_wer"] >= 75
-    assert metrics["best_eval_wer"] < metrics["first_eval_wer"] - 50
+    assert metrics["first_eval_normalized_wer"] >= 75
+    assert metrics["best_eval_normalized_wer"] < metrics["first_eval_normalized_wer"] - 50
