@@ -84,8 +84,10 @@ class TrainSection:
     """log loss / lr to TensorBoard and log_history.json every N steps"""
     keep_checkpoints: int = 2
     """finished checkpoints kept (plus the best one); older ones are deleted"""
-    generation_max_length: int = 225
-    """max tokens generated per clip in evaluation (Whisper allows 448)"""
+    generation_max_length: int | None = None
+    """max tokens generated per clip in evaluation; default: the validation split's longest label
+    + 25 % + 8 (lib.inference.decode_budget), at most 444 (Whisper's 448 positions minus the prompt).
+    A fixed 225 cut 30-s Hindi segments (about 390 tokens) and counted the rest as deletions"""
     max_eval_samples: int | None = None
     """evaluate on the first N validation clips only (generation is the slow part)"""
     seed: int = 42
@@ -120,6 +122,9 @@ class TrainSection:
         if self.profile_steps < 0 or (self.max_steps is not None
                                       and self.profile_steps and self.profile_steps >= self.max_steps):
             raise UserError(f"train.profile_steps={self.profile_steps}: must be >= 0 and below train.max_steps")
+        if self.generation_max_length is not None and not 1 <= self.generation_max_length <= 444:
+            raise UserError(f"train.generation_max_length={self.generation_max_length}: must be 1..444, "
+                            f"or unset to fit the validation labels")
         if self.keep_checkpoints < 1:
             raise UserError(f"train.keep_checkpoints={self.keep_checkpoints}: must be >= 1")
 

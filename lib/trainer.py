@@ -43,7 +43,8 @@ def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
 
 def make_compute_metrics(tokenizer):
     """compute_metrics for Seq2SeqTrainer(predict_with_generate=True):
-    {'wer': exact-text percent, 'normalized_wer': percent on lib.metrics.normalize'd text}."""
+    {'wer': exact-text percent, 'normalized_wer': percent on lib.metrics.normalize'd text,
+    'truncated': hypotheses that ran out of tokens (no <|endoftext|>: their end is missing)}."""
     from lib.metrics import normalize
 
     def compute(pred) -> dict[str, float]:
@@ -54,9 +55,16 @@ def make_compute_metrics(tokenizer):
         labels = np.where(labels < 0, tokenizer.pad_token_id, labels)
         hyps = tokenizer.batch_decode(preds, skip_special_tokens=True)
         refs = tokenizer.batch_decode(labels, skip_special_tokens=True)
+        # A finished row holds <|endoftext|> (padding is the same id for Whisper); one that hit the
+        # generation budget has none, and its missing words count as deletions in both WERs.
+        cut = int(sum(not (row == tokenizer.eos_token_id).any() for row in preds))
+        if cut:
+            log.warning("eval: %d of %d hypotheses hit the generation budget and are cut short; raise "
+                        "train.generation_max_length", cut, len(hyps))
         return {
             "wer": word_error_rate(refs, hyps),
             "normalized_wer": word_error_rate([normalize(r) for r in refs], [normalize(h) for h in hyps]),
+            "truncated": cut,
         }
 
     return compute
@@ -80,8 +88,10 @@ class LogHistoryWriter(TrainerCallback):
             write_json(self.path, state.log_history)
 
 
-def training_arguments(cfg, output_dir: Path, precision: str, has_eval: bool):
-    """Seq2SeqTrainingArguments from lib.train_config.TrainConfig."""
+def training_arguments(cfg, output_dir: Path, precision: str, has_eval: bool,
+                       generation_max_length: int | None = None):
+    """Seq2SeqTrainingArguments from lib.train_config.TrainConfig; generation_max_length: the
+    decode budget of evaluation (train.generation_max_length, else eval_budget's)."""
     import torch
     from transformers import Seq2SeqTrainingArguments
 
@@ -109,7 +119,8 @@ def training_arguments(cfg, output_dir: Path, precision: str, has_eval: bool):
         logging_first_step=True,
         report_to="none",  # TensorBoard is added as an explicit callback writing to RUN/tb
         predict_with_generate=True,
-        generation_max_length=t.generation_max_length,
+        # Whisper's generate() counts max_length in new tokens: it adds the prompt's length itself
+        generation_max_length=generation_max_length or t.generation_max_length,
         load_best_model_at_end=has_eval,
         metric_for_best_model=BEST_METRIC if has_eval else None,
         greater_is_better=False if has_eval else None,
@@ -218,6 +229,22 @@ def training_splits(cfg, data_dir: Path):
     return train_ds, eval_ds, steps
 
 
+def eval_budget(cfg, eval_ds, tokenizer) -> int | None:
+    """Tokens to generate per validation clip: train.generation_max_length, or what the longest
+    validation label needs (lib.inference.decode_budget), logged."""
+    from lib.inference import decode_budget
+
+    if eval_ds is None:
+        return None
+    if cfg.train.generation_max_length:
+        return cfg.train.generation_max_length
+    lengths = [len(x) for x in eval_ds.with_format(None)["labels"]]
+    budget = decode_budget(lengths, len(tokenizer.prefix_tokens))
+    log.info("eval during training: up to %d new tokens per clip (longest validation label %d tokens + 25 %% + 8; "
+             "train.generation_max_length= sets it)", budget, max(lengths, default=0))
+    return budget
+
+
 @dataclass
 class Callbacks:
     """The callbacks train() and run_metrics() read back."""
@@ -251,7 +278,8 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
     processor.tokenizer.set_prefix_tokens(language=cfg.language, task=cfg.task)
     trainer = Seq2SeqTrainer(
         model=model,
-        args=training_arguments(cfg, ckpt_root, precision, has_eval=eval_ds is not None),
+        args=training_arguments(cfg, ckpt_root, precision, has_eval=eval_ds is not None,
+                                generation_max_length=eval_budget(cfg, eval_ds, processor.tokenizer)),
         data_collator=WhisperCollator(processor.feature_extractor, base.config.decoder_start_token_id),
         train_dataset=train_ds,
         eval_dataset=eval_ds,

@@ -85,10 +85,10 @@ def test_run_folder_contract(data_dir, tiny_model_dir):
 def test_best_checkpoint_is_chosen_by_normalized_wer(data_dir, tiny_model_dir, monkeypatch):
     """Exact-text WER counts a missing "।" as an error; the adapter, metrics.json and the model
     card must follow the normalized WER. Scripted WERs: step 3 wins on exact text, step 6 on normalized."""
-    import jobs.train
+    import lib.trainer
 
     scripted = iter([{"wer": 10.0, "normalized_wer": 50.0}, {"wer": 20.0, "normalized_wer": 30.0}])
-    monkeypatch.setattr(jobs.train, "make_compute_metrics", lambda tok: lambda pred: next(scripted))
+    monkeypatch.setattr(lib.trainer, "make_compute_metrics", lambda tok: lambda pred: next(scripted))
     metrics = main(cfg(tiny_model_dir, "by-normalized"), Env(data_dir=data_dir))
     assert metrics["best_checkpoint"] == "checkpoint-6"
     assert (metrics["best_eval_normalized_wer"], metrics["best_eval_wer"]) == (30.0, 20.0)
@@ -99,7 +99,7 @@ def test_best_checkpoint_is_chosen_by_normalized_wer(data_dir, tiny_model_dir, m
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     from lib.hub import model_card
 
-    card = model_card(repo_id="me/x", base="b", data="toy", language="hi", task="transcribe", recipe=None,
+    card = model_card(kind="adapter", repo_id="me/x", base="b", data="toy", language="hi", task="transcribe", recipe=None,
                       metrics=metrics, lora={})
     assert "Best checkpoint (checkpoint-6)" in card
     assert "**30.00%** normalized WER" in card and "20.00% exact-text WER" in card
@@ -116,7 +116,33 @@ def test_compute_metrics_scores_both_wers(tiny_model_dir):
     ids = tok(["हमने उसका जन्मदिन मनाया।", "घर"], padding=True).input_ids
     hyp = tok(["हमने उसका जन्मदिन मनाया", "घर"], padding=True).input_ids
     out = make_compute_metrics(tok)(SimpleNamespace(predictions=hyp, label_ids=ids))
-    assert out == {"wer": pytest.approx(100 * 1 / 5), "normalized_wer": 0.0}
+    assert out == {"wer": pytest.approx(100 * 1 / 5), "normalized_wer": 0.0, "truncated": 0}
+
+
+def test_eval_during_training_fits_the_longest_validation_label_and_counts_cut_hypotheses(tiny_model_dir):
+    """Issue 11 item 1: the generation budget while training comes from the validation labels
+    (a 30-s Hindi segment needs ~390 tokens, the old fixed 225 cut it), and a hypothesis that
+    runs out of tokens is counted (eval_truncated)."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from transformers import WhisperTokenizer
+
+    from lib.trainer import eval_budget, make_compute_metrics
+
+    tok = WhisperTokenizer.from_pretrained(tiny_model_dir, language="hi", task="transcribe")
+    long_ids = tok(" ".join(["हमने उसका जन्मदिन मनाया"] * 12)).input_ids
+    assert len(long_ids) > 229
+    ds = Dataset.from_dict({"labels": [long_ids, tok("घर").input_ids]})
+    c = cfg(tiny_model_dir, "budget", **{"train.generation_max_length": "none"})
+    assert eval_budget(c, ds, tok) == int((len(long_ids) - 4) * 1.25) + 8 > 225
+    c.train.generation_max_length = 100
+    assert eval_budget(c, ds, tok) == 100 and eval_budget(c, None, tok) is None
+    # a prediction row with no <|endoftext|> (and no padding) ran out of tokens
+    refs = tok(["घर", "घर"], padding=True).input_ids
+    preds = [tok("घर").input_ids, tok("घर घर घर").input_ids[:-1]]
+    preds[0] += [tok.pad_token_id] * (len(preds[1]) - len(preds[0]))
+    assert make_compute_metrics(tok)(SimpleNamespace(predictions=preds, label_ids=refs))["truncated"] == 1
 
 
 def test_loss_falls_when_overfitting(data_dir, tiny_model_dir):
