@@ -1,6 +1,7 @@
 """Quality table: test WER/CER of every mode `--recipe auto` can pick, against the walkthrough recipe's seed noise.
 
     python -m jobs.bench_quality_table data=synth-hi model=../shared/models/whisper-base-hf   # on a GPU
+    python -m jobs.bench_quality_table data=synth-hi model=... seeds=5 repeat=nf4/bf16   # the README table
     python -m jobs.bench_quality_table data=synth-hi model=... seeds=1 parallel=1 modes=walkthrough,auto
 
 Each row is a fresh `jobs.train` run on the same prepared data (`steps` optimizer steps of
@@ -9,7 +10,9 @@ once per precision in `eval_precisions` (greedy, max_new_tokens tokens). Rows:
 
   walkthrough   the walkthrough recipe (int8 base, fp16, checkpointing), seeds 42.. (`seeds`)
   auto          `--recipe auto` on this machine, the same seeds
-  pick:...      every other mode lib.recipes.pickable() finds `choose` returning on some card
+  pick:...      every other mode lib.recipes.pickable() finds `choose` returning on some card,
+                seed 42 (`repeat` names those to run over `repeat_seeds` seeds)
+  excluded:...  measured modes `choose` never picks because they learnt worse (nf4), bf16 and fp16
   diag:...      diagnosis rows: bf16 with an fp32 base, and with a bf16 base not compiled
 
 The walkthrough seeds' spread (max - min) is the noise. Runs go `parallel` at a time (one
@@ -56,8 +59,12 @@ class QualityTableConfig:
     warmup: int = 6
     seeds: int = 3
     """seeds 42, 43, ... for the walkthrough and auto rows (the others: seed 42)"""
-    modes: str = "walkthrough,auto,pick,diag"
+    modes: str = "walkthrough,auto,pick,excluded,diag"
     """which row groups to run"""
+    repeat: str = ""
+    """pick rows whose label contains one of these (comma-separated, e.g. nf4/bf16) run over
+    repeat_seeds seeds, to tell a mode's loss from seed noise"""
+    repeat_seeds: int = 3
     eval_precisions: str = "bf16,fp32"
     """jobs.eval precision= per run (bf16 is what eval's auto uses on such a GPU)"""
     max_new_tokens: int = 225
@@ -67,16 +74,16 @@ class QualityTableConfig:
     def __post_init__(self):
         if not self.data or not self.model:
             raise UserError("set data=NAME (a prepared dataset) and model=PATH_OR_HUB_ID (real weights)")
-        unknown = set(self.modes.split(",")) - {"walkthrough", "auto", "pick", "diag"}
+        unknown = set(self.modes.split(",")) - {"walkthrough", "auto", "pick", "excluded", "diag"}
         if unknown:
-            raise UserError(f"modes={self.modes}: unknown {sorted(unknown)}; use walkthrough,auto,pick,diag")
-        if self.seeds < 1 or self.parallel < 1:
-            raise UserError("seeds and parallel must be >= 1")
+            raise UserError(f"modes={self.modes}: unknown {sorted(unknown)}; use walkthrough,auto,pick,excluded,diag")
+        if min(self.seeds, self.parallel, self.repeat_seeds) < 1:
+            raise UserError("seeds, repeat_seeds and parallel must be >= 1")
 
 
 def rows(cfg: QualityTableConfig, auto_flags: list[str]) -> list[tuple[str, list[str], int]]:
     """(label, train flags, seed); flags == ["auto"] means `--recipe auto`."""
-    from lib.recipes import pickable
+    from lib.recipes import MEASURED, WALKTHROUGH, Choice, pickable
 
     groups = cfg.modes.split(",")
     seeds = range(42, 42 + cfg.seeds)
@@ -85,10 +92,22 @@ def rows(cfg: QualityTableConfig, auto_flags: list[str]) -> list[tuple[str, list
         out += [("walkthrough int8", [], s) for s in seeds]
     if "auto" in groups:
         out += [("auto", ["auto"], s) for s in seeds]
+    repeat = [r for r in cfg.repeat.split(",") if r]
+
+    def add(label: str, flags: list[str]) -> None:
+        n = cfg.repeat_seeds if any(r in label for r in repeat) else 1
+        out.extend((label, flags, s) for s in range(42, 42 + n))
+
     if "pick" in groups:
         for c in pickable():
-            if c.flags() != auto_flags:  # auto's own pick is the auto rows
-                out.append((f"pick:{c.mode.label(c.precision)}", c.flags(), 42))
+            # auto's own pick is the auto rows; the walkthrough's mode, the walkthrough rows
+            if c.flags() != auto_flags and not (c.mode is WALKTHROUGH and c.precision == WALKTHROUGH.precision):
+                add(f"pick:{c.mode.label(c.precision)}", c.flags())
+    if "excluded" in groups:
+        for m in MEASURED:
+            if not m.auto:
+                for prec in ("bf16", "fp16"):
+                    add(f"excluded:{m.label(prec)}", Choice(m, prec, "").flags())
     if "diag" in groups:
         out += [(label, flags, 42) for label, flags in DIAGNOSE.items()]
     return out

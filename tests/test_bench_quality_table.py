@@ -9,7 +9,7 @@ import pytest
 from jobs import bench_quality_table as qt
 from lib.env import Env
 from lib.errors import UserError
-from lib.recipes import pickable
+from lib.recipes import WALKTHROUGH, pickable
 from tests.helpers import tone, write_prepared
 
 WORDS = ["नमस्ते", "पानी", "घर", "किताब"]
@@ -23,9 +23,18 @@ def test_rows_cover_every_mode_auto_can_pick_plus_the_seed_noise():
     assert labels.count("walkthrough int8") == 3 and labels.count("auto") == 3
     assert [r[2] for r in rows if r[0] == "auto"] == [42, 43, 44]
     picked = {tuple(r[1]) for r in rows if r[0].startswith("pick:")}
-    # every other pickable mode once; auto's own pick is the auto rows
-    assert picked == {tuple(c.flags()) for c in pickable()} - {tuple(auto_here)}
+    # every other pickable mode once; auto's own pick is the auto rows, int8's the walkthrough rows
+    walk = [c for c in pickable() if c.mode is WALKTHROUGH]
+    assert len(walk) == 1
+    assert picked == {tuple(c.flags()) for c in pickable()} - {tuple(auto_here), tuple(walk[0].flags())}
+    assert [r[0] for r in rows if r[0].startswith("excluded:")] == [
+        "excluded:nf4/bf16/checkpointing", "excluded:nf4/fp16/checkpointing"]
     assert sum(r[0].startswith("diag:") for r in rows) == len(qt.DIAGNOSE)
+    # repeat= runs the named pick rows over repeat_seeds seeds
+    rows = qt.rows(qt.QualityTableConfig(data="d", model="m", repeat="nf4/bf16", repeat_seeds=2), auto_here)
+    assert [(r[0], r[2]) for r in rows if "nf4" in r[0]] == [
+        ("excluded:nf4/bf16/checkpointing", 42), ("excluded:nf4/bf16/checkpointing", 43),
+        ("excluded:nf4/fp16/checkpointing", 42)]
 
 
 def test_unknown_groups_and_missing_paths_are_errors():
