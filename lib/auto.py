@@ -58,6 +58,8 @@ class Mode:
     """train.compile"""
     checkpoint_fraction: float = 1.0
     """model.checkpoint_fraction (with gradient_checkpointing)"""
+    auto: bool = True
+    """False: measured, but `choose` never picks it (it learnt worse: see the row's comment)"""
 
     def label(self, precision: str | None = None) -> str:
         ckpt = "no checkpointing" if not self.gradient_checkpointing else (
@@ -91,14 +93,18 @@ FIXED_GIB = {"none": 6.0, "half": 3.1, "int8": 1.9, "nf4": 1.2}
 # whisper-large-v2 with random weights, batch 8, 30 s clips, 40-token labels, LoRA r=32 on
 # q_proj/v_proj; peak = max_memory_allocated. The numbers are for large-v2 (large-v3 has the
 # same size). For smaller bases (medium, small, base) nothing is scaled down: the rule is
-# conservative there (the same mode needs less). int8 is dominated (nf4 is faster and
-# smaller), so auto never picks it; it stays for the record.
+# conservative there (the same mode needs less). nf4 is never picked (it learnt worse, below);
+# int8 with checkpointing, the walkthrough's, only on cards too small for every other mode at
+# that batch (its fixed part, 1.9 GiB, is the smallest left); int8 without checkpointing never.
 MEASURED_ON = "H100 80GB, whisper-large-v2, batch 8"
 MEASURED_BATCH = 8
 _HALF = dict(base_dtype="compute")
 MEASURED = (
     Mode("int8", "fp16", True, 5.0, 6.2, FIXED_GIB["int8"]),  # the walkthrough's recipe
-    Mode("nf4", "bf16", True, 8.0, 4.3, FIXED_GIB["nf4"]),
+    # nf4 learnt worse than int8 beyond seed noise (README "Quality of every mode auto can pick":
+    # whisper-base, H200, 60 steps: normalized WER 8.1-8.4 % over 3 seeds vs int8's 3.5-5.9 % over 5),
+    # so auto never picks it; model.quantization=nf4 or the QLoRA recipe still run it.
+    Mode("nf4", "bf16", True, 8.0, 4.3, FIXED_GIB["nf4"], auto=False),
     Mode("none", "bf16", True, 10.3, 8.9, FIXED_GIB["none"]),
     Mode("none", "bf16", False, 16.7, 27.1, FIXED_GIB["none"]),
     Mode("none", "fp16", False, 16.7, 27.1, FIXED_GIB["none"]),
@@ -156,6 +162,8 @@ def _candidates(bf16: bool) -> list[tuple[Mode, str]]:
     half = "bf16" if bf16 else "fp16"
     out: dict[tuple, tuple[Mode, str]] = {}
     for m in MEASURED:
+        if not m.auto:
+            continue
         prec = "fp16" if m.precision == "bf16" and not bf16 else m.precision
         key = m.key()
         if key not in out or (m.precision == half and out[key][0].precision != half):
@@ -210,12 +218,30 @@ def choose(gpu: GpuInfo | None, batch_size: int) -> Choice:
                   f"(~{mode.peak_at(fit):.1f} GiB; multiply grad_accum by any you had)")
     else:
         advice = f"even batch 1 needs ~{mode.peak_at(1):.1f} GiB: use a bigger GPU or a smaller model.base"
+    # Smaller modes auto does not pick (they learnt worse), for whoever prefers memory to quality.
+    worse = [f"model.quantization={m.quantization} (~{m.peak_at(batch_size):.1f} GiB, learnt worse: README)"
+             for m in MEASURED if not m.auto and m.peak_at(batch_size) < mode.peak_at(batch_size)]
+    if worse:
+        advice += f"; or {', '.join(worse)}"
     why = (
         f"{card}; no measured mode fits at batch {batch_size}: the smallest, {mode.label(prec)} "
         f"({mode.samples_per_s} samples/s, peak {mode.peak_gib} GiB at batch {MEASURED_BATCH}), needs "
         f"~{mode.peak_at(batch_size):.1f} GiB; {advice} ({source})"
     )
     return Choice(mode, prec, why)
+
+
+def pickable(batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> list[Choice]:
+    """Every (mode, precision) that `choose` returns for some card and batch size: cards of 1 to
+    200 GiB with and without bf16, the batch sizes given. What a quality guard must cover."""
+    seen: dict[tuple, Choice] = {}
+    for bf16 in (True, False):
+        for gib in range(1, 201):
+            gpu = GpuInfo(f"{gib} GiB", gib * GIB, bf16, (9, 0) if bf16 else (7, 5))
+            for b in batch_sizes:
+                c = choose(gpu, b)
+                seen.setdefault((c.mode.key(), c.precision), c)
+    return sorted(seen.values(), key=lambda c: (-c.mode.samples_per_s, c.precision))
 
 
 def detect() -> GpuInfo | None:

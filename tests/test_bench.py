@@ -1,4 +1,4 @@
-"""`make bench` and `jobs.bench_quality` end to end on the CPU, at the smallest sizes."""
+"""`make bench` and `lib.tools.bench_quality` end to end on the CPU, at the smallest sizes."""
 
 import json
 

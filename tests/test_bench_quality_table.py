@@ -1,0 +1,82 @@
+"""`lib.tools.bench_quality_table`: which rows it runs, one real train + eval row on the CPU, the table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lib.auto import WALKTHROUGH, pickable
+from lib.env import Env
+from lib.errors import UserError
+from lib.tools import bench_quality_table as qt
+from tests.helpers import tone, write_prepared
+
+WORDS = ["नमस्ते", "पानी", "घर", "किताब"]
+
+
+def test_rows_cover_every_mode_auto_can_pick_plus_the_seed_noise():
+    cfg = qt.QualityTableConfig(data="d", model="m", seeds=3)
+    auto_here = pickable()[0].flags()  # what an H200 picks
+    rows = qt.rows(cfg, auto_here)
+    labels = [r[0] for r in rows]
+    assert labels.count("walkthrough int8") == 3 and labels.count("auto") == 3
+    assert [r[2] for r in rows if r[0] == "auto"] == [42, 43, 44]
+    picked = {tuple(r[1]) for r in rows if r[0].startswith("pick:")}
+    # every other pickable mode once; auto's own pick is the auto rows, int8's the walkthrough rows
+    walk = [c for c in pickable() if c.mode is WALKTHROUGH]
+    assert len(walk) == 1
+    assert picked == {tuple(c.flags()) for c in pickable()} - {tuple(auto_here), tuple(walk[0].flags())}
+    assert [r[0] for r in rows if r[0].startswith("excluded:")] == [
+        "excluded:nf4/bf16/checkpointing", "excluded:nf4/fp16/checkpointing"]
+    assert sum(r[0].startswith("diag:") for r in rows) == len(qt.DIAGNOSE)
+    # repeat= runs the named pick rows over repeat_seeds seeds
+    rows = qt.rows(qt.QualityTableConfig(data="d", model="m", repeat="nf4/bf16", repeat_seeds=2), auto_here)
+    assert [(r[0], r[2]) for r in rows if "nf4" in r[0]] == [
+        ("excluded:nf4/bf16/checkpointing", 42), ("excluded:nf4/bf16/checkpointing", 43),
+        ("excluded:nf4/fp16/checkpointing", 42)]
+
+
+def test_unknown_groups_and_missing_paths_are_errors():
+    with pytest.raises(UserError, match="modes=walk"):
+        qt.QualityTableConfig(data="d", model="m", modes="walk")
+    with pytest.raises(UserError, match="set data=NAME"):
+        qt.QualityTableConfig(model="m")
+
+
+def test_main_prints_the_table_and_the_walkthrough_range(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    write_prepared(tmp_path / "prepared" / "d", tiny_model_dir, {"train": [("घर", tone(1.0))]})
+
+    def fake(cfg, env, label, flags, seed):
+        w = 0.04 + 0.01 * (seed - 42)
+        return {"label": label, "seed": seed, "run": f"r{seed}", "flags": flags, "last_loss": 0.07,
+                "eval": {"bf16": {"wer": w, "cer": w / 3, "normalized_wer": w, "normalized_cer": w / 3,
+                                  "empty": 0, "repetition": 0, "too_long": 0}}}
+
+    monkeypatch.setattr(qt, "run_one", fake)
+    cfg = qt.QualityTableConfig(data="d", model="m", modes="walkthrough", seeds=3, eval_precisions="bf16")
+    summary = qt.main(cfg, Env(data_dir=tmp_path))
+    out = capsys.readouterr().out
+    assert "| walkthrough int8 | 44 | 0.0700 | 6.00 / 6.00 / 2.00 / 2.00 (0, 0) |" in out
+    assert "walkthrough bf16 normalized_wer: 4.00 .. 6.00 % over 3 seeds" in out
+    assert summary["walkthrough_range"]["bf16 normalized_wer"] == pytest.approx((0.04, 0.06))
+    assert json.loads((tmp_path / "bench" / "quality_table.json").read_text())["results"][0]["seed"] == 42
+
+
+def test_one_row_trains_and_evaluates_through_the_real_jobs(tmp_path, tiny_model_dir):
+    clips = [(w, tone(1.0, 200 + 150 * i)) for i, w in enumerate(WORDS)]
+    write_prepared(tmp_path / "prepared" / "d", tiny_model_dir,
+                   {"train": clips, "validation": clips[:2], "test": clips[:2]})
+    cfg = qt.QualityTableConfig(data="d", model=str(tiny_model_dir), steps=2, batch_size=2, warmup=0,
+                                eval_precisions="fp32", max_new_tokens=4)
+    flags = ["model.quantization=none", "model.precision=fp32", "model.gradient_checkpointing=false",
+             "lora.r=4", "lora.alpha=8", "train.num_workers=0"]
+    r = qt.run_one(cfg, Env(data_dir=tmp_path), "diag:tiny", flags, 42)
+    assert "error" not in r, r
+    assert set(r["eval"]["fp32"]) == {"wer", "cer", "normalized_wer", "normalized_cer", "empty", "repetition",
+                                      "too_long"}
+    assert (tmp_path / "runs" / "qt-diag-tiny-s42" / "eval-fp32" / "predictions.tsv").is_file()
+    # a second call reuses the adapter and the report (resume after a device time limit)
+    logs = sorted((tmp_path / "bench" / "quality_table").iterdir())
+    assert qt.run_one(cfg, Env(data_dir=tmp_path), "diag:tiny", flags, 42)["eval"] == r["eval"]
+    assert sorted((tmp_path / "bench" / "quality_table").iterdir()) == logs
