@@ -18,7 +18,7 @@ usage() {
 usage: IMAGE JOB [--recipe FILE] [--env-file FILE] [key=value ...]
   JOB is one of: ${jobs} (python -m jobs.JOB --help lists its options)
   or a developer tool: ${tools} (python -m lib.tools.TOOL --help)
-or:    IMAGE torchrun ... -m jobs.train ...   multi-GPU training
+or:    IMAGE python -m lib.launch --nproc_per_node=N -m jobs.train ...   multi-GPU training (torchrun, exit codes kept)
 or:    IMAGE COMMAND ...                      any command, e.g. bash
 USAGE
 }

@@ -31,6 +31,11 @@ class ModelConfig:
     """with gradient_checkpointing: share of encoder/decoder layers checkpointed, evenly spaced
     (e.g. 0.75: a quarter of the layers keep their activations; faster, more memory)"""
 
+    int8_half_inputs: bool = True
+    """quantization=int8 with fp16/bf16 precision: hand the 8-bit layers their input in that
+    precision (bitsandbytes casts it to fp16 in forward anyway; the backward then multiplies in
+    half precision, not fp32); false = the fp32 inputs PEFT's upcast leaves"""
+
     def __post_init__(self):
         # lib.config reads the flag value `none` as YAML null; both mean full precision here.
         if self.quantization is None:

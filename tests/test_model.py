@@ -201,3 +201,37 @@ def test_half_precision_base_trains_from_fp32_features(tiny_model_dir):
         grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
         assert torch.isfinite(loss) and grads and all(g is not None for g in grads)
         assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_int8_layers_get_half_inputs_and_the_same_gradients(tiny_model_dir):
+    """Issue 14 target 4: the 8-bit layers' input is cast to fp16 in front of them, so that
+    bitsandbytes' backward multiplies in fp16 rather than fp32; the LoRA gradients stay those
+    of the uncast run (bitsandbytes cast to fp16 in forward already). The loss is scaled as
+    the Trainer's fp16 GradScaler does: unscaled, the encoder's input gradients (~1e-6)
+    underflow in fp16, which is why the cast is for half-precision runs only."""
+    import bitsandbytes as bnb
+
+    from lib.train_config import LoraSection
+
+    scale = 2.0**16
+    grads, seen = [], []
+    for dtype in (None, torch.float16):
+        torch.manual_seed(0)
+        base = M.load_base(str(tiny_model_dir), "int8", "fp32")
+        base = L.prepare_for_training(base, "int8", False, 1.0, int8_input_dtype=dtype)
+        model = L.apply_lora(base, LoraSection(r=4, alpha=8, dropout=0.0))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(n)))
+        layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt))
+        layer.register_forward_pre_hook(lambda m, a, dtype=dtype: seen.append((dtype, a[0].dtype)))
+        torch.manual_seed(1)
+        model.train()
+        loss = model(input_features=torch.randn(2, 80, 3000), labels=torch.randint(0, 50_000, (2, 6))).loss
+        (loss * scale).backward()
+        grads.append({n: p.grad / scale for n, p in model.named_parameters() if p.grad is not None})
+    assert (None, torch.float32) in seen and (torch.float16, torch.float16) in seen
+    assert grads[0].keys() == grads[1].keys() and any("encoder" in n for n in grads[0])
+    for n in grads[0]:
+        a, b = grads[0][n], grads[1][n]
+        assert ((a - b).norm() / a.norm()).item() < 0.05, n

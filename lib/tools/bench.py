@@ -48,6 +48,7 @@ _CKPT, _NOCKPT = ["model.gradient_checkpointing=true"], ["model.gradient_checkpo
 _COMPILE = ["train.compile=layers"]
 MODES: dict[str, list[str]] = {
     "int8-ckpt": [*_INT8, *_CKPT],  # the walkthrough's
+    "int8-ckpt-fp32in": [*_INT8, *_CKPT, "model.int8_half_inputs=false"],  # before the fp16 input cast
     "int8": [*_INT8, *_NOCKPT],
     "nf4-ckpt": [*_NF4, *_CKPT],
     "bf16-ckpt": [*_BF16, *_CKPT],
