@@ -320,19 +320,6 @@ class StopOnSigterm(TrainerCallback):
             control.should_training_stop = True
         return control
 
-
-def save_adapter(model, processor, generation_config, dest: Path) -> Path:
-    """The final adapter: LoRA weights, processor, generation config (language and task), written
-    aside (DEST.tmp) and then renamed, so DEST is never half there, not even after a kill."""
-    dest = Path(dest)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    generation_config.save_pretrained(tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return dest
     def on_prediction_step(self, args, state, control, **kwargs):
         if self._agreed(state):
             raise EvalInterrupted(f"SIGTERM during the evaluation at step {state.global_step}")
@@ -413,3 +400,17 @@ def check_resume(old: dict, new: dict, run: str, config_path: Path, ckpt_root: P
     for c in changed:
         log.warning("resuming run=%s with a changed setting: %s", run, c)
     return changed
+
+
+def save_adapter(model, processor, generation_config, dest: Path) -> Path:
+    """The final adapter: LoRA weights, processor, generation config (language and task), written
+    aside (DEST.tmp) and then renamed, so DEST is never half there, not even after a kill."""
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    generation_config.save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
