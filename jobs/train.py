@@ -83,7 +83,7 @@ def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
     if not trainer.is_world_process_zero():
         return {}
 
-    # 7. The final adapter (best by WER when there was a validation split), never half there.
+    # 7. The final adapter (best by normalized WER when there was a validation split), never half there.
     checkpoint.save_adapter(trainer.model, processor, base.generation_config, run_dir / "adapter")
 
     # 8. Metrics, and the Hub if asked.

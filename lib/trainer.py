@@ -30,11 +30,13 @@ BEST_METRIC = "normalized_wer"
 
 
 def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
-    """Exact-text WER in percent (the walkthrough's unit), by lib.metrics like `make eval`;
-    rows with an empty reference are skipped because WER is undefined for them."""
-    from lib.metrics import wer
+    """Exact-text WER in percent (the walkthrough's unit), by lib.metrics like `make eval`, on the
+    canonical spelling as `make eval` scores it ("२०२४" = "2024"); rows with an empty reference
+    are skipped because WER is undefined for them."""
+    from lib.metrics import canonical, wer
 
-    pairs = [(r.strip(), h.strip()) for r, h in zip(references, hypotheses, strict=True) if r.strip()]
+    pairs = [(canonical(r).strip(), canonical(h).strip())
+             for r, h in zip(references, hypotheses, strict=True) if r.strip()]
     if not pairs:
         return float("nan")
     refs, hyps = zip(*pairs, strict=True)

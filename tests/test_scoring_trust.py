@@ -111,3 +111,20 @@ def test_prepare_trains_on_the_canonical_spelling(tiny_model_dir, tmp_path):
     assert by_id["clips/hi_0.mp3"]["labels"] == by_id["clips/hi_1.mp3"]["labels"]
     assert by_id["clips/en_0.wav"]["labels"] == by_id["clips/en_1.wav"]["labels"]
     assert by_id["clips/hi_0.mp3"]["labels"] == tok("वर्ष 2024 में 3 चुनाव हुए।").input_ids
+
+
+def test_training_wer_scores_the_canonical_spelling_as_eval_does(tiny_model_dir):
+    """The exact-text WER logged while training compares the canonical spelling, as `make eval`'s
+    exact-text WER does: a hypothesis in ASCII digits is no error against Devanagari digits."""
+    from types import SimpleNamespace
+
+    from transformers import WhisperTokenizer
+
+    from lib.metrics import score
+    from lib.trainer import make_compute_metrics
+
+    tok = WhisperTokenizer.from_pretrained(tiny_model_dir, language="hi", task="transcribe")
+    ref, hyp = PAIRS[0]
+    ids = lambda t: np.array([tok(t).input_ids])  # noqa: E731
+    out = make_compute_metrics(tok)(SimpleNamespace(predictions=ids(hyp), label_ids=ids(ref)))
+    assert out["wer"] == 100 * score([ref], [hyp])[0]["wer"] == 0.0
