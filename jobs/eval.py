@@ -202,7 +202,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     legs = model_legs(model, label, bool(source.adapter and cfg.compare_base))
     if recordings:
         report["longform"] = longform.evaluate(legs, model, processor, recordings, language, task, cfg.longform,
-                                               lf_source)
+                                               lf_source, cfg.max_new_tokens)
 
     # 7. Other languages (also=): WER with their language forced, language ID left to the model.
     if cfg.also:

@@ -64,8 +64,8 @@ class LongformConfig:
     """retry a window at higher temperatures when it loops (compression ratio) or is unsure (log-prob):
     usually better text, but sampled, so two runs can differ; off: greedy and reproducible"""
     max_new_tokens: int | None = None
-    """tokens per 30-s window; default 220 with condition_on_prev_tokens (224 positions go to the previous
-    text), else 444"""
+    """tokens per 30-s window; default: eval's max_new_tokens= when set, else 220 with condition_on_prev_tokens
+    (224 positions go to the previous text), else 444"""
     batch_size: int = 4
     """recordings decoded together"""
 
@@ -83,8 +83,11 @@ class LongformConfig:
             raise UserError(f"longform.max_new_tokens must be 1..{cap} with condition_on_prev_tokens="
                             f"{str(self.condition_on_prev_tokens).lower()}")
 
-    def window_budget(self) -> int:
-        return self.max_new_tokens or (MAX_NEW_CONDITIONED if self.condition_on_prev_tokens else MAX_NEW_PLAIN)
+    def window_budget(self, eval_max_new_tokens: int | None = None) -> int:
+        """New tokens per window: this section's flag, else eval's max_new_tokens= (a user who caps
+        clips caps windows too), else the most the positions allow; never past that cap."""
+        cap = MAX_NEW_CONDITIONED if self.condition_on_prev_tokens else MAX_NEW_PLAIN
+        return min(cap, self.max_new_tokens or eval_max_new_tokens or cap)
 
 
 @dataclass
@@ -180,7 +183,7 @@ def read_longform_manifest(path: str | Path, limit: int | None = None) -> list[R
 
 
 def decode_recordings(model, processor, recordings: Sequence[Recording], language: str, task: str,
-                      cfg: LongformConfig, desc: str = "long-form") -> list[tuple[str, list[dict[str, Any]]]]:
+                      cfg: LongformConfig, desc: str = "long-form", max_new_tokens: int | None = None) -> list[tuple[str, list[dict[str, Any]]]]:
     """(text, segments) per recording, through transformers' sequential long-form decoding
     with timestamps. A segment is {start, end, text, timestamped} in seconds of the recording.
 
@@ -213,7 +216,7 @@ def decode_recordings(model, processor, recordings: Sequence[Recording], languag
         with torch.inference_mode():
             res = model.generate(**inputs, language=language, task=task, return_timestamps=True,
                                  return_segments=True, condition_on_prev_tokens=cfg.condition_on_prev_tokens,
-                                 max_new_tokens=cfg.window_budget(), **extra)
+                                 max_new_tokens=cfg.window_budget(max_new_tokens), **extra)
         for segs in res["segments"]:
             plain = []
             for s in segs:
@@ -268,7 +271,7 @@ def timestamp_validity(decoded: Sequence[list[dict[str, Any]]], durations: Seque
 
 def evaluate(legs: dict[str, Callable[[], AbstractContextManager]], model, processor,
              recordings: Sequence[Recording], language: str, task: str, cfg: LongformConfig,
-             source: str) -> dict[str, Any]:
+             source: str, max_new_tokens: int | None = None) -> dict[str, Any]:
     """The report's `longform` section: per leg (adapter, base, ...) long-form WER and timestamp
     validity, plus each recording's hypothesis and segments."""
     from lib.metrics import score
@@ -276,14 +279,15 @@ def evaluate(legs: dict[str, Callable[[], AbstractContextManager]], model, proce
     durations = [r.duration for r in recordings]
     section: dict[str, Any] = {
         "source": source, "recordings": len(recordings), "audio_minutes": sum(durations) / 60,
-        "longest_minutes": max(durations, default=0) / 60, "window_max_new_tokens": cfg.window_budget(),
+        "longest_minutes": max(durations, default=0) / 60, "window_max_new_tokens": cfg.window_budget(max_new_tokens),
         "condition_on_prev_tokens": cfg.condition_on_prev_tokens,
         "temperature_fallback": cfg.temperature_fallback, "results": {}, "items": {},
     }
     refs = [r.text for r in recordings]
     for name, ctx in legs.items():
         with ctx():
-            decoded = decode_recordings(model, processor, recordings, language, task, cfg, desc=f"long-form {name}")
+            decoded = decode_recordings(model, processor, recordings, language, task, cfg, f"long-form {name}",
+                                        max_new_tokens)
         metrics, _ = score(refs, [t for t, _ in decoded], [r.id for r in recordings])
         ts = timestamp_validity([s for _, s in decoded], durations)
         section["results"][name] = {**{k: metrics[k] for k in ("normalized_wer", "wer", "cer", "repetition")},

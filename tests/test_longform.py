@@ -45,6 +45,9 @@ def test_longform_config_names_the_flag():
         LongformConfig(max_new_tokens=300)
     assert LongformConfig(condition_on_prev_tokens=False).window_budget() == 444
     assert LongformConfig().window_budget() == 220
+    assert LongformConfig().window_budget(eval_max_new_tokens=300) == 220  # never past the positions
+    assert LongformConfig().window_budget(eval_max_new_tokens=40) == 40
+    assert LongformConfig(max_new_tokens=30).window_budget(eval_max_new_tokens=40) == 30
 
 
 # ------------------------------------------------------------------ timestamp validity
