@@ -3,10 +3,13 @@
     python -m jobs.eval run=hi-small                       # DATA_DIR/runs/hi-small/adapter + its base
     python -m jobs.eval model=openai/whisper-small data=cv-hi language=hi
     python -m jobs.eval adapter=DIR model=BASE data=cv-hi language=hi limit=200
+    python -m jobs.eval run=hi-small also=en-clips longform.minutes=3   # + English, 3-min recordings
 
 Writes OUT (default DATA_DIR/runs/RUN/eval/, or DATA_DIR/evals/<model>-<data>-<split>/):
 report.json, report.md, predictions.tsv, eval_config.yaml and, for a run,
-training_curves.png. An OUT that already holds a report is kept unless force=true.
+training_curves.png. The report also holds long-form WER and timestamp validity (lib/longform.py)
+and, for also= datasets, WER and language-ID accuracy with forgetting flags (lib/forgetting.py).
+An OUT that already holds a report is kept unless force=true.
 """
 
 from __future__ import annotations
@@ -130,10 +133,12 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         raise UserError(f"{data_path}/{cfg.split} has no rows to evaluate")
     ids, refs, durations = ds["id"], ds["text"], [float(d) for d in ds["duration"]]
     log.info("eval: %d clips, %.2f h of audio", len(ds), sum(durations) / 3600)
-    # Long-form recordings are read now, so that a broken longform.manifest= fails before any decoding.
+    # Long-form recordings and also= datasets are opened now, so that a broken longform.manifest=
+    # or a misspelt also= name fails before any decoding.
     from lib import forgetting, longform
 
     recordings, lf_source = longform.recordings_for(cfg.longform, ds, cfg.split) if cfg.longform.recordings else ([], "")
+    also_sets = forgetting.open_also(env, cfg.also)
 
     # 3. The model (adapter attached, base reachable through disable_adapter()).
     model, processor, info = load_model(source, cfg.precision, cfg.quantization, token=env.hf_token)
@@ -205,9 +210,9 @@ def main(cfg: EvalConfig, env: Env) -> dict:
                                                lf_source, cfg.max_new_tokens)
 
     # 7. Other languages (also=): WER with their language forced, language ID left to the model.
-    if cfg.also:
+    if also_sets:
         report["also"], report["forgetting_flags"] = forgetting.evaluate_also(
-            env, cfg.also, cfg.also_split, cfg.limit, legs, model, processor, task, cfg.batch_size,
+            also_sets, cfg.also_split, cfg.limit, legs, model, processor, task, cfg.batch_size,
             cfg.max_new_tokens, cfg.num_beams, cfg.forgetting_max_drop, cfg.forgetting_max_wer_rise)
 
     # 8. Optional: time our settings against the walkthrough's loop on the same clips.

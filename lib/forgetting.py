@@ -117,24 +117,38 @@ def render(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def evaluate_also(env, names: Sequence[str], split: str, limit: int | None, legs, model, processor, task: str,
-                  batch_size: int, max_new_tokens: int | None, num_beams: int, max_drop: float,
+def open_also(env, names: Sequence[str]) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(name, folder, manifest) of every also= dataset; eval opens them before any decoding, so
+    that a misspelt name or a manifest without a language fails at once."""
+    from lib.prepared import MANIFEST, open_prepared
+
+    out = []
+    for name in names:
+        try:
+            path, manifest = open_prepared(env, name)
+        except UserError as e:
+            raise UserError(f"also={name}: {e}") from None
+        if not manifest.get("language"):
+            raise UserError(f"also={name}: {path / MANIFEST} names no language; prepare it again with language=")
+        out.append((name, path, manifest))
+    return out
+
+
+def evaluate_also(sets: Sequence[tuple[str, Any, dict[str, Any]]], split: str, limit: int | None, legs, model,
+                  processor, task: str, batch_size: int, max_new_tokens: int | None, num_beams: int, max_drop: float,
                   max_wer_rise: float) -> tuple[dict[str, Any], list[str]]:
-    """The report's `also` section and its flags: every also= dataset scored on every leg.
+    """The report's `also` section and its flags: every also= dataset (open_also) scored on every leg.
 
     Each dataset's language is its manifest's (the rows' language column is what LID is
     compared with); its token budget comes from its own labels, as for the main split.
     """
     from lib.inference import decode_budget
     from lib.language import resolve_language
-    from lib.prepared import MANIFEST, load_split, open_prepared
+    from lib.prepared import MANIFEST, load_split
 
     section: dict[str, Any] = {}
     flags: list[str] = []
-    for name in names:
-        path, manifest = open_prepared(env, name)
-        if not manifest.get("language"):
-            raise UserError(f"also={name}: {path / MANIFEST} names no language; prepare it again with language=")
+    for name, path, manifest in sets:
         language = resolve_language(manifest["language"], processor.tokenizer, flag=f"also={name}: language",
                                     where=str(path / MANIFEST))
         ds = load_split(path, split)

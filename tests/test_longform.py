@@ -187,6 +187,9 @@ def test_eval_scores_a_longform_manifest_of_your_own(lf_data, tmp_path):
     assert report["longform"]["recordings"] == 1 and "long.csv" in report["longform"]["source"]
     assert list(report["longform"]["results"]) == ["adapter"]
     assert report["longform"]["references"] == ["एक लंबी बात"]
+    with pytest.raises(UserError, match="also=no-such-set"):
+        main(EvalConfig(run="lf-run", out=str(tmp_path / "o1"), max_new_tokens=4, compare_base=False,
+                        also=["no-such-set"], longform=LongformConfig(recordings=0)), Env(data_dir=lf_data))
     (tmp_path / "bad.csv").write_text("audio,text\nmissing.wav,x\n")
     with pytest.raises(UserError, match="bad.csv line 2"):
         main(EvalConfig(run="lf-run", out=str(tmp_path / "o2"), max_new_tokens=4, longform=LongformConfig(
