@@ -3,17 +3,20 @@
     python -m jobs.eval run=hi-small                       # DATA_DIR/runs/hi-small/adapter + its base
     python -m jobs.eval model=openai/whisper-small data=cv-hi language=hi
     python -m jobs.eval adapter=DIR model=BASE data=cv-hi language=hi limit=200
+    python -m jobs.eval run=hi-small also=en-clips longform.minutes=3   # + English, 3-min recordings
 
 Writes OUT (default DATA_DIR/runs/RUN/eval/, or DATA_DIR/evals/<model>-<data>-<split>/):
 report.json, report.md, predictions.tsv, eval_config.yaml and, for a run,
-training_curves.png. An OUT that already holds a report is kept unless force=true.
+training_curves.png. The report also holds long-form WER and timestamp validity (lib/longform.py)
+and, for also= datasets, WER and language-ID accuracy with forgetting flags (lib/forgetting.py).
+An OUT that already holds a report is kept unless force=true.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +24,7 @@ from lib.cli import run_job
 from lib.config import dump_yaml, to_dict
 from lib.env import Env
 from lib.errors import UserError
+from lib.longform import LongformConfig
 
 log = logging.getLogger("whisper_ft")
 
@@ -64,6 +68,16 @@ class EvalConfig:
     """also time our settings vs the walkthrough loop (int8, batch 8, autocast) on speed_clips clips"""
     speed_clips: int = 32
     """clips for speed_compare"""
+    longform: LongformConfig = field(default_factory=LongformConfig)
+    """long-form evaluation (lib/longform.py): longform.recordings=0 turns it off"""
+    also: list[str] = field(default_factory=list)
+    """more prepared datasets (e.g. also=en-clips): WER with their language forced and language-ID accuracy"""
+    also_split: str = "test"
+    """which split of each also= dataset to score"""
+    forgetting_max_drop: float = 0.02
+    """flag an also= dataset whose language-ID accuracy falls more than this (absolute) below the base's"""
+    forgetting_max_wer_rise: float = 0.05
+    """flag an also= dataset whose normalized WER rises more than this (absolute) above the base's"""
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -74,6 +88,9 @@ class EvalConfig:
             raise UserError("max_new_tokens must be 1..444 (448 positions minus the 4-token prompt)")
         if self.speed_clips < 1:
             raise UserError("speed_clips must be >= 1")
+        if not 0 <= self.forgetting_max_drop <= 1 or not 0 <= self.forgetting_max_wer_rise:
+            raise UserError("forgetting_max_drop must be 0..1 and forgetting_max_wer_rise >= 0 (fractions, "
+                            "e.g. forgetting_max_drop=0.02 for 2 points)")
 
 
 def main(cfg: EvalConfig, env: Env) -> dict:
@@ -116,6 +133,12 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         raise UserError(f"{data_path}/{cfg.split} has no rows to evaluate")
     ids, refs, durations = ds["id"], ds["text"], [float(d) for d in ds["duration"]]
     log.info("eval: %d clips, %.2f h of audio", len(ds), sum(durations) / 3600)
+    # Long-form recordings and also= datasets are opened now, so that a broken longform.manifest=
+    # or a misspelt also= name fails before any decoding.
+    from lib import forgetting, longform
+
+    recordings, lf_source = longform.recordings_for(cfg.longform, ds, cfg.split) if cfg.longform.recordings else ([], "")
+    also_sets = forgetting.open_also(env, cfg.also)
 
     # 3. The model (adapter attached, base reachable through disable_adapter()).
     model, processor, info = load_model(source, cfg.precision, cfg.quantization, token=env.hf_token)
@@ -178,7 +201,21 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
-    # 6. Optional: time our settings against the walkthrough's loop on the same clips.
+    # 6. Long-form: joined test clips (or longform.manifest=) through sequential decoding with timestamps.
+    from lib.inference import model_legs
+
+    legs = model_legs(model, label, bool(source.adapter and cfg.compare_base))
+    if recordings:
+        report["longform"] = longform.evaluate(legs, model, processor, recordings, language, task, cfg.longform,
+                                               lf_source, cfg.max_new_tokens)
+
+    # 7. Other languages (also=): WER with their language forced, language ID left to the model.
+    if also_sets:
+        report["also"], report["forgetting_flags"] = forgetting.evaluate_also(
+            also_sets, cfg.also_split, cfg.limit, legs, model, processor, task, cfg.batch_size,
+            cfg.max_new_tokens, cfg.num_beams, cfg.forgetting_max_drop, cfg.forgetting_max_wer_rise)
+
+    # 8. Optional: time our settings against the walkthrough's loop on the same clips.
     if cfg.speed_compare:
         del model
         clips = list(ds.select(range(min(cfg.speed_clips, len(ds)))).with_format("numpy")["audio"])

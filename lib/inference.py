@@ -224,3 +224,14 @@ def speed_compare(source, audios: Sequence[np.ndarray], language: str, task: str
         result["ours"].pop("texts")
         result["walkthrough"] = "skipped: the walkthrough loop (int8 + fp16 autocast) needs a GPU"
     return result
+
+
+def model_legs(model, label: str, with_base: bool) -> dict[str, Any]:
+    """The models an eval scores, each as a context to run it in: `label` as loaded, then, for
+    an adapter, the base zero-shot (the same weights with the adapter disabled)."""
+    import contextlib
+
+    legs: dict[str, Any] = {label: contextlib.nullcontext}
+    if with_base:
+        legs["base"] = model.disable_adapter
+    return legs

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lib.forgetting import render as forgetting_lines
+from lib.longform import render as longform_lines
 from lib.metrics import BASIC_LABEL, Utterance
 
 log = logging.getLogger("whisper_ft")
@@ -112,6 +114,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                        ("too_long", "hypothesis > 2x reference"),
                        ("truncated", f"cut at max_new_tokens={report.get('max_new_tokens', '?')}")):
         lines.append(f"| {label} | " + " | ".join(str(models[n].get(key, 0)) for n in names) + " |")
+    lines += longform_lines(report) + forgetting_lines(report)
     lines += ["", f"## Worst {len(report['worst'])} clips ({names[0]}, by normalized word errors)", "",
               "| id | errors / words | reference | hypothesis | flags |", "|---|---|---|---|---|"]
     for u in report["worst"]:

@@ -248,7 +248,9 @@ def test_demo_runs_end_to_end(tmp_path):
     """`make demo RUNNER=local`: prepare, train, eval and export on the CPU (~2 minutes)."""
     proc = make("demo", "RUNNER=local", f"DATA_DIR={tmp_path}", check=False, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for sub in ("prepared/demo-hi/manifest.json", "runs/demo/adapter", "runs/demo/eval/report.md",
-                "runs/demo/merged/config.json"):
+    for sub in ("prepared/demo-hi/manifest.json", "prepared/demo-en/manifest.json", "runs/demo/adapter",
+                "runs/demo/eval/report.md", "runs/demo/merged/config.json"):
         assert (tmp_path / sub).exists(), sub
+    report = (tmp_path / "runs/demo/eval/report.md").read_text()
+    assert "## Long-form" in report and "## Other languages" in report and "| demo-en | en |" in report
     assert "(missing!)" not in proc.stdout
