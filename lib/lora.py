@@ -39,6 +39,7 @@ def build_training_model(cfg, precision: str, token: str | None = None):
     base = M.load_base(cfg.model.base, cfg.model.quantization, precision, cfg.model.base_dtype,
                        token=token, flag="model.base")
     M.set_generation_language(base, cfg.language, cfg.task)
+    M.set_spec_augment(base, cfg.train.spec_augment, cfg.train.mask_time_prob, cfg.train.mask_feature_prob)
     base = prepare_for_training(base, cfg.model.quantization, cfg.model.gradient_checkpointing,
                                 cfg.model.checkpoint_fraction)
     model = apply_lora(base, cfg.lora)
