@@ -64,6 +64,10 @@ class EvalConfig:
     """also time our settings vs the walkthrough loop (int8, batch 8, autocast) on speed_clips clips"""
     speed_clips: int = 32
     """clips for speed_compare"""
+    no_speech_clips: int = 16
+    """silence/noise clips scored for hallucination (the share that produce text), model and base; 0 = off"""
+    no_speech_dir: str | None = None
+    """a folder of audio without speech to cut those clips from; default: generated silence, white/pink noise"""
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -74,6 +78,8 @@ class EvalConfig:
             raise UserError("max_new_tokens must be 1..444 (448 positions minus the 4-token prompt)")
         if self.speed_clips < 1:
             raise UserError("speed_clips must be >= 1")
+        if self.no_speech_clips < 0:
+            raise UserError("no_speech_clips must be >= 0 (0 turns the hallucination check off)")
 
 
 def main(cfg: EvalConfig, env: Env) -> dict:
@@ -178,6 +184,10 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
+    # 5b. Hallucination: the same silence/noise clips through the model and the base.
+    if cfg.no_speech_clips:
+        report["hallucination"] = no_speech_section(cfg, model, processor, label, bool(source.adapter), gen)
+
     # 6. Optional: time our settings against the walkthrough's loop on the same clips.
     if cfg.speed_compare:
         del model
@@ -193,6 +203,19 @@ def main(cfg: EvalConfig, env: Env) -> dict:
                  name, 100 * m["normalized_wer"], 100 * m["wer"], 100 * m["cer"], m["empty"], m["repetition"])
     log.info("eval: wrote %s", out / "report.md")
     return report
+
+
+def no_speech_section(cfg: EvalConfig, model, processor, label: str, has_adapter: bool, gen: dict) -> dict:
+    """report.json's `hallucination`: lib.inference.hallucination_check on eval_no_speech_clips."""
+    from lib.augment import eval_no_speech_clips
+    from lib.inference import hallucination_check
+
+    clips = eval_no_speech_clips(cfg.no_speech_clips, cfg.no_speech_dir)
+    out = hallucination_check(model, processor, clips, label, has_adapter and cfg.compare_base, **gen)
+    for name, r in out["results"].items():
+        log.info("eval: %-7s writes text on %d of %d clips without speech (%.0f %%)", name, r["with_text"],
+                 r["clips"], 100 * r["rate"])
+    return out
 
 
 if __name__ == "__main__":

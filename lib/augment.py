@@ -116,8 +116,13 @@ def pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def no_speech_audio(rng: np.random.Generator, files: list[Path]) -> np.ndarray:
-    """A 1-30 s clip without speech: a random window of one of `files`, or generated: digital
-    silence, or white / pink noise at -70..-20 dBFS RMS (room tone to a loud fan)."""
+    """A 1-30 s clip without speech (no_speech_clip's audio)."""
+    return no_speech_clip(rng, files)[1]
+
+
+def no_speech_clip(rng: np.random.Generator, files: list[Path]) -> tuple[str, np.ndarray]:
+    """(kind, audio): a random 30-s window of one of `files` (kind "file"), or a generated 1-30 s
+    clip: digital "silence", or "white" / "pink" noise at -70..-20 dBFS RMS (room tone to a loud fan)."""
     if files:
         from lib.audio import decode
 
@@ -127,14 +132,29 @@ def no_speech_audio(rng: np.random.Generator, files: list[Path]) -> np.ndarray:
         if len(audio) > n:
             start = int(rng.integers(len(audio) - n + 1))
             audio = audio[start:start + n]
-        return audio.astype(np.float32)
+        return "file", audio.astype(np.float32)
     n = int(rng.uniform(1.0, MAX_SECONDS) * SAMPLING_RATE)
-    kind = rng.choice(["silence", "white", "pink"])
+    kind = str(rng.choice(["silence", "white", "pink"]))
     if kind == "silence":
-        return np.zeros(n, np.float32)
+        return kind, np.zeros(n, np.float32)
     level = 10 ** (rng.uniform(-70.0, -20.0) / 20)
     x = rng.standard_normal(n) if kind == "white" else pink_noise(n, rng)
-    return np.clip(level * x, -1.0, 1.0).astype(np.float32)
+    return kind, np.clip(level * x, -1.0, 1.0).astype(np.float32)
+
+
+# Eval's no-speech clips are drawn from their own stream, never one a training run with a
+# plausible train.seed draws from (training uses (seed, row index)).
+EVAL_SEED = 1_000_003
+
+
+def eval_no_speech_clips(n: int, folder: str | None = None, flag: str = "no_speech_dir") -> list[tuple[str, np.ndarray]]:
+    """The fixed set of `n` (kind, audio) clips eval scores for hallucination: the same clips in
+    every eval, so base and adapter, and two runs, see the same silence and noise."""
+    try:
+        files = no_speech_files(folder)
+    except UserError as e:
+        raise UserError(str(e).replace("train.no_speech_dir", flag)) from None
+    return [no_speech_clip(np.random.default_rng([EVAL_SEED, i]), files) for i in range(n)]
 
 
 def no_speech_files(folder: str | None) -> list[Path]:
