@@ -206,6 +206,9 @@ class TrainingSamples(Dataset):
         # The text tokens of every row, for the next row's prompt (labels only: a few hundred bytes a row).
         self.texts = ([split_label(list(map(int, lab)), self.tok)[1] for lab in ds.with_format(None)["labels"]]
                       if t.prompt_probability > 0 else [])
+        # The prefix of the data (<|sot|> <|hi|> <|transcribe|>), checked here rather than in a
+        # dataloader worker mid-run; "empty" no-speech labels reuse it.
+        self.prefix = split_label(list(map(int, ds.with_format(None)[0]["labels"])), self.tok)[0] if self.n else []
 
     def __len__(self) -> int:
         return self.n + self.n_no_speech
@@ -217,7 +220,7 @@ class TrainingSamples(Dataset):
         rng = self.rng(int(i))
         if i >= self.n:
             audio = self.augment_audio(no_speech_audio(rng, self.files), rng)
-            return {"audio": audio, "labels": [self.tok.sot, self.tok.no_speech, self.tok.eot], "prompt": []}
+            return {"audio": audio, "labels": self.no_speech_labels(), "prompt": []}
         row = self.ds[int(i)]
         t = self.t
         audio = self.augment_audio(np.asarray(row["audio"], dtype=np.float32), rng)
@@ -232,6 +235,15 @@ class TrainingSamples(Dataset):
         room = MAX_POSITIONS - len(labels)
         prompt = self.texts[i - 1][-min(MAX_PROMPT, room):] if use_prompt and i > 0 and room > 0 else []
         return {"audio": audio, "labels": labels, "prompt": prompt}
+
+    def no_speech_labels(self) -> list[int]:
+        """train.no_speech_label: "token" = <|sot|> <|nospeech|> <|eot|>, Whisper's own no-speech
+        target (what its no-speech probability and long-form no_speech_threshold read); "empty" =
+        <|sot|> <|hi|> <|transcribe|> <|notimestamps|> <|eot|>, an empty transcript under the prompt
+        that forced-language decoding (eval, transcribe) feeds, which never asks for <|nospeech|>."""
+        if self.t.no_speech_label == "empty":
+            return [*self.prefix, self.tok.no_timestamps, self.tok.eot]
+        return [self.tok.sot, self.tok.no_speech, self.tok.eot]
 
     def augment_audio(self, audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Speed, then gain, then noise, each only when its flag is on (three draws, always made)."""

@@ -111,6 +111,10 @@ class TrainSection:
     no_speech_fraction: float = 0.0
     """share of training samples that are silence/noise clips labelled <|nospeech|> (<|nocaptions|>
     in v2), added on top of the data: 0.1 with 1000 clips adds 111; at most 0.5"""
+    no_speech_label: Literal["token", "empty"] = "token"
+    """label of those clips: token = <|sot|> <|nospeech|> <|endoftext|> (Whisper's own target, read by
+    its no-speech probability); empty = the language/task prompt then <|endoftext|> (what forced-language
+    decoding, as in eval and transcribe, sees)"""
     no_speech_dir: str | None = None
     """a folder of audio files without speech (noise, music, room tone) to cut those clips from;
     default: generated silence and white/pink noise at -70..-20 dBFS"""

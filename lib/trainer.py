@@ -207,10 +207,10 @@ def training_samples(t, train_ds, tokenizer):
     from lib.augment import TrainingSamples
 
     samples = TrainingSamples(train_ds, tokenizer, t)
-    log.info("train samples: %d clips + %d no-speech clips (train.no_speech_fraction=%g, %s); timestamps on "
+    log.info("train samples: %d clips + %d no-speech clips (train.no_speech_fraction=%g, %s, label %s); timestamps on "
              "%.0f %%, previous-text prompt on %.0f %% of clips; audio: speed +-%g, gain +-%g dB, noise %s",
              samples.n, samples.n_no_speech, t.no_speech_fraction,
-             f"{len(samples.files)} files of {t.no_speech_dir}" if samples.files else "generated",
+             f"{len(samples.files)} files of {t.no_speech_dir}" if samples.files else "generated", t.no_speech_label,
              100 * t.timestamp_probability, 100 * t.prompt_probability, t.speed_perturb, t.gain_db,
              "off" if t.noise_snr_db is None else f"SNR {t.noise_snr_db:g}-{t.noise_snr_db + 20:g} dB")
     return samples

@@ -230,3 +230,18 @@ def test_spec_augment_masks_the_encoder_input_in_training_only(tiny_model_dir, o
         assert 0.1 < zero_frames < 0.4 and 0.05 < zero_bins < 0.4
     else:
         assert torch.equal(train_in, feats)
+
+
+def test_no_speech_label_empty_is_the_forced_prompt_then_eot(tokenizer):
+    s = A.TrainingSamples(split(4, tokenizer), tokenizer, TrainSection(no_speech_fraction=0.5, no_speech_label="empty"))
+    assert len(s) == 8
+    assert names(tokenizer, s[5]["labels"]) == [
+        "<|startoftranscript|>", "<|hi|>", "<|transcribe|>", "<|notimestamps|>", "<|endoftext|>"]
+
+
+def test_labels_without_the_prepared_prefix_fail_at_start(tokenizer):
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"audio": [tone(0.5)], "labels": [[1, 2, 3, 4, 5, 6]]}).with_format("numpy")
+    with pytest.raises(UserError, match="prepare the data again"):
+        A.TrainingSamples(ds, tokenizer, TrainSection(timestamp_probability=0.5))
