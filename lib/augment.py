@@ -223,10 +223,11 @@ class TrainingSamples(Dataset):
             return {"audio": audio, "labels": self.no_speech_labels(), "prompt": []}
         row = self.ds[int(i)]
         t = self.t
+        # The same draws in the same order whatever is on, so that turning one option on keeps
+        # every other option's choices for this row (augment_audio makes exactly four more).
+        use_ts, use_prompt = rng.random() < t.timestamp_probability, rng.random() < t.prompt_probability
         audio = self.augment_audio(np.asarray(row["audio"], dtype=np.float32), rng)
         labels = list(map(int, row["labels"]))
-        # One draw per option, always in this order, so that turning one on keeps the others' choices.
-        use_ts, use_prompt = rng.random() < t.timestamp_probability, rng.random() < t.prompt_probability
         if use_ts:
             ts = timestamped(labels, len(audio) / SAMPLING_RATE, self.tok)
             # one token longer; the decoder sees all but the first (<|sot|> is its start token)
@@ -246,11 +247,13 @@ class TrainingSamples(Dataset):
         return [self.tok.sot, self.tok.no_speech, self.tok.eot]
 
     def augment_audio(self, audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Speed, then gain, then noise, each only when its flag is on (three draws, always made)."""
+        """Speed, then gain, then noise, each only when its flag is on (four draws, always made;
+        the noise samples come from a generator of their own)."""
         t = self.t
-        speed = 1 + rng.uniform(-t.speed_perturb, t.speed_perturb)
-        gain_db = rng.uniform(-t.gain_db, t.gain_db)
-        snr = rng.uniform(t.noise_snr_db, t.noise_snr_db + 20) if t.noise_snr_db is not None else None
+        speed = 1 + t.speed_perturb * (2 * rng.random() - 1)
+        gain_db = t.gain_db * (2 * rng.random() - 1)
+        snr = (t.noise_snr_db + 20 * rng.random()) if t.noise_snr_db is not None else None
+        noise_rng = np.random.default_rng(rng.integers(2 ** 63))
         if t.speed_perturb and len(audio):
             # never past Whisper's 30-s window: a slowed 29-s clip would be cut and lose words
             speed = max(speed, len(audio) / (MAX_SECONDS * SAMPLING_RATE))
@@ -258,5 +261,5 @@ class TrainingSamples(Dataset):
         if t.gain_db:
             audio = np.clip(audio * 10 ** (gain_db / 20), -1.0, 1.0).astype(np.float32)
         if snr is not None:
-            audio = add_noise(audio, snr, rng)
+            audio = add_noise(audio, snr, noise_rng)
         return audio

@@ -245,3 +245,13 @@ def test_labels_without_the_prepared_prefix_fail_at_start(tokenizer):
     ds = Dataset.from_dict({"audio": [tone(0.5)], "labels": [[1, 2, 3, 4, 5, 6]]}).with_format("numpy")
     with pytest.raises(UserError, match="prepare the data again"):
         A.TrainingSamples(ds, tokenizer, TrainSection(timestamp_probability=0.5))
+
+
+def test_turning_an_option_on_keeps_the_other_choices(tokenizer):
+    ds = split(40, tokenizer, 0.5)
+    stamps = TrainSection(timestamp_probability=0.5, prompt_probability=0.5)
+    more = TrainSection(timestamp_probability=0.5, prompt_probability=0.5, noise_snr_db=10, speed_perturb=0.1)
+    a, b = A.TrainingSamples(ds, tokenizer, stamps), A.TrainingSamples(ds, tokenizer, more)
+    ts = A.SpecialTokens.of(tokenizer).timestamp_begin
+    assert [ts in a[i]["labels"] for i in range(40)] == [ts in b[i]["labels"] for i in range(40)]
+    assert [a[i]["prompt"] for i in range(40)] == [b[i]["prompt"] for i in range(40)]
