@@ -12,7 +12,8 @@ hallucinate on silence. TrainingSamples wraps the train split and rewrites each 
   prompt      `prompt` = the text tokens of the previous clip; the collator puts
               <|startofprev|> prompt before <|sot|> and masks it out of the loss
   no speech   silence / white / pink noise (or a clip of train.no_speech_dir), labelled
-              <|sot|> <|nospeech|> <|endoftext|> (<|nocaptions|> in v2's vocabulary)
+              <|sot|> <|nospeech|> <|endoftext|> (<|nocaptions|> in older v2 tokenizer files),
+              or with train.no_speech_label=empty <|sot|> <|hi|> <|transcribe|> <|notimestamps|> <|endoftext|>
 
 Every special id is looked up in the base's tokenizer by name: large-v3 and turbo add <|yue|>
 at 50358, which moves every id above it by one (v2 <|notimestamps|> 50363 -> v3 50364).
