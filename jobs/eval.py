@@ -78,6 +78,10 @@ class EvalConfig:
     """flag an also= dataset whose language-ID accuracy falls more than this (absolute) below the base's"""
     forgetting_max_wer_rise: float = 0.05
     """flag an also= dataset whose normalized WER rises more than this (absolute) above the base's"""
+    no_speech_clips: int = 16
+    """silence/noise clips scored for hallucination (the share that produce text), model and base; 0 = off"""
+    no_speech_dir: str | None = None
+    """a folder of audio without speech to cut those clips from; default: generated silence, white/pink noise"""
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -91,6 +95,8 @@ class EvalConfig:
         if not 0 <= self.forgetting_max_drop <= 1 or not 0 <= self.forgetting_max_wer_rise:
             raise UserError("forgetting_max_drop must be 0..1 and forgetting_max_wer_rise >= 0 (fractions, "
                             "e.g. forgetting_max_drop=0.02 for 2 points)")
+        if self.no_speech_clips < 0:
+            raise UserError("no_speech_clips must be >= 0 (0 turns the hallucination check off)")
 
 
 def main(cfg: EvalConfig, env: Env) -> dict:
@@ -201,6 +207,10 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
+    # 5b. Hallucination: the same silence/noise clips through the model and the base.
+    if cfg.no_speech_clips:
+        report["hallucination"] = no_speech_section(cfg, model, processor, label, bool(source.adapter), gen)
+
     # 6. Long-form: joined test clips (or longform.manifest=) through sequential decoding with timestamps.
     from lib.inference import model_legs
 
@@ -230,6 +240,19 @@ def main(cfg: EvalConfig, env: Env) -> dict:
                  name, 100 * m["normalized_wer"], 100 * m["wer"], 100 * m["cer"], m["empty"], m["repetition"])
     log.info("eval: wrote %s", out / "report.md")
     return report
+
+
+def no_speech_section(cfg: EvalConfig, model, processor, label: str, has_adapter: bool, gen: dict) -> dict:
+    """report.json's `hallucination`: lib.inference.hallucination_check on eval_no_speech_clips."""
+    from lib.augment import eval_no_speech_clips
+    from lib.inference import hallucination_check
+
+    clips = eval_no_speech_clips(cfg.no_speech_clips, cfg.no_speech_dir)
+    out = hallucination_check(model, processor, clips, label, has_adapter and cfg.compare_base, **gen)
+    for name, r in out["results"].items():
+        log.info("eval: %-7s writes text on %d of %d clips without speech (%.0f %%)", name, r["with_text"],
+                 r["clips"], 100 * r["rate"])
+    return out
 
 
 if __name__ == "__main__":

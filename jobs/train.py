@@ -66,8 +66,9 @@ def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
         dump_yaml(cfg, run_dir / "config.yaml")
     log.info("config:\n%s", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip())
 
-    # 3. Data: train and validation splits; log-mel is computed per batch by the collator.
-    train_ds, eval_ds, steps = T.training_splits(cfg, data_dir)
+    # 3. Data: train and validation splits (train.* sample options applied to train); log-mel is
+    #    computed per batch by the collator.
+    train_ds, eval_ds, steps = T.training_splits(cfg, data_dir, processor.tokenizer)
 
     # 4. Model: base (quantized per model.quantization), frozen, LoRA on top.
     model, base = build_training_model(cfg, precision, env.hf_token)

@@ -28,12 +28,19 @@ class WhisperCollator:
     decoder_start_token_id: int
     """<|startoftranscript|> (50258 for every multilingual Whisper), from the model config"""
     sampling_rate: int = SAMPLING_RATE
+    start_of_prev: int | None = None
+    """<|startofprev|> of the base's tokenizer: needed only when rows carry a `prompt` (lib/augment.py)"""
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         audio = [np.asarray(r["audio"], dtype=np.float32) for r in rows]
         feats = self.feature_extractor(
             audio, sampling_rate=self.sampling_rate, return_tensors="pt"
         ).input_features
+        if any(len(r.get("prompt", ())) for r in rows):
+            decoder_input_ids, labels = with_prompts(
+                [list(map(int, r["labels"])) for r in rows], [list(map(int, r.get("prompt", ()))) for r in rows],
+                self.decoder_start_token_id, self.start_of_prev)
+            return {"input_features": feats, "labels": labels, "decoder_input_ids": decoder_input_ids}
         labels = strip_decoder_start(
             [list(map(int, r["labels"])) for r in rows], self.decoder_start_token_id
         )
@@ -54,10 +61,37 @@ def strip_decoder_start(labels: list[list[int]], decoder_start_token_id: int) ->
     return labels
 
 
-def pad_labels(labels: list[list[int]]) -> torch.Tensor:
-    """Right-pad with -100 so padding adds nothing to the loss."""
+def with_prompts(labels: list[list[int]], prompts: list[list[int]], decoder_start_token_id: int,
+                 start_of_prev: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(decoder_input_ids, labels) for rows conditioned on previous text, as long-form decoding does.
+
+    A row is `<|startofprev|> prompt <|sot|> <|hi|> ... text <|eot|>`; the decoder reads all but
+    the last token and predicts all but the first. The model's own shift cannot build this (it
+    puts decoder_start_token_id = <|sot|> first), so the inputs are given explicitly. The prompt
+    and the <|sot|> after it are context, not targets: their labels are -100, so the loss counts
+    the same tokens as an unprompted row (<|hi|> onwards). Rows without a prompt in the batch read
+    `<|sot|> ...` and predict `<|hi|> ...`: exactly what the start-token strip gives them.
+    """
+    if start_of_prev is None:
+        raise ValueError("rows carry a prompt but the collator has no start_of_prev token id")
+    inputs, targets = [], []
+    for row, prompt in zip(labels, prompts, strict=True):
+        if not row or row[0] != decoder_start_token_id:
+            raise ValueError(f"a label row must start with <|startoftranscript|> ({decoder_start_token_id}) "
+                             f"to take a prompt: {row[:4]}")
+        full = ([start_of_prev, *prompt] if prompt else []) + row
+        masked = len(prompt) + 1 if prompt else 0  # the targets prompt[0..k-1] and <|sot|>: context only
+        inputs.append(full[:-1])
+        targets.append([IGNORE_INDEX] * masked + full[1 + masked:])
+    # Padding inputs sit after each row's last real token: causal attention never lets a real
+    # position see them and their targets are -100, so any id works; <|endoftext|> (the row's last) is used.
+    return pad_labels(inputs, pad=labels[0][-1]), pad_labels(targets)
+
+
+def pad_labels(labels: list[list[int]], pad: int = IGNORE_INDEX) -> torch.Tensor:
+    """Right-pad with -100 so padding adds nothing to the loss (decoder inputs: with `pad`)."""
     width = max((len(r) for r in labels), default=0)
-    out = torch.full((len(labels), width), IGNORE_INDEX, dtype=torch.long)
+    out = torch.full((len(labels), width), pad, dtype=torch.long)
     for i, row in enumerate(labels):
         out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     return out

@@ -115,6 +115,35 @@ def transcribe_all(model, processor, audios: Sequence[np.ndarray], language: str
     return out, cut
 
 
+def hallucination_check(model, processor, clips: Sequence[tuple[str, np.ndarray]], label: str, with_base: bool,
+                        language: str, task: str, batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS,
+                        num_beams: int = 1) -> dict[str, Any]:
+    """Transcribe (kind, audio) clips without speech (lib.augment.eval_no_speech_clips) with the
+    model as given (`label`) and, with_base, its base (adapter disabled), the way the clips of the
+    split were: {clips, kinds, results: {name: lib.metrics.hallucination}, examples: {name: [..]}}.
+    Forced language, greedy, as the split's WER: what a user's pipeline does with a silent chunk."""
+    from lib.metrics import hallucination
+
+    kinds, audios = [k for k, _ in clips], [a for _, a in clips]
+    hyps = {label: transcribe_all(model, processor, audios, language, task, batch_size, max_new_tokens,
+                                  f"{label} no-speech", num_beams)[0]}
+    if with_base:
+        with model.disable_adapter():
+            hyps["base"] = transcribe_all(model, processor, audios, language, task, batch_size, max_new_tokens,
+                                          "base no-speech", num_beams)[0]
+    counts: dict[str, int] = {}
+    for k in kinds:
+        counts[k] = counts.get(k, 0) + 1
+    return {
+        "clips": len(clips),
+        "kinds": counts,
+        "results": {name: hallucination(h, kinds) for name, h in hyps.items()},
+        # a few texts written for silence, to show what the model makes up
+        "examples": {name: [f"{k}: {t.strip()[:120]}" for k, t in zip(kinds, h, strict=True) if t.strip()][:5]
+                     for name, h in hyps.items()},
+    }
+
+
 def transcribe_dataset(model, processor, ds, language: str, task: str, batch_size: int = 16,
                        max_new_tokens: int = MAX_NEW_TOKENS, desc: str = "transcribe", num_beams: int = 1
                        ) -> tuple[list[str], float, list[bool]]:

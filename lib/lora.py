@@ -40,6 +40,7 @@ def build_training_model(cfg, precision: str, token: str | None = None):
                        token=token, flag="model.base")
     M.set_generation_language(base, cfg.language, cfg.task)
     half = precision in ("fp16", "bf16") and cfg.model.int8_half_inputs
+    M.set_spec_augment(base, cfg.train.spec_augment, cfg.train.mask_time_prob, cfg.train.mask_feature_prob)
     base = prepare_for_training(base, cfg.model.quantization, cfg.model.gradient_checkpointing,
                                 cfg.model.checkpoint_fraction, M.DTYPES[precision] if half else None)
     model = apply_lora(base, cfg.lora)

@@ -249,3 +249,14 @@ def score(refs: Sequence[str], hyps: Sequence[str], ids: Sequence[str] | None = 
         "truncated": sum("truncated" in u.flags for u in utts),
     }
     return metrics, utts
+
+
+def hallucination(hyps: Sequence[str], kinds: Sequence[str]) -> dict:
+    """How often a model writes something for audio without speech: {clips, with_text, rate,
+    by_kind: {kind: rate}}. "Something" is any text left after normalize (a lone "." is nothing)."""
+    said = [bool(normalize(canonical(h)).strip()) for h in hyps]
+    by_kind: dict[str, list[bool]] = {}
+    for kind, s in zip(kinds, said, strict=True):
+        by_kind.setdefault(kind, []).append(s)
+    return {"clips": len(said), "with_text": sum(said), "rate": sum(said) / len(said) if said else float("nan"),
+            "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}}

@@ -210,6 +210,18 @@ def load_base(name: str, quantization: str = "none", precision: str = "fp32", ba
     return model
 
 
+def set_spec_augment(model, on: bool, mask_time_prob: float, mask_feature_prob: float) -> None:
+    """SpecAugment in the encoder input while training (train.spec_augment, train.mask_time_prob,
+    train.mask_feature_prob). Why through the config: WhisperModel masks log-mel frames/bins only
+    when config.apply_spec_augment is true, and Whisper's released configs say false, so setting
+    mask_time_prob alone changes nothing. The masks are drawn only in training mode (eval and
+    generate see the whole input); masked frames and bins are set to 0.
+    """
+    model.config.apply_spec_augment = bool(on)
+    model.config.mask_time_prob = mask_time_prob
+    model.config.mask_feature_prob = mask_feature_prob
+
+
 def set_generation_language(model, language: str, task: str) -> None:
     """Generation (eval WER, and whoever loads the adapter) decodes in `language`, not auto-detect."""
     gen = model.generation_config

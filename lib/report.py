@@ -120,10 +120,32 @@ def render_markdown(report: dict[str, Any]) -> str:
     for u in report["worst"]:
         ref, hyp = (s.replace("|", "\\|") for s in (u["reference"], u["hypothesis"]))
         lines.append(f"| {u['id']} | {u['word_errors']} / {u['ref_words']} | {ref} | {hyp} | {','.join(u['flags'])} |")
+    lines += render_hallucination(report.get("hallucination"))
     if report.get("training_curves"):
         lines += ["", f"![training curves]({report['training_curves']})"]
     lines += ["", "Packages: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def render_hallucination(section: dict[str, Any] | None) -> list[str]:
+    """report.md's hallucination section: the share of clips without speech that get text, per
+    model and per kind of clip, and a few of the texts; nothing when eval ran without it."""
+    if not section:
+        return []
+    names = list(section["results"])
+    kinds = ", ".join(f"{n} {k}" for k, n in section["kinds"].items())
+    lines = ["", "## Hallucination on audio without speech", "",
+             f"{section['clips']} clips ({kinds}); a clip counts when the normalized transcript is not empty.", "",
+             "| clips that produce text | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+             "| all | " + " | ".join(f"{_pct(section['results'][n]['rate'])} ({section['results'][n]['with_text']})"
+                                    for n in names) + " |"]
+    for kind in section["kinds"]:
+        lines.append(f"| {kind} | " + " | ".join(_pct(section["results"][n]["by_kind"][kind]) for n in names) + " |")
+    for name in names:
+        if section["examples"].get(name):
+            lines += ["", f"{name} writes, for example:", ""]
+            lines += ["- " + e.replace("|", "\\|") for e in section["examples"][name]]
+    return lines
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:

@@ -106,6 +106,35 @@ class TrainSection:
     """first optimizer steps left out of the steady samples/s in metrics.json"""
     profile_steps: int = 0
     """profile the last N steps (torch.profiler): RUN/profile.txt, where GPU time goes; not timed"""
+    # Samples beyond the prepared rows (lib/augment.py): all off by default, the walkthrough's training.
+    timestamp_probability: float = 0.0
+    """share of clips trained with timestamps (<|0.00|> text <|end|>) instead of <|notimestamps|>;
+    keeps long-form (timestamped) decoding alive, which all-<|notimestamps|> fine-tuning erodes"""
+    prompt_probability: float = 0.0
+    """share of clips conditioned on the previous clip's text (<|startofprev|> ...), as long-form
+    decoding feeds it; the prompt is masked out of the loss"""
+    no_speech_fraction: float = 0.0
+    """share of training samples that are silence/noise clips labelled <|nospeech|> (<|nocaptions|>
+    in v2), added on top of the data: 0.1 with 1000 clips adds 111; at most 0.5"""
+    no_speech_label: Literal["token", "empty"] = "token"
+    """label of those clips: token = <|sot|> <|nospeech|> <|endoftext|> (Whisper's own target, read by
+    its no-speech probability); empty = the language/task prompt then <|endoftext|> (what forced-language
+    decoding, as in eval and transcribe, sees)"""
+    no_speech_dir: str | None = None
+    """a folder of audio files without speech (noise, music, room tone) to cut those clips from;
+    default: generated silence and white/pink noise at -70..-20 dBFS"""
+    spec_augment: bool = False
+    """SpecAugment in the encoder while training (sets the model config's apply_spec_augment)"""
+    mask_time_prob: float = 0.05
+    """with spec_augment: share of the 3000 mel frames zeroed, in spans of 10 frames (100 ms)"""
+    mask_feature_prob: float = 0.0
+    """with spec_augment: share of the mel bins zeroed, in bands of 10 bins"""
+    speed_perturb: float = 0.0
+    """raw-audio speed change up to +-this share (0.1: 0.9-1.1x, pitch moves with it); 0 = off"""
+    gain_db: float = 0.0
+    """raw-audio gain drawn from +-this many dB per clip (clipped to [-1, 1]); 0 = off"""
+    noise_snr_db: float | None = None
+    """add white noise at an SNR drawn from [this, this + 20] dB per clip; unset = off"""
 
     def __post_init__(self):
         if self.compile is None:  # the flag value `none` reads as YAML null
@@ -132,6 +161,24 @@ class TrainSection:
                             f"or unset to fit the validation labels")
         if self.keep_checkpoints < 1:
             raise UserError(f"train.keep_checkpoints={self.keep_checkpoints}: must be >= 1")
+        for name in ("timestamp_probability", "prompt_probability", "mask_time_prob", "mask_feature_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"train.{name}={getattr(self, name)}: must be in [0, 1]")
+        if not 0 <= self.no_speech_fraction <= 0.5:
+            raise UserError(f"train.no_speech_fraction={self.no_speech_fraction}: must be in [0, 0.5] "
+                            f"(0.05-0.1 is typical; more starves the real data)")
+        if self.no_speech_dir and not self.no_speech_fraction:
+            raise UserError(f"train.no_speech_dir={self.no_speech_dir} is set but train.no_speech_fraction=0: "
+                            f"set train.no_speech_fraction (e.g. 0.1) to use it")
+        if not 0 <= self.speed_perturb < 0.5:
+            raise UserError(f"train.speed_perturb={self.speed_perturb}: must be in [0, 0.5) (e.g. 0.1)")
+        if self.gain_db < 0:
+            raise UserError(f"train.gain_db={self.gain_db}: must be >= 0 (e.g. 6)")
+
+    def samples_changed(self) -> bool:
+        """Whether any option of lib/augment.py is on (the train split is then wrapped)."""
+        return bool(self.timestamp_probability or self.prompt_probability or self.no_speech_fraction
+                    or self.speed_perturb or self.gain_db or self.noise_snr_db is not None)
 
 
 @dataclass

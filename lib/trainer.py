@@ -204,12 +204,30 @@ def _columns(ds):
     return ds.select_columns(["audio", "labels"]).with_format("numpy")
 
 
-def training_splits(cfg, data_dir: Path):
-    """(train split, validation split or None, optimizer steps) of the prepared dataset, logged."""
+def training_samples(t, train_ds, tokenizer):
+    """The train split through lib.augment.TrainingSamples, with what it adds logged."""
+    from lib.augment import TrainingSamples
+
+    samples = TrainingSamples(train_ds, tokenizer, t)
+    log.info("train samples: %d clips + %d no-speech clips (train.no_speech_fraction=%g, %s, label %s); timestamps on "
+             "%.0f %%, previous-text prompt on %.0f %% of clips; audio: speed +-%g, gain +-%g dB, noise %s",
+             samples.n, samples.n_no_speech, t.no_speech_fraction,
+             f"{len(samples.files)} files of {t.no_speech_dir}" if samples.files else "generated", t.no_speech_label,
+             100 * t.timestamp_probability, 100 * t.prompt_probability, t.speed_perturb, t.gain_db,
+             "off" if t.noise_snr_db is None else f"SNR {t.noise_snr_db:g}-{t.noise_snr_db + 20:g} dB")
+    return samples
+
+
+def training_splits(cfg, data_dir: Path, tokenizer=None):
+    """(train split, validation split or None, optimizer steps) of the prepared dataset, logged.
+    With any lib/augment.py option on, the train split is wrapped in TrainingSamples (needs
+    `tokenizer`, the base's); validation stays as prepared, so eval WER is comparable."""
     from lib.errors import UserError
     from lib.prepared import load_split
 
     train_ds = _columns(load_split(data_dir, "train"))
+    if cfg.train.samples_changed() and len(train_ds):
+        train_ds = training_samples(cfg.train, train_ds, tokenizer)
     eval_ds = None
     if (data_dir / "validation").is_dir():
         eval_ds = _columns(load_split(data_dir, "validation"))
@@ -282,7 +300,8 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
         model=model,
         args=training_arguments(cfg, ckpt_root, precision, has_eval=eval_ds is not None,
                                 generation_max_length=eval_budget(cfg, eval_ds, processor.tokenizer)),
-        data_collator=WhisperCollator(processor.feature_extractor, base.config.decoder_start_token_id),
+        data_collator=WhisperCollator(processor.feature_extractor, base.config.decoder_start_token_id,
+                                      start_of_prev=processor.tokenizer.convert_tokens_to_ids("<|startofprev|>")),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=processor,

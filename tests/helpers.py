@@ -78,3 +78,26 @@ def write_prepared(out: Path, model_dir: Path, rows: dict[str, list[tuple[str, n
         "splits": counts, "skipped": [],
     })
     return out
+
+
+def v3_like_tokenizer_dir(out: Path) -> Path:
+    """The fixture tokenizer with large-v3's extra language token: <|yue|> at 50358, every id from
+    <|translate|> up moved by one (v3: <|notimestamps|> 50364, <|0.00|> 50365). Lets tests check
+    that code looks special tokens up by name rather than using v2's numbers."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in TOKENIZER_DIR.iterdir():
+        shutil.copy(f, out / f.name)
+    tj = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())
+    yue = 50358
+    for tok in tj["added_tokens"]:
+        if tok["id"] >= yue:
+            tok["id"] += 1
+    tj["added_tokens"].append({"id": yue, "content": "<|yue|>", "single_word": False, "lstrip": False,
+                               "rstrip": False, "normalized": False, "special": True})
+    tj["added_tokens"].sort(key=lambda t: t["id"])
+    for spec in (tj.get("post_processor") or {}).get("special_tokens", {}).values():
+        spec["ids"] = [i + 1 if i >= yue else i for i in spec["ids"]]
+    (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    return out

@@ -180,3 +180,38 @@ def test_eval_budget_comes_from_the_split_and_truncation_is_flagged(tiny_model_d
     rows = list(csv.DictReader((tmp_path / "e2" / "predictions.tsv").open(encoding="utf-8"), delimiter="\t"))
     assert all("truncated" in r["flags"].split(",") for r in rows)
     assert "cut at max_new_tokens=1 | 2 |" in (tmp_path / "e2" / "report.md").read_text()
+
+
+def test_eval_reports_hallucination_on_silence_and_noise(data_dir, tmp_path):
+    """The same no-speech clips through the adapter and the base; report.json and report.md say
+    how many produced text, overall and per kind of clip."""
+    from jobs.eval import EvalConfig, main
+
+    report = main(EvalConfig(run="tiny-run", batch_size=4, max_new_tokens=6, no_speech_clips=6,
+                             out=str(tmp_path / "h")), Env(data_dir=data_dir))
+    h = report["hallucination"]
+    assert h["clips"] == 6 and sum(h["kinds"].values()) == 6 and set(h["kinds"]) <= {"silence", "white", "pink"}
+    assert set(h["results"]) == {"adapter", "base"}
+    for r in h["results"].values():
+        assert r["clips"] == 6 and 0 <= r["with_text"] <= 6 and r["rate"] == r["with_text"] / 6
+        assert set(r["by_kind"]) == set(h["kinds"])
+    saved = json.loads((tmp_path / "h" / "report.json").read_text())
+    assert saved["hallucination"]["results"] == h["results"]
+    md = (tmp_path / "h" / "report.md").read_text()
+    assert "## Hallucination on audio without speech" in md and "| clips that produce text | adapter | base |" in md
+    # the clips are a fixed set: a second eval sees the same silence and noise
+    from lib.augment import eval_no_speech_clips
+
+    a, b = eval_no_speech_clips(3), eval_no_speech_clips(3)
+    assert all(ka == kb and (xa == xb).all() for (ka, xa), (kb, xb) in zip(a, b, strict=True))
+    off = main(EvalConfig(run="tiny-run", batch_size=4, max_new_tokens=6, no_speech_clips=0, compare_base=False,
+                          out=str(tmp_path / "off")), Env(data_dir=data_dir))
+    assert "hallucination" not in off and "Hallucination" not in (tmp_path / "off" / "report.md").read_text()
+
+
+def test_hallucination_counts_text_after_normalization():
+    from lib.metrics import hallucination
+
+    out = hallucination(["", " . ", "हाँ", "thank you", "।"], ["silence", "silence", "white", "pink", "pink"])
+    assert (out["clips"], out["with_text"]) == (5, 2) and out["rate"] == pytest.approx(0.4)
+    assert out["by_kind"] == {"pink": 0.5, "silence": 0.0, "white": 1.0}

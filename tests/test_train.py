@@ -416,3 +416,37 @@ def test_real_whisper_base_wer_falls(tmp_path):
     print(json.dumps(metrics, indent=2))
     assert metrics["first_eval_normalized_wer"] >= 75
     assert metrics["best_eval_normalized_wer"] < metrics["first_eval_normalized_wer"] - 50
+
+
+@pytest.mark.parametrize("options", [
+    pytest.param({"train.timestamp_probability": 1.0}, id="timestamps"),
+    pytest.param({"train.prompt_probability": 1.0}, id="prompt"),
+    pytest.param({"train.no_speech_fraction": 0.25}, id="no-speech"),
+    pytest.param({"train.spec_augment": "true", "train.mask_feature_prob": 0.1}, id="spec-augment"),
+    pytest.param({"train.speed_perturb": 0.1, "train.gain_db": 6, "train.noise_snr_db": 10}, id="audio"),
+])
+def test_training_runs_with_each_sample_option(data_dir, tiny_model_dir, options, monkeypatch):
+    """A short run per train.* sample option (lib/augment.py); the batches the model trains on
+    carry that option's tokens, and evaluation still sees the prepared validation rows."""
+    from lib import collator as C
+
+    seen = []
+    real_call = C.WhisperCollator.__call__
+    monkeypatch.setattr(C.WhisperCollator, "__call__", lambda self, rows: seen.append(rows) or real_call(self, rows))
+    run = "opt-" + "-".join(k.split(".")[1] for k in options)
+    metrics = main(cfg(tiny_model_dir, run, **{"train.max_steps": 3, **options}), Env(data_dir=data_dir))
+    assert metrics["global_step"] == 3 and (data_dir / "runs" / run / "adapter" / "adapter_model.safetensors").is_file()
+    train_rows = [r for batch in seen for r in batch if "prompt" in r]
+    eval_rows = [r for batch in seen for r in batch if "prompt" not in r]
+    assert eval_rows and all(int(r["labels"][3]) == 50363 for r in eval_rows)  # validation: <|notimestamps|>
+    if "train.spec_augment" in options:
+        assert not train_rows  # the model config does it; the rows stay prepared ones
+        return
+    assert train_rows
+    labels = [list(map(int, r["labels"])) for r in train_rows]
+    if "train.timestamp_probability" in options:
+        assert all(row[3] == 50364 and 50364 < row[-2] <= 51864 for row in labels)  # <|0.00|> ... <|1.00|>
+    if "train.prompt_probability" in options:
+        assert sum(bool(len(r["prompt"])) for r in train_rows) >= len(train_rows) - 1
+    if "train.no_speech_fraction" in options:
+        assert [50258, 50362, 50257] in labels  # <|sot|> <|nospeech|> <|endoftext|>

@@ -1,0 +1,266 @@
+"""Training samples beyond the prepared rows: timestamped and prompted labels, no-speech clips,
+speed / gain / noise on the raw audio (train.timestamp_probability, train.prompt_probability,
+train.no_speech_fraction, train.speed_perturb, train.gain_db, train.noise_snr_db).
+
+Prepared labels are `<|startoftranscript|> <|hi|> <|transcribe|> <|notimestamps|> text
+<|endoftext|>` (lib/prepared.py). Fine-tuning on those alone teaches the model to never emit
+timestamps and to always write something, which is what breaks long-form decoding and makes it
+hallucinate on silence. TrainingSamples wraps the train split and rewrites each row on the fly:
+
+  timestamps  <|sot|> <|hi|> <|transcribe|> <|0.00|> text <|7.34|> <|endoftext|>
+              (the end is the clip's duration after speed change, on Whisper's 0.02-s grid)
+  prompt      `prompt` = the text tokens of the previous clip; the collator puts
+              <|startofprev|> prompt before <|sot|> and masks it out of the loss
+  no speech   silence / white / pink noise (or a clip of train.no_speech_dir), labelled
+              <|sot|> <|nospeech|> <|endoftext|> (<|nocaptions|> in older v2 tokenizer files),
+              or with train.no_speech_label=empty <|sot|> <|hi|> <|transcribe|> <|notimestamps|> <|endoftext|>
+
+Every special id is looked up in the base's tokenizer by name: large-v3 and turbo add <|yue|>
+at 50358, which moves every id above it by one (v2 <|notimestamps|> 50363 -> v3 50364).
+
+Choices are drawn from a generator seeded with (train.seed, row index): the same seed gives the
+same samples in any worker process, and a row gets the same choice in every epoch.
+The prepared data has no speaker or recording column (lib/prepared.py COLUMNS), so the prompt is
+the previous clip in the split's order: consecutive clips of one recording where the source
+kept recordings together (a manifest of cut segments), unrelated sentences otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from lib.audio import SAMPLING_RATE
+from lib.errors import UserError
+
+TIME_STEP = 0.02  # seconds per timestamp token: <|0.00|>, <|0.02|>, ... <|30.00|>
+MAX_SECONDS = 30.0  # Whisper's window; the last timestamp token is <|30.00|>
+MAX_PROMPT = 223  # Whisper's own cap on previous-text tokens: max_target_positions // 2 - 1
+MAX_POSITIONS = 448  # decoder positions of every released Whisper (max_target_positions)
+NO_SPEECH_NAMES = ("<|nospeech|>", "<|nocaptions|>")  # v3 (and newer v2 tokenizer files), older v2 files
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
+
+
+def token_id(tokenizer, name: str) -> int | None:
+    """The id of special token `name`, or None when the vocabulary lacks it (convert_tokens_to_ids
+    answers unknown names with <|endoftext|>'s id, so the round trip is checked)."""
+    i = tokenizer.convert_tokens_to_ids(name)
+    if i is None or tokenizer.convert_ids_to_tokens(i) != name:
+        return None
+    return int(i)
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The ids TrainingSamples and the collator write, from one tokenizer."""
+
+    sot: int
+    eot: int
+    no_timestamps: int
+    timestamp_begin: int
+    """<|0.00|>; <|t|> is timestamp_begin + round(t / 0.02)"""
+    start_of_prev: int
+    no_speech: int
+
+    @classmethod
+    def of(cls, tokenizer) -> SpecialTokens:
+        names = {"sot": "<|startoftranscript|>", "eot": "<|endoftext|>", "no_timestamps": "<|notimestamps|>",
+                 "timestamp_begin": "<|0.00|>", "start_of_prev": "<|startofprev|>"}
+        ids = {k: token_id(tokenizer, v) for k, v in names.items()}
+        ids["no_speech"] = next((i for i in (token_id(tokenizer, n) for n in NO_SPEECH_NAMES) if i is not None), None)
+        missing = [names.get(k, "/".join(NO_SPEECH_NAMES)) for k, v in ids.items() if v is None]
+        if missing:
+            raise UserError(f"model.base: its tokenizer has no {', '.join(missing)} token: it is not a multilingual "
+                            f"Whisper tokenizer; turn off train.timestamp_probability, train.prompt_probability "
+                            f"and train.no_speech_fraction")
+        last = token_id(tokenizer, "<|30.00|>")
+        if last != ids["timestamp_begin"] + round(MAX_SECONDS / TIME_STEP):
+            raise UserError(f"model.base: its tokenizer's timestamp tokens are not <|0.00|>..<|30.00|> in 0.02-s "
+                            f"steps (<|30.00|> = {last}); turn off train.timestamp_probability")
+        return cls(**ids)
+
+    def timestamp(self, seconds: float) -> int:
+        """<|t|> for t on the 0.02-s grid, at most <|30.00|>."""
+        return self.timestamp_begin + round(min(max(seconds, 0.0), MAX_SECONDS) / TIME_STEP)
+
+
+def split_label(labels: list[int], tok: SpecialTokens) -> tuple[list[int], list[int]]:
+    """(prefix up to <|transcribe|>, text tokens) of a prepared label row
+    `<|sot|> <|lang|> <|task|> <|notimestamps|> text <|endoftext|>`."""
+    try:
+        at = labels.index(tok.no_timestamps, 0, 5)
+    except ValueError:
+        raise UserError(f"a prepared label row does not start with <|startoftranscript|> ... <|notimestamps|> "
+                        f"({labels[:5]}): prepare the data again with this base's tokenizer") from None
+    end = len(labels) - 1 if labels and labels[-1] == tok.eot else len(labels)
+    return labels[:at], labels[at + 1:end]
+
+
+def timestamped(labels: list[int], seconds: float, tok: SpecialTokens) -> list[int]:
+    """`... <|notimestamps|> text <|eot|>` -> `... <|0.00|> text <|seconds|> <|eot|>`: one segment
+    spanning the clip (prepared clips are one sentence each)."""
+    prefix, text = split_label(labels, tok)
+    return prefix + [tok.timestamp(0.0)] + text + [tok.timestamp(seconds), tok.eot]
+
+
+def pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:
+    """1/f noise: white noise shaped by 1/sqrt(f) in the frequency domain, unit RMS."""
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    f = np.arange(len(spectrum), dtype=np.float64)
+    f[0] = 1.0
+    x = np.fft.irfft(spectrum / np.sqrt(f), n)
+    return x / max(float(np.sqrt(np.mean(x ** 2))), 1e-12)
+
+
+def no_speech_audio(rng: np.random.Generator, files: list[Path]) -> np.ndarray:
+    """A 1-30 s clip without speech (no_speech_clip's audio)."""
+    return no_speech_clip(rng, files)[1]
+
+
+def no_speech_clip(rng: np.random.Generator, files: list[Path]) -> tuple[str, np.ndarray]:
+    """(kind, audio): a random 30-s window of one of `files` (kind "file"), or a generated 1-30 s
+    clip: digital "silence", or "white" / "pink" noise at -70..-20 dBFS RMS (room tone to a loud fan)."""
+    if files:
+        from lib.audio import decode
+
+        path = files[int(rng.integers(len(files)))]
+        audio = decode(path)
+        n = int(MAX_SECONDS * SAMPLING_RATE)
+        if len(audio) > n:
+            start = int(rng.integers(len(audio) - n + 1))
+            audio = audio[start:start + n]
+        return "file", audio.astype(np.float32)
+    n = int(rng.uniform(1.0, MAX_SECONDS) * SAMPLING_RATE)
+    kind = str(rng.choice(["silence", "white", "pink"]))
+    if kind == "silence":
+        return kind, np.zeros(n, np.float32)
+    level = 10 ** (rng.uniform(-70.0, -20.0) / 20)
+    x = rng.standard_normal(n) if kind == "white" else pink_noise(n, rng)
+    return kind, np.clip(level * x, -1.0, 1.0).astype(np.float32)
+
+
+# Eval's no-speech clips are drawn from their own stream, never one a training run with a
+# plausible train.seed draws from (training uses (seed, row index)).
+EVAL_SEED = 1_000_003
+
+
+def eval_no_speech_clips(n: int, folder: str | None = None, flag: str = "no_speech_dir") -> list[tuple[str, np.ndarray]]:
+    """The fixed set of `n` (kind, audio) clips eval scores for hallucination: the same clips in
+    every eval, so base and adapter, and two runs, see the same silence and noise."""
+    try:
+        files = no_speech_files(folder)
+    except UserError as e:
+        raise UserError(str(e).replace("train.no_speech_dir", flag)) from None
+    return [no_speech_clip(np.random.default_rng([EVAL_SEED, i]), files) for i in range(n)]
+
+
+def no_speech_files(folder: str | None) -> list[Path]:
+    """The audio files of train.no_speech_dir (recursively), sorted so the seed picks the same ones."""
+    if not folder:
+        return []
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"train.no_speech_dir={folder}: no such folder")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"train.no_speech_dir={folder}: no audio files ({', '.join(AUDIO_SUFFIXES)}) in it")
+    return files
+
+
+def change_speed(audio: np.ndarray, factor: float) -> np.ndarray:
+    """Play `factor` times faster (pitch moves with it, as Kaldi's speed perturbation): resample
+    as if recorded at factor x 16 kHz; 1.1 -> 10 s become 9.09 s."""
+    import soxr
+
+    return soxr.resample(audio, SAMPLING_RATE * factor, SAMPLING_RATE, quality="HQ").astype(np.float32)
+
+
+def add_noise(audio: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
+    """White noise at `snr_db` below the clip's RMS (a silent clip gets none)."""
+    rms = float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))) if len(audio) else 0.0
+    noise = rng.standard_normal(len(audio)) * rms * 10 ** (-snr_db / 20)
+    return (audio + noise).astype(np.float32)
+
+
+class TrainingSamples(Dataset):
+    """The train split with train.* sample options applied per row; a torch map-style dataset.
+
+    Rows 0..n-1 are the prepared rows; rows n.. (when train.no_speech_fraction > 0) are no-speech
+    clips, so that they are that share of all samples: n x f / (1 - f) of them (1000 clips at
+    0.1 -> 111 more). Each row is {audio, labels, prompt}: labels begin with <|startoftranscript|>
+    like prepared ones; prompt is the previous text (empty = none), which the collator places.
+    """
+
+    def __init__(self, ds, tokenizer, t, seed: int | None = None):
+        """ds: the train split (audio, labels, duration columns); t: lib.train_config.TrainSection."""
+        self.ds, self.t = ds, t
+        self.seed = t.seed if seed is None else seed
+        self.n = len(ds)
+        self.tok = SpecialTokens.of(tokenizer)
+        self.files = no_speech_files(t.no_speech_dir) if t.no_speech_fraction > 0 else []
+        f = t.no_speech_fraction
+        self.n_no_speech = round(self.n * f / (1 - f)) if f > 0 else 0
+        # The text tokens of every row, for the next row's prompt (labels only: a few hundred bytes a row).
+        self.texts = ([split_label(list(map(int, lab)), self.tok)[1] for lab in ds.with_format(None)["labels"]]
+                      if t.prompt_probability > 0 else [])
+        # The prefix of the data (<|sot|> <|hi|> <|transcribe|>), checked here rather than in a
+        # dataloader worker mid-run; "empty" no-speech labels reuse it.
+        self.prefix = split_label(list(map(int, ds.with_format(None)[0]["labels"])), self.tok)[0] if self.n else []
+
+    def __len__(self) -> int:
+        return self.n + self.n_no_speech
+
+    def rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, i])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rng = self.rng(int(i))
+        if i >= self.n:
+            audio = self.augment_audio(no_speech_audio(rng, self.files), rng)
+            return {"audio": audio, "labels": self.no_speech_labels(), "prompt": []}
+        row = self.ds[int(i)]
+        t = self.t
+        # The same draws in the same order whatever is on, so that turning one option on keeps
+        # every other option's choices for this row (augment_audio makes exactly four more).
+        use_ts, use_prompt = rng.random() < t.timestamp_probability, rng.random() < t.prompt_probability
+        audio = self.augment_audio(np.asarray(row["audio"], dtype=np.float32), rng)
+        labels = list(map(int, row["labels"]))
+        if use_ts:
+            ts = timestamped(labels, len(audio) / SAMPLING_RATE, self.tok)
+            # one token longer; the decoder sees all but the first (<|sot|> is its start token)
+            labels = ts if len(ts) - 1 <= MAX_POSITIONS else labels
+        # [<|startofprev|>] + prompt + labels[:-1] must fit the decoder's positions too
+        room = MAX_POSITIONS - len(labels)
+        prompt = self.texts[i - 1][-min(MAX_PROMPT, room):] if use_prompt and i > 0 and room > 0 else []
+        return {"audio": audio, "labels": labels, "prompt": prompt}
+
+    def no_speech_labels(self) -> list[int]:
+        """train.no_speech_label: "token" = <|sot|> <|nospeech|> <|eot|>, Whisper's own no-speech
+        target (what its no-speech probability and long-form no_speech_threshold read); "empty" =
+        <|sot|> <|hi|> <|transcribe|> <|notimestamps|> <|eot|>, an empty transcript under the prompt
+        that forced-language decoding (eval, transcribe) feeds, which never asks for <|nospeech|>."""
+        if self.t.no_speech_label == "empty":
+            return [*self.prefix, self.tok.no_timestamps, self.tok.eot]
+        return [self.tok.sot, self.tok.no_speech, self.tok.eot]
+
+    def augment_audio(self, audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Speed, then gain, then noise, each only when its flag is on (four draws, always made;
+        the noise samples come from a generator of their own)."""
+        t = self.t
+        speed = 1 + t.speed_perturb * (2 * rng.random() - 1)
+        gain_db = t.gain_db * (2 * rng.random() - 1)
+        snr = (t.noise_snr_db + 20 * rng.random()) if t.noise_snr_db is not None else None
+        noise_rng = np.random.default_rng(rng.integers(2 ** 63))
+        if t.speed_perturb and len(audio):
+            # never past Whisper's 30-s window: a slowed 29-s clip would be cut and lose words
+            speed = max(speed, len(audio) / (MAX_SECONDS * SAMPLING_RATE))
+            audio = change_speed(audio, speed)
+        if t.gain_db:
+            audio = np.clip(audio * 10 ** (gain_db / 20), -1.0, 1.0).astype(np.float32)
+        if snr is not None:
+            audio = add_noise(audio, snr, noise_rng)
+        return audio
