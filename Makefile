@@ -197,7 +197,7 @@ eval: ## word error rate of run RUN on DATA (LANG, DATA, RUN, ARGS e.g. split=te
 	$(call job,eval,$(recipe_arg) $(run_arg) $(data_arg) $(language_arg) $(ARGS))
 
 .PHONY: export
-export: ## merge run RUN's adapter into a standalone model (RUN, ARGS e.g. dtype=bf16)
+export: ## merge run RUN's adapter into a standalone model (RUN, ARGS e.g. dtype=bf16 ggml=q8_0)
 	mkdir -p $(DATA_ABS)
 	$(call job,export,$(recipe_arg) $(run_arg) $(ARGS))
 

@@ -2,11 +2,13 @@
 
     python -m jobs.export run=hi-small                        # -> DATA_DIR/runs/hi-small/merged
     python -m jobs.export run=hi-small ctranslate2=int8 hub.push=true hub.repo_id=me/whisper-small-hi
+    python -m jobs.export run=hi-small ggml=q8_0             # + DATA_DIR/runs/hi-small/merged-ggml-q8_0 (whisper.cpp)
     python -m jobs.export adapter=DIR model=openai/whisper-small language=hi data=cv-hi out=DIR
 
 The merged model is checked before it is moved into OUT: on verify_clips clips of the
-prepared split, its transcripts and logits must match base + adapter. An OUT that holds
-another model is kept unless force=true.
+prepared split, its transcripts and logits must match base + adapter; a CTranslate2 or
+whisper.cpp copy must transcribe them like the merged model in its own runtime. An OUT that
+holds another model is kept unless force=true.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ class ExportConfig:
     """also write OUT-ct2-<type> for faster-whisper / CTranslate2"""
     ct2_max_wer: float = 0.25
     """WER allowed between CTranslate2 and merged transcripts (int8 drifts more than float16)"""
+    ggml: Literal["none", "f16", "q8_0", "q5_0"] = "none"
+    """also write OUT-ggml-<type>/ggml-model-<type>.bin for whisper.cpp (q8_0 ~ half, q5_0 ~ a third of f16)"""
+    ggml_max_wer: float = 0.25
+    """WER allowed between whisper.cpp and merged transcripts: its own log-mel front end alone flips
+    fragile words (whisper-base, 6 short clips: 13-20 %, as a 2.5 ms shift does in transformers)"""
     force: bool = False
     """replace an OUT that holds a different model"""
     hub: HubConfig = field(default_factory=HubConfig)
@@ -66,8 +73,8 @@ class ExportConfig:
             raise UserError("verify_clips must be >= 0")
         if not 1 <= self.verify_tokens <= 444:
             raise UserError("verify_tokens must be 1..444")
-        if not 0 <= self.verify_max_wer <= 1 or not 0 <= self.ct2_max_wer <= 1:
-            raise UserError("verify_max_wer and ct2_max_wer are fractions in 0..1 (0.05 = 5 %)")
+        if not all(0 <= w <= 1 for w in (self.verify_max_wer, self.ct2_max_wer, self.ggml_max_wer)):
+            raise UserError("verify_max_wer, ct2_max_wer and ggml_max_wer are fractions in 0..1 (0.05 = 5 %)")
 
 
 def main(cfg: ExportConfig, env: Env) -> dict:
@@ -92,6 +99,9 @@ def main(cfg: ExportConfig, env: Env) -> dict:
     ct2_out = out.parent / f"{out.name}-ct2-{cfg.ctranslate2}"
     if cfg.ctranslate2 != "none":
         ex.check_destination(ct2_out, fp, cfg.force)
+    ggml_out = out.parent / f"{out.name}-ggml-{cfg.ggml}"
+    if cfg.ggml != "none":
+        ex.check_destination(ggml_out, fp, cfg.force)
     task = task_setting(cfg.task, run_config=source.run_config, adapter=source.adapter)
     log.info("export: %s -> %s (%s)", source.describe(), out, cfg.dtype)
 
@@ -150,7 +160,29 @@ def main(cfg: ExportConfig, env: Env) -> dict:
         (out / ex.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
         log.info("export: CTranslate2 %s model in %s", cfg.ctranslate2, ct2_out)
 
-    # 6. Optional Hub push with a model card carrying the eval report.
+    # 6. Optional whisper.cpp file, checked in whisper.cpp's own runtime (lib/ggml.py).
+    if cfg.ggml != "none":
+        from lib import ggml
+
+        ggml_staging = out.parent / f".{ggml_out.name}.incomplete"
+        if ggml_staging.exists():  # left by a failed check: never reuse an unverified file
+            import shutil
+
+            shutil.rmtree(ggml_staging)
+        merged = load_base(str(out), "none", "fp32", base_dtype="compute").eval()
+        ggml_manifest = {**manifest, "ggml": ggml.write_ggml(merged, processor, ggml_staging / ggml.file_name(cfg.ggml),
+                                                             cfg.ggml), "merged_from": str(out)}
+        if clips:
+            ggml_manifest["verify_ggml"] = ggml.verify_ggml(ggml_staging / ggml.file_name(cfg.ggml), merged, processor,
+                                                            clips, language, task, cfg.ggml_max_wer, cfg.verify_tokens)
+        ggml_manifest["ggml"]["path"] = str(ggml_out / ggml.file_name(cfg.ggml))
+        (ggml_staging / ex.MANIFEST).write_text(json.dumps(ggml_manifest, indent=2, ensure_ascii=False))
+        ex.move_into_place(ggml_staging, ggml_out)
+        manifest["ggml"] = {**ggml_manifest["ggml"], **ggml_manifest.get("verify_ggml", {})}
+        (out / ex.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        log.info("export: whisper.cpp %s model in %s", cfg.ggml, ggml_out)
+
+    # 7. Optional Hub push with a model card carrying the eval report.
     if cfg.hub.push:
         report = source.run_dir / "eval" / "report.md" if source.run_dir else None
         card = hub.model_card(kind="merged", repo_id=cfg.hub.repo_id, base=source.base, language=language,
