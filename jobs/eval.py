@@ -64,6 +64,9 @@ class EvalConfig:
     """also time our settings vs the walkthrough loop (int8, batch 8, autocast) on speed_clips clips"""
     speed_clips: int = 32
     """clips for speed_compare"""
+    track: bool = True
+    """with run=: log the WERs and the report to the run's tracking run (RUN/tracking.json, written
+    by train.report_to=mlflow or wandb); nothing to do for a run tracked by TensorBoard only"""
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -90,6 +93,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         write_predictions,
         write_report,
     )
+    from lib.tracking import log_eval
 
     # 1. What to evaluate, on what, and where the report goes.
     source = resolve_source(env, cfg.run, cfg.model, cfg.adapter)
@@ -192,6 +196,13 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         log.info("eval: %-7s normalized WER %.2f %%  WER %.2f %%  CER %.2f %%  (empty %d, loops %d)",
                  name, 100 * m["normalized_wer"], 100 * m["wer"], 100 * m["cer"], m["empty"], m["repetition"])
     log.info("eval: wrote %s", out / "report.md")
+
+    # 7. The tracking run train recorded (train.report_to=mlflow|wandb): WERs and the report files.
+    if cfg.track and source.run_dir is not None:
+        where = log_eval(source.run_dir, report, [out / "report.md", out / "report.json", out / "training_curves.png"],
+                         env)
+        if where:
+            log.info("eval: logged the report to %s", where)
     return report
 
 

@@ -73,7 +73,8 @@ def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
     model, base = build_training_model(cfg, precision, env.hf_token)
 
     # 5. Trainer, and where to resume from (the newest COMPLETE checkpoint, never a half-written one).
-    trainer, callbacks = T.build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir, precision, steps)
+    trainer, callbacks = T.build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir, precision, steps,
+                                         env=env)
     resume_from, moved = checkpoint.find_resumable(run_dir / "checkpoints", move=rank0)
     if resume_from:
         log.info("resuming from %s", resume_from)

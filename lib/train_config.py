@@ -101,6 +101,9 @@ class TrainSection:
     """first optimizer steps left out of the steady samples/s in metrics.json"""
     profile_steps: int = 0
     """profile the last N steps (torch.profiler): RUN/profile.txt, where GPU time goes; not timed"""
+    report_to: Literal["tensorboard", "mlflow", "wandb"] = "tensorboard"
+    """experiment tracking besides RUN/tb (always written): mlflow (MLFLOW_TRACKING_URI, default the
+    file store DATA_DIR/mlruns) or wandb (offline unless WANDB_API_KEY is set); see lib/tracking.py"""
 
     def __post_init__(self):
         if self.compile is None:  # the flag value `none` reads as YAML null
