@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from lib import summary
 from lib.cli import run_job
 from lib.config import dump_yaml, to_dict
 from lib.env import Env
@@ -198,11 +199,19 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     log.info("eval: wrote %s", out / "report.md")
 
     # 7. The tracking run train recorded (train.report_to=mlflow|wandb): WERs and the report files.
+    where = None
     if cfg.track and source.run_dir is not None:
         where = log_eval(source.run_dir, report, [out / "report.md", out / "report.json", out / "training_curves.png"],
                          env)
         if where:
             log.info("eval: logged the report to %s", where)
+
+    # 8. Where the report is, and the numbers.
+    summary.done("eval", {"report": out / "report.md", "clips": f"{len(ds)} of {data}/{cfg.split}",
+                          **{name: f"normalized WER {summary.percent(m['normalized_wer'], 100)}, WER "
+                                   f"{summary.percent(m['wer'], 100)}, CER {summary.percent(m['cer'], 100)}"
+                             for name, m in results.items()},
+                          "tracking": where})
     return report
 
 

@@ -78,6 +78,16 @@ def read_record(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def describe(run_dir: Path) -> str | None:
+    """Where RUN's tracking run is, for the job summaries; None when only TensorBoard tracks it."""
+    r = read_record(run_dir)
+    if r.get("backend") == "mlflow":
+        return f"MLflow run {r['run_name']} ({r['run_id'][:8]}) in {r['tracking_uri']}"
+    if r.get("backend") == "wandb":
+        return f"W&B run {r['run_name']} ({r['run_id']}, {r.get('mode', 'online')}) in project {r['project']}"
+    return None
+
+
 def _write_record(run_dir: Path, record: dict[str, Any]) -> None:
     from lib.trainer import write_json
 
@@ -210,7 +220,7 @@ def log_eval(run_dir: Path, report: dict[str, Any], files: list[Path], env) -> s
             client.log_metric(record["run_id"], key, value)
         for f in files:
             client.log_artifact(record["run_id"], str(f), artifact_path="eval")
-        return f"MLflow run {record['run_name']} ({record['run_id']}) in {record['tracking_uri']}"
+        return describe(run_dir)
     if record.get("backend") == "wandb":
         check("wandb")
         import wandb
@@ -223,5 +233,5 @@ def log_eval(run_dir: Path, report: dict[str, Any], files: list[Path], env) -> s
             artifact.add_file(str(f))
         run.log_artifact(artifact)
         run.finish()
-        return f"W&B run {record['run_name']} ({record['run_id']})"
+        return describe(run_dir)
     return None

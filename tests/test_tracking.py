@@ -42,7 +42,7 @@ def data_dir(tmp_path, tiny_model_dir, monkeypatch):
     return tmp_path
 
 
-def test_mlflow_run_params_metrics_and_eval_report_in_a_local_file_store(data_dir, tiny_model_dir):
+def test_mlflow_run_params_metrics_and_eval_report_in_a_local_file_store(data_dir, tiny_model_dir, capsys):
     from mlflow import MlflowClient
 
     from jobs.eval import EvalConfig
@@ -50,6 +50,8 @@ def test_mlflow_run_params_metrics_and_eval_report_in_a_local_file_store(data_di
 
     env = Env(data_dir=data_dir, hf_token="hf_secretvalue123")
     train_main(_train_cfg(tiny_model_dir, "tracked", **{"train.report_to": "mlflow"}), env)
+    said = capsys.readouterr().err  # the job's closing summary names the tracking run
+    assert "== train done" in said and "MLflow run tracked" in said and str(data_dir / "runs" / "tracked") in said
 
     record = json.loads((data_dir / "runs" / "tracked" / "tracking.json").read_text())
     assert record["tracking_uri"] == f"file:{data_dir / 'mlruns'}"  # the default: offline, on the data volume
@@ -70,6 +72,8 @@ def test_mlflow_run_params_metrics_and_eval_report_in_a_local_file_store(data_di
     got = run.data.metrics["test/adapter/normalized_wer"]
     assert got == pytest.approx(100 * report["results"]["adapter"]["normalized_wer"])
     assert "test/base/normalized_wer" in run.data.metrics
+    said = capsys.readouterr().err
+    assert "== eval done" in said and "report.md" in said and "MLflow run tracked" in said
     files = {a.path for a in client.list_artifacts(record["run_id"], "eval")}
     assert {"eval/report.md", "eval/report.json"} <= files
 
