@@ -36,7 +36,7 @@ RECORD = "tracking.json"
 EXPERIMENT = "whisper-finetune"
 """MLflow experiment / W&B project when MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT are unset"""
 # Package to import, and what to install when it is missing (mlflow-skinny is in the lock; wandb is
-# not: its wheel bundles a ~30 MB Go service that a run tracked with MLflow or TensorBoard never needs).
+# not: its 20 MB wheel bundles a Go service that a run tracked with MLflow or TensorBoard never needs).
 _PACKAGES = {"mlflow": ("mlflow", "pip install mlflow-skinny"), "wandb": ("wandb", "pip install wandb")}
 # MLflow refuses a parameter value longer than this (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 # is 6000 in 3.x; 500 in 2.x): cut, rather than lose the parameter or the run.
