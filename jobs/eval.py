@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from lib import summary
 from lib.cli import run_job
 from lib.config import dump_yaml, to_dict
 from lib.env import Env
@@ -82,6 +83,9 @@ class EvalConfig:
     """silence/noise clips scored for hallucination (the share that produce text), model and base; 0 = off"""
     no_speech_dir: str | None = None
     """a folder of audio without speech to cut those clips from; default: generated silence, white/pink noise"""
+    track: bool = True
+    """with run=: log the WERs and the report to the run's tracking run (RUN/tracking.json, written
+    by train.report_to=mlflow or wandb); nothing to do for a run tracked by TensorBoard only"""
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -113,6 +117,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         write_predictions,
         write_report,
     )
+    from lib.tracking import log_eval
 
     # 1. What to evaluate, on what, and where the report goes.
     source = resolve_source(env, cfg.run, cfg.model, cfg.adapter)
@@ -167,7 +172,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         with model.disable_adapter():
             hyps["base"] = transcribe_dataset(model, processor, ds, desc="base zero-shot", **gen)
 
-    # 5. Score and write the report.
+    # 5. Score.
     out.mkdir(parents=True, exist_ok=True)
     results, utts = {}, {}
     for name, (texts, _, cut) in hyps.items():
@@ -207,11 +212,11 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
-    # 5b. Hallucination: the same silence/noise clips through the model and the base.
+    # 6. Hallucination: the same silence/noise clips through the model and the base.
     if cfg.no_speech_clips:
         report["hallucination"] = no_speech_section(cfg, model, processor, label, bool(source.adapter), gen)
 
-    # 6. Long-form: joined test clips (or longform.manifest=) through sequential decoding with timestamps.
+    # 7. Long-form: joined test clips (or longform.manifest=) through sequential decoding with timestamps.
     from lib.inference import model_legs
 
     legs = model_legs(model, label, bool(source.adapter and cfg.compare_base))
@@ -219,13 +224,13 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         report["longform"] = longform.evaluate(legs, model, processor, recordings, language, task, cfg.longform,
                                                lf_source, cfg.max_new_tokens)
 
-    # 7. Other languages (also=): WER with their language forced, language ID left to the model.
+    # 8. Other languages (also=): WER with their language forced, language ID left to the model.
     if also_sets:
         report["also"], report["forgetting_flags"] = forgetting.evaluate_also(
             also_sets, cfg.also_split, cfg.limit, legs, model, processor, task, cfg.batch_size,
             cfg.max_new_tokens, cfg.num_beams, cfg.forgetting_max_drop, cfg.forgetting_max_wer_rise)
 
-    # 8. Optional: time our settings against the walkthrough's loop on the same clips.
+    # 9. Optional: time our settings against the walkthrough's loop on the same clips.
     if cfg.speed_compare:
         del model
         clips = list(ds.select(range(min(cfg.speed_clips, len(ds)))).with_format("numpy")["audio"])
@@ -239,6 +244,21 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         log.info("eval: %-7s normalized WER %.2f %%  WER %.2f %%  CER %.2f %%  (empty %d, loops %d)",
                  name, 100 * m["normalized_wer"], 100 * m["wer"], 100 * m["cer"], m["empty"], m["repetition"])
     log.info("eval: wrote %s", out / "report.md")
+
+    # 10. The tracking run train recorded (train.report_to=mlflow|wandb): WERs and the report files.
+    where = None
+    if cfg.track and source.run_dir is not None:
+        where = log_eval(source.run_dir, report, [out / "report.md", out / "report.json", out / "training_curves.png"],
+                         env)
+        if where:
+            log.info("eval: logged the report to %s", where)
+
+    # 11. Where the report is, and the numbers.
+    summary.done("eval", {"report": out / "report.md", "clips": f"{len(ds)} of {data}/{cfg.split}",
+                          **{name: f"normalized WER {summary.percent(m['normalized_wer'], 100)}, WER "
+                                   f"{summary.percent(m['wer'], 100)}, CER {summary.percent(m['cer'], 100)}"
+                             for name, m in results.items()},
+                          "tracking": where})
     return report
 
 

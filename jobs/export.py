@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from lib import summary
 from lib.cli import run_job
 from lib.config import to_dict
 from lib.env import Env
@@ -191,6 +192,9 @@ def main(cfg: ExportConfig, env: Env) -> dict:
         manifest["hub"] = hub.push_folder(out, cfg.hub, env.hf_token, card, "merged model")
         (out / ex.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
         log.info("export: pushed to %s", manifest["hub"])
+
+    # 7. Where the models are, and how closely they match base + adapter.
+    summary.done("export", summary.export_summary(out, manifest))
     return manifest
 
 

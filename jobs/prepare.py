@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lib import summary
 from lib.audio import SAMPLING_RATE
 from lib.cli import run_job
 from lib.config import to_dict
@@ -120,6 +121,7 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
         old = json.loads((out / MANIFEST).read_text())
         if old.get("fingerprint") == fp:
             log.info("prepare: %s is up to date (fingerprint %s); pass force=true to redo", out, fp)
+            summary.done("prepare (up to date)", summary.prepare_summary(out, old))
             return old
 
     # 4. Decode, resample, filter and tokenize each split, chunk by chunk, in a work folder.
@@ -186,6 +188,7 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
     if len(skipped) > 20:
         log.warning("prepare: ... and %d more skipped rows, all listed in %s", len(skipped) - 20, out / MANIFEST)
     log.info("prepare: wrote %s in %.1f s", out, time.time() - started)
+    summary.done("prepare", summary.prepare_summary(out, manifest))
     return manifest
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from lib import auto, checkpoint, hub, runlock
+from lib import auto, checkpoint, hub, runlock, summary, tracking
 from lib import trainer as T
 from lib.cli import Recipe, run_job
 from lib.config import dump_yaml, to_dict
@@ -74,7 +74,8 @@ def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
     model, base = build_training_model(cfg, precision, env.hf_token)
 
     # 5. Trainer, and where to resume from (the newest COMPLETE checkpoint, never a half-written one).
-    trainer, callbacks = T.build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir, precision, steps)
+    trainer, callbacks = T.build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir, precision, steps,
+                                         env=env)
     resume_from, moved = checkpoint.find_resumable(run_dir / "checkpoints", move=rank0)
     if resume_from:
         log.info("resuming from %s", resume_from)
@@ -99,6 +100,17 @@ def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
                               language=cfg.language, task=cfg.task, recipe=recipe.name if recipe else None,
                               metrics=metrics, lora=to_dict(cfg.lora))
         hub.push_folder(run_dir / "adapter", cfg.hub, env.hf_token, card, "LoRA adapter")
+
+    # 9. Where everything is, and the numbers that matter.
+    summary.done("train", {
+        "outputs": f"{run_dir} (adapter/, checkpoints/, metrics.json, log_history.json, tb/)",
+        "best WER": f"{summary.percent(metrics['best_eval_normalized_wer'])} normalized, "
+                    f"{summary.percent(metrics['best_eval_wer'])} exact text ({metrics['best_checkpoint']})",
+        "steps": f"{metrics['global_step']}, {metrics['train_samples_per_second'] or 0:.2f} samples/s",
+        "adapter": f"{metrics['adapter_size_bytes'] / 1e6:.1f} MB, {metrics['trainable_params']:,} trainable params",
+        "tracking": tracking.describe(run_dir) or f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}",
+        "next": f"make eval RUN={cfg.run}",
+    })
     return metrics
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from lib import summary
 from lib.audio import SAMPLING_RATE
 from lib.cli import run_job
 from lib.env import Env
@@ -83,6 +84,8 @@ def main(cfg: TranscribeConfig, env: Env) -> str:
     if cfg.out:
         Path(cfg.out).write_text(text + "\n", encoding="utf-8")
         log.info("transcribe: wrote %s", cfg.out)
+    summary.done("transcribe", {"audio": f"{cfg.audio} ({len(audio) / SAMPLING_RATE:.1f} s)",
+                                "model": source.describe(), "words": len(text.split()), "written to": cfg.out})
     return text
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lib import summary
 from lib.config import load_config
 from lib.env import Env, load_env
 from lib.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
@@ -120,6 +121,7 @@ def run_job(
             env_file = ".env" if Path(".env").is_file() else None
         env = load_env(env_file)
         setup_logging(env)
+        summary.mark_start()
         cfg, recipe = build_config(cfg_cls, args.recipe, args.overrides, computed)
         log.info("%s: environment %s", name, env.describe())
         report_exit("started")

@@ -16,8 +16,9 @@ from dotenv import dotenv_values
 
 from lib.errors import UserError
 
-SECRET_KEYS = ("HF_TOKEN", "MDC_API_KEY")
-KNOWN_KEYS = SECRET_KEYS + ("HF_HOME", "DATA_DIR")
+SECRET_KEYS = ("HF_TOKEN", "MDC_API_KEY", "WANDB_API_KEY")
+# MLFLOW_TRACKING_URI / WANDB_MODE: where train.report_to=mlflow / wandb log (lib/tracking.py)
+KNOWN_KEYS = SECRET_KEYS + ("HF_HOME", "DATA_DIR", "MLFLOW_TRACKING_URI", "WANDB_MODE")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class Env:
     hf_home: Path | None = None
     hf_token: str | None = field(default=None, repr=False)
     mdc_api_key: str | None = field(default=None, repr=False)
+    mlflow_tracking_uri: str | None = None
+    wandb_api_key: str | None = field(default=None, repr=False)
+    wandb_mode: str | None = None
 
     def describe(self) -> dict[str, str]:
         """A loggable view: paths as they are, secrets only as set / not set."""
@@ -36,6 +40,8 @@ class Env:
             "HF_HOME": str(self.hf_home) if self.hf_home else "(default)",
             "HF_TOKEN": "set" if self.hf_token else "not set",
             "MDC_API_KEY": "set" if self.mdc_api_key else "not set",
+            "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri or "(default)",
+            "WANDB_API_KEY": "set" if self.wandb_api_key else "not set",
         }
 
     def prepared_dir(self, name: str) -> Path:
@@ -48,7 +54,7 @@ class Env:
 
     def secrets(self) -> list[str]:
         """The secret values, so that log filters can mask them."""
-        return [s for s in (self.hf_token, self.mdc_api_key) if s]
+        return [s for s in (self.hf_token, self.mdc_api_key, self.wandb_api_key) if s]
 
 
 def load_env(env_file: str | Path | None = None) -> Env:
@@ -78,9 +84,15 @@ def load_env(env_file: str | Path | None = None) -> Env:
         os.environ["HF_HOME"] = hf_home
     if merged.get("HF_TOKEN"):
         os.environ["HF_TOKEN"] = merged["HF_TOKEN"]
+    if merged.get("WANDB_API_KEY"):
+        # wandb reads its key from the environment only; it never reaches a config or a log line
+        os.environ["WANDB_API_KEY"] = merged["WANDB_API_KEY"]
     return Env(
         data_dir=Path(merged.get("DATA_DIR") or "data").resolve(),
         hf_home=Path(hf_home) if hf_home else None,
         hf_token=merged.get("HF_TOKEN"),
         mdc_api_key=merged.get("MDC_API_KEY"),
+        mlflow_tracking_uri=merged.get("MLFLOW_TRACKING_URI"),
+        wandb_api_key=merged.get("WANDB_API_KEY"),
+        wandb_mode=merged.get("WANDB_MODE"),
     )

@@ -130,7 +130,10 @@ def compare_models(reference, candidate, processor, clips: Sequence[np.ndarray],
     tok = processor.tokenizer
     tok.set_prefix_tokens(language=language, task=task, predict_timestamps=False)
     worst = 0.0
-    for audio, text in zip(clips, ref_texts, strict=True):
+    from tqdm.auto import tqdm
+
+    # two forward passes a clip: the slow part of the check on a CPU, so it shows progress and an ETA
+    for audio, text in tqdm(list(zip(clips, ref_texts, strict=True)), desc="export check: logits", unit="clip"):
         ids = tok(text).input_ids[:-1][:max_new_tokens]  # prefix + text, without <|endoftext|>
         a = _teacher_forced_logits(reference, processor, audio, ids)
         b = _teacher_forced_logits(candidate, processor, audio, ids)

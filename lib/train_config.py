@@ -135,6 +135,9 @@ class TrainSection:
     """raw-audio gain drawn from +-this many dB per clip (clipped to [-1, 1]); 0 = off"""
     noise_snr_db: float | None = None
     """add white noise at an SNR drawn from [this, this + 20] dB per clip; unset = off"""
+    report_to: Literal["tensorboard", "mlflow", "wandb"] = "tensorboard"
+    """experiment tracking besides RUN/tb (always written): mlflow (MLFLOW_TRACKING_URI, default the
+    file store DATA_DIR/mlruns) or wandb (offline unless WANDB_API_KEY is set); see lib/tracking.py"""
 
     def __post_init__(self):
         if self.compile is None:  # the flag value `none` reads as YAML null

@@ -119,7 +119,8 @@ def training_arguments(cfg, output_dir: Path, precision: str, has_eval: bool,
         save_total_limit=None,  # lib.checkpoint.CompleteMarker rotates, after the COMPLETE marker
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        report_to="none",  # TensorBoard is added as an explicit callback writing to RUN/tb
+        report_to="none",  # TensorBoard (RUN/tb) and train.report_to's tracker are explicit callbacks
+        run_name=cfg.run,  # the tracking run's name (MLflow, W&B)
         predict_with_generate=True,
         # Whisper's generate() counts max_length in new tokens: it adds the prompt's length itself
         generation_max_length=generation_max_length or t.generation_max_length,
@@ -175,7 +176,7 @@ def check_setup(cfg, env, manifest: dict):
     Whisper, the language is one it knows and the one the data was prepared for, the precision,
     quantization and compiler work here. Sets cfg.language to the resolved code; returns
     (processor, precision)."""
-    from lib import lora
+    from lib import lora, tracking
     from lib import model as M
     from lib.errors import UserError
     from lib.language import job_language, resolve_language
@@ -196,6 +197,7 @@ def check_setup(cfg, env, manifest: dict):
     M.check_quantization(cfg.model.quantization)
     if cfg.train.compile != "none":
         lora.check_compiler(cfg.train.compile)
+    tracking.check(cfg.train.report_to)
     return processor, precision
 
 
@@ -274,17 +276,19 @@ class Callbacks:
     profiler: Any = None
 
 
-def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path, precision: str, steps: int):
+def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path, precision: str, steps: int,
+                  env=None):
     """(Seq2SeqTrainer, Callbacks): the run's arguments, collator, WER metric and callbacks (the
-    COMPLETE marker and rotation, log_history.json, TensorBoard on rank 0, SIGTERM, timing,
-    profiling of the last train.profile_steps steps)."""
+    COMPLETE marker and rotation, log_history.json, TensorBoard and train.report_to's tracker on
+    rank 0 (lib/tracking.py; needs env), SIGTERM, timing, profiling of the last train.profile_steps steps)."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers import Seq2SeqTrainer
     from transformers.integrations import TensorBoardCallback
 
-    from lib import checkpoint
+    from lib import checkpoint, tracking
     from lib.benchmark import ProfileSteps, StepTimer
     from lib.collator import WhisperCollator
+    from lib.config import to_dict
 
     ckpt_root = run_dir / "checkpoints"
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -310,6 +314,7 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
             checkpoint.CompleteMarker(ckpt_root, cfg.train.keep_checkpoints),
             LogHistoryWriter(run_dir / "log_history.json"),
             *([TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tb")))] if rank0 else []),
+            *(tracking.callbacks(cfg.train.report_to, cfg.run, to_dict(cfg), env, run_dir) if rank0 else []),
             cb.stopper,
             cb.timer,
             *([profiler] if profiler else []),

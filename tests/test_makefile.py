@@ -254,3 +254,15 @@ def test_demo_runs_end_to_end(tmp_path):
     report = (tmp_path / "runs/demo/eval/report.md").read_text()
     assert "## Long-form" in report and "## Other languages" in report and "| demo-en | en |" in report
     assert "(missing!)" not in proc.stdout
+    # Output a person can read: every job closes with its summary, and the library warnings that
+    # mean nothing here (lib/quiet.py) are gone. What is left are the demo's own findings: the
+    # broken fixture rows prepare skips (5) and eval's truncated hypotheses (2), each said once.
+    log = proc.stdout + proc.stderr
+    for job in ("prepare", "train", "eval", "export"):
+        assert f"== {job} done in " in log, job
+    warning_lines = [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in log.splitlines()
+                     if re.search(r"\bWARNING\b|Warning:|warnings\.warn|^\[transformers\]|kernels-community", line)]
+    assert len(warning_lines) <= 8, "\n".join(warning_lines)
+    assert len(set(warning_lines)) == len(warning_lines), "\n".join(warning_lines)
+    assert not [line for line in warning_lines if re.search(r"kernels-community|is_gradient_checkpointing|"
+                                                            r"generation-related|attention mask", line)]
