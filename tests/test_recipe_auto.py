@@ -189,7 +189,8 @@ def test_train_job_with_recipe_auto_on_the_cpu(tiny_model_dir, tmp_path, monkeyp
     assert line.endswith("your flags win: model.gradient_checkpointing=true")
     saved = yaml.safe_load((data / "runs" / "auto" / "config.yaml").read_text())
     assert saved["model"] == {"base": str(tiny_model_dir), "quantization": "none", "precision": "fp32",
-                              "base_dtype": "fp32", "gradient_checkpointing": True, "checkpoint_fraction": 1.0}
+                              "base_dtype": "fp32", "gradient_checkpointing": True, "checkpoint_fraction": 1.0,
+                              "int8_half_inputs": True}
     # everything else is the walkthrough's
     assert (saved["lora"]["r"], saved["lora"]["alpha"], saved["train"]["lr"], saved["train"]["warmup_steps"]) \
         == (32, 64, 1e-3, 50)
