@@ -231,21 +231,27 @@ def ct2_tokens(ct2_dir: Path, processor, clips: Sequence[np.ndarray], language: 
     return [_text_tokens(r.sequences_ids[0], tok) for r in results]
 
 
+def compare_tokens(ref_ids: list[list[int]], got_ids: list[list[int]], tok, max_new_tokens: int):
+    """(reference texts, candidate texts, candidate ids, WER between them) of two runtimes' tokens
+    for the same clips: the export checks of CTranslate2 and whisper.cpp against the merged model."""
+    from lib.metrics import normalize, wer
+
+    # A transcript cut by the token budget is compared over the same number of tokens.
+    got_ids = [g[:len(r)] if len(r) >= max_new_tokens else g for r, g in zip(ref_ids, got_ids, strict=True)]
+    ref = [tok.decode(r).strip() for r in ref_ids]
+    got = [tok.decode(g).strip() for g in got_ids]
+    return ref, got, got_ids, wer([normalize(t) for t in ref], [normalize(t) for t in got])
+
+
 def verify_ct2(ct2_dir: Path, merged, processor, clips: Sequence[np.ndarray], language: str, task: str,
                quantization: str, max_wer: float, max_new_tokens: int = 64) -> dict[str, Any]:
     """CTranslate2 transcripts vs the merged transformers model's; UserError beyond max_wer."""
-    from lib.metrics import normalize, wer
 
     # The CPU has no float16 kernels in CTranslate2: a float16 model runs as float32 here.
     compute_type = "int8" if quantization.startswith("int8") else "float32"
     ref_ids = hf_tokens(merged, processor, clips, language, task, max_new_tokens)
     got_ids = ct2_tokens(ct2_dir, processor, clips, language, task, compute_type)
-    # A transcript cut by the token budget is compared over the same number of tokens.
-    got_ids = [g[:len(r)] if len(r) >= max_new_tokens else g for r, g in zip(ref_ids, got_ids, strict=True)]
-    tok = processor.tokenizer
-    ref = [tok.decode(r).strip() for r in ref_ids]
-    got = [tok.decode(g).strip() for g in got_ids]
-    w = wer([normalize(t) for t in ref], [normalize(t) for t in got])
+    ref, got, got_ids, w = compare_tokens(ref_ids, got_ids, processor.tokenizer, max_new_tokens)
     result = {"clips": len(clips), "identical": sum(a == b for a, b in zip(ref, got, strict=True)),
               "wer_vs_merged": w, "max_wer": max_wer, "compute_type": compute_type, "passed": w <= max_wer}
     log.info("export: verify ctranslate2 (%s): %d/%d identical, WER vs merged %.2f %%",

@@ -332,17 +332,11 @@ def _suppresses_non_speech(model) -> bool:
 def verify_ggml(path: Path, merged, processor, clips: Sequence[np.ndarray], language: str, task: str,
                 max_wer: float, max_new_tokens: int = 64) -> dict[str, Any]:
     """whisper.cpp transcripts vs the merged transformers model's; UserError beyond max_wer."""
-    from lib.export import hf_tokens
-    from lib.metrics import normalize, wer
+    from lib.export import compare_tokens, hf_tokens
 
     ref_ids = hf_tokens(merged, processor, clips, language, task, max_new_tokens)
     got_ids = whispercpp_tokens(path, clips, language, task, _suppresses_non_speech(merged), max_new_tokens)
-    # A transcript cut by the token budget is compared over the same number of tokens.
-    got_ids = [g[:len(r)] if len(r) >= max_new_tokens else g for r, g in zip(ref_ids, got_ids, strict=True)]
-    tok = processor.tokenizer
-    ref = [tok.decode(r).strip() for r in ref_ids]
-    got = [tok.decode(g).strip() for g in got_ids]
-    w = wer([normalize(t) for t in ref], [normalize(t) for t in got])
+    ref, got, got_ids, w = compare_tokens(ref_ids, got_ids, processor.tokenizer, max_new_tokens)
     result = {"clips": len(clips), "identical": sum(a == b for a, b in zip(ref, got, strict=True)),
               "identical_tokens": sum(a == b for a, b in zip(ref_ids, got_ids, strict=True)),
               "wer_vs_merged": w, "max_wer": max_wer, "passed": w <= max_wer}
