@@ -1,0 +1,166 @@
+"""The storage format of prepared datasets (format 2): Parquet shards of encoded audio.
+
+    DATA_DIR/prepared/NAME/              (or s3://bucket/prepared/NAME, gs://..., any fsspec URL)
+      manifest.json                      written last: its presence marks a finished dataset
+      train/shard-000000000-000002000.parquet      rows 0..1999 of the train split's source rows
+      train/shard-000002000-000004000.parquet      (skipped rows leave gaps: a shard holds <= 2000)
+      validation/...  test/...
+
+manifest.json["format"] == FORMAT, and manifest.json["splits"][split]["shards"] lists every
+shard of the split in source order: {"file": "train/shard-...parquet", "rows": N,
+"seconds": S, "bytes": B}. Readers take the shard list from the manifest, never from a folder
+listing, so a stray half-written file is never read.
+
+Every shard has the columns of SCHEMA:
+  id            clip file name or manifest row: stable
+  audio         the clip's encoded bytes: the source's own mp3/flac/ogg/opus bytes, kept as
+                they are; anything else (PCM wav, ...) re-encoded to FLAC at 16 kHz
+  audio_format  "mp3", "flac", "ogg", ... what `audio` holds (sniffed from its bytes)
+  text          the transcript in lib.metrics.canonical spelling: what labels encode, what eval scores
+  labels        tokenized transcript with the <|sot|><|lang|><|task|> prefix and <|endoftext|>
+  language      ISO code of the row's language
+  duration      seconds, measured when prepare decoded the clip
+  speaker       speaker id where the source has one (Common Voice client_id), else ""
+  where         the source row the clip came from (e.g. "train.tsv line 12"), for error messages
+
+Decoding, resampling to 16 kHz and log-mel happen in the loader's workers (decode_audio), so the
+prepared set is about the size of the source's encoded audio, not 230 MB of float32 per hour.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = 2
+"""manifest.json["format"] of datasets in this layout; older folders (float32 `datasets`
+save_to_disk splits, no "format") are refused with a message to prepare again"""
+
+COLUMNS = ("id", "audio", "audio_format", "text", "labels", "language", "duration", "speaker", "where")
+
+KEPT_FORMATS = ("mp3", "flac", "ogg")
+"""Encodings stored as the source gave them (ogg covers Vorbis and Opus); others become FLAC"""
+
+ROW_GROUP_ROWS = 256
+"""Parquet row-group size: small enough that a reader can fetch a few rows of a shard"""
+
+
+def schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("id", pa.string()),
+        ("audio", pa.binary()),
+        ("audio_format", pa.string()),
+        ("text", pa.string()),
+        ("labels", pa.list_(pa.int32())),
+        ("language", pa.string()),
+        ("duration", pa.float32()),
+        ("speaker", pa.string()),
+        ("where", pa.string()),
+    ])
+
+
+def shard_name(split: str, lo: int, hi: int) -> str:
+    """The shard of source rows lo..hi-1 of a split, relative to the dataset folder."""
+    return f"{split}/shard-{lo:09d}-{hi:09d}.parquet"
+
+
+def sniff_format(data: bytes) -> str:
+    """What encoded audio bytes are, from their first bytes: mp3, flac, ogg, wav or unknown."""
+    head = bytes(data[:12])
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:3] == b"ID3" or (len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return "mp3"
+    return "unknown"
+
+
+def flac_bytes(audio: np.ndarray, sampling_rate: int) -> bytes:
+    """16-bit FLAC of a mono float waveform (lossless for 16-bit sources, about half of PCM)."""
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(audio, -1.0, 1.0), sampling_rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def compact(data: bytes, audio: np.ndarray, sampling_rate: int) -> tuple[bytes, str]:
+    """(bytes to store, their format) for a clip whose source bytes are `data` and whose decoded
+    waveform (at `sampling_rate`) is `audio`: compressed sources as they are, the rest as FLAC."""
+    fmt = sniff_format(data)
+    if fmt in KEPT_FORMATS:
+        return bytes(data), fmt
+    return flac_bytes(audio, sampling_rate), "flac"
+
+
+def decode_audio(data: bytes, name: str) -> np.ndarray:
+    """Stored bytes -> mono float32 at 16 kHz (lib.audio.decode, the decoder prepare checked them with)."""
+    from lib.audio import decode
+
+    return decode(bytes(data), name)
+
+
+def is_url(path: str | Path) -> bool:
+    """True for fsspec URLs (s3://, gs://, memory://, file://, ...), False for local paths."""
+    return "://" in str(path)
+
+
+def join(root: str | Path, rel: str) -> str:
+    """A file of a dataset: a local path or a URL under `root`."""
+    root = str(root)
+    if is_url(root):
+        return root.rstrip("/") + "/" + rel
+    return os.path.join(root, rel)
+
+
+def open_file(url: str, mode: str = "rb"):
+    """A local path or an fsspec URL, opened (credentials come from fsspec's usual places:
+    AWS_* / GOOGLE_APPLICATION_CREDENTIALS environment, instance roles)."""
+    if not is_url(url):
+        return open(url, mode)
+    import fsspec
+
+    return fsspec.open(url, mode).open()
+
+
+def exists(url: str) -> bool:
+    if not is_url(url):
+        return os.path.exists(url)
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
+
+
+def read_shard(url: str, columns: list[str] | None = None):
+    """One shard as a pyarrow Table (only `columns` when given)."""
+    import pyarrow.parquet as pq
+
+    with open_file(url) as f:
+        return pq.read_table(f, columns=columns)
+
+
+def write_shard(path: str | Path, rows: dict[str, list[Any]] | Any) -> int:
+    """Write a shard atomically (a temporary name, then rename): a killed writer leaves no file
+    under the shard's name. `rows` is a column dict or a pyarrow Table. Returns its bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pydict(
+        {c: rows.get(c, [""] * len(rows["id"])) for c in COLUMNS}, schema=schema())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, compression="zstd",
+                   use_dictionary=["audio_format", "language", "speaker"])
+    os.replace(tmp, path)
+    return path.stat().st_size
