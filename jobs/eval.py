@@ -124,20 +124,28 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     data = cfg.data or source.run_config.get("data")
     if not data:
         raise UserError("which dataset? set data=<prepared name> (see DATA_DIR/prepared)")
+    from lib.stream import parse_data
+
+    corpora = [c.name for c in parse_data(data)]
+    if len(corpora) > 1:  # a run on several corpora: the first is the main split, the others are scored as also=
+        log.info("eval: data=%s: %s is the main dataset; %s scored with also= (WER and language ID each)", data,
+                 corpora[0], ", ".join(corpora[1:]))
+        cfg.also = [*corpora[1:], *[a for a in cfg.also if a not in corpora]]
+        data = corpora[0]
     data_path, manifest = open_prepared(env, data)
     if cfg.out:
         out = Path(cfg.out)
     elif source.run_dir is not None:
         out = source.run_dir / "eval"
     else:
-        out = env.data_dir / "evals" / f"{Path(source.base).name}-{data_path.name}-{cfg.split}"
+        out = env.data_dir / "evals" / f"{Path(source.base).name}-{Path(str(data_path)).name}-{cfg.split}"
     if (out / "report.json").exists() and not cfg.force:
         raise UserError(f"{out} already holds an evaluation report: set force=true to replace it, or out=")
     task = task_setting(cfg.task, run_config=source.run_config, adapter=source.adapter, manifest=manifest)
     log.info("eval: %s on %s/%s -> %s", source.describe(), data_path, cfg.split, out)
 
     # 2. The split (first `limit` clips when asked).
-    ds = load_split(data_path, cfg.split)
+    ds = load_split(data_path, cfg.split, manifest)
     if cfg.limit:
         ds = ds.select(range(min(cfg.limit, len(ds))))
     if len(ds) == 0:
@@ -233,7 +241,9 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     # 9. Optional: time our settings against the walkthrough's loop on the same clips.
     if cfg.speed_compare:
         del model
-        clips = list(ds.select(range(min(cfg.speed_clips, len(ds)))).with_format("numpy")["audio"])
+        from lib.prepared import audio_arrays
+
+        clips = audio_arrays(ds, 0, cfg.speed_clips)
         report["speed_compare"] = speed_compare(source, clips, language, task, cfg.batch_size, cfg.precision,
                                                 max_new)
         log.info("eval: speed_compare %s", report["speed_compare"])

@@ -112,10 +112,11 @@ def main(cfg: ExportConfig, env: Env) -> dict:
         data = cfg.data or source.run_config.get("data")
         if not data:
             raise UserError("verification needs clips: set data=<prepared name> (or verify_clips=0 to skip)")
-        data_path, _ = open_prepared(env, data)
-        ds = load_split(data_path, cfg.split)
-        ds = ds.select(range(min(cfg.verify_clips, len(ds)))).with_format("numpy", columns=["audio"])
-        clips = [np.asarray(a) for a in ds["audio"]]
+        from lib.prepared import audio_arrays
+        from lib.stream import parse_data
+
+        data_path, manifest = open_prepared(env, parse_data(data)[0].name)  # a run's first corpus
+        clips = audio_arrays(load_split(data_path, cfg.split, manifest), 0, cfg.verify_clips)
     else:
         log.warning("export: verify_clips=0: the merged model is NOT checked against base + adapter")
 

@@ -33,7 +33,6 @@ from lib.cli import Recipe, run_job
 from lib.config import dump_yaml, to_dict
 from lib.env import Env
 from lib.lora import build_training_model
-from lib.prepared import open_prepared
 from lib.train_config import TrainConfig
 
 log = logging.getLogger("whisper_ft")
@@ -52,13 +51,13 @@ def main(cfg: TrainConfig, env: Env, recipe: Recipe | None = None) -> dict:
 def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
     # 1. Inputs: the prepared dataset, the hub token, the run folder (only rank 0 writes to it
     #    under torchrun: a second writer could hand the first a half-written config.yaml).
-    data_dir, manifest = open_prepared(env, cfg.data)
+    corpora = T.open_data(env, cfg.data)  # [(corpus, folder or URL, manifest)]
     hub.require_token(cfg.hub, env.hf_token)
     run_dir = env.run_dir(cfg.run)
     rank0 = int(os.environ.get("RANK", "0")) == 0
 
     # 2. Checks that cost seconds, before any weights are loaded or GPU time is spent.
-    processor, precision = T.check_setup(cfg, env, manifest)
+    processor, precision = T.check_setup(cfg, env, corpora)
     changed_on_resume = []
     if rank0:
         changed_on_resume = T.check_same_run(run_dir, cfg)
@@ -66,9 +65,15 @@ def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
         dump_yaml(cfg, run_dir / "config.yaml")
     log.info("config:\n%s", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip())
 
-    # 3. Data: train and validation splits (train.* sample options applied to train); log-mel is
-    #    computed per batch by the collator.
-    train_ds, eval_ds, steps = T.training_splits(cfg, data_dir, processor.tokenizer)
+    # 3. Data: the train stream (shards, shuffled by position, corpora mixed by weight, train.*
+    #    sample options applied) and validation per corpus; audio is decoded and log-mel computed
+    #    in the loader's workers.
+    train_ds, eval_ds, steps = T.training_splits(cfg, corpora, processor.tokenizer)
+    if cfg.train.data_trace:  # every process appends the positions its workers read
+        from lib.stream import Traced
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        train_ds = Traced(train_ds, run_dir / "data_order.tsv")
 
     # 4. Model: base (quantized per model.quantization), frozen, LoRA on top.
     model, base = build_training_model(cfg, precision, env.hf_token)

@@ -204,12 +204,15 @@ class TrainingSamples(Dataset):
         self.files = no_speech_files(t.no_speech_dir) if t.no_speech_fraction > 0 else []
         f = t.no_speech_fraction
         self.n_no_speech = round(self.n * f / (1 - f)) if f > 0 else 0
-        # The text tokens of every row, for the next row's prompt (labels only: a few hundred bytes a row).
-        self.texts = ([split_label(list(map(int, lab)), self.tok)[1] for lab in ds.with_format(None)["labels"]]
-                      if t.prompt_probability > 0 else [])
+        # A stream (lib/stream.py) gives each row its previous clip's labels (prev_labels); a
+        # prepared split in memory (tests, tools) is in source order: the previous row's text.
+        self.streamed = not hasattr(ds, "with_format")
+        rows = ds if self.streamed else ds.with_format(None)
+        self.texts = ([split_label(list(map(int, lab)), self.tok)[1] for lab in rows["labels"]]
+                      if t.prompt_probability > 0 and not self.streamed else [])
         # The prefix of the data (<|sot|> <|hi|> <|transcribe|>), checked here rather than in a
         # dataloader worker mid-run; "empty" no-speech labels reuse it.
-        self.prefix = split_label(list(map(int, ds.with_format(None)[0]["labels"])), self.tok)[0] if self.n else []
+        self.prefix = split_label(list(map(int, rows[0]["labels"])), self.tok)[0] if self.n else []
 
     def __len__(self) -> int:
         return self.n + self.n_no_speech
@@ -221,7 +224,8 @@ class TrainingSamples(Dataset):
         rng = self.rng(int(i))
         if i >= self.n:
             audio = self.augment_audio(no_speech_audio(rng, self.files), rng)
-            return {"audio": audio, "labels": self.no_speech_labels(), "prompt": []}
+            return {"audio": audio, "labels": self.no_speech_labels(), "prompt": [], "id": f"no-speech-{i - self.n}",
+                    "corpus": "no-speech"}
         row = self.ds[int(i)]
         t = self.t
         # The same draws in the same order whatever is on, so that turning one option on keeps
@@ -235,8 +239,13 @@ class TrainingSamples(Dataset):
             labels = ts if len(ts) - 1 <= MAX_POSITIONS else labels
         # [<|startofprev|>] + prompt + labels[:-1] must fit the decoder's positions too
         room = MAX_POSITIONS - len(labels)
-        prompt = self.texts[i - 1][-min(MAX_PROMPT, room):] if use_prompt and i > 0 and room > 0 else []
-        return {"audio": audio, "labels": labels, "prompt": prompt}
+        if self.streamed:
+            prev = split_label(list(map(int, row["prev_labels"])), self.tok)[1] if len(row["prev_labels"]) else []
+        else:
+            prev = self.texts[i - 1] if i > 0 else []
+        prompt = prev[-min(MAX_PROMPT, room):] if use_prompt and prev and room > 0 else []
+        return {"audio": audio, "labels": labels, "prompt": prompt, "id": row.get("id", ""),
+                "corpus": row.get("corpus", "")}
 
     def no_speech_labels(self) -> list[int]:
         """train.no_speech_label: "token" = <|sot|> <|nospeech|> <|eot|>, Whisper's own no-speech
@@ -264,3 +273,24 @@ class TrainingSamples(Dataset):
         if snr is not None:
             audio = add_noise(audio, snr, noise_rng)
         return audio
+
+
+class Interleave(Dataset):
+    """TrainingSamples read by position, its no-speech rows spread among the clips: in every block of
+    lib.stream.MIX_BLOCK positions, exactly train.no_speech_fraction of them (seeded places), so a
+    sequential read (lib/stream.py: the Trainer reads in order) meets them all along the run."""
+
+    def __init__(self, samples: TrainingSamples, length: int, seed: int):
+        from lib.stream import Mixture
+
+        f = samples.t.no_speech_fraction
+        self.samples, self.length = samples, int(length)
+        self.mix = Mixture([("data", None), ("no-speech", None)], [1 - f, f], seed, length=length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        j, i = self.mix.locate(int(k))
+        s = self.samples
+        return s[i % s.n] if j == 0 else s[s.n + i % s.n_no_speech]

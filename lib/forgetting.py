@@ -33,11 +33,12 @@ def detect_languages(model, processor, ds, batch_size: int = 16) -> list[str]:
     from lib.inference import _model_dtype, features_for
     from lib.language import language_code
 
+    from lib.prepared import audio_arrays
+
     device = next(model.parameters()).device
-    arrays = ds.with_format("numpy", columns=["audio"])
     out: list[str] = []
     for i in range(0, len(ds), batch_size):
-        feats = features_for(processor, list(arrays[i:i + batch_size]["audio"]), _model_dtype(model), device)
+        feats = features_for(processor, audio_arrays(ds, i, i + batch_size), _model_dtype(model), device)
         with torch.inference_mode():
             ids = model.detect_language(input_features=feats)
         out += [language_code(t) for t in processor.tokenizer.convert_ids_to_tokens([int(x) for x in ids])]
@@ -129,7 +130,7 @@ def open_also(env, names: Sequence[str]) -> list[tuple[str, Any, dict[str, Any]]
         except UserError as e:
             raise UserError(f"also={name}: {e}") from None
         if not manifest.get("language"):
-            raise UserError(f"also={name}: {path / MANIFEST} names no language; prepare it again with language=")
+            raise UserError(f"also={name}: {path}/{MANIFEST} names no language; prepare it again with language=")
         out.append((name, path, manifest))
     return out
 
@@ -150,8 +151,8 @@ def evaluate_also(sets: Sequence[tuple[str, Any, dict[str, Any]]], split: str, l
     flags: list[str] = []
     for name, path, manifest in sets:
         language = resolve_language(manifest["language"], processor.tokenizer, flag=f"also={name}: language",
-                                    where=str(path / MANIFEST))
-        ds = load_split(path, split)
+                                    where=f"{path}/{MANIFEST}")
+        ds = load_split(path, split, manifest)
         if limit:
             ds = ds.select(range(min(limit, len(ds))))
         if len(ds) == 0:

@@ -152,13 +152,14 @@ def transcribe_dataset(model, processor, ds, language: str, task: str, batch_siz
     seconds spent generating, and per clip whether the hypothesis was cut at max_new_tokens."""
     from tqdm.auto import tqdm
 
-    arrays = ds.with_format("numpy", columns=["audio"])
+    from lib.prepared import audio_arrays
+
     out: list[str] = []
     cut: list[bool] = []
     seconds = 0.0
     with tqdm(total=len(ds), desc=desc, unit="clip") as bar:
         for i in range(0, len(ds), batch_size):
-            chunk = list(arrays[i:i + batch_size]["audio"])
+            chunk = audio_arrays(ds, i, i + batch_size)  # decoded batch by batch: never the whole split
             t0 = time.perf_counter()
             texts, flags = generate_batch(model, processor, chunk, language, task, max_new_tokens, num_beams,
                                           return_truncated=True)

@@ -138,8 +138,9 @@ def join_plan(durations: Sequence[float], minutes: float, recordings: int, gap: 
 def join_clips(ds, plan: list[list[int]], gap: float) -> list[Recording]:
     """The recordings of `plan` from a prepared split: audio joined with `gap` s of silence,
     references joined with a space."""
+    from lib.prepared import decode_row
+
     silence = np.zeros(int(gap * SAMPLING_RATE), np.float32)
-    rows = ds.with_format("numpy", columns=["audio"])
     ids, texts = ds["id"], ds["text"]
     out = []
     for k, idx in enumerate(plan):
@@ -147,7 +148,7 @@ def join_clips(ds, plan: list[list[int]], gap: float) -> list[Recording]:
         for j, i in enumerate(idx):
             if j:
                 parts.append(silence)
-            parts.append(np.asarray(rows[i]["audio"], np.float32))
+            parts.append(decode_row(ds[int(i)]))
         out.append(Recording(f"joined-{k}", np.concatenate(parts), " ".join(texts[i] for i in idx),
                              [ids[i] for i in idx]))
     return out

@@ -1,20 +1,14 @@
 """The prepared-dataset contract between `make prepare` and `make train` / `make eval`.
 
-    DATA_DIR/prepared/NAME/
-      manifest.json         source, language, tokenizer, counts and hours per split,
-                            skipped rows with reasons, package versions, resolved config
-      train/ validation/ test/   one `datasets.Dataset.save_to_disk` folder per split
+    DATA_DIR/prepared/NAME/       or any fsspec URL: s3://bucket/prepared/NAME, gs://..., file://...
+      manifest.json               format, source, language, tokenizer, counts, hours and shards per
+                                  split, skipped rows with reasons, package versions, resolved config
+      train/ validation/ test/    Parquet shards of encoded audio (lib/shards.py says what is in them)
 
-Every split has these columns:
-  id        str            stable row id (clip file name or manifest row)
-  audio     list[float32]  mono waveform at 16 kHz (lib.audio.SAMPLING_RATE), not log-mel: log-mel
-                           is computed per batch by the collator (see README, storage)
-  text      str            the transcript in lib.metrics.canonical spelling (NFC, ASCII
-                           digits, no zero-width joiners): what labels encode, what eval scores
-  labels    list[int32]    tokenized transcript with the language/task prefix and
-                           <|endoftext|>, as WhisperTokenizer(language, task) makes it
-  language  str            ISO code of the row's language (e.g. "hi")
-  duration  float32        seconds
+`open_prepared` finds a dataset by name or path/URL and refuses folders of an older format (float32
+`datasets` splits) with the command that prepares them again. `load_split` reads a whole split
+(eval, export checks: a test split is small) into memory, audio still encoded; `audio_arrays`
+decodes rows to 16 kHz float32. Training streams shards instead (lib/stream.py).
 """
 
 from __future__ import annotations
@@ -23,57 +17,72 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from lib import shards
 from lib.errors import UserError
 
 SPLITS = ("train", "validation", "test")
-COLUMNS = ("id", "audio", "text", "labels", "language", "duration")
+COLUMNS = shards.COLUMNS
 MANIFEST = "manifest.json"
 
 
-def features():
-    """The datasets Features of every prepared split."""
-    from datasets import Features, Sequence, Value
-
-    return Features(
-        {
-            "id": Value("string"),
-            "audio": Sequence(Value("float32")),
-            "text": Value("string"),
-            "labels": Sequence(Value("int32")),
-            "language": Value("string"),
-            "duration": Value("float32"),
-        }
-    )
-
-
-def _require_manifest(path: Path) -> Path:
-    mf = path / MANIFEST
-    if not mf.is_file():
-        raise UserError(
-            f"no prepared dataset at {path} ({MANIFEST} missing): run `make prepare` first, "
-            f"or set data= to one of: {', '.join(list_prepared(path.parent)) or '(none yet)'}"
-        )
-    return mf
+def _manifest_text(root: str | Path) -> str | None:
+    url = shards.join(root, MANIFEST)
+    try:
+        with shards.open_file(url) as f:
+            return f.read().decode("utf-8")
+    except FileNotFoundError:
+        return None
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    return json.loads(_require_manifest(Path(path)).read_text())
+    text = _manifest_text(path)
+    if text is None:
+        raise UserError(f"no prepared dataset at {path} ({MANIFEST} missing): run `make prepare` first, or set "
+                        f"data= to one of: {', '.join(list_prepared(Path(path).parent)) or '(none yet)'}")
+    return json.loads(text)
 
 
-def open_prepared(env, data: str) -> tuple[Path, dict[str, Any]]:
-    """(folder, manifest) of `data=`: a prepared dataset's name under DATA_DIR/prepared, or the
-    path of a prepared folder; a missing one names the flag and the datasets there are."""
-    if data and (Path(data) / MANIFEST).is_file():
-        path = Path(data)
-    else:
-        path = env.prepared_dir(data)
-    if not (path / MANIFEST).is_file():
-        have = list_prepared(path.parent)
+def check_format(manifest: dict[str, Any], path: str | Path, data: str) -> None:
+    """Refuse a dataset this code cannot read: one prepared before format 2 (float32 splits), or
+    by a newer version of the product."""
+    fmt = manifest.get("format")
+    if fmt == shards.FORMAT:
+        return
+    name = manifest.get("name") or Path(str(path)).name
+    if fmt is None or fmt < shards.FORMAT:
         raise UserError(
-            f"data={data}: no prepared dataset at {path}; run `make prepare` first or pick one of: "
-            f"{', '.join(have) if have else '(none prepared yet)'}"
-        )
-    return path, read_manifest(path)
+            f"data={data}: {path} was prepared in an older format (float32 audio splits, "
+            f"{'no format' if fmt is None else f'format {fmt}'}; this version reads format {shards.FORMAT}: "
+            f"Parquet shards of encoded audio, about 1/5 of the size). Prepare it again: make prepare "
+            f"DATA={name} ARGS=\"force=true ...\" with the same source (its config is in {MANIFEST})")
+    raise UserError(f"data={data}: {path} is format {fmt}, newer than this version reads ({shards.FORMAT}): "
+                    f"update the image, or prepare it with this version")
+
+
+def open_prepared(env, data: str) -> tuple[str | Path, dict[str, Any]]:
+    """(folder or URL, manifest) of `data=`: a prepared dataset's name under DATA_DIR/prepared, the
+    path of a prepared folder, or an fsspec URL of one (s3://..., gs://...: read in place, never
+    copied); a missing one names the flag and the datasets there are; an old format is refused."""
+    if data and shards.is_url(data):
+        root: str | Path = data.rstrip("/")
+        text = _manifest_text(root)
+        if text is None:
+            raise UserError(f"data={data}: no {MANIFEST} at that URL; prepare the dataset there, or check the "
+                            f"bucket and its credentials")
+    else:
+        root = Path(data) if data and (Path(data) / MANIFEST).is_file() else env.prepared_dir(data)
+        text = _manifest_text(root)
+        if text is None:
+            have = list_prepared(root.parent)
+            raise UserError(
+                f"data={data}: no prepared dataset at {root}; run `make prepare` first or pick one of: "
+                f"{', '.join(have) if have else '(none prepared yet)'}"
+            )
+    manifest = json.loads(text)
+    check_format(manifest, root, data)
+    return root, manifest
 
 
 def list_prepared(root: str | Path) -> list[str]:
@@ -83,24 +92,107 @@ def list_prepared(root: str | Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / MANIFEST).is_file())
 
 
-def load_split(path: str | Path, split: str):
-    """One split as a datasets.Dataset; a clear error if it was not prepared."""
-    from datasets import load_from_disk
+def has_split(manifest: dict[str, Any], split: str) -> bool:
+    return bool(manifest.get("splits", {}).get(split, {}).get("shards"))
 
-    path = Path(path)
-    _require_manifest(path)
-    d = path / split
-    if not d.is_dir():
-        have = [s for s in SPLITS if (path / s).is_dir()]
+
+def split_shards(root: str | Path, manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:
+    """The shards of a split, in source order: [{"url", "file", "rows", ...}]; a split that was not
+    prepared is an error naming the splits there are."""
+    info = manifest.get("splits", {}).get(split)
+    if not info or not info.get("shards"):
+        have = [s for s in manifest.get("splits", {}) if has_split(manifest, s)]
         raise UserError(
-            f"prepared dataset {path} has no '{split}' split (it has: {', '.join(have) or 'none'}); "
+            f"prepared dataset {root} has no '{split}' split (it has: {', '.join(have) or 'none'}); "
             f"prepare it with that split or choose another"
         )
-    ds = load_from_disk(str(d))
-    missing = [c for c in COLUMNS if c not in ds.column_names]
-    if missing:
-        raise UserError(f"{d}: columns {missing} missing; it was not written by `make prepare`: prepare again")
-    return ds
+    return [{**s, "url": shards.join(root, s["file"])} for s in info["shards"]]
+
+
+def load_split(path: str | Path, split: str, manifest: dict[str, Any] | None = None, columns=None):
+    """One split as an in-memory datasets.Dataset (audio still encoded: see audio_arrays)."""
+    import pyarrow as pa
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    if manifest is None:
+        manifest = read_manifest(path)
+        check_format(manifest, path, str(path))
+    tables = []
+    for s in split_shards(path, manifest, split):
+        t = shards.read_shard(s["url"], columns=list(columns) if columns else None)
+        if t.num_rows != s["rows"]:
+            raise UserError(f"{s['url']}: {t.num_rows} rows, but {MANIFEST} says {s['rows']}: the dataset was changed "
+                            f"after prepare (or a copy is incomplete); prepare it again")
+        tables.append(t)
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    return Dataset(InMemoryTable(table))
+
+
+def decode_row(row: dict[str, Any]) -> np.ndarray:
+    """A prepared row's audio as 16 kHz float32; a clip that no longer decodes names its row."""
+    from lib.audio import AudioError
+
+    try:
+        return shards.decode_audio(row["audio"], str(row.get("id")))
+    except AudioError as e:
+        raise UserError(f"prepared clip {row.get('id')} ({row.get('where') or 'unknown source row'}) does not decode "
+                        f"({e}): the prepared data is damaged; prepare it again") from None
+
+
+def audio_arrays(ds, start: int = 0, stop: int | None = None) -> list[np.ndarray]:
+    """Rows start..stop-1 of a load_split dataset, decoded to 16 kHz float32."""
+    stop = len(ds) if stop is None else min(stop, len(ds))
+    part = ds.select(range(start, stop)).select_columns(["audio", "id", "where"]).with_format(None)
+    return [decode_row(r) for r in part]
+
+
+def write_rows(root: str | Path, split: str, rows, shard_rows: int = 2000) -> dict[str, Any]:
+    """Write rows (dicts with id, audio: 16 kHz float32 or encoded bytes, text, labels, and optionally
+    language, speaker, where) as a split's shards under `root`; returns the split's manifest entry.
+    For tools and tests that make small datasets; `make prepare` writes through its own workers."""
+    from lib.audio import SAMPLING_RATE
+
+    root = Path(root)
+    info: dict[str, Any] = {"rows": 0, "seconds": 0.0, "bytes": 0, "shards": []}
+    batch: list[dict[str, Any]] = []
+
+    def flush(lo: int) -> None:
+        cols: dict[str, list] = {c: [] for c in COLUMNS}
+        for r in batch:
+            audio = r["audio"]
+            if isinstance(audio, (bytes, bytearray)):
+                data, fmt = bytes(audio), shards.sniff_format(audio)
+                seconds = float(r["duration"])
+            else:
+                audio = np.asarray(audio, dtype=np.float32)
+                data, fmt = shards.flac_bytes(audio, SAMPLING_RATE), "flac"
+                seconds = len(audio) / SAMPLING_RATE
+            for c, v in (("id", str(r["id"])), ("audio", data), ("audio_format", fmt), ("text", r["text"]),
+                         ("labels", [int(x) for x in r["labels"]]), ("language", r.get("language", "")),
+                         ("duration", seconds), ("speaker", r.get("speaker", "")), ("where", r.get("where", ""))):
+                cols[c].append(v)
+        rel = shards.shard_name(split, lo, lo + len(batch))
+        size = shards.write_shard(root / rel, cols)
+        secs = float(sum(cols["duration"]))
+        info["shards"].append({"file": rel, "rows": len(batch), "seconds": round(secs, 3), "bytes": size})
+        info["rows"] += len(batch)
+        info["seconds"] += secs
+        info["bytes"] += size
+        batch.clear()
+
+    lo = 0
+    for r in rows:
+        batch.append(r)
+        if len(batch) == shard_rows:
+            n = len(batch)
+            flush(lo)
+            lo += n
+    if batch:
+        flush(lo)
+    info["seconds"] = round(info["seconds"], 3)
+    info["hours"] = round(info["seconds"] / 3600, 4)
+    return info
 
 
 def write_manifest(path: str | Path, manifest: dict[str, Any]) -> None:

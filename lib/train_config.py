@@ -98,7 +98,15 @@ class TrainSection:
     seed: int = 42
     """seeds weights of the LoRA init, dropout and data order"""
     num_workers: int = 2
-    """dataloader worker processes computing log-mel; 0 = in the main process"""
+    """dataloader worker processes reading shards, decoding audio and computing log-mel; 0 = in
+    the main process. One worker decodes ~60+ clips/s of 5-s mp3 (README, data benchmark)"""
+    shuffle_buffer: int = 4096
+    """rows shuffled together: consecutive shards (in a seeded order) are read in windows of at
+    least this many rows, each window in a seeded random order (lib/stream.py). Memory per worker
+    is about two windows of encoded audio (4096 5-s mp3 clips: ~120 MB)"""
+    data_trace: bool = False
+    """append "position, corpus, clip id" of every sample read to RUN/data_order.tsv (which clips a
+    loss spike saw; that a resumed run continued the order)"""
     compile: Literal["none", "layers", "model"] | None = "none"
     """torch.compile: layers = each encoder/decoder layer (one graph per stack, about a minute
     to compile), model = the whole model through Trainer; see README benchmarks"""
@@ -162,6 +170,8 @@ class TrainSection:
         if self.generation_max_length is not None and not 1 <= self.generation_max_length <= 444:
             raise UserError(f"train.generation_max_length={self.generation_max_length}: must be 1..444, "
                             f"or unset to fit the validation labels")
+        if self.shuffle_buffer < 1:
+            raise UserError(f"train.shuffle_buffer={self.shuffle_buffer}: must be >= 1 (1 = no shuffling)")
         if self.keep_checkpoints < 1:
             raise UserError(f"train.keep_checkpoints={self.keep_checkpoints}: must be >= 1")
         for name in ("timestamp_probability", "prompt_probability", "mask_time_prob", "mask_feature_prob"):
@@ -189,7 +199,9 @@ class TrainConfig:
     run: str = ""
     """run name: outputs go to DATA_DIR/runs/RUN; a rerun with the same name resumes"""
     data: str = ""
-    """prepared dataset name (DATA_DIR/prepared/NAME, written by `make prepare`)"""
+    """prepared dataset: a name (DATA_DIR/prepared/NAME, written by `make prepare`), a folder or an
+    fsspec URL (s3://bucket/prepared/NAME, read in place); several with weights:
+    data=cv_hi:0.7,fleurs_hi:0.3 (each sampled by its weight; validation WER per corpus)"""
     language: str = ""
     """language code or name (e.g. hi); default: the prepared dataset's language"""
     task: Literal["transcribe", "translate"] = "transcribe"
@@ -202,6 +214,9 @@ class TrainConfig:
     def __post_init__(self):
         if not self.data:
             raise UserError("no dataset: set data=NAME (a folder under DATA_DIR/prepared from `make prepare`)")
+        from lib.stream import parse_data
+
+        parse_data(self.data)  # a malformed list or weight fails here, before anything loads
         if not self.run:
             raise UserError("no run name: set run=NAME (outputs go to DATA_DIR/runs/NAME)")
         if "/" in self.run or self.run.startswith("."):

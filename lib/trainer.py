@@ -91,9 +91,12 @@ class LogHistoryWriter(TrainerCallback):
 
 
 def training_arguments(cfg, output_dir: Path, precision: str, has_eval: bool,
-                       generation_max_length: int | None = None):
+                       generation_max_length: int | None = None, steps: int | None = None,
+                       best: str = BEST_METRIC):
     """Seq2SeqTrainingArguments from lib.train_config.TrainConfig; generation_max_length: the
-    decode budget of evaluation (train.generation_max_length, else eval_budget's)."""
+    decode budget of evaluation (train.generation_max_length, else eval_budget's); steps: the
+    optimizer steps (training_splits': the stream holds exactly their samples, read in order);
+    best: the metric that picks the best checkpoint (best_metric)."""
     import torch
     from transformers import Seq2SeqTrainingArguments
 
@@ -106,8 +109,11 @@ def training_arguments(cfg, output_dir: Path, precision: str, has_eval: bool,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr,
         warmup_steps=t.warmup_steps,
-        max_steps=t.max_steps if t.max_steps is not None else -1,
+        max_steps=steps if steps is not None else (t.max_steps if t.max_steps is not None else -1),
         num_train_epochs=t.epochs,
+        # the stream (lib/stream.py) is already shuffled by position: read in order, so that a
+        # resume skips consumed batches by index and continues the same order
+        train_sampling_strategy="sequential",
         fp16=precision == "fp16",
         bf16=precision == "bf16",
         # checkpointing is already on the model (prepare_for_training); Trainer must not redo it reentrantly
@@ -125,7 +131,7 @@ def training_arguments(cfg, output_dir: Path, precision: str, has_eval: bool,
         # Whisper's generate() counts max_length in new tokens: it adds the prompt's length itself
         generation_max_length=generation_max_length or t.generation_max_length,
         load_best_model_at_end=has_eval,
-        metric_for_best_model=BEST_METRIC if has_eval else None,
+        metric_for_best_model=best if has_eval else None,
         greater_is_better=False if has_eval else None,
         remove_unused_columns=False,  # the collator needs `audio`, which forward() does not take
         label_names=["labels"],  # PeftModel hides forward's signature; say where the labels are
@@ -171,11 +177,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_setup(cfg, env, manifest: dict):
+def check_setup(cfg, env, corpora):
     """Checks that cost seconds, before any weights are loaded or GPU time is spent: the base is
-    Whisper, the language is one it knows and the one the data was prepared for, the precision,
-    quantization and compiler work here. Sets cfg.language to the resolved code; returns
-    (processor, precision)."""
+    Whisper, the language is one it knows and the one every corpus of `corpora` (open_data) was
+    prepared for, each corpus's labels fit the base's tokenizer, the precision, quantization and
+    compiler work here. Sets cfg.language to the resolved code; returns (processor, precision)."""
     from lib import lora, tracking
     from lib import model as M
     from lib.errors import UserError
@@ -184,15 +190,20 @@ def check_setup(cfg, env, manifest: dict):
 
     M.load_base_config(cfg.model.base, env.hf_token)
     processor = M.load_processor(cfg.model.base, token=env.hf_token)
-    language = job_language(processor.tokenizer, cfg.language, manifest=manifest)
-    data_lang = manifest.get("language")
-    if data_lang and cfg.language and resolve_language(data_lang, processor.tokenizer) != language:
-        raise UserError(
-            f"language={cfg.language} but {cfg.data} was prepared for '{data_lang}' (its labels carry that "
-            f"language token): set language={data_lang} or prepare the data again for {cfg.language}"
-        )
+    first = corpora[0][2]
+    language = job_language(processor.tokenizer, cfg.language, manifest=first)
+    for c, _, manifest in corpora:
+        data_lang = manifest.get("language")
+        if data_lang and resolve_language(data_lang, processor.tokenizer) != language:
+            if cfg.language:
+                raise UserError(
+                    f"language={cfg.language} but {c.name} was prepared for '{data_lang}' (its labels carry that "
+                    f"language token): set language={data_lang} or prepare the data again for {cfg.language}")
+            raise UserError(
+                f"data={cfg.data}: {corpora[0][0].name} is '{first.get('language')}' but {c.name} is '{data_lang}': "
+                f"the corpora of one run must share a language (validation decodes with one forced language)")
+        check_tokenizer(manifest, processor.tokenizer, c.name, cfg.model.base, "model.base")
     cfg.language = language
-    check_tokenizer(manifest, processor.tokenizer, cfg.data, cfg.model.base, "model.base")
     precision = M.resolve_precision(cfg.model.precision)
     M.check_quantization(cfg.model.quantization)
     if cfg.train.compile != "none":
@@ -201,14 +212,10 @@ def check_setup(cfg, env, manifest: dict):
     return processor, precision
 
 
-def _columns(ds):
-    """Only what the collator reads, as numpy (no per-sample Python float lists)."""
-    return ds.select_columns(["audio", "labels"]).with_format("numpy")
-
-
-def training_samples(t, train_ds, tokenizer):
-    """The train split through lib.augment.TrainingSamples, with what it adds logged."""
-    from lib.augment import TrainingSamples
+def training_samples(t, train_ds, tokenizer, total: int):
+    """The train stream through lib.augment.TrainingSamples (no-speech clips interleaved by
+    position: lib.augment.Interleave), with what it adds logged."""
+    from lib.augment import Interleave, TrainingSamples
 
     samples = TrainingSamples(train_ds, tokenizer, t)
     log.info("train samples: %d clips + %d no-speech clips (train.no_speech_fraction=%g, %s, label %s); timestamps on "
@@ -217,38 +224,87 @@ def training_samples(t, train_ds, tokenizer):
              f"{len(samples.files)} files of {t.no_speech_dir}" if samples.files else "generated", t.no_speech_label,
              100 * t.timestamp_probability, 100 * t.prompt_probability, t.speed_perturb, t.gain_db,
              "off" if t.noise_snr_db is None else f"SNR {t.noise_snr_db:g}-{t.noise_snr_db + 20:g} dB")
-    return samples
+    return Interleave(samples, total, t.seed) if samples.n_no_speech else samples
 
 
-def training_splits(cfg, data_dir: Path, tokenizer=None):
-    """(train split, validation split or None, optimizer steps) of the prepared dataset, logged.
-    With any lib/augment.py option on, the train split is wrapped in TrainingSamples (needs
-    `tokenizer`, the base's); validation stays as prepared, so eval WER is comparable."""
+def open_data(env, data: str) -> list[tuple[Any, Any, dict[str, Any]]]:
+    """[(lib.stream.Corpus, folder or URL, manifest)] of `data=` (one corpus or a weighted list)."""
+    from lib.prepared import open_prepared
+    from lib.stream import parse_data
+
+    return [(c, *open_prepared(env, c.name)) for c in parse_data(data)]
+
+
+def training_splits(cfg, corpora, tokenizer=None):
+    """(train stream, validation (one dataset, {corpus: dataset} for several, or None), optimizer
+    steps) of `corpora` (open_data), logged. The train stream (lib/stream.py) holds exactly the
+    samples the run reads, steps x batch x grad_accum x processes; train.* sample options wrap it
+    in TrainingSamples; validation stays as prepared, so eval WER is comparable."""
+    import math
+
     from lib.errors import UserError
-    from lib.prepared import load_split
+    from lib.prepared import has_split, load_split
+    from lib.stream import Decoded, Mixture, ShardStream
 
-    train_ds = _columns(load_split(data_dir, "train"))
-    if cfg.train.samples_changed() and len(train_ds):
-        train_ds = training_samples(cfg.train, train_ds, tokenizer)
-    eval_ds = None
-    if (data_dir / "validation").is_dir():
-        eval_ds = _columns(load_split(data_dir, "validation"))
-        if cfg.train.max_eval_samples:
-            eval_ds = eval_ds.select(range(min(cfg.train.max_eval_samples, len(eval_ds))))
-    else:
-        log.warning("%s has no validation split: no WER during training, the final adapter is the last step", cfg.data)
-    if len(train_ds) == 0:
-        raise UserError(f"data={cfg.data}: the train split is empty; prepare more data")
+    t = cfg.train
+    streams = [(c.name, ShardStream(root, manifest, "train", t.seed, t.shuffle_buffer, name=c.name))
+               for c, root, manifest in corpora]
+    rows = sum(s.n for _, s in streams)
     world = world_size()
-    eff = cfg.train.batch_size * cfg.train.grad_accum * world
-    steps = optimizer_steps(len(train_ds), cfg.train.batch_size, cfg.train.grad_accum, world,
-                            cfg.train.epochs, cfg.train.max_steps)
+    eff = t.batch_size * t.grad_accum * world
+    f = t.no_speech_fraction if t.samples_changed() else 0.0
+    per_epoch = math.ceil(rows / (1 - f)) if f else rows
+    steps = optimizer_steps(per_epoch, t.batch_size, t.grad_accum, world, t.epochs, t.max_steps)
+    total = steps * eff
+    data_len = total - round(total * f)
+    if len(streams) == 1:
+        train_ds = streams[0][1]
+        train_ds.length = data_len
+    else:
+        weights = [c.weight if c.weight is not None else s.n for (c, _, _), (_, s) in zip(corpora, streams, strict=True)]
+        train_ds = Mixture(streams, weights, t.seed, length=data_len)
+        share = np.asarray(train_ds.counts) / sum(train_ds.counts)
+        log.info("data: mixing %s", ", ".join(
+            f"{name} {100 * w:.1f} % ({s.n} clips, {data_len * w / s.n:.2f} passes)"
+            for (name, s), w in zip(streams, share, strict=True)))
+    if t.samples_changed():
+        train_ds = training_samples(t, train_ds, tokenizer, total)
+
+    evals = {}
+    for c, root, manifest in corpora:
+        if not has_split(manifest, "validation"):
+            log.warning("%s has no validation split: no WER for it during training (prepare makes one with "
+                        "validation_fraction=)", c.name)
+            continue
+        ds = load_split(root, "validation", manifest, columns=["id", "audio", "labels", "where"])
+        if t.max_eval_samples:
+            ds = ds.select(range(min(t.max_eval_samples, len(ds))))
+        evals[c.name] = Decoded(ds, c.name)
+    if not evals:
+        eval_ds = None
+        log.warning("data=%s: no validation split: the final adapter is the last step", cfg.data)
+    elif len(corpora) == 1:
+        eval_ds = next(iter(evals.values()))
+    else:
+        eval_ds = evals
+    if rows == 0:
+        raise UserError(f"data={cfg.data}: the train split is empty; prepare more data")
+    n_eval = sum(len(d) for d in evals.values())
     log.info(
-        "data: %d train clips, %d validation clips; %d x %d x %d processes = %d clips per optimizer step "
-        "-> %d steps", len(train_ds), len(eval_ds) if eval_ds is not None else 0,
-        cfg.train.batch_size, cfg.train.grad_accum, world, eff, steps,
+        "data: %d train clips in %d shards, %d validation clips; %d x %d x %d processes = %d clips per optimizer "
+        "step -> %d steps = %d samples (%.2f passes), shuffle buffer %d", rows,
+        sum(len(s.shards) for _, s in streams), n_eval, t.batch_size, t.grad_accum, world, eff, steps, total,
+        total / max(per_epoch, 1), t.shuffle_buffer,
     )
     return train_ds, eval_ds, steps
+
+
+def best_metric(eval_ds) -> str:
+    """What picks the best checkpoint: normalized WER; of the first corpus when several are
+    validated (Trainer names their metrics eval_<corpus>_normalized_wer)."""
+    if isinstance(eval_ds, dict):
+        return f"{next(iter(eval_ds))}_{BEST_METRIC}"
+    return BEST_METRIC
 
 
 def eval_budget(cfg, eval_ds, tokenizer) -> int | None:
@@ -260,7 +316,8 @@ def eval_budget(cfg, eval_ds, tokenizer) -> int | None:
         return None
     if cfg.train.generation_max_length:
         return cfg.train.generation_max_length
-    lengths = [len(x) for x in eval_ds.with_format(None)["labels"]]
+    sets = eval_ds.values() if isinstance(eval_ds, dict) else [eval_ds]
+    lengths = [len(x) for d in sets for x in (d.labels if hasattr(d, "labels") else d.with_format(None)["labels"])]
     budget = decode_budget(lengths, len(tokenizer.prefix_tokens))
     log.info("eval during training: up to %d new tokens per clip (longest validation label %d tokens + 25 %% + 8; "
              "train.generation_max_length= sets it)", budget, max(lengths, default=0))
@@ -303,7 +360,8 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
     trainer = Seq2SeqTrainer(
         model=model,
         args=training_arguments(cfg, ckpt_root, precision, has_eval=eval_ds is not None,
-                                generation_max_length=eval_budget(cfg, eval_ds, processor.tokenizer)),
+                                generation_max_length=eval_budget(cfg, eval_ds, processor.tokenizer), steps=steps,
+                                best=best_metric(eval_ds)),
         data_collator=WhisperCollator(processor.feature_extractor, base.config.decoder_start_token_id,
                                       start_of_prev=processor.tokenizer.convert_tokens_to_ids("<|startofprev|>")),
         train_dataset=train_ds,

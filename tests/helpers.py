@@ -48,34 +48,30 @@ def tone(seconds: float, freq: float = 440.0, sr: int = 16_000) -> np.ndarray:
 
 
 def write_prepared(out: Path, model_dir: Path, rows: dict[str, list[tuple[str, np.ndarray]]],
-                   language: str = "hi", name: str | None = None) -> Path:
-    """Write a prepared dataset in the lib.prepared contract: rows = {split: [(text, audio16k), ...]}."""
-    from datasets import Dataset
+                   language: str = "hi", name: str | None = None, shard_rows: int = 2000,
+                   speakers: dict[str, list[str]] | None = None) -> Path:
+    """Write a prepared dataset in the lib.prepared contract (format 2: FLAC in Parquet shards):
+    rows = {split: [(text, audio16k), ...]}; speakers = {split: [speaker id per row]}."""
     from transformers import WhisperTokenizer
 
-    from lib.prepared import features, tokenizer_signature, write_manifest
+    from lib import shards
+    from lib.prepared import tokenizer_signature, write_manifest, write_rows
 
     tok = WhisperTokenizer.from_pretrained(model_dir, language=language, task="transcribe")
     out.mkdir(parents=True, exist_ok=True)
-    counts = {}
+    splits = {}
     for split, items in rows.items():
-        recs = {
-            "id": [f"{split}-{i}" for i in range(len(items))],
-            "audio": [a for _, a in items],
-            "text": [t for t, _ in items],
-            "labels": [tok(t).input_ids for t, _ in items],
-            "language": [language] * len(items),
-            "duration": [len(a) / 16_000 for _, a in items],
-        }
         if (out / split).exists():
             shutil.rmtree(out / split)
-        Dataset.from_dict(recs, features=features()).save_to_disk(str(out / split))
-        counts[split] = {"rows": len(items), "hours": sum(recs["duration"]) / 3600}
+        spk = (speakers or {}).get(split) or [""] * len(items)
+        splits[split] = write_rows(out, split, (
+            {"id": f"{split}-{i}", "audio": a, "text": t, "labels": tok(t).input_ids, "language": language,
+             "speaker": spk[i], "where": f"test row {i}"} for i, (t, a) in enumerate(items)), shard_rows=shard_rows)
     write_manifest(out, {
-        "name": name or out.name, "source": {"kind": "test"}, "language": language,
+        "format": shards.FORMAT, "name": name or out.name, "source": {"kind": "test"}, "language": language,
         "task": "transcribe", "tokenizer": str(model_dir), "sampling_rate": 16_000,
         "tokenizer_signature": tokenizer_signature(tok, language, "transcribe"),
-        "splits": counts, "skipped": [],
+        "splits": splits, "skipped": [],
     })
     return out
 

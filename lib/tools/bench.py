@@ -133,11 +133,10 @@ def build_model(arch: str, out: Path) -> Path:
 
 
 def build_data(env: Env, name: str, n: int, label_tokens: int, eval_clips: int) -> str:
-    """n train clips of 30 s (quiet noise) with label_tokens-long labels, plus a test split."""
-    from datasets import Dataset
-    from datasets.arrow_writer import ArrowWriter
-
-    from lib.prepared import features, write_manifest
+    """n train clips of 30 s (quiet noise) with label_tokens-long labels, plus a test split, in the
+    prepared format (lib/shards.py: FLAC in Parquet shards, written row by row, never all in memory)."""
+    from lib import shards
+    from lib.prepared import write_manifest, write_rows
 
     out = env.prepared_dir(name)
     if (out / "manifest.json").is_file():
@@ -145,27 +144,17 @@ def build_data(env: Env, name: str, n: int, label_tokens: int, eval_clips: int) 
     rng = np.random.default_rng(0)
     prefix = [50258, 50276, 50359, 50363]  # <|startoftranscript|><|hi|><|transcribe|><|notimestamps|>
     out.mkdir(parents=True, exist_ok=True)
-    splits = {}
+
+    def rows(split: str, count: int):
+        for i in range(count):
+            yield {"id": f"{split}-{i}", "audio": (0.05 * rng.standard_normal(30 * 16_000)).astype(np.float32),
+                   "text": "x", "language": "hi",
+                   "labels": prefix + rng.integers(0, 50_000, label_tokens - len(prefix) - 1).tolist() + [50257]}
+
     # validation: a few clips so that `make train` can show WER-while-training on the bench model
-    for split, count in (("train", n), ("validation", 8), ("test", max(eval_clips, 1))):
-        # Rows are streamed to an Arrow file and memory-mapped, not held in memory: n clips x 30 s
-        # is 1.9 MB a clip, and an in-memory table is re-pickled whole to fingerprint it.
-        tmp = out / f"{split}.arrow.tmp"
-        with ArrowWriter(features=features(), path=str(tmp)) as writer:
-            for i in range(count):
-                writer.write({
-                    "id": f"{split}-{i}",
-                    "audio": (0.05 * rng.standard_normal(30 * 16_000)).astype(np.float32),
-                    "text": "x",
-                    "labels": prefix + rng.integers(0, 50_000, label_tokens - len(prefix) - 1).tolist() + [50257],
-                    "language": "hi",
-                    "duration": 30.0,
-                })
-            writer.finalize()
-        Dataset.from_file(str(tmp)).save_to_disk(str(out / split))
-        tmp.unlink()
-        splits[split] = {"rows": count, "hours": count * 30 / 3600}
-    write_manifest(out, {"name": name, "source": {"kind": "bench-random"}, "language": "hi",
+    splits = {split: write_rows(out, split, rows(split, count), shard_rows=256)
+              for split, count in (("train", n), ("validation", 8), ("test", max(eval_clips, 1)))}
+    write_manifest(out, {"format": shards.FORMAT, "name": name, "source": {"kind": "bench-random"}, "language": "hi",
                          "task": "transcribe", "splits": splits, "skipped": []})
     return name
 
@@ -256,8 +245,9 @@ def eval_speed(cfg: BenchConfig, model_dir: Path, data_dir: Path) -> list[dict]:
 
     if not torch.cuda.is_available() or cfg.eval_clips <= 0:
         return []
-    ds = load_split(data_dir, "test")
-    audios = [np.asarray(a, dtype=np.float32) for a in ds["audio"][: cfg.eval_clips]]
+    from lib.prepared import audio_arrays
+
+    audios = audio_arrays(load_split(data_dir, "test"), 0, cfg.eval_clips)
     n = cfg.eval_new_tokens
     r = speed_compare(ModelSource(base=str(model_dir)), audios, "hi", "transcribe", cfg.eval_batch_size, "bf16",
                       max_new_tokens=n, min_new_tokens=n)
@@ -280,10 +270,10 @@ def logmel_speed(model_dir: Path, data_dir: Path, clips: int = 16) -> float:
     """Clips/s of the collator's CPU log-mel in one process (one dataloader worker's rate)."""
     from transformers import WhisperFeatureExtractor
 
-    from lib.prepared import load_split
+    from lib.prepared import audio_arrays, load_split
 
     fe = WhisperFeatureExtractor.from_pretrained(model_dir)
-    audio = [np.asarray(a, dtype=np.float32) for a in load_split(data_dir, "train")["audio"][:clips]]
+    audio = audio_arrays(load_split(data_dir, "train"), 0, clips)
     fe(audio[:2], sampling_rate=16_000, return_tensors="pt")
     t0 = time.perf_counter()
     fe(audio, sampling_rate=16_000, return_tensors="pt")
