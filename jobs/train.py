@@ -111,6 +111,9 @@ def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
         "outputs": f"{run_dir} (adapter/, checkpoints/, metrics.json, log_history.json, tb/)",
         "best WER": f"{summary.percent(metrics['best_eval_normalized_wer'])} normalized, "
                     f"{summary.percent(metrics['best_eval_wer'])} exact text ({metrics['best_checkpoint']})",
+        **({"WER per corpus": ", ".join(f"{c} {summary.percent(m['at_best_normalized_wer'])}"
+                                         for c, m in metrics["per_corpus"].items()) + " normalized, at the best step"}
+           if metrics.get("per_corpus") else {}),
         "steps": f"{metrics['global_step']}, {metrics['train_samples_per_second'] or 0:.2f} samples/s",
         "adapter": f"{metrics['adapter_size_bytes'] / 1e6:.1f} MB, {metrics['trainable_params']:,} trainable params",
         "tracking": tracking.describe(run_dir) or f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}",

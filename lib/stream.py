@@ -47,7 +47,10 @@ READ_COLUMNS = ["id", "audio", "labels", "duration", "speaker", "where"]
 @dataclass(frozen=True)
 class Corpus:
     name: str
+    """as given: a prepared name, a folder or a URL"""
     weight: float | None
+    label: str = ""
+    """how logs and metrics name it (eval_<label>_wer): the name, or a path's or URL's last part"""
 
 
 def parse_data(data: str) -> list[Corpus]:
@@ -74,6 +77,10 @@ def parse_data(data: str) -> list[Corpus]:
     names = [c.name for c in out]
     if len(set(names)) < len(names):
         raise UserError(f"data={data}: a corpus is listed twice")
+    labels = [c.name.rstrip("/").rsplit("/", 1)[-1] or c.name for c in out]
+    if len(set(labels)) < len(labels):
+        labels = names
+    out = [Corpus(c.name, c.weight, label) for c, label in zip(out, labels, strict=True)]
     given = [c.weight is not None for c in out]
     if any(given) and not all(given):
         raise UserError(f"data={data}: give every corpus a weight (a:0.7,b:0.3) or none (a,b)")

@@ -247,7 +247,7 @@ def training_splits(cfg, corpora, tokenizer=None):
     from lib.stream import Decoded, Mixture, ShardStream
 
     t = cfg.train
-    streams = [(c.name, ShardStream(root, manifest, "train", t.seed, t.shuffle_buffer, name=c.name))
+    streams = [(c.label, ShardStream(root, manifest, "train", t.seed, t.shuffle_buffer, name=c.label))
                for c, root, manifest in corpora]
     rows = sum(s.n for _, s in streams)
     world = world_size()
@@ -279,7 +279,7 @@ def training_splits(cfg, corpora, tokenizer=None):
         ds = load_split(root, "validation", manifest, columns=["id", "audio", "labels", "where"])
         if t.max_eval_samples:
             ds = ds.select(range(min(t.max_eval_samples, len(ds))))
-        evals[c.name] = Decoded(ds, c.name)
+        evals[c.label] = Decoded(ds, c.label)
     if not evals:
         eval_ds = None
         log.warning("data=%s: no validation split: the final adapter is the last step", cfg.data)
@@ -426,7 +426,7 @@ def run_metrics(trainer, result, cb: Callbacks, cfg, model, run_dir: Path, preci
     trainable, total = count_parameters(model)
     return {
         "global_step": trainer.state.global_step,
-        **wer_summary(trainer.state),
+        **wer_summary(trainer.state, list(trainer.eval_dataset) if isinstance(trainer.eval_dataset, dict) else None),
         "train_loss": result.metrics.get("train_loss"),
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
@@ -444,21 +444,35 @@ def run_metrics(trainer, result, cb: Callbacks, cfg, model, run_dir: Path, preci
         "changed_on_resume": changed_on_resume or [],
         "incomplete_checkpoints_moved": [p.name for p in moved],
     }
-def wer_summary(state) -> dict[str, Any]:
+def wer_summary(state, corpora: list[str] | None = None) -> dict[str, Any]:
     """metrics.json's WER fields from a finished Trainer state: the best checkpoint by
-    normalized WER with both WERs at that step, and both WERs of the first and last eval."""
-    evals = [h for h in state.log_history if f"eval_{BEST_METRIC}" in h]
+    normalized WER with both WERs at that step, and both WERs of the first and last eval. With
+    several validated corpora (`corpora`), the best is by the first one's WER, and `per_corpus`
+    gives each corpus's WERs at the best step and at the first and last eval."""
+    prefix = f"eval_{corpora[0]}_" if corpora else "eval_"
+    evals = [h for h in state.log_history if f"{prefix}{BEST_METRIC}" in h]
     at_best = next((h for h in evals if h.get("step") == state.best_global_step), {})
-    return {
-        "best_by": f"eval_{BEST_METRIC}",
+    out = {
+        "best_by": f"{prefix}{BEST_METRIC}",
         "best_checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
         "best_eval_normalized_wer": state.best_metric,
-        "best_eval_wer": at_best.get("eval_wer"),
-        "first_eval_normalized_wer": evals[0][f"eval_{BEST_METRIC}"] if evals else None,
-        "first_eval_wer": evals[0]["eval_wer"] if evals else None,
-        "last_eval_normalized_wer": evals[-1][f"eval_{BEST_METRIC}"] if evals else None,
-        "last_eval_wer": evals[-1]["eval_wer"] if evals else None,
+        "best_eval_wer": at_best.get(f"{prefix}wer"),
+        "first_eval_normalized_wer": evals[0][f"{prefix}{BEST_METRIC}"] if evals else None,
+        "first_eval_wer": evals[0][f"{prefix}wer"] if evals else None,
+        "last_eval_normalized_wer": evals[-1][f"{prefix}{BEST_METRIC}"] if evals else None,
+        "last_eval_wer": evals[-1][f"{prefix}wer"] if evals else None,
     }
+    if corpora:
+        out["per_corpus"] = {}
+        for c in corpora:
+            rows = [h for h in state.log_history if f"eval_{c}_{BEST_METRIC}" in h]
+            best = next((h for h in rows if h.get("step") == state.best_global_step), {})
+            out["per_corpus"][c] = {
+                "at_best_normalized_wer": best.get(f"eval_{c}_{BEST_METRIC}"), "at_best_wer": best.get(f"eval_{c}_wer"),
+                "first_eval_normalized_wer": rows[0][f"eval_{c}_{BEST_METRIC}"] if rows else None,
+                "last_eval_normalized_wer": rows[-1][f"eval_{c}_{BEST_METRIC}"] if rows else None,
+            }
+    return out
 
 
 def optimizer_steps(n_clips: int, batch_size: int, grad_accum: int, world_size: int,
