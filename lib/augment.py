@@ -239,10 +239,11 @@ class TrainingSamples(Dataset):
             labels = ts if len(ts) - 1 <= MAX_POSITIONS else labels
         # [<|startofprev|>] + prompt + labels[:-1] must fit the decoder's positions too
         room = MAX_POSITIONS - len(labels)
-        if self.streamed:
+        prev = []
+        if use_prompt and self.streamed:
             prev = split_label(list(map(int, row["prev_labels"])), self.tok)[1] if len(row["prev_labels"]) else []
-        else:
-            prev = self.texts[i - 1] if i > 0 else []
+        elif use_prompt and i > 0:
+            prev = self.texts[i - 1]
         prompt = prev[-min(MAX_PROMPT, room):] if use_prompt and prev and room > 0 else []
         return {"audio": audio, "labels": labels, "prompt": prompt, "id": row.get("id", ""),
                 "corpus": row.get("corpus", "")}

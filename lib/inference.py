@@ -20,12 +20,16 @@ log = logging.getLogger("whisper_ft")
 
 def features_for(processor, audios: Sequence[np.ndarray], dtype, device, on_device: bool = False):
     """Log-mel features of the clips as the model's input. on_device: compute them on the
-    model's GPU (torch STFT) rather than on the CPU (numpy, as the training collator does);
-    the speed comparison uses it so that both of its legs time generation, not the CPU."""
-    extra = {"device": str(device)} if on_device and str(device).startswith("cuda") else {}
-    feats = processor.feature_extractor(
-        [np.asarray(a, dtype=np.float32) for a in audios], sampling_rate=SAMPLING_RATE, return_tensors="pt", **extra
-    ).input_features
+    model's GPU (torch STFT) rather than on the CPU (lib.collator.log_mel, as the training
+    collator does); the speed comparison uses it so that both of its legs time generation."""
+    clips = [np.asarray(a, dtype=np.float32) for a in audios]
+    if on_device and str(device).startswith("cuda"):
+        feats = processor.feature_extractor(clips, sampling_rate=SAMPLING_RATE, return_tensors="pt",
+                                            device=str(device)).input_features
+    else:
+        from lib.collator import log_mel
+
+        feats = log_mel(processor.feature_extractor, clips)
     return feats.to(device=device, dtype=dtype)
 
 

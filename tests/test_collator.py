@@ -59,3 +59,20 @@ def test_batch_has_log_mel_and_padded_labels(tokenizer):
     assert (batch["labels"][0, short:] == IGNORE_INDEX).all()
     assert batch["labels"][0, short - 1] == EOT  # the eos stays: the model must learn to stop
     assert (batch["labels"][1] != IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("lengths", [[4800], [80_000, 16_000, 161], [479_990], [480_000], [500_000, 800], [1]])
+def test_log_mel_of_the_audio_only_equals_the_feature_extractors(lengths):
+    """lib.collator.log_mel skips the STFT of the padding (a constant): same numbers, any length."""
+    from transformers import WhisperFeatureExtractor
+
+    from lib.collator import log_mel
+
+    rng = np.random.default_rng(len(lengths))
+    audio = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in lengths]
+    for mels in (80, 128):
+        fe = WhisperFeatureExtractor(feature_size=mels)
+        ref = fe(audio, sampling_rate=16_000, return_tensors="pt").input_features
+        got = log_mel(fe, audio)
+        assert got.shape == ref.shape == (len(lengths), mels, 3000)
+        assert torch.allclose(got, ref, atol=1e-5)
