@@ -18,6 +18,8 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -151,6 +153,16 @@ def _init_worker(processor: Processor) -> None:
     from lib.cli import setup_logging
 
     setup_logging()
+    # A pool worker holds both ends of its task pipe, so it never sees the parent die: a
+    # `kill PID` of the job (not of its process group) would leave the workers waiting forever.
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, name="exit-with-parent", daemon=True).start()
 
 
 def chunk_task(rows, chunk: staging.Chunk, stage: Path, fp: str, extra: dict[str, Any] | None = None) -> dict:

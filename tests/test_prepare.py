@@ -17,10 +17,10 @@ import pytest
 import soundfile as sf
 
 from jobs.prepare import PrepareConfig, main
+from lib import shards
 from lib.cli import run_job
 from lib.config import load_config
 from lib.env import Env
-from lib import shards
 from lib.errors import UserError
 from lib.prepared import read_manifest
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from jobs.prepare import PrepareConfig, main
+from lib import shards
 from lib.config import load_config
 from lib.env import Env
-from lib import shards
 from lib.errors import UserError
 from tests.test_prepare import CV, split_ids, split_rows
 

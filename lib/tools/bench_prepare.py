@@ -4,7 +4,7 @@
     python -m lib.tools.bench_prepare source_format=wav  # the same clips as 16 kHz 16-bit wav
     python -m lib.tools.bench_prepare clips=200 num_proc=1 model=tests/fixtures/whisper_tokenizer
 
-1. Throughput: writes CLIPS five-second clips (10 synthesized voice-like signals, copied;
+1. Throughput: writes CLIPS five-second clips (synthesized voice-like signals, each its own;
    48 kHz mono mp3 as Common Voice ships, or 16 kHz PCM wav) in a temporary Common Voice
    layout, runs the prepare job on them (`python -m jobs.prepare`, its own process) with
    num_proc workers and prints clips/s (wall clock: process start, tokenizer load and writing
@@ -35,34 +35,34 @@ from lib.tools.runner import ROOT, last_error, run_job_process
 SECONDS = 5.0
 
 
-def synth_clips(n_voices: int = 10, sr: int = 48_000, fmt: str = "mp3") -> list[bytes]:
-    """Speech-like clips: a harmonic 'voice' whose pitch glides, amplitude-modulated into syllables.
+def synth_clip(i: int, sr: int = 48_000, fmt: str = "mp3") -> bytes:
+    """Clip i, speech-like: a harmonic 'voice' (one of 10) whose pitch glides, amplitude-modulated
+    into syllables, with its own noise. Every clip differs: copies of a few clips would let
+    Parquet's zstd find the repeats and make the stored size meaningless.
     fmt mp3: 48 kHz mp3; wav: 16 kHz 16-bit PCM (sr is then 16 kHz)."""
     import soundfile as sf
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(i)
+    v = i % 10
     t = np.arange(int(SECONDS * sr)) / sr
-    out = []
-    for v in range(n_voices):
-        f0 = 100 + 15 * v + 20 * np.sin(2 * np.pi * 0.5 * t)
-        phase = 2 * np.pi * np.cumsum(f0) / sr
-        voice = sum(np.sin(k * phase) / k for k in range(1, 8))
-        syllables = 0.5 * (1 + np.sin(2 * np.pi * (3 + 0.2 * v) * t)) ** 2
-        x = 0.2 * voice * syllables + 0.01 * rng.standard_normal(t.size)
-        buf = io.BytesIO()
-        x = (x / np.abs(x).max() * 0.8).astype(np.float32)
-        if fmt == "wav":
-            sf.write(buf, x, sr, format="WAV", subtype="PCM_16")
-        else:
-            sf.write(buf, x, sr, format="MP3")
-        out.append(buf.getvalue())
-    return out
+    f0 = 100 + 15 * v + 20 * np.sin(2 * np.pi * (0.5 + 0.01 * (i % 17)) * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    voice = sum(np.sin(k * phase) / k for k in range(1, 8))
+    syllables = 0.5 * (1 + np.sin(2 * np.pi * (3 + 0.2 * v) * t + i)) ** 2
+    x = 0.2 * voice * syllables + 0.01 * rng.standard_normal(t.size)
+    x = (x / np.abs(x).max() * 0.8).astype(np.float32)
+    buf = io.BytesIO()
+    if fmt == "wav":
+        sf.write(buf, x, sr, format="WAV", subtype="PCM_16")
+    else:
+        sf.write(buf, x, sr, format="MP3")
+    return buf.getvalue()
 
 
 def make_release(root: Path, n: int, fmt: str = "mp3") -> Path:
     clips = root / "clips"
     clips.mkdir(parents=True)
-    voices = synth_clips(sr=16_000 if fmt == "wav" else 48_000, fmt=fmt)
+    sr = 16_000 if fmt == "wav" else 48_000
     header = ["client_id", "path", "sentence_id", "sentence", "up_votes", "down_votes", "age", "gender",
               "accents", "variant", "locale", "segment"]
     with open(root / "train.tsv", "w", newline="", encoding="utf-8") as f:
@@ -70,7 +70,7 @@ def make_release(root: Path, n: int, fmt: str = "mp3") -> Path:
         w.writerow(header)
         for i in range(n):
             name = f"common_voice_hi_{i:08d}.{fmt}"
-            (clips / name).write_bytes(voices[i % len(voices)])
+            (clips / name).write_bytes(synth_clip(i, sr, fmt))
             w.writerow([f"c{i % 50}", name, str(i), f"यह वाक्य संख्या {i} है।", 2, 0, "", "", "", "", "hi", ""])
     return root
 
