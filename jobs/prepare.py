@@ -23,6 +23,7 @@ prepares every N-th chunk, and the one that finds every chunk done writes the ma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -186,6 +187,8 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
     elif old is not None and old.get("fingerprint") == fp and not cfg.force:
         staging.remove_sidecars(out)  # left by a finalizer killed just after its swap
         shutil.rmtree(hub_cache, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            work.rmdir()  # made (empty) by a Hub download above
         log.info("%s: %s is up to date (fingerprint %s); pass force=true to redo", who, out, fp)
         summary.done("prepare (up to date)", summary.prepare_summary(out, old))
         return old

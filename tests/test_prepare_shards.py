@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -223,13 +224,14 @@ def test_hub_source_leaves_nothing_in_hf_home(tiny_model_dir, tmp_path, monkeypa
 
     def fake_load_dataset(path, name=None, *, split, token=None, revision=None, cache_dir=None):
         # The Hub, offline: hf_hub_download would store the repo's files in HF_HUB_CACHE (it
-        # ignores cache_dir); then datasets builds its Arrow copy in cache_dir.
+        # ignores cache_dir); then datasets builds its Arrow copy in cache_dir. (copy2 keeps the
+        # files' times: datasets fingerprints local files by them, Hub files by their revision.)
         blobs = Path(huggingface_hub.constants.HF_HUB_CACHE) / "datasets--org--cv" / "blobs"
         blobs.mkdir(parents=True, exist_ok=True)
         local = {}
         for s, f in files.items():
             local[s] = str(blobs / Path(f).name)
-            Path(local[s]).write_bytes(Path(f).read_bytes())
+            shutil.copy2(f, local[s])
         seen.append((str(blobs), cache_dir))
         return real_load("parquet", data_files=local, split=split, cache_dir=cache_dir)
 
@@ -243,6 +245,12 @@ def test_hub_source_leaves_nothing_in_hf_home(tiny_model_dir, tmp_path, monkeypa
     assert sorted(p.name for p in (data / "prepared").iterdir()) == ["h"]
     assert m["storage"]["source_cache_bytes"] > 0 and m["splits"]["train"]["rows"] == 2
     assert huggingface_hub.constants.HF_HUB_CACHE == str(hf_home / "hub")  # put back after the load
+    # Up to date on a rerun (the Hub is read again to know that): nothing left behind either.
+    again = prepare(data, tiny_model_dir, "name=h", "language=en", "source.kind=hub", "source.hub_id=org/cv",
+                    "validation_fraction=0")
+    assert again["created"] == m["created"] and len(seen) == 6
+    assert not hf_home.exists() or tree(hf_home) == []
+    assert sorted(p.name for p in (data / "prepared").iterdir()) == ["h"]
 
 
 # ---------------------------------------------------------------- several processes
