@@ -1,22 +1,30 @@
-"""Prepare a speech dataset for Whisper fine-tuning: DATA_DIR/prepared/NAME (see lib/prepared.py).
+"""Prepare a speech dataset for Whisper fine-tuning: DATA_DIR/prepared/NAME (format 2, lib/shards.py).
 
     python -m jobs.prepare --recipe jobs/recipes/prepare_cv_hi.yaml [--env-file .env] [key=value ...]
     python -m jobs.prepare name=cv_hi language=hi source.kind=cv source.path=/data/cv-corpus-17.0/hi
     python -m jobs.prepare name=fleurs_hi language=hi source.kind=hub source.hub_id=google/fleurs \
         source.hub_config=hi_in source.hub_revision=refs/convert/parquet source.text_column=raw_transcription
+    make prepare DATA=cv_hi ARGS="shard_count=4 shard_index=0"     # one of 4 machines (an Indexed Job's pod)
 
 Reads a Common Voice release folder, a Mozilla Data Collective download, a Hugging Face Hub
-dataset, a CSV/TSV/JSONL manifest or an audiofolder; decodes and resamples every clip to
-16 kHz mono, tokenizes the canonical transcript (lib.metrics.canonical) with the
-<|lang|><|task|> prefix, and drops (and reports) rows that cannot train: undecodable or
-truncated audio, missing clips, empty transcripts, clips outside [min_duration,
-max_duration], labels over max_target_positions, speech impossibly fast for the audio,
-duplicate clips, and train (validation) rows whose clip or sentence is in validation or test.
-Re-running with the same inputs and config does nothing; a killed run resumes by chunk.
+dataset, a CSV/TSV/JSONL manifest or an audiofolder; decodes every clip once (to check it and
+measure it), keeps its encoded bytes (mp3/flac/ogg as they are, anything else as 16 kHz FLAC),
+tokenizes the canonical transcript (lib.metrics.canonical) with the <|lang|><|task|> prefix,
+and drops (and reports) rows that cannot train: undecodable or truncated audio, missing clips,
+empty transcripts, clips outside [min_duration, max_duration], labels over
+max_target_positions, speech impossibly fast for the audio, duplicate clips, and train
+(validation) rows whose clip or sentence is in validation or test. A source without a
+validation split gets a speaker-disjoint slice of train (validation_fraction). Chunks of
+chunk_rows rows are written as Parquet shards straight into DATA_DIR/prepared/.NAME.partial,
+the manifest last, then the folder is swapped into place. Re-running with the same inputs and
+config does nothing; a killed run reuses every finished shard. With shard_count=N each index
+prepares every N-th chunk, and the one that finds every chunk done writes the manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import shutil
 import time
@@ -24,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lib import summary
+from lib import shards, staging, summary
 from lib.audio import SAMPLING_RATE
 from lib.cli import run_job
 from lib.config import to_dict
@@ -32,19 +40,22 @@ from lib.data import (
     PROCESS_VERSION,
     Limits,
     Processor,
-    drop_fast_speech,
+    Progress,
+    apply_fast_speech,
+    chunk_task,
     fingerprint,
     load_tokenizer,
     max_target_positions,
-    process_split,
+    run_chunks,
+    split_summary,
     versions,
-    write_split,
 )
 from lib.env import Env
 from lib.errors import UserError
 from lib.language import known_languages, resolve_language
 from lib.prepared import MANIFEST, tokenizer_signature, write_manifest
-from lib.sources import SourceConfig, drop_overlaps, read_source
+from lib.runlock import RunLock
+from lib.sources import SourceConfig, carve_validation, drop_overlaps, read_source
 
 log = logging.getLogger("whisper_ft")
 
@@ -70,8 +81,17 @@ class PrepareConfig:
     max_rate_vs_median: float = 2.5
     """Skip clips spoken faster (characters/s) than this many times their language's median in
     the corpus: audio cut short with the full transcript. 0 turns the check off."""
+    validation_fraction: float = 0.05
+    """A source without a validation split: this share of train is held out as validation,
+    speaker-disjoint where the rows have speaker ids. 0: no validation split."""
     chunk_rows: int = 2000
-    """Rows per saved chunk: a killed job redoes at most one chunk per split."""
+    """Rows per chunk = per shard, the unit of work and of resume: a worker holds one chunk's
+    encoded audio in memory (2000 x 5 s mp3 ~ 80 MB; lower it for long PCM clips)."""
+    shard_count: int = 1
+    """Machines (Kubernetes Indexed Job pods) preparing this dataset together into one shared
+    DATA_DIR; each takes every shard_count-th chunk."""
+    shard_index: int | None = None
+    """This machine's index, 0..shard_count-1; default: JOB_COMPLETION_INDEX (an Indexed Job sets it)."""
     force: bool = False
     """Redo the work even if DATA_DIR/prepared/NAME is up to date."""
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -87,72 +107,208 @@ class PrepareConfig:
         if self.max_rate_vs_median < 0 or 0 < self.max_rate_vs_median <= 1:
             raise UserError(f"max_rate_vs_median={self.max_rate_vs_median}: use a ratio above 1 (default 2.5), "
                             f"or 0 to turn the speaking-rate check off")
+        if not 0 <= self.validation_fraction <= 0.5:
+            raise UserError(f"validation_fraction={self.validation_fraction}: use a share of train between 0 "
+                            f"(no held-out validation) and 0.5; the default is 0.05")
         if self.chunk_rows < 1:
             raise UserError(f"chunk_rows={self.chunk_rows}: must be at least 1")
+        if self.shard_count < 1:
+            raise UserError(f"shard_count={self.shard_count}: must be at least 1")
+        if self.shard_index is not None and not 0 <= self.shard_index < self.shard_count:
+            raise UserError(f"shard_index={self.shard_index}: must be 0..{self.shard_count - 1} "
+                            f"for shard_count={self.shard_count}")
+        if self.force and self.shard_count > 1:
+            raise UserError("force=true with shard_count > 1: indexes that start after another one finished "
+                            "would redo their chunks with nobody left to write the manifest; delete "
+                            "DATA_DIR/prepared/NAME instead, then run every index")
+
+    def index(self, env: Env) -> int:
+        """This process's shard index: shard_index, else JOB_COMPLETION_INDEX, for shard_count > 1."""
+        if self.shard_count == 1:
+            return 0
+        index = self.shard_index if self.shard_index is not None else env.job_completion_index
+        if index is None:
+            raise UserError(f"shard_count={self.shard_count} needs shard_index=0..{self.shard_count - 1} (a "
+                            f"Kubernetes Indexed Job sets JOB_COMPLETION_INDEX, which is used when it is absent)")
+        if not 0 <= index < self.shard_count:
+            raise UserError(f"JOB_COMPLETION_INDEX={index} is not below shard_count={self.shard_count}: make "
+                            f"the Job's completions equal to shard_count")
+        return index
+
+
+def _finished(out) -> dict | None:
+    try:
+        return json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def main(cfg: PrepareConfig, env: Env) -> dict:
     started = time.time()
     out = env.prepared_dir(cfg.name)
+    work = out.parent / f".{cfg.name}.partial"  # the staging folder: shards land here, then it becomes `out`
+    index, count = cfg.index(env), cfg.shard_count
+    who = "prepare" if count == 1 else f"prepare [index {index} of {count}]"
     # 1. Check the language against the tokenizer before any work.
     tokenizer = load_tokenizer(cfg.model)
     cfg.language = resolve_language(cfg.language, tokenizer)
     known = sorted(known_languages(tokenizer))
     limits = Limits(cfg.min_duration, cfg.max_duration, max_target_positions(cfg.model))
-    log.info("prepare: %s -> %s, language=%s task=%s, tokenizer %s, clips %.1f-%.0f s, labels <= %d tokens",
+    log.info("%s: %s -> %s, language=%s task=%s, tokenizer %s, clips %.1f-%.0f s, labels <= %d tokens", who,
              cfg.source.kind, out, cfg.language, cfg.task, cfg.model, cfg.min_duration, cfg.max_duration,
              limits.max_label_tokens)
 
-    # 2. Read the source rows (downloading for mdc, loading for hub); nothing is decoded yet.
-    rows = read_source(cfg.source, cfg.language, env)
-    overlaps = drop_overlaps(rows)  # duplicate clips; test/validation clips or sentences in train
+    # 2. Read the source rows (downloading for mdc; a hub source into the work folder, never
+    #    HF_HOME); nothing is decoded yet. Drop duplicates and train/validation rows whose clip or
+    #    sentence is held out; where the source has no validation, hold some of train out (by
+    #    speaker) and drop the train rows that share a sentence with it.
+    hub_cache = work / f"{staging.HUB_CACHE}{index}"
+    rows = read_source(cfg.source, cfg.language, env, cache_dir=hub_cache if cfg.source.kind == "hub" else None)
+    overlaps = drop_overlaps(rows)
+    validation = carve_validation(rows, cfg.validation_fraction)
+    if validation["made"] == "held out of train":
+        for split, by_reason in drop_overlaps(rows).items():
+            for why, n in by_reason.items():
+                overlaps.setdefault(split, {})[why] = overlaps.get(split, {}).get(why, 0) + n
     for split, by_reason in overlaps.items():
-        log.warning("prepare: dropped from %s: %s (listed in manifest.json)", split,
+        log.warning("%s: dropped from %s: %s (listed in manifest.json)", who, split,
                     ", ".join(f"{n} {why}" for why, n in by_reason.items()))
     counts_in = {s: len(d) for s, d in rows.splits.items()}
-    log.info("prepare: rows read per split %s from %s", counts_in, rows.describe)
+    log.info("%s: rows read per split %s from %s", who, counts_in, rows.describe)
 
     # 3. Skip everything if a finished dataset was made from the same inputs and config.
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("num_proc", "force", "chunk_rows", "name")}
+    settings = {k: v for k, v in to_dict(cfg).items()
+                if k not in ("num_proc", "force", "chunk_rows", "name", "shard_count", "shard_index")}
     fp = fingerprint(PROCESS_VERSION, settings, rows.signature, limits.max_label_tokens)
-    if (out / MANIFEST).is_file() and not cfg.force:
-        import json
+    old = _finished(out)
+    if old is not None and old.get("format") != shards.FORMAT:
+        log.warning("%s: %s was prepared in an older format (float32 arrays, before format %d: encoded audio in "
+                    "Parquet shards); train and eval refuse it, so it is prepared again", who, out, shards.FORMAT)
+    elif old is not None and old.get("fingerprint") == fp and not cfg.force:
+        staging.remove_sidecars(out)  # left by a finalizer killed just after its swap
+        shutil.rmtree(hub_cache, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            work.rmdir()  # made (empty) by a Hub download above
+        log.info("%s: %s is up to date (fingerprint %s); pass force=true to redo", who, out, fp)
+        summary.done("prepare (up to date)", summary.prepare_summary(out, old))
+        return old
 
-        old = json.loads((out / MANIFEST).read_text())
-        if old.get("fingerprint") == fp:
-            log.info("prepare: %s is up to date (fingerprint %s); pass force=true to redo", out, fp)
-            summary.done("prepare (up to date)", summary.prepare_summary(out, old))
-            return old
-
-    # 4. Decode, resample, filter and tokenize each split, chunk by chunk, in a work folder.
-    work = out.parent / f".{cfg.name}.partial"
+    # 4. This index's chunks of the plan: reuse every finished shard, decode the rest on num_proc
+    #    workers, each chunk written straight into the staging folder as its final shard.
+    plan = staging.plan_chunks(counts_in, cfg.chunk_rows)
+    ours = staging.mine(plan, count, index)
+    todo = [c for c in ours if staging.read_sidecar(work, c, fp) is None]
+    log.info("%s: %d chunks of <= %d rows in the plan, %d for this index: %d already done, %d to do on %d workers",
+             who, len(plan), cfg.chunk_rows, len(ours), len(ours) - len(todo), len(todo), min(cfg.num_proc, len(todo)))
+    work.mkdir(parents=True, exist_ok=True)
     processor = Processor(cfg.model, cfg.task, limits, known)
-    skipped = list(rows.skipped)
-    kept = {}
-    for split, ds in rows.splits.items():
-        kept[split], skipped_split = process_split(ds, split, work / "chunks", processor, cfg.num_proc,
-                                                   cfg.chunk_rows, fp)
-        skipped += skipped_split
-    # Needs every split's durations first: the median is the corpus's.
-    skipped += drop_fast_speech(kept, cfg.max_rate_vs_median, rows.splits)
+    progress = Progress(who, len(todo), sum(c.hi - c.lo for c in todo))
+    extra = {"source_cache_bytes": staging.folder_bytes(hub_cache, skip_hub_cache=False)}
+    run_chunks((lambda c=c: chunk_task(rows.splits[c.split], c, work, fp, extra) for c in todo), len(todo),
+               processor, cfg.num_proc, progress.done)
+    shutil.rmtree(hub_cache, ignore_errors=True)  # this index is done with the source's bytes
 
-    # 5. Write the splits, then the manifest last; swap the finished folder into place.
-    stage = work / "dataset"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    splits = {}
-    for split, ds in kept.items():
-        if ds is None or len(ds) == 0:
-            log.warning("prepare: split %s has no usable rows; it is not written", split)
-            continue
-        splits[split] = write_split(ds, stage / split)
+    # 5. Every chunk of the plan done? Only then can the rate check (the corpus's median) and the
+    #    manifest be written: by this process if so, else by the index that finishes last.
+    sides = [staging.read_sidecar(work, c, fp) for c in plan]
+    missing = [c for c, side in zip(plan, sides, strict=True) if side is None]
+    if missing:
+        return _not_last(who, out, work, fp, plan, missing, len(ours), len(todo))
+
+    # 6. Finish under the lock (one writer, also when two indexes finish at once; a finalizer
+    #    killed half-way leaves a lock that the rerun takes over): speaking-rate check, stale
+    #    files out, manifest last, swap into place.
+    lock = RunLock(out.parent / f".{cfg.name}.lock")
+    try:
+        lock.acquire()
+    except UserError as e:  # a live process holds it: it is writing the manifest
+        log.info("%s: another process is finishing the dataset (%s); nothing left for this index", who, e)
+        summary.done(who, {"outputs": f"{out} (being finished by another index)"})
+        return {}
+    try:
+        manifest = _finish(cfg, index, who, out, work, fp, plan, rows, counts_in, overlaps, validation, tokenizer,
+                           limits, started)
+    finally:
+        lock.release()
+
+    # 7. Report.
+    for split, info in manifest["splits"].items():
+        log.info("%s: %-10s %6d rows  %7.3f h  %9.1f MB in %d shards  (%d read, %d skipped)", who, split,
+                 info["rows"], info["hours"], info["bytes"] / 1e6, len(info["shards"]), info["rows_read"],
+                 info["skipped"])
+    st = manifest["storage"]
+    log.info("%s: %.1f MB per audio hour (source %.1f MB, %.2fx), peak %.2fx the final size", who,
+             st["bytes_per_audio_hour"] / 1e6, st["source_bytes_per_audio_hour"] / 1e6, st["bytes_vs_source"],
+             st["peak_vs_final"])
+    skipped = manifest["skipped"]
+    for s in skipped[:20]:
+        log.warning("%s: skipped %s %s: %s", who, s["split"], s["where"], s["reason"])
+    if len(skipped) > 20:
+        log.warning("%s: ... and %d more skipped rows, all listed in %s", who, len(skipped) - 20, out / MANIFEST)
+    log.info("%s: wrote %s in %.1f s", who, out, time.time() - started)
+    summary.done("prepare", summary.prepare_summary(out, manifest))
+    return manifest
+
+
+def _not_last(who, out, work, fp, plan, missing, ours, did) -> dict:
+    """An index whose chunks are done while others still work: say so, exit 0."""
+    old = _finished(out)
+    if old is not None and old.get("fingerprint") == fp:
+        log.info("%s: %s was finished meanwhile by another index", who, out)
+        summary.done(who, summary.prepare_summary(out, old))
+        return old
+    log.info("%s: this index's %d chunks are done (%d prepared now); %d of the dataset's %d chunks are not "
+             "done yet (first: %s); the index that finishes last writes the manifest and moves %s into place",
+             who, ours, did, len(missing), len(plan), missing[0].describe(), out)
+    summary.done(who, {"outputs": f"{work} ({len(plan) - len(missing)} of {len(plan)} chunks done)",
+                       "next": "the last index to finish writes manifest.json; if every index has exited and "
+                               "there is none, run any one index again"})
+    return {"index_done": True, "chunks_missing": len(missing)}
+
+
+def _finish(cfg, index, who, out, work, fp, plan, rows, counts_in, overlaps, validation, tokenizer, limits,
+            started) -> dict:
+    """Under the lock: rate check on the sidecars, stale files out, manifest, swap. Each step can
+    run again after a kill: rewritten shards are recognised, the manifest is recomputed."""
+    old = _finished(out)
+    if old is not None and old.get("fingerprint") == fp and old.get("format") == shards.FORMAT and not cfg.force:
+        return old  # another index finished between our check and the lock
+    sides = [staging.read_sidecar(work, c, fp) for c in plan]
+    if any(side is None for side in sides):
+        raise UserError(f"{work}: chunks went missing while this process was finishing: another prepare of "
+                        f"name={cfg.name} with other settings is writing there; run one at a time")
+    disk = staging.DiskWatch(work)
+    disk.peak = max([side.get("staging_bytes") or 0 for side in sides])
+    skipped = list(rows.skipped) + [s for side in sides for s in side["skipped"]]
+    # Needs every split's rows first: the median is the corpus's.
+    skipped += apply_fast_speech(work, plan, sides, cfg.max_rate_vs_median, disk)
+    splits = split_summary(work, plan, sides)
+    for split in counts_in:
+        if split not in splits:
+            log.warning("%s: split %s has no usable rows; it is not written", who, split)
     if not splits:
         raise UserError(f"no usable rows in any split: see the skip reasons above ({len(skipped)} rows skipped)")
     for split, info in splits.items():
         info["rows_read"] = counts_in.get(split, 0) + sum(1 for s in rows.skipped if s["split"] == split)
         info["skipped"] = sum(1 for s in skipped if s["split"] == split)
+    staging.remove_stale(work, plan, {sh["file"] for info in splits.values() for sh in info["shards"]})
+    total = sum(info["bytes"] for info in splits.values())
+    source = sum(info["source_bytes"] for info in splits.values())
+    hours = sum(info["seconds"] for info in splits.values()) / 3600
+    storage = {
+        "bytes": total,
+        "source_bytes": source,
+        "bytes_per_audio_hour": round(total / hours) if hours else 0,
+        "source_bytes_per_audio_hour": round(source / hours) if hours else 0,
+        "bytes_vs_source": round(total / source, 3) if source else None,
+        "peak_bytes": max(disk.peak, total),
+        "peak_vs_final": round(max(disk.peak, total) / total, 3),
+        "source_cache_bytes": max(side.get("source_cache_bytes") or 0 for side in sides),
+        "formats": dict(sum((Counter(info["formats"]) for info in splits.values()), Counter())),
+    }
     manifest = {
         "name": cfg.name,
+        "format": shards.FORMAT,
         "fingerprint": fp,
         "source": rows.describe,
         "language": cfg.language,
@@ -161,7 +317,12 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
         "tokenizer_signature": tokenizer_signature(tokenizer, cfg.language, cfg.task),
         "sampling_rate": SAMPLING_RATE,
         "max_target_positions": limits.max_label_tokens,
+        "columns": list(shards.COLUMNS),
         "splits": splits,
+        "validation": validation,
+        "storage": storage,
+        "prepared_by": {"shard_count": cfg.shard_count, "chunks": len(plan), "chunk_rows": cfg.chunk_rows,
+                        "finished_by_index": index},
         "skipped_by_reason": dict(Counter(s["reason"].split(":")[0] for s in skipped)),
         "dropped_overlaps": overlaps,
         "skipped": skipped,
@@ -170,25 +331,9 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "elapsed_s": round(time.time() - started, 1),
     }
-    write_manifest(stage, manifest)
-    old = out.parent / f".{cfg.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.replace(old)
-    stage.replace(out)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(work, ignore_errors=True)
-
-    # 6. Report.
-    for split, info in splits.items():
-        log.info("prepare: %-10s %6d rows  %7.3f h  (%d read, %d skipped)", split, info["rows"], info["hours"],
-                 info["rows_read"], info["skipped"])
-    for s in skipped[:20]:
-        log.warning("prepare: skipped %s %s: %s", s["split"], s["where"], s["reason"])
-    if len(skipped) > 20:
-        log.warning("prepare: ... and %d more skipped rows, all listed in %s", len(skipped) - 20, out / MANIFEST)
-    log.info("prepare: wrote %s in %.1f s", out, time.time() - started)
-    summary.done("prepare", summary.prepare_summary(out, manifest))
+    write_manifest(work, manifest)
+    staging.swap_into_place(work, out)
+    staging.remove_sidecars(out)
     return manifest
 
 

@@ -98,16 +98,22 @@ def resample(audio: np.ndarray, sr: int, target: int = SAMPLING_RATE) -> np.ndar
     return soxr.resample(audio, sr, target, quality="HQ").astype(np.float32, copy=False)
 
 
+def read_bytes(path: str | Path, name: str | None = None) -> bytes:
+    """A clip file's encoded bytes (prepare keeps them); AudioError when it is missing or unreadable."""
+    name = name or str(path)
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise AudioError(f"missing: {name} does not exist") from None
+    except OSError as e:
+        raise AudioError(f"unreadable: {name} ({e.strerror})") from None
+
+
 def decode(source: str | Path | bytes, name: str | None = None, target: int = SAMPLING_RATE) -> np.ndarray:
     """A file path or encoded bytes -> mono float32 at `target` Hz. Raises AudioError with the reason."""
     if isinstance(source, (str, Path)):
         name = name or str(source)
-        try:
-            data = Path(source).read_bytes()
-        except FileNotFoundError:
-            raise AudioError(f"missing: {name} does not exist") from None
-        except OSError as e:
-            raise AudioError(f"unreadable: {name} ({e.strerror})") from None
+        data = read_bytes(source, name)
     else:
         data, name = bytes(source), name or "<bytes>"
     if not data:

@@ -1,9 +1,15 @@
-"""Turn source rows into prepared rows: decode, resample, filter, tokenize; write the dataset.
+"""Turn source rows into shards: decode, check, tokenize, keep the encoded audio; the rate check.
 
-One row in, one row out: a row that cannot be used keeps its place with `skip` set to the
-reason, so that the report lists every dropped row and counts add up
-(kept + skipped = rows read). Work is cut into chunks of `chunk_rows`; each finished
-chunk is saved under the work folder with a marker, so a killed job resumes where it was.
+One chunk of source rows (chunk_rows of one split) is one task and one shard (lib/shards.py):
+a worker decodes each clip once with lib.audio.decode (truncation, duration limits), tokenizes
+its canonical transcript and stores `shards.compact(source bytes, audio)`: the source's own
+mp3/flac/ogg bytes, or 16 kHz FLAC for anything else. Nothing float32 reaches the disk. A row
+that cannot be used is listed in the chunk's sidecar with its reason, so that the report lists
+every dropped row and the counts add up (kept + skipped = rows read).
+
+Workers are `num_proc` processes (spawn: a fresh interpreter each, no forked tokenizer or Arrow
+thread state); a task carries only its own rows (paths and text, or a Hub chunk's bytes), and
+the parent hands out at most 2 tasks per worker at a time, so memory does not grow with the corpus.
 """
 
 from __future__ import annotations
@@ -11,22 +17,34 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
+import multiprocessing
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lib.audio import SAMPLING_RATE, AudioError, decode
+from lib import shards, staging
+from lib.audio import SAMPLING_RATE, AudioError, decode, read_bytes
 from lib.errors import UserError
 from lib.metrics import canonical
+from lib.summary import elapsed
 
 log = logging.getLogger("whisper_ft")
 
 # Bump when the processing below changes what it writes, so old prepared data is redone.
 # 2: transcripts are lib.metrics.canonical (NFC, ASCII digits, no zero-width joiners).
-PROCESS_VERSION = 2
+# 3: format 2 (lib/shards.py): Parquet shards of encoded audio, speaker column, held-out validation.
+PROCESS_VERSION = 3
+
+KEPT_FIELDS = ("id", "where", "chars", "duration", "language", "source_bytes", "audio_format")
+"""what a sidecar keeps of each kept row, in shard order: enough for the speaking-rate check, its
+skip messages and the manifest's counts without opening a shard"""
 
 
 def load_tokenizer(model: str, language: str | None = None, task: str = "transcribe"):
@@ -56,10 +74,22 @@ class Limits:
     max_label_tokens: int
 
 
-class Processor:
-    """The map function: a batch of source rows -> prepared rows with a `skip` reason ('' = keep).
+@dataclass
+class Clip:
+    """One usable row, ready for its shard."""
 
-    Picklable (datasets ships it to num_proc workers); each worker loads the tokenizer once.
+    text: str
+    labels: list[int]
+    duration: float
+    audio: bytes
+    audio_format: str
+    source_bytes: int
+
+
+class Processor:
+    """A source row -> a Clip, or the reason it cannot be used.
+
+    Picklable (each worker process gets a copy); each process loads the tokenizer once.
     """
 
     def __init__(self, model: str, task: str, limits: Limits, known_languages: list[str]):
@@ -67,6 +97,9 @@ class Processor:
         self.known = set(known_languages)
         self._tok = None
         self._lang = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tok": None, "_lang": None}  # each worker loads its own tokenizer
 
     def _labels(self, text: str, language: str) -> list[int]:
         if self._tok is None:
@@ -77,170 +110,261 @@ class Processor:
             self._lang = language
         return self._tok(text).input_ids
 
-    def row(self, audio_ref: dict, text: str, language: str) -> tuple[np.ndarray, list[int], str]:
+    def row(self, audio_ref: dict, text: str, language: str) -> tuple[Clip | None, str]:
         lim = self.limits
+        # The target is the canonical spelling that every score compares (lib.metrics).
         text = canonical(text or "")
         if not text:
-            return None, [], "empty transcript"
+            return None, "empty transcript"
         if language not in self.known:
-            return None, [], f"unknown language '{language}' in the language column"
+            return None, f"unknown language '{language}' in the language column"
         name = audio_ref.get("path") or "<bytes>"
         try:
-            audio = decode(audio_ref["bytes"] if audio_ref.get("bytes") else audio_ref.get("path") or "", name)
+            data = audio_ref["bytes"] if audio_ref.get("bytes") else read_bytes(audio_ref.get("path") or "", name)
+            audio = decode(data, name)
         except AudioError as e:
-            return None, [], str(e)
+            return None, str(e)
         seconds = len(audio) / SAMPLING_RATE
         if seconds > lim.max_duration:
-            return None, [], f"too long: {seconds:.1f} s > max_duration={lim.max_duration:g} s"
+            return None, f"too long: {seconds:.1f} s > max_duration={lim.max_duration:g} s"
         if seconds < lim.min_duration:
-            return None, [], f"too short: {seconds:.3f} s < min_duration={lim.min_duration:g} s"
+            return None, f"too short: {seconds:.3f} s < min_duration={lim.min_duration:g} s"
         labels = self._labels(text, language)
         if len(labels) > lim.max_label_tokens:
-            return None, [], f"labels too long: {len(labels)} tokens > {lim.max_label_tokens} (max_target_positions)"
-        return audio, labels, ""
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        out = {"audio": [], "labels": [], "duration": [], "skip": []}
-        for ref, text, lang in zip(batch["audio"], batch["text"], batch["language"], strict=True):
-            audio, labels, reason = self.row(ref, text, lang)
-            out["audio"].append(audio if audio is not None else np.zeros(0, np.float32))
-            out["labels"].append(labels)
-            out["duration"].append(len(audio) / SAMPLING_RATE if audio is not None else 0.0)
-            out["skip"].append(reason)
-        # The target is the canonical spelling that every score compares (lib.metrics).
-        out["text"] = [canonical(t or "") for t in batch["text"]]
-        return out
-
-
-def _work_features():
-    from datasets import Features, Value
-
-    from lib.prepared import features
-
-    f = dict(features())
-    f.update(skip=Value("string"), where=Value("string"))
-    return Features(f)
+            return None, f"labels too long: {len(labels)} tokens > {lim.max_label_tokens} (max_target_positions)"
+        stored, fmt = shards.compact(data, audio, SAMPLING_RATE)
+        return Clip(text, labels, seconds, stored, fmt, len(data)), ""
 
 
 def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def chunk_name(lo: int, hi: int) -> str:
-    """The work folder of rows lo..hi-1 of a split: its identity is the row range."""
-    return f"chunk-{lo:09d}-{hi:09d}"
+# ---------------------------------------------------------------- one chunk -> one shard
 
 
-def process_split(rows, split: str, work: Path, processor: Processor, num_proc: int, chunk_rows: int,
-                  fp: str):
-    """Process one split in chunks saved under work/split/; returns (kept dataset, skipped list)."""
-    from datasets import concatenate_datasets, load_from_disk
+_PROCESSOR: Processor | None = None
+_WATCH: dict[str, staging.DiskWatch] = {}
 
-    from lib.prepared import COLUMNS, features
 
-    n = len(rows)
-    if n == 0:  # e.g. every train row was also in test: nothing to save (an empty save does not load)
-        return None, []
-    chunks = []
-    n_chunks = max(1, -(-n // chunk_rows))
-    planned = set()
-    for c in range(n_chunks):
-        lo, hi = c * chunk_rows, min(n, (c + 1) * chunk_rows)
-        # The folder is named by its row range, not its index: a rerun with another
-        # chunk_rows (say 10 -> 5 after running out of memory) must not reuse "chunk 1" =
-        # rows 10-19 as rows 5-9, which duplicated or lost rows and still exited 0.
-        out = work / split / chunk_name(lo, hi)
-        planned.add(out.name)
-        marker = out / f".done-{fp}"
-        if marker.is_file():
-            done = load_from_disk(str(out))
-            if len(done) == hi - lo:
-                log.info("%s: chunk %d/%d (rows %d-%d) already done, reusing", split, c + 1, n_chunks, lo, hi - 1)
-                chunks.append(done)
-                continue
-            log.warning("%s: chunk %s holds %d rows, not %d: redoing it", split, out.name, len(done), hi - lo)
-        shutil.rmtree(out, ignore_errors=True)
-        part = rows.select(range(lo, hi))
-        procs = max(1, min(num_proc, hi - lo))
-        done = part.map(
-            processor, batched=True, batch_size=16, num_proc=procs if procs > 1 else None,
-            features=_work_features(), remove_columns=[c for c in part.column_names if c not in ("id", "language", "where")],
-            desc=f"{split} {c + 1}/{n_chunks}: decode, resample, tokenize", new_fingerprint=f"{fp}-{split}-{lo}-{hi}",
-        )
-        done.save_to_disk(str(out))
-        marker.touch()
-        chunks.append(load_from_disk(str(out)))
-    # Chunks of an earlier plan (another chunk_rows) are never read again: free their disk.
-    for stale in (work / split).glob("chunk-*"):
-        if stale.name not in planned:
-            shutil.rmtree(stale, ignore_errors=True)
-    if not chunks:
-        return None, []
-    full = concatenate_datasets(chunks) if len(chunks) > 1 else chunks[0]
-    skip_col = full["skip"]
-    skipped = [{"split": split, "id": i, "where": w, "reason": r}
-               for i, w, r, in zip(full["id"], full["where"], skip_col, strict=True) if r]
-    keep = [i for i, r in enumerate(skip_col) if not r]
-    kept = full.select(keep).select_columns(list(COLUMNS)).cast(features())
-    return kept, skipped
+def _init_worker(processor: Processor) -> None:
+    global _PROCESSOR
+    _PROCESSOR = processor
+    from lib.cli import setup_logging
+
+    setup_logging()
+    # A pool worker holds both ends of its task pipe, so it never sees the parent die: a
+    # `kill PID` of the job (not of its process group) would leave the workers waiting forever.
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, name="exit-with-parent", daemon=True).start()
+
+
+def chunk_task(rows, chunk: staging.Chunk, stage: Path, fp: str, extra: dict[str, Any] | None = None) -> dict:
+    """What a worker gets for one chunk: its rows only (for a Hub source, that chunk's bytes)."""
+    batch = rows[chunk.lo:chunk.hi]
+    cols = list(batch)
+    return {"stage": str(stage), "chunk": (chunk.index, chunk.split, chunk.lo, chunk.hi), "fp": fp,
+            "rows": [dict(zip(cols, vals, strict=True)) for vals in zip(*(batch[c] for c in cols), strict=True)],
+            **(extra or {})}
+
+
+def process_chunk(task: dict[str, Any]) -> dict[str, Any]:
+    """Decode, check and tokenize a chunk's rows; write its shard, then its sidecar. Returns the sidecar."""
+    started = time.perf_counter()
+    proc = _PROCESSOR
+    stage = Path(task["stage"])
+    chunk = staging.Chunk(*task["chunk"])
+    cols: dict[str, list] = {c: [] for c in shards.COLUMNS}
+    kept, skipped = [], []
+    for r in task["rows"]:
+        clip, reason = proc.row(r["audio"], r["text"], r["language"])
+        if reason:
+            skipped.append({"split": chunk.split, "id": r["id"], "where": r["where"], "reason": reason})
+            continue
+        for key, value in (("id", r["id"]), ("audio", clip.audio), ("audio_format", clip.audio_format),
+                           ("text", clip.text), ("labels", clip.labels), ("language", r["language"]),
+                           ("duration", clip.duration), ("speaker", r.get("speaker") or ""), ("where", r["where"])):
+            cols[key].append(value)
+        kept.append([r["id"], r["where"], len(clip.text.replace(" ", "")), round(clip.duration, 4), r["language"],
+                     clip.source_bytes, clip.audio_format])
+    staging.remove_chunk_leftovers(stage, chunk)
+    nbytes = shards.write_shard(stage / chunk.file, cols) if kept else 0
+    watch = _WATCH.setdefault(str(stage), staging.DiskWatch(stage))
+    side = {"fingerprint": task["fp"], "split": chunk.split, "lo": chunk.lo, "hi": chunk.hi,
+            "file": chunk.file if kept else None, "rows": len(kept), "bytes": nbytes,
+            "seconds": round(float(sum(k[3] for k in kept)), 3), "skipped": skipped,
+            "kept_fields": list(KEPT_FIELDS), "kept": kept, "staging_bytes": watch.look(),
+            "source_cache_bytes": task.get("source_cache_bytes", 0),
+            "elapsed_s": round(time.perf_counter() - started, 2)}
+    staging.write_sidecar(stage, chunk, side)
+    return side
+
+
+class Progress:
+    """Log lines as chunks finish: chunks done of this index's total, clips/s, ETA."""
+
+    def __init__(self, label: str, chunks: int, rows: int):
+        self.label, self.total_chunks, self.total_rows = label, chunks, rows
+        self.chunks = self.rows = 0
+        self.started = time.monotonic()
+
+    def done(self, side: dict[str, Any]) -> None:
+        self.chunks += 1
+        self.rows += side["hi"] - side["lo"]
+        spent = max(time.monotonic() - self.started, 1e-6)
+        rate = self.rows / spent
+        eta = (self.total_rows - self.rows) / rate if rate > 0 else 0.0
+        log.info("%s: chunk %d/%d done (%s rows %d-%d: %d kept, %d skipped), %.1f clips/s, ETA %s", self.label,
+                 self.chunks, self.total_chunks, side["split"], side["lo"], side["hi"] - 1, side["rows"],
+                 len(side["skipped"]), rate, elapsed(eta))
+
+
+def run_chunks(tasks: Iterable[Callable[[], dict[str, Any]]], count: int, processor: Processor, num_proc: int,
+               on_done: Callable[[dict[str, Any]], None]) -> None:
+    """Run `count` chunk tasks (each a function that builds its task) on num_proc processes;
+    on_done gets each sidecar as its chunk finishes. num_proc=1 (or one chunk) runs in this process."""
+    global _PROCESSOR
+    procs = max(1, min(num_proc, count))
+    if procs == 1:
+        _PROCESSOR = processor
+        try:
+            for build in tasks:
+                on_done(process_chunk(build()))
+        finally:
+            _PROCESSOR = None
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(procs, initializer=_init_worker, initargs=(processor,)) as pool:
+        pending: deque = deque()
+        for build in tasks:
+            pending.append(pool.apply_async(process_chunk, (build(),)))
+            # At most 2 tasks per worker are built (rows in memory) at a time.
+            while len(pending) >= 2 * procs:
+                on_done(pending.popleft().get())
+        while pending:
+            on_done(pending.popleft().get())
+
+
+# ---------------------------------------------------------------- the speaking-rate check
 
 
 # The speaking-rate check needs a median worth the name: fewer clips of a language, no check.
 RATE_MIN_CLIPS = 10
 
 
-def drop_fast_speech(kept: dict[str, Any], max_ratio: float, sources: dict[str, Any]) -> list[dict[str, str]]:
-    """Skip clips whose transcript is spoken impossibly fast for their audio; returns the skips.
+def fast_speech(sidecars: list[dict[str, Any]], max_ratio: float) -> list[list[tuple[int, dict[str, str]]]]:
+    """Clips whose transcript is spoken impossibly fast for their audio: for each sidecar (chunk),
+    the positions of its kept rows to drop, with their skip entries.
 
     An mp3 cut short by a failed copy and without a Xing/Info length header decodes "fine"
     into, say, 2 s of a 6 s sentence and trains the model to hallucinate the rest. Nothing in
     the file tells, but the rate does: characters (spaces excluded) per second far above the
     median of the corpus in that language (all splits together). Silence only lowers a clip's
     rate, so a real clip rarely reaches 2.5x the median: Common Voice's spread is about 0.5-1.5x.
-    `kept` is filtered in place; `sources` (the source rows) give each skip its file and line;
-    max_ratio 0 turns the check off.
+    It needs the whole corpus's median, so it runs once every chunk is done, on the sidecars
+    (never the audio). max_ratio 0 turns the check off.
     """
+    out: list[list[tuple[int, dict[str, str]]]] = [[] for _ in sidecars]
     if max_ratio <= 0:
-        return []
+        return out
+    f = {name: i for i, name in enumerate(KEPT_FIELDS)}
     rates: dict[str, list[float]] = {}
-    per_split = {}
-    for split, ds in kept.items():
-        if ds is None or len(ds) == 0:
-            continue
-        chars = [len(t.replace(" ", "")) for t in ds["text"]]
-        rows = list(zip(chars, ds["duration"], ds["language"], strict=True))
-        per_split[split] = rows
-        for n, d, lang in rows:
-            if d > 0:
-                rates.setdefault(lang, []).append(n / d)
+    for side in sidecars:
+        for k in side["kept"]:
+            if k[f["duration"]] > 0:
+                rates.setdefault(k[f["language"]], []).append(k[f["chars"]] / k[f["duration"]])
     medians = {lang: float(np.median(r)) for lang, r in rates.items() if len(r) >= RATE_MIN_CLIPS}
-    skipped = []
-    for split, rows in per_split.items():
-        ds, keep, where = kept[split], [], None
-        for i, (n, d, lang) in enumerate(rows):
+    for drop, side in zip(out, sidecars, strict=True):
+        for pos, k in enumerate(side["kept"]):
+            n, d, lang = k[f["chars"]], k[f["duration"]], k[f["language"]]
             median = medians.get(lang)
             rate = n / d if d > 0 else float("inf")
             if median and rate > max_ratio * median:
-                if where is None:
-                    src = sources[split]
-                    where = dict(zip(src["id"], src["where"], strict=True))
-                row_id = ds[i]["id"]
-                skipped.append({"split": split, "id": row_id, "where": where.get(row_id, row_id),
-                                "reason": f"speech too fast: {rate:.0f} characters/s for {d:.2f} s of audio, "
-                                          f"{rate / median:.1f}x the '{lang}' median of {median:.1f} "
-                                          f"(max_rate_vs_median={max_ratio:g}): truncated audio or the wrong "
-                                          f"transcript?"})
-            else:
-                keep.append(i)
-        if len(keep) < len(ds):
-            kept[split] = ds.select(keep)
+                drop.append((pos, {
+                    "split": side["split"], "id": k[f["id"]], "where": k[f["where"]],
+                    "reason": f"speech too fast: {rate:.0f} characters/s for {d:.2f} s of audio, "
+                              f"{rate / median:.1f}x the '{lang}' median of {median:.1f} "
+                              f"(max_rate_vs_median={max_ratio:g}): truncated audio or the wrong transcript?"}))
+    return out
+
+
+def drop_rows(path: Path, positions: list[int], rows_before: int) -> int:
+    """Rewrite a shard without the rows at `positions` (atomically: write_shard); returns its
+    bytes, 0 when no row is left (the shard is deleted). Idempotent: a shard already rewritten
+    (a finalizer killed after this step) is left as it is."""
+    import pyarrow.parquet as pq
+
+    want = rows_before - len(positions)
+    have = pq.read_metadata(path).num_rows
+    if have == want:
+        return path.stat().st_size
+    if have != rows_before:
+        raise UserError(f"{path} holds {have} rows, its sidecar {rows_before}: the staging folder was changed "
+                        f"by hand; delete {path.parent.parent} and prepare again")
+    if want == 0:
+        path.unlink()
+        return 0
+    table = shards.read_shard(str(path))
+    drop = set(positions)
+    return shards.write_shard(path, table.take([i for i in range(rows_before) if i not in drop]))
+
+
+def apply_fast_speech(stage: Path, plan: list[staging.Chunk], sides: list[dict[str, Any]], max_ratio: float,
+                      disk: staging.DiskWatch) -> list[dict[str, str]]:
+    """Run the speaking-rate check on every chunk's sidecar and rewrite only the shards that lose
+    rows; returns the skips in plan order. Each sidecar records its drops ("rate_dropped") before
+    its shard is rewritten, so a finalizer killed half-way resumes where it was."""
+    skipped = []
+    size = disk.look(force=True)
+    for chunk, side, drop in zip(plan, sides, fast_speech(sides, max_ratio), strict=True):
+        positions = [pos for pos, _ in drop]
+        skipped += [skip for _, skip in drop]
+        if not positions:
+            continue
+        if side.get("rate_dropped") != positions:
+            side["rate_dropped"] = positions
+            staging.write_sidecar(stage, chunk, side)
+        path = stage / chunk.file
+        before = path.stat().st_size if path.exists() else 0
+        after = drop_rows(path, positions, side["rows"]) if before else 0
+        # While write_shard renames, the old shard and the new one are both on disk.
+        disk.peak = max(disk.peak, size + after)
+        size += after - before
+        side["bytes"] = after
     return skipped
 
 
-def write_split(ds, dest: Path) -> dict[str, float]:
-    ds.save_to_disk(str(dest))
-    seconds = float(np.sum(ds["duration"])) if len(ds) else 0.0
-    return {"rows": len(ds), "hours": round(seconds / 3600, 4), "seconds": round(seconds, 1)}
+def split_summary(stage: Path, plan: list[staging.Chunk], sides: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per split, for manifest.json: rows, hours, seconds, bytes, the source's encoded bytes of the
+    kept clips, the stored audio formats, and every shard in source order."""
+    f = {name: i for i, name in enumerate(KEPT_FIELDS)}
+    out: dict[str, dict[str, Any]] = {}
+    for chunk, side in zip(plan, sides, strict=True):
+        info = out.setdefault(chunk.split, {"rows": 0, "seconds": 0.0, "bytes": 0, "source_bytes": 0,
+                                            "formats": {}, "shards": []})
+        dropped = set(side.get("rate_dropped") or [])
+        kept = [k for i, k in enumerate(side["kept"]) if i not in dropped]
+        if not kept:
+            continue
+        seconds = float(sum(k[f["duration"]] for k in kept))
+        nbytes = (stage / chunk.file).stat().st_size
+        info["shards"].append({"file": chunk.file, "rows": len(kept), "seconds": round(seconds, 3), "bytes": nbytes})
+        info["rows"] += len(kept)
+        info["seconds"] += seconds
+        info["bytes"] += nbytes
+        info["source_bytes"] += sum(k[f["source_bytes"]] for k in kept)
+        for k in kept:
+            info["formats"][k[f["audio_format"]]] = info["formats"].get(k[f["audio_format"]], 0) + 1
+    for info in out.values():
+        info["hours"] = round(info["seconds"] / 3600, 4)
+        info["seconds"] = round(info["seconds"], 1)
+    return {split: info for split, info in out.items() if info["rows"]}
 
 
 def versions() -> dict[str, str]:

@@ -32,6 +32,8 @@ class Env:
     mlflow_tracking_uri: str | None = None
     wandb_api_key: str | None = field(default=None, repr=False)
     wandb_mode: str | None = None
+    job_completion_index: int | None = None
+    """JOB_COMPLETION_INDEX: this pod's index in a Kubernetes Indexed Job (prepare's shard_index)"""
 
     def describe(self) -> dict[str, str]:
         """A loggable view: paths as they are, secrets only as set / not set."""
@@ -84,6 +86,10 @@ def load_env(env_file: str | Path | None = None) -> Env:
         os.environ["HF_HOME"] = hf_home
     if merged.get("HF_TOKEN"):
         os.environ["HF_TOKEN"] = merged["HF_TOKEN"]
+    index = os.environ.get("JOB_COMPLETION_INDEX", "").strip()  # set by Kubernetes, never in the env file
+    if index and not index.isdigit():
+        raise UserError(f"JOB_COMPLETION_INDEX={index!r}: expected a whole number (Kubernetes sets it in an "
+                        f"Indexed Job's pods)")
     if merged.get("WANDB_API_KEY"):
         # wandb reads its key from the environment only; it never reaches a config or a log line
         os.environ["WANDB_API_KEY"] = merged["WANDB_API_KEY"]
@@ -95,4 +101,5 @@ def load_env(env_file: str | Path | None = None) -> Env:
         mlflow_tracking_uri=merged.get("MLFLOW_TRACKING_URI"),
         wandb_api_key=merged.get("WANDB_API_KEY"),
         wandb_mode=merged.get("WANDB_MODE"),
+        job_completion_index=int(index) if index else None,
     )

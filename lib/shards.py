@@ -88,8 +88,11 @@ def flac_bytes(audio: np.ndarray, sampling_rate: int) -> bytes:
     """16-bit FLAC of a mono float waveform (lossless for 16-bit sources, about half of PCM)."""
     import soundfile as sf
 
+    # Quantized here, by 32768: soundfile reads 16-bit samples as int / 32768 but writes floats
+    # as round(x * 32767), so a 16-bit source written as float came back 1 step off above half scale.
+    pcm = np.clip(np.round(np.asarray(audio, dtype=np.float64) * 32768.0), -32768, 32767).astype(np.int16)
     buf = io.BytesIO()
-    sf.write(buf, np.clip(audio, -1.0, 1.0), sampling_rate, format="FLAC", subtype="PCM_16")
+    sf.write(buf, pcm, sampling_rate, format="FLAC", subtype="PCM_16")
     return buf.getvalue()
 
 

@@ -7,6 +7,8 @@ with the columns
     text   the transcript as given
     language  ISO code of the row (the config's, or a manifest's `language` column)
     where  where a person finds the row: "train.tsv line 7", "manifest.csv line 3", ...
+    speaker  the speaker's id where the source has one (Common Voice `client_id`, a `speaker`
+           column of a manifest, source.speaker_column of a Hub set), else ""
 plus a `signature`: what the inputs were (file hashes, clip sizes and times, hub fingerprints),
 so that an unchanged re-run can be recognised and skipped.
 
@@ -66,13 +68,17 @@ class SourceConfig:
     """Source split(s) that become our train, joined with '+': cv default 'train', hub 'train'
     (the walkthrough uses 'train+validation'). Empty string: no train split."""
     validation: str | None = None
-    """Source split(s) for our validation: cv default 'dev', hub 'validation'. Empty: none."""
+    """Source split(s) for our validation: cv default 'dev', hub 'validation'. Empty: none read from
+    the source; prepare then holds out validation_fraction of train as validation."""
     test: str | None = None
     """Source split(s) for our test: cv/hub default 'test'. Empty: none."""
     audio_column: str | None = None
     """hub / manifest: the audio column; default: the first of audio, path, file_name, ..."""
     text_column: str | None = None
     """hub / manifest: the transcript column; default: the first of text, sentence, transcription, ..."""
+    speaker_column: str | None = None
+    """hub: the speaker id column (for a speaker-disjoint held-out validation slice); default: the
+    first of speaker_id, speaker, client_id; empty: none. cv reads client_id, manifests `speaker`."""
     allow_outside_paths: bool = False
     """cv / manifest / audiofolder: accept audio paths that leave the corpus folder ('../', or
     absolute elsewhere); off, such a row stops the job, naming it (a typo or a hostile file)."""
@@ -108,6 +114,8 @@ class Rows:
     signature: dict[str, Any]
     describe: dict[str, Any] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    speaker_column: str | None = None
+    """the source column the `speaker` ids came from (client_id, speaker, ...); None: no speaker ids"""
 
 
 def _rows_dataset(records: list[dict[str, Any]]):
@@ -119,8 +127,9 @@ def _rows_dataset(records: list[dict[str, Any]]):
         "text": Value("string"),
         "language": Value("string"),
         "where": Value("string"),
+        "speaker": Value("string"),
     })
-    cols = {k: [r[k] for r in records] for k in feats}
+    cols = {k: [r.get(k) or "" if k == "speaker" else r[k] for r in records] for k in feats}
     return Dataset.from_dict(cols, features=feats)
 
 
@@ -217,11 +226,12 @@ def read_cv(folder: Path, src: SourceConfig, language: str) -> Rows:
                     continue
                 # A clip listed twice (train+validated) is dropped and counted by drop_overlaps.
                 records.append({"id": clip, "audio": {"bytes": None, "path": str(clips / clip)},
-                                "text": row.get("sentence") or "", "language": language, "where": where})
+                                "text": row.get("sentence") or "", "language": language, "where": where,
+                                "speaker": (row.get("client_id") or "").strip()})
         check_inside(records, clips, src.allow_outside_paths)
         signature[f"clips:{split}"] = _clips_signature([r["audio"]["path"] for r in records])
         splits[split] = _rows_dataset(records)
-    return Rows(splits, signature, {"kind": "cv", "path": str(folder)}, skipped)
+    return Rows(splits, signature, {"kind": "cv", "path": str(folder)}, skipped, speaker_column="client_id")
 
 
 # ---------------------------------------------------------------- checks on the rows of every source
@@ -301,6 +311,66 @@ def drop_overlaps(rows: Rows) -> dict[str, dict[str, int]]:
     return counts
 
 
+def _hash_order(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def carve_validation(rows: Rows, fraction: float) -> dict[str, Any]:
+    """Hold out about `fraction` of train as validation when the source has no validation split;
+    returns how validation was made, for manifest.json.
+
+    Speaker-disjoint where the rows have speaker ids (Common Voice's client_id, a manifest's
+    `speaker`): a validation speaker is never heard in train, so validation WER measures new
+    voices rather than memorised ones. Otherwise each row is its own group (by row id). Groups
+    are taken in the order of the sha256 of their key, never at random: the same corpus gives the
+    same slice on every machine and every index of a sharded prepare. A group is taken while it
+    fits the target (fraction x rows); if none fits (a few speakers with many clips each), the
+    smallest one is. Run after drop_overlaps (so that no test clip is held out), then run
+    drop_overlaps again: it drops the train rows whose sentence is in this validation (Common
+    Voice has many speakers read the same sentence).
+    """
+    if "validation" in rows.splits:
+        return {"made": "source split"}
+    train = rows.splits.get("train")
+    if fraction <= 0 or train is None or len(train) < 2:
+        why = "validation_fraction=0" if fraction <= 0 else "no train split to hold rows out of"
+        return {"made": "none", "why": why}
+    speakers = list(train["speaker"])
+    ids = list(train["id"])
+    by_speaker = any(speakers)
+    groups: dict[str, list[int]] = {}
+    for i, (speaker, row_id) in enumerate(zip(speakers, ids, strict=True)):
+        key = (f"speaker:{speaker}" if speaker else f"row:{row_id}") if by_speaker else f"row:{row_id}"
+        groups.setdefault(key, []).append(i)
+    how = {"made": "held out of train", "fraction": fraction,
+           "by": f"speaker ({rows.speaker_column})" if by_speaker else "row id"}
+    if len(groups) < 2:
+        log.warning("prepare: no validation split, and train has a single speaker: no speaker-disjoint "
+                    "validation slice can be held out; training runs without validation WER")
+        return {**how, "made": "none", "why": "a single speaker in train"}
+    order = sorted(groups, key=_hash_order)
+    target = max(1, round(fraction * len(train)))
+    taken: list[str] = []
+    count = 0
+    for key in order:
+        if count + len(groups[key]) <= target:
+            taken.append(key)
+            count += len(groups[key])
+    if not taken:
+        taken = [min(order, key=lambda k: (len(groups[k]), _hash_order(k)))]
+    held = sorted(i for k in taken for i in groups[k])
+    held_set = set(held)
+    rows.splits["validation"] = train.select(held)
+    rows.splits["train"] = train.select([i for i in range(len(train)) if i not in held_set])
+    how.update(rows=len(held), share=round(len(held) / len(train), 4))
+    if by_speaker:
+        how["speakers"] = sum(1 for k in taken if k.startswith("speaker:"))
+    log.info("prepare: no validation split in the source: held out %d of %d train rows (%.1f %%) as validation, "
+             "by %s (validation_fraction=%g; 0 turns this off)", len(held), len(train), 100 * len(held) / len(train),
+             how["by"], fraction)
+    return how
+
+
 # ---------------------------------------------------------------- manifest and audiofolder
 
 
@@ -362,6 +432,7 @@ def read_manifest_file(file: Path, src: SourceConfig, language: str, default_spl
         rows_by_split.setdefault(split, []).append({
             "id": rel, "audio": {"bytes": None, "path": str(path)}, "text": str(row.get(text_col) or ""),
             "language": str(row.get("language") or language).strip(), "where": where,
+            "speaker": str(row.get("speaker") or "").strip(),
         })
 
 
@@ -402,7 +473,8 @@ def _finish_local(by_split, skipped, signature, describe) -> Rows:
             signature[f"clips:{split}"] = _clips_signature([r["audio"]["path"] for r in by_split[split]])
     if not splits:
         raise UserError(f"{describe['path']}: no usable rows")
-    return Rows(splits, signature, describe, skipped)
+    has_speakers = any(r["speaker"] for rs in by_split.values() for r in rs)
+    return Rows(splits, signature, describe, skipped, speaker_column="speaker" if has_speakers else None)
 
 
 # ---------------------------------------------------------------- Hugging Face Hub
@@ -443,19 +515,56 @@ def audio_kept_encoded():
         Audio.encode_example = original
 
 
-def read_hub(src: SourceConfig, language: str, token: str | None) -> Rows:
-    """load_dataset per split expression; audio kept encoded (Audio(decode=False)) so we decode it."""
+@contextlib.contextmanager
+def hub_cache_in(folder: Path):
+    """While active, everything a Hub download writes goes under `folder`, not HF_HOME.
+
+    datasets 5 fetches a Hub repo's files through huggingface_hub's hf_hub_download, which
+    ignores load_dataset's cache_dir and stores them in huggingface_hub's cache (HF_HOME/hub),
+    and hf_xet keeps its chunk cache in HF_HOME/xet. A corpus of 1,000 h would stay there
+    (encoded, ~60 GB) after prepare copied what it needs into shards. hf_hub_download reads
+    `constants.HF_HUB_CACHE` at call time, and hf_xet reads HF_XET_CACHE from the environment,
+    so both are pointed at `folder` for the block; prepare deletes the folder when it is done.
+    """
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_CACHE, os.environ.get("HF_XET_CACHE")
+    constants.HF_HUB_CACHE = str(folder / "hub")
+    os.environ["HF_XET_CACHE"] = str(folder / "xet")
+    try:
+        yield
+    finally:
+        constants.HF_HUB_CACHE = saved[0]
+        if saved[1] is None:
+            os.environ.pop("HF_XET_CACHE", None)
+        else:
+            os.environ["HF_XET_CACHE"] = saved[1]
+
+
+SPEAKER_COLUMNS = ("speaker_id", "speaker", "client_id")
+
+
+def read_hub(src: SourceConfig, language: str, token: str | None, cache_dir: Path | None = None) -> Rows:
+    """load_dataset per split expression; audio kept encoded (Audio(decode=False)) so we decode it.
+
+    `cache_dir` (prepare's work folder) receives the downloads and datasets' Arrow copy of them;
+    prepare deletes it at the end, so HF_HOME keeps nothing of the corpus.
+    """
     import datasets
     from datasets import Audio
     from datasets.exceptions import DatasetNotFoundError
 
+    from lib.language import language_code
+
     splits, signature = {}, {}
+    speaker_col = None
     for split, parts in src.split_map().items():
         expr = "+".join(parts)
+        extra = {"cache_dir": str(cache_dir / "datasets")} if cache_dir is not None else {}
         try:
-            with audio_kept_encoded():
+            with audio_kept_encoded(), (hub_cache_in(cache_dir) if cache_dir is not None else contextlib.nullcontext()):
                 ds = datasets.load_dataset(src.hub_id, src.hub_config, split=expr, token=token or None,
-                                           revision=src.hub_revision)
+                                           revision=src.hub_revision, **extra)
         except DatasetNotFoundError as e:
             msg = str(e)
             if "gated" in msg and not token:
@@ -477,34 +586,31 @@ def read_hub(src: SourceConfig, language: str, token: str | None) -> Rows:
         where_file = Path(f"{src.hub_id}[{expr}]")
         audio_col = _pick(cols, src.audio_column, ("audio",), "audio", where_file, "source.audio_column")
         text_col = _pick(cols, src.text_column, TEXT_COLUMNS, "transcript", where_file, "source.text_column")
+        if src.speaker_column:
+            speaker_col = _pick(cols, src.speaker_column, (), "speaker", where_file, "source.speaker_column")
+        elif src.speaker_column is None:
+            speaker_col = next((c for c in SPEAKER_COLUMNS if c in cols and c not in (audio_col, text_col)), None)
         ds = ds.cast_column(audio_col, Audio(decode=False))
         lang_col = "language" if "language" in cols and "language" not in (audio_col, text_col) else None
-        keep = [c for c in (audio_col, text_col, lang_col) if c]
-        ds = ds.remove_columns([c for c in cols if c not in keep])
+        n = len(ds)
+        # New columns are added beside the Arrow table (add_column), not by a map() that would
+        # write the whole table, audio included, once more into the cache.
+        langs = ([language_code(v) for v in ds[lang_col]] if lang_col else [language] * n)
+        speakers = ([str(v or "").strip() for v in ds[speaker_col]] if speaker_col else [""] * n)
+        ds = ds.remove_columns([c for c in cols if c not in (audio_col, text_col)])
         if audio_col != "audio":
             ds = ds.rename_column(audio_col, "audio")
         if text_col != "text":
             ds = ds.rename_column(text_col, "text")
-
-        def add_ids(batch, idx, expr=expr, lang_col=lang_col):
-            from lib.language import language_code
-
-            n = len(batch["text"])
-            return {
-                "id": [f"{expr}/{i}" for i in idx],
-                "where": [f"{src.hub_id} split {expr} row {i}" for i in idx],
-                # FLEURS's language column holds English names ("Hindi"): the row's code is "hi".
-                "language": ([language_code(v) for v in batch[lang_col]]
-                             if lang_col else [language] * n),
-            }
-
-        ds = ds.map(add_ids, with_indices=True, batched=True, desc=f"{split}: index rows")
-        if lang_col and lang_col != "language":
-            ds = ds.remove_columns([lang_col])
+        ds = ds.add_column("id", [f"{expr}/{i}" for i in range(n)])
+        ds = ds.add_column("where", [f"{src.hub_id} split {expr} row {i}" for i in range(n)])
+        # FLEURS's language column holds English names ("Hindi"): the row's code is "hi".
+        ds = ds.add_column("language", langs)
+        ds = ds.add_column("speaker", speakers)
         splits[split] = ds
     describe = {"kind": "hub", "hub_id": src.hub_id, "hub_config": src.hub_config, "revision": src.hub_revision,
                 "splits": {k: "+".join(v) for k, v in src.split_map().items()}}
-    return Rows(splits, signature, describe)
+    return Rows(splits, signature, describe, speaker_column=speaker_col)
 
 
 # ---------------------------------------------------------------- Mozilla Data Collective
@@ -560,10 +666,11 @@ def download_mdc(src: SourceConfig, api_key: str | None, downloads: Path) -> Pat
     return _extract(archive, downloads / stem)
 
 
-def read_source(src: SourceConfig, language: str, env) -> Rows:
-    """Dispatch on source.kind. `env` gives tokens and DATA_DIR (downloads go to DATA_DIR/downloads)."""
+def read_source(src: SourceConfig, language: str, env, cache_dir: Path | None = None) -> Rows:
+    """Dispatch on source.kind. `env` gives tokens and DATA_DIR (downloads go to DATA_DIR/downloads);
+    `cache_dir`: where a Hub source's files and Arrow cache go (prepare's work folder)."""
     if src.kind == "hub":
-        return read_hub(src, language, env.hf_token)
+        return read_hub(src, language, env.hf_token, cache_dir)
     if src.kind == "mdc":
         folder = download_mdc(src, env.mdc_api_key, env.data_dir / "downloads" / "mdc")
         rows = read_cv(folder, src, language)

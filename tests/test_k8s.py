@@ -1,7 +1,8 @@
 """Every batch manifest under docker/k8s and docker/cloud, found recursively: yamllint,
 Kubernetes schema validation for built-in kinds (kubernetes-validate, offline, strict), and
 what a schema cannot see: GPU limits, the secret mounted as a file, the exit-code rules equal
-to lib/errors.py, the grace period, the image name, the recipe the args name."""
+to lib/errors.py, the grace period, the image name, the recipe the args name, an Indexed Job's
+index count against its shard_count."""
 
 from __future__ import annotations
 
@@ -220,10 +221,13 @@ def test_container_gpu_image_and_args(where_c):
     where, c = where_c
     res = c.get("resources") or c.get("resourcesPerNode")
     limits, requests = res["limits"], res.get("requests", {})
-    gpus = int(limits["nvidia.com/gpu"])
-    assert gpus >= 1, where
-    # extended resources: a request, if given, must equal the limit
-    assert int(requests.get("nvidia.com/gpu", gpus)) == gpus, where
+    if c["args"][0] == "prepare":  # decoding and tokenizing: CPU work, no GPU to hold idle
+        assert "nvidia.com/gpu" not in limits and "nvidia.com/gpu" not in requests, where
+    else:
+        gpus = int(limits["nvidia.com/gpu"])
+        assert gpus >= 1, where
+        # extended resources: a request, if given, must equal the limit
+        assert int(requests.get("nvidia.com/gpu", gpus)) == gpus, where
     assert "memory" in limits, where
     # the image is the Makefile's; kustomization.yaml sets registry and tag
     assert c["image"].split(":")[0] == image_name(), where
@@ -255,6 +259,36 @@ def test_trainjob_is_multi_node_torchrun():
     claim = override["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
     (pvc,) = [d for _, d in of_kind("PersistentVolumeClaim") if d["metadata"]["name"] == claim]
     assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+
+
+def test_indexed_prepare_job_runs_one_index_per_shard():
+    """completions = parallelism = the shard_count its args pass; no shard_index in the args
+    (each pod's comes from JOB_COMPLETION_INDEX); pod i gets shard i; the args parse as a
+    prepare config; its workers fit the CPUs it asks for; every index writes the same RWX claim."""
+    from jobs.prepare import PrepareConfig
+    from lib.config import load_config
+    from lib.env import Env
+
+    indexed = [(p, d) for p, d in of_kind("Job") if d["spec"].get("completionMode") == "Indexed"]
+    assert indexed, "no Indexed Job (sharded prepare) under docker/k8s"
+    for path, job in indexed:
+        spec = job["spec"]
+        pod = spec["template"]["spec"]
+        (c,) = pod["containers"]
+        args = c["args"]
+        assert args[0] == "prepare", path
+        flags = [a for a in args[1:] if "=" in a and not a.startswith("-")]
+        values = dict(a.split("=", 1) for a in flags)
+        count = int(values["shard_count"])
+        assert spec["completions"] == count and spec["parallelism"] == count, path
+        assert "shard_index" not in values, f"{path}: shard_index comes from JOB_COMPLETION_INDEX"
+        cfg = load_config(PrepareConfig, ROOT / args[args.index("--recipe") + 1], flags)
+        assert [cfg.index(Env(data_dir=Path("/data"), job_completion_index=i)) for i in range(count)] == list(
+            range(count))
+        assert cfg.num_proc <= int(c["resources"]["requests"]["cpu"]), path
+        claim = next(v for v in pod["volumes"] if "persistentVolumeClaim" in v)["persistentVolumeClaim"]["claimName"]
+        (pvc,) = [d for _, d in of_kind("PersistentVolumeClaim") if d["metadata"]["name"] == claim]
+        assert "ReadWriteMany" in pvc["spec"]["accessModes"], path
 
 
 def test_kustomizations_name_the_image_and_existing_resources():

@@ -1,4 +1,7 @@
-"""jobs/prepare on the committed clips: every source kind, every filter, every bad input, reuse."""
+"""jobs/prepare on the committed clips: every source kind, every filter, every bad input, reuse.
+
+Prepared splits are read here straight from their shards (lib.shards.read_shard, in the
+manifest's order): what `make prepare` wrote, not what a loader makes of it."""
 
 from __future__ import annotations
 
@@ -14,11 +17,12 @@ import pytest
 import soundfile as sf
 
 from jobs.prepare import PrepareConfig, main
+from lib import shards
 from lib.cli import run_job
 from lib.config import load_config
 from lib.env import Env
 from lib.errors import UserError
-from lib.prepared import COLUMNS, load_split, read_manifest
+from lib.prepared import read_manifest
 
 FIX = Path(__file__).parent / "fixtures"
 CV = FIX / "cv_release"
@@ -29,6 +33,19 @@ REPO = Path(__file__).parent.parent
 def prepare(data_dir: Path, model: Path, *flags: str, env: Env | None = None) -> dict:
     cfg = load_config(PrepareConfig, None, [f"model={model}", "num_proc=1", *flags])
     return main(cfg, env or Env(data_dir=data_dir))
+
+
+def split_rows(out: Path, split: str, columns: list[str] | None = None) -> list[dict]:
+    """A prepared split's rows, shard by shard in the order manifest.json lists them."""
+    manifest = read_manifest(out)
+    rows = []
+    for shard in manifest["splits"][split]["shards"]:
+        rows += shards.read_shard(shards.join(out, shard["file"]), columns).to_pylist()
+    return rows
+
+
+def split_ids(out: Path, split: str) -> list[str]:
+    return [r["id"] for r in split_rows(out, split, ["id"])]
 
 
 def tsv_rows(name: str) -> int:
@@ -49,7 +66,7 @@ def test_cv_release_counts_equal_tsv_rows_minus_reported_skips(cv_prepared):
     assert read_manifest(out) == json.loads(json.dumps(manifest, default=str))
     for split, tsv in (("train", "train.tsv"), ("validation", "dev.tsv"), ("test", "test.tsv")):
         skipped = [s for s in manifest["skipped"] if s["split"] == split]
-        ds = load_split(out, split)
+        ds = split_rows(out, split, ["id"])
         assert len(ds) == manifest["splits"][split]["rows"] == tsv_rows(tsv) - len(skipped)
         assert manifest["splits"][split]["rows_read"] == tsv_rows(tsv)
     reasons = {s["where"]: s["reason"] for s in manifest["skipped"]}
@@ -63,19 +80,28 @@ def test_cv_release_counts_equal_tsv_rows_minus_reported_skips(cv_prepared):
     assert manifest["config"]["source"]["path"] == str(CV)
     assert {"datasets", "transformers", "soundfile"} <= set(manifest["versions"])
     assert manifest["splits"]["train"]["hours"] > 0
+    assert manifest["format"] == shards.FORMAT and manifest["validation"] == {"made": "source split"}
 
 
-def test_cv_rows_hold_16k_audio_and_prefixed_labels(cv_prepared, tiny_model_dir):
+def test_cv_shards_keep_the_mp3_bytes_and_hold_prefixed_labels(cv_prepared, tiny_model_dir):
     from transformers import WhisperTokenizer
 
-    out, _ = cv_prepared
-    ds = load_split(out, "validation")
-    assert tuple(ds.column_names) == COLUMNS
+    out, manifest = cv_prepared
+    (shard,) = manifest["splits"]["validation"]["shards"]
+    table = shards.read_shard(str(out / shard["file"]))
+    assert tuple(table.column_names) == shards.COLUMNS and table.schema == shards.schema()
+    assert shard == {"file": "validation/shard-000000000-000000004.parquet", "rows": 4,
+                     "seconds": shard["seconds"], "bytes": (out / shard["file"]).stat().st_size}
+    ds = table.to_pylist()
     tok = WhisperTokenizer.from_pretrained(tiny_model_dir, language="hi", task="transcribe")
     with open(CV / "dev.tsv", encoding="utf-8") as f:
-        dev = {r["path"]: r["sentence"] for r in csv.DictReader(f, delimiter="\t")}
+        dev = {r["path"]: r for r in csv.DictReader(f, delimiter="\t")}
     for row in ds:
-        assert row["text"] == dev[row["id"]]
+        # The source's own mp3, byte for byte: no float32, no re-encoding.
+        assert row["audio"] == (CV / "clips" / row["id"]).read_bytes() and row["audio_format"] == "mp3"
+        assert row["speaker"] == dev[row["id"]]["client_id"] and row["where"].startswith("dev.tsv line ")
+        row["audio"] = shards.decode_audio(row["audio"], row["id"])
+        assert row["text"] == dev[row["id"]]["sentence"]
         assert row["labels"] == tok(row["text"]).input_ids
         assert tok.convert_ids_to_tokens(row["labels"][:4]) == [
             "<|startoftranscript|>", "<|hi|>", "<|transcribe|>", "<|notimestamps|>"]
@@ -84,6 +110,7 @@ def test_cv_rows_hold_16k_audio_and_prefixed_labels(cv_prepared, tiny_model_dir)
         assert abs(len(row["audio"]) / 16_000 - seconds) < 0.01
         assert abs(row["duration"] - seconds) < 0.01
         assert row["language"] == "hi"
+    assert sum(r["duration"] for r in ds) == pytest.approx(shard["seconds"], abs=1e-3)
 
 
 def test_rerun_reuses_and_a_changed_input_redoes(tiny_model_dir, tmp_path):
@@ -102,35 +129,43 @@ def test_rerun_reuses_and_a_changed_input_redoes(tiny_model_dir, tmp_path):
     changed = prepare(data, tiny_model_dir, *flags)
     assert changed["fingerprint"] != first["fingerprint"]
     assert changed["splits"]["test"]["rows"] == first["splits"]["test"]["rows"] - 1
-    assert not (data / "prepared" / ".x.partial").exists()
+    assert sorted(p.name for p in (data / "prepared").iterdir()) == ["x"]  # no staging folder, lock or copy
+    assert sorted(str(p.relative_to(data / "prepared" / "x")) for p in (data / "prepared" / "x").rglob("*")) == [
+        "manifest.json", "test", "test/shard-000000000-000000003.parquet"]
 
 
-def test_killed_run_keeps_old_dataset_and_resumes_finished_chunks(tiny_model_dir, tmp_path, monkeypatch):
+def test_killed_run_keeps_old_dataset_and_resumes_finished_shards(tiny_model_dir, tmp_path, monkeypatch):
     from lib import data as data_mod
 
     data = tmp_path / "data"
-    flags = ("name=k", "source.kind=cv", f"source.path={CV}", "source.validation=", "source.test=", "chunk_rows=6")
+    flags = ("name=k", "source.kind=cv", f"source.path={CV}", "source.validation=", "source.test=", "chunk_rows=6",
+             "validation_fraction=0")
     before = prepare(data, tiny_model_dir, *flags, "source.train=dev")
-    real_call = data_mod.Processor.__call__
+    real_row = data_mod.Processor.row
     calls = []
 
-    def dies_on_third_chunk(self, batch):
-        calls.append(batch["id"][0])
-        if len(calls) == 3:
+    def dies_in_third_chunk(self, audio_ref, text, language):
+        calls.append(audio_ref["path"])
+        if len(calls) == 13:  # the first row of rows 12-16
             raise KeyboardInterrupt("killed")
-        return real_call(self, batch)
+        return real_row(self, audio_ref, text, language)
 
-    monkeypatch.setattr(data_mod.Processor, "__call__", dies_on_third_chunk)
+    monkeypatch.setattr(data_mod.Processor, "row", dies_in_third_chunk)
     with pytest.raises(KeyboardInterrupt):
         prepare(data, tiny_model_dir, *flags)  # train.tsv: 17 rows = chunks of 6, 6, 5
-    # The old dataset is untouched and still the finished one; two chunks are saved.
+    # The old dataset is untouched and still the finished one; two shards are done, each with its sidecar.
     assert read_manifest(data / "prepared" / "k") == json.loads(json.dumps(before, default=str))
-    done = sorted(p.parent.name for p in (data / "prepared" / ".k.partial").rglob(".done-*"))
-    assert done == ["chunk-000000000-000000006", "chunk-000000006-000000012"]
+    stage = data / "prepared" / ".k.partial"
+    assert sorted(p.name for p in (stage / "train").iterdir()) == [
+        ".shard-000000000-000000006.json", ".shard-000000006-000000012.json",
+        "shard-000000000-000000006.parquet", "shard-000000006-000000012.parquet"]
     calls.clear()
     after = prepare(data, tiny_model_dir, *flags)
-    assert len(calls) == 1  # only the third chunk (5 rows, one batch) was processed again
+    assert len(calls) == 5  # only the third chunk's rows were decoded again
     assert after["splits"]["train"]["rows"] == 12 and len(after["skipped"]) == 5
+    assert [s["file"] for s in after["splits"]["train"]["shards"]] == [
+        "train/shard-000000000-000000006.parquet", "train/shard-000000006-000000012.parquet"]  # rows 12-16: all bad
+    assert not stage.exists()
 
 
 def test_manifest_csv_and_jsonl_with_per_row_language(tiny_model_dir, tmp_path):
@@ -138,15 +173,15 @@ def test_manifest_csv_and_jsonl_with_per_row_language(tiny_model_dir, tmp_path):
 
     data = tmp_path / "data"
     m = prepare(data, tiny_model_dir, "name=m", "language=en", "source.kind=manifest",
-                f"source.path={MANIFEST_DIR / 'manifest.csv'}")
+                f"source.path={MANIFEST_DIR / 'manifest.csv'}", "validation_fraction=0")
     assert m["splits"]["train"]["rows"] == 6 and m["splits"]["test"]["rows"] == 2
     assert [(s["where"], s["reason"].split(":")[0]) for s in m["skipped"]] == [("manifest.csv line 10", "truncated")]
-    ds = load_split(data / "prepared" / "m", "train")
+    ds = split_rows(data / "prepared" / "m", "train", ["id", "labels", "language"])
     tok = WhisperTokenizer.from_pretrained(tiny_model_dir)
     langs = {r["id"]: (r["language"], tok.convert_ids_to_tokens(r["labels"][1])) for r in ds}
     assert langs["clips/hi_0.mp3"] == ("hi", "<|hi|>") and langs["clips/en_0.wav"] == ("en", "<|en|>")
     j = prepare(data, tiny_model_dir, "name=j", "language=english", "source.kind=manifest",
-                f"source.path={MANIFEST_DIR / 'manifest.jsonl'}")
+                f"source.path={MANIFEST_DIR / 'manifest.jsonl'}", "validation_fraction=0")
     assert j["language"] == "en" and list(j["splits"]) == ["train"]  # no split column: all train
     assert j["splits"]["train"]["rows"] == 8 and len(j["skipped"]) == 1
 
@@ -162,9 +197,9 @@ def test_audiofolder_layout_with_split_folders(tiny_model_dir, tmp_path):
                 shutil.copy(MANIFEST_DIR / "clips" / f"{n}.wav", root / split / f"{n}.wav")
                 w.writerow([f"{n}.wav", f"sentence {n}"])
     m = prepare(tmp_path / "data", tiny_model_dir, "name=af", "language=en", "source.kind=audiofolder",
-                f"source.path={root}")
+                f"source.path={root}", "validation_fraction=0")
     assert {k: v["rows"] for k, v in m["splits"].items()} == {"train": 3, "test": 1}
-    assert load_split(tmp_path / "data" / "prepared" / "af", "test")[0]["text"] == "sentence en_4"
+    assert split_rows(tmp_path / "data" / "prepared" / "af", "test")[0]["text"] == "sentence en_4"
 
 
 def test_duration_and_label_length_filters(tiny_model_dir, tmp_path):
@@ -176,7 +211,8 @@ def test_duration_and_label_length_filters(tiny_model_dir, tmp_path):
     mf = tmp_path / "rows.jsonl"
     mf.write_text("".join(json.dumps(r) + "\n" for r in rows))
     m = prepare(tmp_path / "data", tiny_model_dir, "name=f", "language=en", "source.kind=manifest",
-                f"source.path={mf}", "min_duration=1.4", "source.allow_outside_paths=true")  # absolute clips
+                f"source.path={mf}", "min_duration=1.4", "source.allow_outside_paths=true",  # absolute clips
+                "validation_fraction=0")
     reasons = [s["reason"] for s in m["skipped"]]
     assert reasons[0].startswith("too short: 1.295 s < min_duration=1.4")
     assert reasons[1].startswith("labels too long: ") and "> 448" in reasons[1]
@@ -243,20 +279,20 @@ def test_hub_source_split_expressions_and_token(tiny_model_dir, tmp_path, monkey
     real_load = datasets.load_dataset
     calls = []
 
-    def fake_load_dataset(path, name=None, *, split, token=None, revision=None):
+    def fake_load_dataset(path, name=None, *, split, token=None, revision=None, cache_dir=None):
         # Stands in for the Hub: the same call, answered from local parquet files.
         calls.append((path, name, split, token))
-        return real_load("parquet", data_files=files, split=split, cache_dir=str(tmp_path / "hf-cache"))
+        return real_load("parquet", data_files=files, split=split, cache_dir=cache_dir)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     env = Env(data_dir=tmp_path / "data", hf_token="hf_secret")
     m = prepare(tmp_path / "data", tiny_model_dir, "name=h", "language=en", "source.kind=hub",
                 "source.hub_id=org/cv", "source.hub_config=en", "source.train=train+validation",
-                "source.validation=", env=env)
+                "source.validation=", "validation_fraction=0", env=env)
     assert [c[2] for c in calls] == ["train+validation", "test"]
     assert all(c[:2] == ("org/cv", "en") and c[3] == "hf_secret" for c in calls)
     assert {k: v["rows"] for k, v in m["splits"].items()} == {"train": 3, "test": 2}
-    ds = load_split(tmp_path / "data" / "prepared" / "h", "train")
+    ds = split_rows(tmp_path / "data" / "prepared" / "h", "train")
     assert ds[2]["text"] == "hub en_2" and ds[2]["id"] == "train+validation/2"
     assert "hf_secret" not in json.dumps(m)
 
@@ -348,7 +384,11 @@ def test_every_prepare_recipe_loads():
         assert cfg.name and cfg.language
 
 
-def test_audio_stays_float32_16k(cv_prepared):
-    out, _ = cv_prepared
-    ds = load_split(out, "test").with_format("numpy")
-    assert ds[0]["audio"].dtype == np.float32
+def test_shards_hold_encoded_audio_that_decodes_to_float32_16k(cv_prepared):
+    out, manifest = cv_prepared
+    (row, *_) = split_rows(out, "test")
+    assert isinstance(row["audio"], bytes) and row["audio_format"] == "mp3"
+    audio = shards.decode_audio(row["audio"], row["id"])
+    assert audio.dtype == np.float32 and abs(len(audio) / 16_000 - row["duration"]) < 1e-3
+    # No float32 copy anywhere: the dataset is about the size of the source's mp3s.
+    assert manifest["storage"]["bytes"] < 1.2 * manifest["storage"]["source_bytes"]

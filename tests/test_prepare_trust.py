@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from jobs.prepare import PrepareConfig, main
+from lib import shards
 from lib.config import load_config
 from lib.env import Env
 from lib.errors import UserError
-from lib.prepared import load_split
-from tests.test_prepare import CV
+from tests.test_prepare import CV, split_ids, split_rows
 
 
 def prepare(data_dir, model, *flags):
@@ -26,24 +27,25 @@ def test_resume_with_another_chunk_rows_neither_duplicates_nor_loses_rows(tiny_m
     from lib import data as data_mod
 
     # train.tsv's 5 bad rows are its last; test.tsv's 4 good rows follow them: 21 rows.
-    flags = ("source.kind=cv", f"source.path={CV}", "source.train=train+test", "source.validation=", "source.test=")
+    flags = ("source.kind=cv", f"source.path={CV}", "source.train=train+test", "source.validation=", "source.test=",
+             "validation_fraction=0")
     whole = prepare(tmp_path / "ref", tiny_model_dir, "name=k", *flags)
-    want = sorted(load_split(tmp_path / "ref" / "prepared" / "k", "train")["id"])
-    real_call = data_mod.Processor.__call__
+    want = sorted(split_ids(tmp_path / "ref" / "prepared" / "k", "train"))
+    real_row = data_mod.Processor.row
     calls = []
 
-    def dies_on_third_chunk(self, batch):
+    def dies_in_third_chunk(self, *args):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 13:
             raise KeyboardInterrupt("killed")
-        return real_call(self, batch)
+        return real_row(self, *args)
 
-    monkeypatch.setattr(data_mod.Processor, "__call__", dies_on_third_chunk)
+    monkeypatch.setattr(data_mod.Processor, "row", dies_in_third_chunk)
     with pytest.raises(KeyboardInterrupt):
         prepare(tmp_path / "data", tiny_model_dir, "name=k", *flags, "chunk_rows=6")  # 6 + 6 rows done
-    monkeypatch.setattr(data_mod.Processor, "__call__", real_call)
+    monkeypatch.setattr(data_mod.Processor, "row", real_row)
     after = prepare(tmp_path / "data", tiny_model_dir, "name=k", *flags, f"chunk_rows={rerun_chunk_rows}")
-    got = sorted(load_split(tmp_path / "data" / "prepared" / "k", "train")["id"])
+    got = sorted(split_ids(tmp_path / "data" / "prepared" / "k", "train"))
     assert got == want and len(set(got)) == len(got)
     assert after["splits"]["train"]["rows"] == whole["splits"]["train"]["rows"]
     assert after["splits"]["train"]["rows_read"] == whole["splits"]["train"]["rows_read"] == 21
@@ -89,7 +91,7 @@ def test_utf8_bom_manifest_and_tsv_are_read(tiny_model_dir, tmp_path):
     body = (MANIFEST_DIR / "manifest.csv").read_bytes()
     (tmp_path / "m" / "manifest.csv").write_bytes(b"\xef\xbb\xbf" + body)  # Excel's "CSV UTF-8"
     m = prepare(tmp_path / "data", tiny_model_dir, "name=bom", "language=en", "source.kind=manifest",
-                f"source.path={tmp_path / 'm' / 'manifest.csv'}")
+                f"source.path={tmp_path / 'm' / 'manifest.csv'}", "validation_fraction=0")
     assert m["splits"]["train"]["rows"] == 6 and m["splits"]["test"]["rows"] == 2
     src = tmp_path / "cv"
     shutil.copytree(CV, src)
@@ -115,8 +117,8 @@ def test_cv_train_plus_validated_drops_every_test_and_dev_clip_and_sentence(tiny
     m = prepare(tmp_path / "data", tiny_model_dir, "name=v", "source.kind=cv", f"source.path={src}",
                 "source.train=train+validated")
     out = tmp_path / "data" / "prepared" / "v"
-    train_ids = set(load_split(out, "train")["id"])
-    held_out = set(load_split(out, "test")["id"]) | set(load_split(out, "validation")["id"])
+    train_ids = set(split_ids(out, "train"))
+    held_out = set(split_ids(out, "test")) | set(split_ids(out, "validation"))
     assert not train_ids & held_out
     assert "common_voice_hi_00001000.mp3" not in train_ids  # the sentence that is in test
     # validated.tsv = train (17) + dev (4) + test (4): the train lines are duplicates.
@@ -152,7 +154,7 @@ def test_manifest_same_clip_in_train_and_test_or_twice_is_dropped_and_counted(ti
                 f"source.path={tmp_path / 'm' / 'manifest.csv'}")
     assert m["dropped_overlaps"] == {"train": {"duplicate": 1, "in test": 1, "in validation": 1}}
     assert {k: v["rows"] for k, v in m["splits"].items()} == {"train": 2, "validation": 1, "test": 1}
-    ids = load_split(tmp_path / "data" / "prepared" / "mm", "train")["id"]
+    ids = split_ids(tmp_path / "data" / "prepared" / "mm", "train")
     assert sorted(ids) == ["clips/en_0.wav", "clips/en_1.wav"]
 
 
@@ -172,7 +174,7 @@ def test_manifest_paths_outside_the_corpus_are_refused_unless_allowed(tiny_model
     bad = str(tmp_path / "outside.wav") if bad == "ABSOLUTE" else bad
     mf = corpus / "manifest.csv"
     mf.write_text(f"audio,text\nclips/en_0.wav,fine\n{bad},escape\n", encoding="utf-8")
-    flags = ("name=p", "language=en", "source.kind=manifest", f"source.path={mf}")
+    flags = ("name=p", "language=en", "source.kind=manifest", f"source.path={mf}", "validation_fraction=0")
     with pytest.raises(UserError, match=r"manifest.csv line 3: audio path .* is outside the corpus folder .*"
                                         r"source.allow_outside_paths=true"):
         prepare(tmp_path / "data", tiny_model_dir, *flags)
@@ -232,7 +234,7 @@ def test_truncated_mp3_without_length_header_is_skipped_for_its_speaking_rate(ti
     assert [(s["split"], s["where"]) for s in fast] == [("train", "train.tsv line 3")]
     assert "the 'hi' median of 8." in fast[0]["reason"] and "max_rate_vs_median=2.5" in fast[0]["reason"]
     assert m["skipped_by_reason"]["speech too fast"] == 1
-    assert "common_voice_hi_00001001.mp3" not in load_split(tmp_path / "data" / "prepared" / "r", "train")["id"]
+    assert "common_voice_hi_00001001.mp3" not in split_ids(tmp_path / "data" / "prepared" / "r", "train")
     # Off: the clip is kept (and every other clip of the fixture passes the check either way).
     m = prepare(tmp_path / "data", tiny_model_dir, "name=r0", "source.kind=cv", f"source.path={src}",
                 "max_rate_vs_median=0")
@@ -250,9 +252,9 @@ def _fake_hub(monkeypatch, tmp_path, builder: str, **kw):
     real_load = datasets.load_dataset
     calls = []
 
-    def fake_load_dataset(path, name=None, *, split, token=None, revision=None):
+    def fake_load_dataset(path, name=None, *, split, token=None, revision=None, cache_dir=None):
         calls.append((path, name, split, revision))
-        return real_load(builder, split=split, cache_dir=str(tmp_path / "hf-cache"), **kw)
+        return real_load(builder, split=split, cache_dir=cache_dir, **kw)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     return calls
@@ -277,16 +279,19 @@ def test_hub_dataset_in_audiofolder_shape_needs_no_torchcodec(tiny_model_dir, tm
                 w.writerow([f"{n}.wav", f"hub {n}"])
     calls = _fake_hub(monkeypatch, tmp_path, "audiofolder", data_dir=str(repo))
     m = prepare(tmp_path / "data", tiny_model_dir, "name=af", "language=en", "source.kind=hub",
-                "source.hub_id=org/af", "source.validation=")
+                "source.hub_id=org/af", "source.validation=", "validation_fraction=0")
     assert [c[2] for c in calls] == ["train", "test"]
     assert {k: v["rows"] for k, v in m["splits"].items()} == {"train": 3, "test": 2}
-    ds = load_split(tmp_path / "data" / "prepared" / "af", "test")
-    assert ds[0]["text"] == "hub en_4" and abs(ds[0]["duration"] - len(ds[0]["audio"]) / 16_000) < 1e-3
-    # Decoded by lib/audio.py: the same samples as decoding the file ourselves.
+    ds = split_rows(tmp_path / "data" / "prepared" / "af", "test")
+    audio = shards.decode_audio(ds[0]["audio"], ds[0]["id"])
+    assert ds[0]["text"] == "hub en_4" and abs(ds[0]["duration"] - len(audio) / 16_000) < 1e-3
+    # Decoded by lib/audio.py: the same samples as decoding the file ourselves (the wav is
+    # stored as FLAC: lossless for a 16-bit source).
     from lib.audio import decode
 
     want = decode(MANIFEST_DIR / "clips" / "en_4.wav")
-    assert len(ds[0]["audio"]) == len(want)
+    assert ds[0]["audio_format"] == "flac" and len(audio) == len(want)
+    assert np.abs(audio - want).max() <= 1 / 32768
 
 
 def test_shipped_hub_recipe_reads_a_parquet_fleurs_shaped_dataset(tiny_model_dir, tmp_path, monkeypatch):
@@ -319,7 +324,7 @@ def test_shipped_hub_recipe_reads_a_parquet_fleurs_shaped_dataset(tiny_model_dir
     m = main(cfg, Env(data_dir=tmp_path / "data"))
     assert {c[:2] for c in calls} == {(cfg.source.hub_id, cfg.source.hub_config)}
     assert {k: v["rows"] for k, v in m["splits"].items()} == {"train": 2, "validation": 1, "test": 1}
-    row = load_split(tmp_path / "data" / "prepared" / cfg.name, "test")[0]
+    row = split_rows(tmp_path / "data" / "prepared" / cfg.name, "test")[0]
     assert row["text"] == "Raw hi_1।" and row["language"] == "hi"
 
 

@@ -93,8 +93,7 @@ def test_prepare_trains_on_the_canonical_spelling(tiny_model_dir, tmp_path):
     from jobs.prepare import PrepareConfig, main
     from lib.config import load_config
     from lib.env import Env
-    from lib.prepared import load_split
-    from tests.test_prepare import MANIFEST_DIR
+    from tests.test_prepare import MANIFEST_DIR, split_rows
 
     shutil.copytree(MANIFEST_DIR / "clips", tmp_path / "m" / "clips")
     rows = [{"audio": "clips/hi_0.mp3", "text": PAIRS[0][0]}, {"audio": "clips/hi_1.mp3", "text": PAIRS[0][1]},
@@ -102,9 +101,9 @@ def test_prepare_trains_on_the_canonical_spelling(tiny_model_dir, tmp_path):
     mf = tmp_path / "m" / "rows.jsonl"
     mf.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     cfg = load_config(PrepareConfig, None, [f"model={tiny_model_dir}", "num_proc=1", "name=c", "language=hi",
-                                            "source.kind=manifest", f"source.path={mf}"])
+                                            "source.kind=manifest", f"source.path={mf}", "validation_fraction=0"])
     main(cfg, Env(data_dir=tmp_path / "data"))
-    ds = load_split(tmp_path / "data" / "prepared" / "c", "train")
+    ds = split_rows(tmp_path / "data" / "prepared" / "c", "train")
     tok = WhisperTokenizer.from_pretrained(tiny_model_dir, language="hi", task="transcribe")
     by_id = {r["id"]: r for r in ds}
     assert by_id["clips/hi_0.mp3"]["text"] == by_id["clips/hi_1.mp3"]["text"] == "वर्ष 2024 में 3 चुनाव हुए।"
