@@ -87,6 +87,7 @@ LOCAL_ENV_FILE = $(if $(HAVE_ENV_FILE),--env-file $(ENV_FILE))
 # The Python module behind each target: jobs.NAME for the user's jobs, lib.tools.NAME for the
 # developer tools (the image's entrypoint maps the same names).
 MODULE_bench := lib.tools.bench
+MODULE_bench_data := lib.tools.bench_data
 module = $(or $(MODULE_$(1)),jobs.$(1))
 
 # $(call job,NAME,ARGS): the command line that runs job (or tool) NAME with ARGS on $(RUNNER).
@@ -210,6 +211,12 @@ transcribe: ## transcribe audio with run RUN or a model (ARGS="audio=/data/x.wav
 bench: ## time and size the training recipes on this GPU (ARGS e.g. arch=large-v3 batch_size=16)
 	mkdir -p $(DATA_ABS)
 	$(call job,bench,$(recipe_arg) $(ARGS))
+
+.PHONY: bench-data
+bench-data: GPUS = 0
+bench-data: ## the data benchmark: prepare and loader speed, bytes per hour, RAM (ARGS e.g. sizes=1000,10000)
+	mkdir -p $(DATA_ABS)
+	$(call job,bench_data,$(ARGS))
 
 .PHONY: demo
 demo: GPUS = 0

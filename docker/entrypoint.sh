@@ -3,6 +3,7 @@
 #
 #   IMAGE train --recipe jobs/recipes/X.yaml language=hi  ->  python -m jobs.train --recipe ... language=hi
 #   IMAGE bench arch=large-v2                             ->  python -m lib.tools.bench arch=large-v2
+#   IMAGE bench_data sizes=1000,10000                     ->  python -m lib.tools.bench_data sizes=...
 #   IMAGE torchrun --nproc_per_node=2 -m jobs.train ...   ->  runs as given (multi-GPU)
 #   IMAGE bash | python ... | nvidia-smi                  ->  runs as given (make shell)
 #
@@ -11,7 +12,7 @@
 set -euo pipefail
 
 jobs="prepare train eval export transcribe"
-tools="bench"
+tools="bench bench_data"
 
 usage() {
   cat <<USAGE
@@ -37,7 +38,7 @@ case "$1" in
     shift
     exec python -m "jobs.${job}" "$@"
     ;;
-  bench)
+  bench | bench_data)
     tool="$1"
     shift
     exec python -m "lib.tools.${tool}" "$@"

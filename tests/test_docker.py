@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 BIN = Path(sys.executable).parent
-JOBS = ["prepare", "train", "eval", "export", "transcribe", "bench"]
+JOBS = ["prepare", "train", "eval", "export", "transcribe", "bench", "bench_data"]
 # the module each name runs: the user's jobs, and the bench tool from lib/tools
-MODULES = {job: f"jobs.{job}" for job in JOBS} | {"bench": "lib.tools.bench"}
+MODULES = {job: f"jobs.{job}" for job in JOBS} | {"bench": "lib.tools.bench", "bench_data": "lib.tools.bench_data"}
 
 
 def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
