@@ -124,7 +124,7 @@ def test_two_processes_really_trained_as_one_ddp_job(runs):
     log0 = runs["rank_logs"][0]
     assert re.search(r"Instantaneous batch size per device = 2\b", log0), log0[-3000:]
     assert re.search(r"Total train batch size \(w\. parallel, distributed & accumulation\) = 4\b", log0)
-    # each optimizer step consumed 4 samples (2 per rank): the stream of {STEPS} x 4 positions
+    # each optimizer step consumed 4 samples (2 per rank): the stream of STEPS x 4 positions
     # (lib/stream.py) is the Trainer's one epoch, and every position was read once, by one rank.
     # A lone process at batch 2 would have read only half of them.
     assert [h["epoch"] for h in _log_history(runs["runs"] / "ddp")] == pytest.approx([1 / 3, 2 / 3, 1.0])
