@@ -190,19 +190,24 @@ def check_setup(cfg, env, corpora):
 
     M.load_base_config(cfg.model.base, env.hf_token)
     processor = M.load_processor(cfg.model.base, token=env.hf_token)
-    first = corpora[0][2]
+    first_corpus, _, first = corpora[0]
     language = job_language(processor.tokenizer, cfg.language, manifest=first)
+    data_lang = first.get("language")
+    if data_lang and resolve_language(data_lang, processor.tokenizer) != language:
+        raise UserError(
+            f"language={cfg.language} but {first_corpus.name} was prepared for '{data_lang}' (its labels carry that "
+            f"language token): set language={data_lang} or prepare the data again for {cfg.language}")
     for c, _, manifest in corpora:
-        data_lang = manifest.get("language")
-        if data_lang and resolve_language(data_lang, processor.tokenizer) != language:
-            if cfg.language:
-                raise UserError(
-                    f"language={cfg.language} but {c.name} was prepared for '{data_lang}' (its labels carry that "
-                    f"language token): set language={data_lang} or prepare the data again for {cfg.language}")
-            raise UserError(
-                f"data={cfg.data}: {corpora[0][0].name} is '{first.get('language')}' but {c.name} is '{data_lang}': "
-                f"the corpora of one run must share a language (validation decodes with one forced language)")
+        # Other corpora may be other languages (e.g. English clips against forgetting): their rows'
+        # labels carry their own language token, and their validation decodes in it (CorpusTrainer).
+        if manifest.get("language"):
+            resolve_language(manifest["language"], processor.tokenizer, flag=f"data={c.name}: language")
         check_tokenizer(manifest, processor.tokenizer, c.name, cfg.model.base, "model.base")
+    others = {c.label: m.get("language") for c, _, m in corpora[1:] if m.get("language") and
+              resolve_language(m["language"], processor.tokenizer) != language}
+    if others:
+        log.info("data: mixing languages: %s (%s) with %s; each corpus's validation decodes in its own language",
+                 first_corpus.label, language, ", ".join(f"{k} ({v})" for k, v in others.items()))
     cfg.language = language
     precision = M.resolve_precision(cfg.model.precision)
     M.check_quantization(cfg.model.quantization)
@@ -286,7 +291,8 @@ def training_splits(cfg, corpora, tokenizer=None):
     elif len(corpora) == 1:
         eval_ds = next(iter(evals.values()))
     else:
-        eval_ds = evals
+        eval_ds = EvalSets(evals)
+        eval_ds.languages = {c.label: m.get("language") for c, _, m in corpora if c.label in evals and m.get("language")}
     if rows == 0:
         raise UserError(f"data={cfg.data}: the train split is empty; prepare more data")
     n_eval = sum(len(d) for d in evals.values())
@@ -297,6 +303,13 @@ def training_splits(cfg, corpora, tokenizer=None):
         total / max(per_epoch, 1), t.shuffle_buffer,
     )
     return train_ds, eval_ds, steps
+
+
+class EvalSets(dict):
+    """Validation sets by corpus (the Trainer evaluates a dict one by one), and each one's
+    language (`languages`), which its generation is forced to."""
+
+    languages: dict[str, str] = {}
 
 
 def best_metric(eval_ds) -> str:
@@ -333,13 +346,31 @@ class Callbacks:
     profiler: Any = None
 
 
+def corpus_trainer():
+    """Seq2SeqTrainer whose evaluation of each validation corpus decodes in that corpus's language."""
+    from transformers import Seq2SeqTrainer
+
+    class CorpusTrainer(Seq2SeqTrainer):
+        def __init__(self, *args, eval_languages: dict[str, str] | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.eval_languages = eval_languages or {}
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval", **gen_kwargs):
+            corpus = metric_key_prefix[len("eval_"):] if metric_key_prefix.startswith("eval_") else None
+            if corpus in self.eval_languages:
+                gen_kwargs.setdefault("language", self.eval_languages[corpus])
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
+                                    **gen_kwargs)
+
+    return CorpusTrainer
+
+
 def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path, precision: str, steps: int,
                   env=None):
     """(Seq2SeqTrainer, Callbacks): the run's arguments, collator, WER metric and callbacks (the
     COMPLETE marker and rotation, log_history.json, TensorBoard and train.report_to's tracker on
     rank 0 (lib/tracking.py; needs env), SIGTERM, timing, profiling of the last train.profile_steps steps)."""
     from torch.utils.tensorboard import SummaryWriter
-    from transformers import Seq2SeqTrainer
     from transformers.integrations import TensorBoardCallback
 
     from lib import checkpoint, tracking
@@ -357,7 +388,9 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
                    timer=StepTimer(warmup=cfg.train.timing_warmup, until=profiler.start if profiler else None),
                    profiler=profiler)
     processor.tokenizer.set_prefix_tokens(language=cfg.language, task=cfg.task)
-    trainer = Seq2SeqTrainer(
+    languages = getattr(eval_ds, "languages", None) or {}
+    trainer = corpus_trainer()(
+        eval_languages=languages,
         model=model,
         args=training_arguments(cfg, ckpt_root, precision, has_eval=eval_ds is not None,
                                 generation_max_length=eval_budget(cfg, eval_ds, processor.tokenizer), steps=steps,

@@ -58,6 +58,7 @@ def _flags(model_dir: Path, env_file: Path, run: str, batch_size: int, steps: in
         "train.batch_size": batch_size, "train.grad_accum": 1, "train.max_steps": steps,
         "train.eval_steps": steps, "train.save_steps": steps, "train.logging_steps": 1,
         "train.warmup_steps": 0, "train.lr": 1e-2, "train.seed": 7, "train.num_workers": 0,
+        "train.data_trace": "true",
     }
     # an empty env file, so a developer's ./.env (DATA_DIR, tokens) cannot leak into the runs
     return ["--env-file", str(env_file)] + [f"{k}={v}" for k, v in flags.items()]
@@ -123,9 +124,12 @@ def test_two_processes_really_trained_as_one_ddp_job(runs):
     log0 = runs["rank_logs"][0]
     assert re.search(r"Instantaneous batch size per device = 2\b", log0), log0[-3000:]
     assert re.search(r"Total train batch size \(w\. parallel, distributed & accumulation\) = 4\b", log0)
-    # each optimizer step consumed the whole 4-clip split (2 per rank): one epoch per step.
-    # A lone process at batch 2 would log epoch 0.5, 1.0, 1.5.
-    assert [h["epoch"] for h in _log_history(runs["runs"] / "ddp")] == pytest.approx([1.0, 2.0, 3.0])
+    # each optimizer step consumed 4 samples (2 per rank): the stream of STEPS x 4 positions
+    # (lib/stream.py) is the Trainer's one epoch, and every position was read once, by one rank.
+    # A lone process at batch 2 would have read only half of them.
+    assert [h["epoch"] for h in _log_history(runs["runs"] / "ddp")] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    read = [int(line.split("\t")[0]) for line in (runs["runs"] / "ddp" / "data_order.tsv").read_text().splitlines()]
+    assert sorted(read) == list(range(STEPS * 4))
 
 
 def test_only_rank_0_wrote_the_adapter_and_metrics(runs):

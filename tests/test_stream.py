@@ -199,7 +199,24 @@ def test_two_corpora_by_weight_with_validation_wer_per_corpus(root, tiny_model_d
     assert metrics["per_corpus"]["a"]["last_eval_normalized_wer"] is not None
 
 
-def test_corpora_of_different_languages_are_refused(root, tiny_model_dir):
-    write_prepared(root / "prepared" / "en", tiny_model_dir, {"train": [("hello", tone(0.3))]}, language="en")
-    with pytest.raises(UserError, match="must share a language"):
-        main(train_cfg(tiny_model_dir, "mixlang", "a,en"), Env(data_dir=root))
+def test_a_corpus_of_another_language_validates_in_its_own_language(root, tiny_model_dir, monkeypatch):
+    """English clips mixed in against forgetting: their rows keep <|en|> labels, their validation
+    decodes with language=en, the main corpus's with hi."""
+    from transformers import WhisperForConditionalGeneration
+
+    write_prepared(root / "prepared" / "en", tiny_model_dir,
+                   {"train": [("hello", tone(0.3)), ("yes", tone(0.4))], "validation": [("hello", tone(0.3))]},
+                   language="en")
+    seen = []
+    original = WhisperForConditionalGeneration.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("language"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(WhisperForConditionalGeneration, "generate", spy)
+    metrics = main(train_cfg(tiny_model_dir, "mixlang", "a:0.8,en:0.2", **{"train.max_steps": 3}), Env(data_dir=root))
+    assert set(metrics["per_corpus"]) == {"a", "en"}
+    assert set(seen) == {"hi", "en"}  # a's validation in Hindi, en's in English
+    labels = {c: i for _, c, i in trace(root / "runs" / "mixlang")}
+    assert "en" in labels and "a" in labels
