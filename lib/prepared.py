@@ -133,8 +133,11 @@ def decode_row(row: dict[str, Any]) -> np.ndarray:
     """A prepared row's audio as 16 kHz float32; a clip that no longer decodes names its row."""
     from lib.audio import AudioError
 
+    audio = row["audio"]
+    if not isinstance(audio, (bytes, bytearray, memoryview)):  # an in-memory split of waveforms (tools, tests)
+        return np.asarray(audio, dtype=np.float32)
     try:
-        return shards.decode_audio(row["audio"], str(row.get("id")))
+        return shards.decode_audio(audio, str(row.get("id")))
     except AudioError as e:
         raise UserError(f"prepared clip {row.get('id')} ({row.get('where') or 'unknown source row'}) does not decode "
                         f"({e}): the prepared data is damaged; prepare it again") from None
@@ -143,7 +146,8 @@ def decode_row(row: dict[str, Any]) -> np.ndarray:
 def audio_arrays(ds, start: int = 0, stop: int | None = None) -> list[np.ndarray]:
     """Rows start..stop-1 of a load_split dataset, decoded to 16 kHz float32."""
     stop = len(ds) if stop is None else min(stop, len(ds))
-    part = ds.select(range(start, stop)).select_columns(["audio", "id", "where"]).with_format(None)
+    part = ds.select(range(start, stop)).select_columns([c for c in ("audio", "id", "where") if c in ds.column_names])
+    part = part.with_format(None)
     return [decode_row(r) for r in part]
 
 
