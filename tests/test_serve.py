@@ -108,6 +108,29 @@ def test_a_run_without_an_adapter_serves_its_base_and_says_why(data_dir, tiny_mo
         resolve_run(Env(data_dir=tmp_path / "data"), "training")
 
 
+def test_the_page_of_a_run_without_an_adapter_transcribes_with_the_base_and_says_why(
+        data_dir, tmp_path, monkeypatch):
+    """jobs.serve end to end but for the server: the page it builds for a run still training."""
+    from jobs.serve import ServeConfig, main
+
+    run = tmp_path / "data" / "runs" / "training"
+    run.mkdir(parents=True)
+    shutil.copy(data_dir / "runs" / "tiny-run" / "config.yaml", run / "config.yaml")
+    pages = []
+    monkeypatch.setattr("lib.serve.launch", lambda page, host, port: pages.append(page))
+    main(ServeConfig(run="training", max_new_tokens=TOKENS), Env(data_dir=tmp_path / "data"))
+    page = pages[0]
+    parts = {b.elem_id: b for b in page.blocks.values() if getattr(b, "elem_id", None)}
+    assert "has no adapter yet" in parts["message"].value and "(no adapter yet)" in parts["tuned-text"].label
+    assert "No eval report" in parts["report"].value
+    wav = tmp_path / "clip.wav"
+    sf.write(wav, tone(1.0, 300), 16_000)
+    on_click = next(iter(page.fns.values())).fn
+    base, base_time, tuned, tuned_time, message = on_click(str(wav))
+    assert base and base_time.startswith("decoded in ") and tuned == "" and tuned_time == "no adapter yet"
+    assert message.startswith("clip.wav: 1.0 s of audio") and "has no adapter yet" in message
+
+
 # ---- what the page shows under the transcripts ----------------------------------------------
 
 
