@@ -53,6 +53,10 @@ RUN ?=
 DATA ?=
 # Extra job overrides, e.g. ARGS="lora.r=16 train.max_steps=2000".
 ARGS ?=
+# Port of the page `make serve` starts (RUNNER=docker publishes it on the host, same number).
+PORT ?= 7860
+# Address the page is reached on: 127.0.0.1 (this machine only) or 0.0.0.0 (anyone on the network).
+BIND ?= 127.0.0.1
 # Image repository; set to your registry path (ghcr.io/you/whisper-finetune) before push.
 IMAGE_NAME ?= whisper-finetune
 # /dev/shm for the container: dataloader workers pass batches through it.
@@ -75,11 +79,12 @@ NPROC = $(if $(filter all,$(GPUS)),gpu,$(GPUS))
 
 # docker run for a job. DATA_DIR and HF_HOME are the container's paths whatever the env
 # file says (-e wins over --env-file); the image's tini forwards SIGTERM to the job.
-DOCKER_RUN = docker run --rm $(DOCKER_TTY)--user $(DOCKER_USER) --shm-size $(SHM_SIZE) \
+DOCKER_RUN = docker run --rm $(DOCKER_TTY)$(DOCKER_PORTS)--user $(DOCKER_USER) --shm-size $(SHM_SIZE) \
   $(if $(filter-out 0,$(GPUS)),--gpus $(GPUS)) -v $(DATA_ABS):/data \
   $(if $(HAVE_ENV_FILE),--env-file $(ENV_FILE)) -e DATA_DIR=/data -e HF_HOME=/data/hf-cache \
   $(IMAGE)
 DOCKER_TTY =
+DOCKER_PORTS =
 # The same facts for a job in .venv: the environment wins over the env file (lib/env.py).
 LOCAL_ENV = DATA_DIR=$(DATA_ABS) HF_HOME=$(DATA_ABS)/hf-cache PATH=$(abspath $(VENV))/bin:$$PATH
 LOCAL_ENV_FILE = $(if $(HAVE_ENV_FILE),--env-file $(ENV_FILE))
@@ -140,7 +145,26 @@ setup: ## create .venv with the exact versions of requirements.lock (hash-checke
 	fi
 	$(PIP_INSTALL) -r $(VENV)/requirements.rest
 	$(PY) -m pip check
+	@$(MAKE) --no-print-directory browser
 	@echo "setup: done. Next: make test"
+
+# The browser test (tests/test_serve.py) drives Debian's chromium through Playwright, never a
+# browser Playwright downloads. Installed here when missing and this is root with apt-get (a CI
+# machine); elsewhere the test skips and says why.
+.PHONY: browser
+browser: ## install Debian's chromium for the browser test when it is missing (root + apt-get)
+	@if command -v chromium >/dev/null 2>&1; then \
+	  echo "setup: browser for tests/test_serve.py: $$(command -v chromium)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "setup: installing Debian's chromium for tests/test_serve.py (apt-get install chromium, about 300 MB)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium fonts-liberation >/dev/null \
+	    || { echo "setup: apt-get could not install chromium: tests/test_serve.py fails until it is there" >&2; exit 1; }; \
+	  echo "setup: browser for tests/test_serve.py: $$(command -v chromium)"; \
+	else \
+	  echo "setup: no chromium, and installing it needs root and apt-get: tests/test_serve.py will skip;" \
+	    "install it with: sudo apt-get install chromium"; \
+	fi
 
 .PHONY: test
 test: ## run the offline CPU test suite
@@ -206,6 +230,14 @@ export: ## merge run RUN's adapter into a standalone model (RUN, ARGS e.g. dtype
 transcribe: ## transcribe audio with run RUN or a model (ARGS="audio=/data/x.wav", LANG, RUN)
 	mkdir -p $(DATA_ABS)
 	$(call job,transcribe,$(recipe_arg) $(run_arg) $(language_arg) $(ARGS))
+
+.PHONY: serve
+# In the container the page listens on every interface (the only way out of a container); docker
+# publishes it on the host's BIND address only.
+serve: DOCKER_PORTS = -p $(BIND):$(PORT):$(PORT) 
+serve: ## a page to try run RUN: base vs fine-tune on a clip, eval table, curves (RUN, PORT, BIND, LANG)
+	mkdir -p $(DATA_ABS)
+	$(call job,serve,$(recipe_arg) $(run_arg) host=$(if $(filter docker,$(RUNNER)),0.0.0.0,$(BIND)) port=$(PORT) $(language_arg) $(ARGS))
 
 .PHONY: bench
 bench: ## time and size the training recipes on this GPU (ARGS e.g. arch=large-v3 batch_size=16)

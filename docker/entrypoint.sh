@@ -2,6 +2,7 @@
 # The image's command line: the first word picks the job, the rest goes to it unchanged.
 #
 #   IMAGE train --recipe jobs/recipes/X.yaml language=hi  ->  python -m jobs.train --recipe ... language=hi
+#   IMAGE serve run=hi-1 host=0.0.0.0                     ->  python -m jobs.serve run=hi-1 host=0.0.0.0 (docker run -p 7860:7860)
 #   IMAGE bench arch=large-v2                             ->  python -m lib.tools.bench arch=large-v2
 #   IMAGE bench_data sizes=1000,10000                     ->  python -m lib.tools.bench_data sizes=...
 #   IMAGE torchrun --nproc_per_node=2 -m jobs.train ...   ->  runs as given (multi-GPU)
@@ -11,7 +12,7 @@
 # checkpoints and exits 3 (see lib/errors.py).
 set -euo pipefail
 
-jobs="prepare train eval export transcribe"
+jobs="prepare train eval export transcribe serve"
 tools="bench bench_data"
 
 usage() {
@@ -33,7 +34,7 @@ case "$1" in
   help | -h | --help)
     usage
     ;;
-  prepare | train | eval | export | transcribe)
+  prepare | train | eval | export | transcribe | serve)
     job="$1"
     shift
     exec python -m "jobs.${job}" "$@"

@@ -94,11 +94,28 @@ def _pct(x: float) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: what was evaluated, the metrics table (before/after), flags, worst clips."""
+    names = list(report["results"])
+    lines = [f"# Evaluation: {report['model']}" + (f" + {report['adapter']}" if report.get("adapter") else ""), ""]
+    lines += render_summary(report)
+    lines += longform_lines(report) + forgetting_lines(report)
+    lines += ["", f"## Worst {len(report['worst'])} clips ({names[0]}, by normalized word errors)", "",
+              "| id | errors / words | reference | hypothesis | flags |", "|---|---|---|---|---|"]
+    for u in report["worst"]:
+        ref, hyp = (s.replace("|", "\\|") for s in (u["reference"], u["hypothesis"]))
+        lines.append(f"| {u['id']} | {u['word_errors']} / {u['ref_words']} | {ref} | {hyp} | {','.join(u['flags'])} |")
+    lines += render_hallucination(report.get("hallucination"))
+    if report.get("training_curves"):
+        lines += ["", f"![training curves]({report['training_curves']})"]
+    lines += ["", "Packages: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def render_summary(report: dict[str, Any]) -> list[str]:
+    """The head of report.md: what was evaluated, and the metrics and flags per model (before/after).
+    `make serve` shows these same lines under its transcripts."""
     models = report["results"]
     names = list(models)
     lines = [
-        f"# Evaluation: {report['model']}" + (f" + {report['adapter']}" if report.get("adapter") else ""),
-        "",
         f"- data: `{report['data']}` split `{report['split']}`, {report['counts']['utterances']} clips, "
         f"{report['counts']['audio_hours']:.3f} h",
         f"- language `{report['language']}`, task `{report['task']}`",
@@ -114,17 +131,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                        ("too_long", "hypothesis > 2x reference"),
                        ("truncated", f"cut at max_new_tokens={report.get('max_new_tokens', '?')}")):
         lines.append(f"| {label} | " + " | ".join(str(models[n].get(key, 0)) for n in names) + " |")
-    lines += longform_lines(report) + forgetting_lines(report)
-    lines += ["", f"## Worst {len(report['worst'])} clips ({names[0]}, by normalized word errors)", "",
-              "| id | errors / words | reference | hypothesis | flags |", "|---|---|---|---|---|"]
-    for u in report["worst"]:
-        ref, hyp = (s.replace("|", "\\|") for s in (u["reference"], u["hypothesis"]))
-        lines.append(f"| {u['id']} | {u['word_errors']} / {u['ref_words']} | {ref} | {hyp} | {','.join(u['flags'])} |")
-    lines += render_hallucination(report.get("hallucination"))
-    if report.get("training_curves"):
-        lines += ["", f"![training curves]({report['training_curves']})"]
-    lines += ["", "Packages: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
-    return "\n".join(lines)
+    return lines
 
 
 def render_hallucination(section: dict[str, Any] | None) -> list[str]:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 BIN = Path(sys.executable).parent
-JOBS = ["prepare", "train", "eval", "export", "transcribe", "bench", "bench_data"]
+JOBS = ["prepare", "train", "eval", "export", "transcribe", "serve", "bench", "bench_data"]
 # the module each name runs: the user's jobs, and the bench tool from lib/tools
 MODULES = {job: f"jobs.{job}" for job in JOBS} | {"bench": "lib.tools.bench", "bench_data": "lib.tools.bench_data"}
 
@@ -78,6 +78,18 @@ def test_environment():
     assert re.search(r"NVIDIA_DRIVER_CAPABILITIES=compute,utility\b", env)
     assert re.search(r"\bHF_HOME=/data/", env) and re.search(r"\bDATA_DIR=/data\b", env)
     assert re.search(r"\bLANG=C\.UTF-8\b", env)
+
+
+def test_the_page_runs_in_the_image_offline():
+    """`serve` is in the image: gradio is locked, the page's port is exposed, Gradio's usage
+    reports are off (lib/serve.py sets the same)."""
+    ins = instructions()
+    assert ("EXPOSE", "7860") in ins
+    env = " ".join(args for i, args in ins if i == "ENV")
+    assert re.search(r"\bGRADIO_ANALYTICS_ENABLED=False\b", env)
+    assert re.search(r"^gradio==", (ROOT / "requirements.lock").read_text(), re.M)
+    check = next(a for i, a in ins if i == "RUN" and "-r /tmp/requirements.lock" in a)
+    assert "import torch, transformers, peft, gradio" in check
 
 
 def test_python_311_and_locked_dependencies_before_the_source():

@@ -14,7 +14,7 @@ from tests.helpers import tone, write_prepared
 from tests.test_eval import make_run
 
 ROOT = Path(__file__).resolve().parent.parent
-USER_JOBS = {"prepare", "train", "eval", "export", "transcribe"}
+USER_JOBS = {"prepare", "train", "eval", "export", "transcribe", "serve"}
 
 
 def imported_modules(py: Path) -> list[str]:
@@ -86,9 +86,10 @@ def loads(monkeypatch):
     return calls
 
 
-def test_train_eval_export_and_transcribe_load_through_lib_model(tiny_model_dir, tmp_path, loads):
+def test_train_eval_export_transcribe_and_serve_load_through_lib_model(tiny_model_dir, tmp_path, loads,
+                                                                      monkeypatch):
     from jobs import eval as eval_job
-    from jobs import export, train, transcribe
+    from jobs import export, serve, train, transcribe
     from lib.config import load_config
     from lib.train_config import TrainConfig
 
@@ -112,7 +113,9 @@ def test_train_eval_export_and_transcribe_load_through_lib_model(tiny_model_dir,
                                                           verify_tokens=4), env),
         "transcribe": lambda: transcribe.main(transcribe.TranscribeConfig(audio=str(wav), run="tiny-run",
                                                                           max_new_tokens=4), env),
+        "serve": lambda: serve.main(serve.ServeConfig(run="tiny-run", max_new_tokens=4), env),
     }
+    monkeypatch.setattr("lib.serve.launch", lambda page, host, port: None)  # build the page, do not serve it
     for name, run in jobs.items():
         loads.clear()
         run()

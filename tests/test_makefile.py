@@ -14,8 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKEFILE = ROOT / "Makefile"
-JOB_TARGETS = ["prepare", "train", "eval", "export", "transcribe", "bench"]
-ALL_TARGETS = ["help", "setup", "test", "lint", "build", "push", *JOB_TARGETS, "demo", "shell"]
+JOB_TARGETS = ["prepare", "train", "eval", "export", "transcribe", "serve", "bench"]
+ALL_TARGETS = ["help", "setup", "browser", "test", "lint", "build", "push", *JOB_TARGETS, "demo", "shell"]
 TOKEN = "hf_TESTsecretVALUE0123456789"
 
 
@@ -133,6 +133,22 @@ def test_train_on_several_gpus_uses_torchrun(runner):
     assert "lib.launch" not in job_line(make("-n", "train", f"RUNNER={runner}", "GPUS=1").stdout)
 
 
+@pytest.mark.parametrize("runner", ["docker", "local"])
+def test_serve_listens_where_it_can_be_reached_and_only_serve_publishes_a_port(runner):
+    argv = job_line(make("-n", "serve", f"RUNNER={runner}", "RUN=hi-1", "LANG=hi").stdout)
+    assert "run=hi-1" in argv and "language=hi" in argv and "port=7860" in argv
+    if runner == "docker":
+        # in the container: every interface (the only way out); on the host: 127.0.0.1 only
+        assert argv[argv.index("-p") + 1] == "127.0.0.1:7860:7860" and "host=0.0.0.0" in argv
+        argv = job_line(make("-n", "serve", "RUN=hi-1", "PORT=8080", "BIND=0.0.0.0").stdout)
+        assert argv[argv.index("-p") + 1] == "0.0.0.0:8080:8080" and "port=8080" in argv
+    else:
+        assert "-p" not in argv and "host=127.0.0.1" in argv
+        assert "host=0.0.0.0" in job_line(make("-n", "serve", "RUNNER=local", "RUN=x", "BIND=0.0.0.0").stdout)
+    for other in ("transcribe", "eval"):
+        assert "-p" not in job_line(make("-n", other, f"RUNNER={runner}", "RUN=hi-1").stdout)
+
+
 def test_gpus_zero_runs_without_gpus_flag():
     assert "--gpus" not in job_line(make("-n", "eval", "GPUS=0").stdout)
 
@@ -168,7 +184,7 @@ def test_lang_on_the_command_line_is_the_language(runner):
 
 
 @pytest.mark.parametrize("locale", ["C.UTF-8", "en_US.UTF-8", "hi_IN.UTF-8"])
-@pytest.mark.parametrize("target", ["prepare", "train", "eval", "transcribe"])
+@pytest.mark.parametrize("target", ["prepare", "train", "eval", "transcribe", "serve"])
 def test_lang_from_the_environment_is_not_a_language(target, locale):
     out = make("-n", target, lang=locale).stdout
     assert "language=" not in out, out
@@ -240,6 +256,7 @@ def test_lint_runs_every_checker():
 def test_setup_and_test_keep_their_behaviour():
     setup = make("-n", "setup").stdout
     assert "--require-hashes" in setup and "--no-deps" in setup and "pip check" in setup
+    assert "apt-get install" in setup and "chromium" in setup  # the browser test's browser (make browser)
     assert "HF_HUB_OFFLINE=1" in make("-n", "test").stdout
 
 
@@ -266,3 +283,41 @@ def test_demo_runs_end_to_end(tmp_path):
     assert len(set(warning_lines)) == len(warning_lines), "\n".join(warning_lines)
     assert not [line for line in warning_lines if re.search(r"kernels-community|is_gradient_checkpointing|"
                                                             r"generation-related|attention mask", line)]
+
+
+@pytest.fixture
+def fake_tools(tmp_path):
+    """A PATH with only fake `id` and `apt-get` (no chromium): apt-get writes down what it was asked."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+
+    def tool(name: str, body: str) -> None:
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+
+    return bin_dir, tool
+
+
+@pytest.mark.parametrize("uid", [0, 1000])
+def test_browser_installs_chromium_only_as_root_with_apt_get_and_says_so(fake_tools, uid):
+    import shutil
+
+    bin_dir, tool = fake_tools
+    tool("id", f"echo {uid}")
+    tool("apt-get", f'echo "$@" >> {bin_dir}/apt.log')
+    env = {"PATH": str(bin_dir), "HOME": str(bin_dir)}
+    proc = subprocess.run([shutil.which("make"), "--no-print-directory", "-C", str(ROOT), "browser"],
+                          capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    apt = bin_dir / "apt.log"
+    if uid == 0:
+        assert "installing Debian's chromium" in proc.stdout
+        assert "install -y -qq --no-install-recommends chromium fonts-liberation" in apt.read_text()
+    else:
+        assert not apt.exists() and "tests/test_serve.py will skip" in proc.stdout
+        assert "sudo apt-get install chromium" in proc.stdout
+    tool("apt-get", "exit 100")  # no Debian mirror: setup stops and says why
+    if uid == 0:
+        proc = subprocess.run([shutil.which("make"), "-C", str(ROOT), "browser"], capture_output=True, text=True,
+                              env=env, timeout=30)
+        assert proc.returncode != 0 and "could not install chromium" in proc.stderr
