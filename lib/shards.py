@@ -130,17 +130,33 @@ def open_file(url: str, mode: str = "rb"):
     AWS_* / GOOGLE_APPLICATION_CREDENTIALS environment, instance roles)."""
     if not is_url(url):
         return open(url, mode)
+    fs, path = filesystem(url)
+    return fs.open(path, mode)
+
+
+DRIVERS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path) of a URL; a protocol whose driver is not installed is a UserError
+    naming the package (the image carries fsspec itself, not every cloud's driver)."""
     import fsspec
 
-    return fsspec.open(url, mode).open()
+    from lib.errors import UserError
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        proto = url.split("://", 1)[0]
+        pkg = DRIVERS.get(proto)
+        hint = f"`pip install {pkg}` in the image or venv" if pkg else "check the URL's protocol"
+        raise UserError(f"{url}: cannot open {proto}:// URLs here ({str(e).splitlines()[0][:120]}); {hint}") from None
 
 
 def exists(url: str) -> bool:
     if not is_url(url):
         return os.path.exists(url)
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = filesystem(url)
     return fs.exists(path)
 
 
