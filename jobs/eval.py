@@ -128,9 +128,16 @@ def main(cfg: EvalConfig, env: Env) -> dict:
 
     corpora = [c.name for c in parse_data(data)]
     if len(corpora) > 1:  # a run on several corpora: the first is the main split, the others are scored as also=
+        from lib.prepared import has_split
+
+        scored = [c for c in corpora[1:] if has_split(open_prepared(env, c)[1], cfg.also_split)]
+        for c in corpora[1:]:
+            if c not in scored:
+                log.warning("eval: %s (a corpus of the run) has no '%s' split: not scored (also_split= picks "
+                            "another split)", c, cfg.also_split)
         log.info("eval: data=%s: %s is the main dataset; %s scored with also= (WER and language ID each)", data,
-                 corpora[0], ", ".join(corpora[1:]))
-        cfg.also = [*corpora[1:], *[a for a in cfg.also if a not in corpora]]
+                 corpora[0], ", ".join(scored) or "no other corpus")
+        cfg.also = [*scored, *[a for a in cfg.also if a not in corpora]]
         data = corpora[0]
     data_path, manifest = open_prepared(env, data)
     if cfg.out:

@@ -396,7 +396,10 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
                                 generation_max_length=eval_budget(cfg, eval_ds, processor.tokenizer), steps=steps,
                                 best=best_metric(eval_ds)),
         data_collator=WhisperCollator(processor.feature_extractor, base.config.decoder_start_token_id,
-                                      start_of_prev=processor.tokenizer.convert_tokens_to_ids("<|startofprev|>")),
+                                      start_of_prev=processor.tokenizer.convert_tokens_to_ids("<|startofprev|>"),
+                                      # prefix_tokens = <|sot|> <|lang|> <|task|> <|notimestamps|>, set just above
+                                      mask_language=(processor.tokenizer.prefix_tokens[1]
+                                                     if cfg.train.mask_language_token else None)),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=processor,

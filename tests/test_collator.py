@@ -76,3 +76,26 @@ def test_log_mel_of_the_audio_only_equals_the_feature_extractors(lengths):
         got = log_mel(fe, audio)
         assert got.shape == ref.shape == (len(lengths), mels, 3000)
         assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_mask_language_token_leaves_it_out_of_the_loss_only(tokenizer):
+    """train.mask_language_token: the first target <|hi|> becomes -100 (plain and prompted rows);
+    the rest of each row, and a no-speech row's <|nospeech|>, are still trained."""
+    fe = WhisperFeatureExtractor(feature_size=80)
+    hi = tokenizer.convert_tokens_to_ids("<|hi|>")
+    nospeech = tokenizer.convert_tokens_to_ids("<|nocaptions|>")
+    text = tokenizer("नमस्ते").input_ids
+    rows = [{"audio": tone(1.0, 300), "labels": text}, {"audio": tone(1.0, 300), "labels": [SOT, nospeech, EOT]}]
+    plain = WhisperCollator(fe, SOT)(rows)["labels"]
+    masked = WhisperCollator(fe, SOT, mask_language=hi)(rows)["labels"]
+    assert plain[0, 0] == hi and masked[0, 0] == IGNORE_INDEX
+    assert torch.equal(masked[0, 1:], plain[0, 1:])
+    assert torch.equal(masked[1], plain[1]) and masked[1, 0] == nospeech
+    # with a previous-text prompt the <|hi|> target sits after the masked prompt and <|sot|>
+    sop = tokenizer.convert_tokens_to_ids("<|startofprev|>")
+    prompted = [{**rows[0], "prompt": tokenizer("हाँ", add_special_tokens=False).input_ids}, rows[1]]
+    p_plain = WhisperCollator(fe, SOT, start_of_prev=sop)(prompted)["labels"]
+    p_masked = WhisperCollator(fe, SOT, start_of_prev=sop, mask_language=hi)(prompted)["labels"]
+    first = int((p_plain[0] != IGNORE_INDEX).int().argmax())
+    assert p_plain[0, first] == hi and p_masked[0, first] == IGNORE_INDEX
+    assert torch.equal(p_masked[0, first + 1:], p_plain[0, first + 1:])
