@@ -12,7 +12,7 @@ ShardStream (one corpus). Epoch e = positions e*N .. (e+1)*N-1 (N = the split's 
 epoch's shard order is a seeded permutation; consecutive shards in that order form windows of
 at least train.shuffle_buffer rows; the rows of a window are emitted in a seeded random order.
 That is a shuffle buffer whose content is known from the position alone: a worker holds at
-most the shards of a window or two in memory (encoded audio: ~30 KB per 5-s mp3 clip), however
+most the shards of one window in memory (encoded audio: ~40 KB per 5-s mp3 clip), however
 large the corpus.
 
 Mixture (data=cv_hi:0.7,fleurs_hi:0.3). Positions come in blocks of 1,000; each block holds
@@ -119,8 +119,9 @@ class ShardStream(Dataset):
         self._epochs: OrderedDict[int, list[tuple[int, list[int]]]] = OrderedDict()
         self._windows: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self._tables: OrderedDict[int, dict[str, list]] = OrderedDict()
-        # shards kept decoded-to-Python per worker: those of about two windows
-        self._max_rows = 2 * self.buffer + max(self.rows)
+        # shards kept per worker: one window (>= buffer rows, < buffer + a shard) and one shard of slack;
+        # a worker reads positions in increasing order, so it never goes back to an older window
+        self._max_rows = self.buffer + 2 * max(self.rows)
 
     def __len__(self) -> int:
         return self.length

@@ -154,7 +154,7 @@ class Sampler:
         self.peak = max(self.peak, self.f())
 
 
-def prepare(work: Path, n: int, kind: str, num_proc: int, model: str) -> dict:
+def prepare(work: Path, n: int, kind: str, num_proc: int, model: str, chunk_rows: int = 2000) -> dict:
     """Run the prepare job on a fresh release; wall time, disk and RAM peaks, sizes."""
     release = work / f"cv-{kind}-{n}"
     source_bytes = make_release(release, n, kind)
@@ -162,7 +162,7 @@ def prepare(work: Path, n: int, kind: str, num_proc: int, model: str) -> dict:
     (data / "prepared").mkdir(parents=True)
     cmd = [sys.executable, "-m", "jobs.prepare", f"model={model}", "name=bench", "language=hi", "source.kind=cv",
            f"source.path={release}", "source.validation=", "source.test=", "validation_fraction=0",
-           f"num_proc={num_proc}", "max_rate_vs_median=0"]
+           f"num_proc={num_proc}", "max_rate_vs_median=0", f"chunk_rows={chunk_rows}"]
     log = work / f"prepare-{kind}-{n}.log"
     t0 = time.perf_counter()
     with open(log, "w") as out:
@@ -191,7 +191,7 @@ def _one_thread(_):
     torch.set_num_threads(1)
 
 
-def loader(prepared: Path, workers: int, batches: int, batch_size: int = 8) -> dict:
+def loader(prepared: Path, workers: int, batches: int, batch_size: int = 8, shuffle_buffer: int = 4096) -> dict:
     """Clips/s of ShardStream + WhisperCollator through a DataLoader with `workers` workers."""
     import torch
     from torch.utils.data import DataLoader
@@ -202,7 +202,7 @@ def loader(prepared: Path, workers: int, batches: int, batch_size: int = 8) -> d
     from lib.stream import ShardStream
 
     where, manifest = open_prepared(Env(data_dir=prepared.parent.parent), str(prepared))
-    ds = ShardStream(where, manifest, "train", seed=0, shuffle_buffer=4096)
+    ds = ShardStream(where, manifest, "train", seed=0, shuffle_buffer=shuffle_buffer)
     ds.length = (batches + 2 * workers) * batch_size
     collate = WhisperCollator(WhisperFeatureExtractor(feature_size=80), decoder_start_token_id=50258)
     torch.set_num_threads(1)
@@ -234,6 +234,10 @@ class BenchDataConfig:
     """batches of 8 timed per loader measurement"""
     pcm_clips: int = 1000
     """clips of the PCM (16 kHz wav) source; 0 skips it"""
+    chunk_rows: int = 2000
+    """prepare's chunk_rows (rows per shard and per worker task: what a prepare worker holds)"""
+    shuffle_buffer: int = 4096
+    """train.shuffle_buffer of the loader (what a loader worker holds: about one window)"""
     model: str = str(ROOT / "tests" / "fixtures" / "whisper_tokenizer")
     """tokenizer prepare uses (any Whisper folder or Hub id)"""
     work: str | None = None
@@ -306,12 +310,12 @@ def main(cfg: BenchDataConfig, env: Env) -> dict:
         for kind, n in plan:
             print(f"bench_data: preparing {n:,} {kind} clips with num_proc={cfg.num_proc} ...", file=sys.stderr,
                   flush=True)
-            p = prepare(work, n, kind, cfg.num_proc, cfg.model)
+            p = prepare(work, n, kind, cfg.num_proc, cfg.model, cfg.chunk_rows)
             results["prepare"].append(p)
             print(f"bench_data:   {p['clips_per_s']} clips/s, {mb(p['final_bytes_per_hour'])} MB/h", file=sys.stderr)
             if kind == "mp3":
                 for w in cfg.workers:
-                    r = loader(Path(p["data_dir"]), w, cfg.loader_batches)
+                    r = loader(Path(p["data_dir"]), w, cfg.loader_batches, shuffle_buffer=cfg.shuffle_buffer)
                     results["loader"].append({"source": kind, "clips_in_corpus": n, **r})
                     print(f"bench_data:   loader {w} worker(s): {r['clips_per_s']} clips/s", file=sys.stderr)
             shutil.rmtree(work / f"cv-{kind}-{n}", ignore_errors=True)
