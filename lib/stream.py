@@ -170,7 +170,7 @@ class ShardStream(Dataset):
         return int(group[i]), r - int(firsts[i])
 
     def table(self, shard: int) -> dict[str, list]:
-        """A shard's columns as Python lists, cached (LRU, about two windows of rows)."""
+        """A shard's columns as Python lists, cached (LRU, one window of rows and a shard)."""
         if shard in self._tables:
             self._tables.move_to_end(shard)
             return self._tables[shard]

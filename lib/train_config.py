@@ -103,7 +103,7 @@ class TrainSection:
     shuffle_buffer: int = 4096
     """rows shuffled together: consecutive shards (in a seeded order) are read in windows of at
     least this many rows, each window in a seeded random order (lib/stream.py). Memory per worker
-    is about two windows of encoded audio (4096 5-s mp3 clips: ~120 MB)"""
+    is about one window of encoded audio (4096 5-s mp3 clips: ~160 MB)"""
     data_trace: bool = False
     """append "position, corpus, clip id" of every sample read to RUN/data_order.tsv (which clips a
     loss spike saw; that a resumed run continued the order)"""
