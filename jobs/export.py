@@ -79,7 +79,6 @@ class ExportConfig:
 
 
 def main(cfg: ExportConfig, env: Env) -> dict:
-    import numpy as np
 
     from lib import export as ex
     from lib import hub

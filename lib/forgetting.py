@@ -32,7 +32,6 @@ def detect_languages(model, processor, ds, batch_size: int = 16) -> list[str]:
 
     from lib.inference import _model_dtype, features_for
     from lib.language import language_code
-
     from lib.prepared import audio_arrays
 
     device = next(model.parameters()).device

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from jobs.train import main
-from lib import shards
 from lib.config import load_config
 from lib.env import Env
 from lib.errors import UserError
