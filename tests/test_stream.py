@@ -219,3 +219,21 @@ def test_a_corpus_of_another_language_validates_in_its_own_language(root, tiny_m
     assert set(seen) == {"hi", "en"}  # a's validation in Hindi, en's in English
     labels = {c: i for _, c, i in trace(root / "runs" / "mixlang")}
     assert "en" in labels and "a" in labels
+
+
+def test_eval_of_a_run_on_several_corpora_scores_each(root, tiny_model_dir):
+    """make eval of a mixed run: the first corpus is the main dataset, the others are also= sets
+    (WER and language ID each); a corpus without the split is skipped with a warning, not an error."""
+    import jobs.eval as E
+
+    for name, words in (("c", ["घर", "जी"]), ("d", ["पानी", "हाँ"])):
+        write_prepared(root / "prepared" / name, tiny_model_dir,
+                       {"train": [(w, tone(0.3 + 0.1 * i)) for i, w in enumerate(words)], "test": [(words[0], tone(0.3))]})
+    write_prepared(root / "prepared" / "notest", tiny_model_dir, {"train": [("पानी", tone(0.3))]})
+    env = Env(data_dir=root)
+    main(train_cfg(tiny_model_dir, "mix3", "c:0.5,d:0.3,notest:0.2", **{"train.max_steps": 1}), env)
+    cfg = load_config(E.EvalConfig, None, ["run=mix3", "limit=1", "longform.recordings=0", "no_speech_clips=0",
+                                           "compare_base=false", "max_new_tokens=4"])
+    report = E.main(cfg, env)
+    assert report["data"].endswith("/prepared/c")
+    assert set(report["also"]) == {"d"}  # notest has no test split: skipped with a warning
