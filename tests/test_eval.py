@@ -215,3 +215,33 @@ def test_hallucination_counts_text_after_normalization():
     out = hallucination(["", " . ", "हाँ", "thank you", "।"], ["silence", "silence", "white", "pink", "pink"])
     assert (out["clips"], out["with_text"]) == (5, 2) and out["rate"] == pytest.approx(0.4)
     assert out["by_kind"] == {"pink": 0.5, "silence": 0.0, "white": 1.0}
+
+
+def test_the_longest_finished_row_of_a_batch_is_not_called_truncated():
+    """Whisper's generate strips the final <|endoftext|> of the longest row (the others are padded
+    with it): only a row that used the whole budget without one was cut."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import WhisperFeatureExtractor
+
+    from lib.inference import generate_batch
+
+    eos = 50257
+    rows = torch.tensor([[440, 8507, 307, 13], [2425, 11, eos, eos]])  # both finished; row 0 is the longest
+
+    class Model(torch.nn.Module):
+        def __init__(self, out):
+            super().__init__()
+            self.w, self.out = torch.nn.Parameter(torch.zeros(1)), out
+
+        def generate(self, **kw):
+            return self.out
+
+    tok = SimpleNamespace(eos_token_id=eos, batch_decode=lambda t, skip_special_tokens: ["x"] * len(t))
+    proc = SimpleNamespace(tokenizer=tok, batch_decode=tok.batch_decode,
+                           feature_extractor=WhisperFeatureExtractor(feature_size=80))
+    clips = [tone(0.5), tone(0.4)]
+    assert generate_batch(Model(rows), proc, clips, "en", "transcribe", 60, return_truncated=True)[1] == [False, False]
+    cut = torch.tensor([[1605, 11, 293, 1605], [2425, 11, eos, eos]])  # row 0 used all 4 tokens, no eos
+    assert generate_batch(Model(cut), proc, clips, "en", "transcribe", 4, return_truncated=True)[1] == [True, False]
