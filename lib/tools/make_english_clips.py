@@ -25,7 +25,7 @@ from pathlib import Path
 from lib.cli import run_job
 from lib.env import Env
 from lib.errors import UserError
-from lib.tools.make_synthetic_corpus import synthesize
+from lib.tools.make_synthetic_corpus import make_sentences, synthesize
 
 log = logging.getLogger("whisper_ft")
 
@@ -82,15 +82,6 @@ def random_sentence(rng: random.Random) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def make_sentences(n: int, rng: random.Random) -> list[str]:
-    seen: dict[str, None] = {}
-    for _ in range(200 * n):
-        if len(seen) == n:
-            return list(seen)
-        seen.setdefault(random_sentence(rng), None)
-    raise UserError(f"sentences={n}: the vocabulary gives only {len(seen)} distinct sentences; lower sentences=")
-
-
 def main(cfg: EnglishClipsConfig, env: Env) -> dict:
     for tool in ("espeak-ng", "ffmpeg"):
         if shutil.which(tool) is None:
@@ -104,7 +95,7 @@ def main(cfg: EnglishClipsConfig, env: Env) -> dict:
     rng = random.Random(cfg.seed)
     rows = [{"audio": f"clips/en_{i:05d}.wav", "text": text, "split": cfg.split, "voice": rng.choice(VOICES),
              "speed": rng.randint(140, 180), "pitch": rng.randint(30, 70)}
-            for i, text in enumerate(make_sentences(cfg.sentences, rng))]
+            for i, text in enumerate(make_sentences(cfg.sentences, rng, random_sentence))]
     with ThreadPoolExecutor(cfg.workers) as pool:
         list(pool.map(lambda r: synthesize(r["text"], r["voice"], r["speed"], r["pitch"], out / r["audio"]), rows))
     seconds = sum(((out / r["audio"]).stat().st_size - 44) / 32_000 for r in rows)  # 16-bit mono 16 kHz

@@ -125,12 +125,13 @@ def random_sentence(rng: random.Random) -> str:
     return unicodedata.normalize("NFC", " ".join(words))
 
 
-def make_sentences(n: int, rng: random.Random) -> list[str]:
+def make_sentences(n: int, rng: random.Random, sentence=random_sentence) -> list[str]:
+    """n distinct sentences of `sentence(rng)` (this corpus's Hindi templates by default), in draw order."""
     seen: dict[str, None] = {}
     for _ in range(200 * n):
         if len(seen) == n:
             return list(seen)
-        seen.setdefault(random_sentence(rng), None)
+        seen.setdefault(sentence(rng), None)
     raise UserError(f"sentences={n}: the vocabulary gives only {len(seen)} distinct sentences; lower sentences=")
 
 
