@@ -117,6 +117,7 @@ class ShardStream(Dataset):
         self.buffer = max(1, int(shuffle_buffer))
         self.length = self.n if length is None else int(length)
         self._epochs: OrderedDict[int, list[tuple[int, list[int]]]] = OrderedDict()
+        self._starts: dict[int, list[int]] = {}  # each epoch's window offsets, for the bisect
         self._windows: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self._tables: OrderedDict[int, dict[str, list]] = OrderedDict()
         # shards kept per worker: one window (>= buffer rows, < buffer + a shard) and one shard of slack;
@@ -129,6 +130,7 @@ class ShardStream(Dataset):
     def __getstate__(self):  # DataLoader workers start with empty caches
         state = self.__dict__.copy()
         state["_epochs"], state["_windows"], state["_tables"] = OrderedDict(), OrderedDict(), OrderedDict()
+        state["_starts"] = {}
         return state
 
     def windows(self, epoch: int) -> list[tuple[int, list[int]]]:
@@ -145,8 +147,9 @@ class ShardStream(Dataset):
             if group:
                 out.append((start, group))
             self._epochs[epoch] = out
+            self._starts[epoch] = [start for start, _ in out]
             while len(self._epochs) > 2:
-                self._epochs.popitem(last=False)
+                self._starts.pop(self._epochs.popitem(last=False)[0], None)
         return self._epochs[epoch]
 
     def locate(self, k: int) -> tuple[int, int]:
@@ -155,7 +158,7 @@ class ShardStream(Dataset):
             raise IndexError(k)
         epoch, offset = divmod(int(k), self.n)
         wins = self.windows(epoch)
-        w = bisect.bisect_right([s for s, _ in wins], offset) - 1
+        w = bisect.bisect_right(self._starts[epoch], offset) - 1
         key = (epoch, w)
         if key not in self._windows:
             start, group = wins[w]
