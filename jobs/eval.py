@@ -83,6 +83,12 @@ class EvalConfig:
     """silence/noise clips scored for hallucination (the share that produce text), model and base; 0 = off"""
     no_speech_dir: str | None = None
     """a folder of audio without speech to cut those clips from; default: generated silence, white/pink noise"""
+    no_speech_threshold: float | None = 0.6
+    """Whisper's no-speech rule (lib.inference.NoSpeechGate), as transcribe applies it: a clip whose
+    no-speech probability is above this and whose transcript's mean log-probability is below
+    logprob_threshold comes out empty; none = off (every clip gets its transcript)"""
+    logprob_threshold: float = -1.0
+    """the no-speech rule's log-probability bound (Whisper's default)"""
     track: bool = True
     """with run=: log the WERs and the report to the run's tracking run (RUN/tracking.json, written
     by train.report_to=mlflow or wandb); nothing to do for a run tracked by TensorBoard only"""
@@ -101,6 +107,14 @@ class EvalConfig:
                             "e.g. forgetting_max_drop=0.02 for 2 points)")
         if self.no_speech_clips < 0:
             raise UserError("no_speech_clips must be >= 0 (0 turns the hallucination check off)")
+        from lib.inference import NoSpeechGate
+
+        NoSpeechGate.of(self.no_speech_threshold, self.logprob_threshold)  # its checks name the flags
+
+    def gate(self):
+        from lib.inference import NoSpeechGate
+
+        return NoSpeechGate.of(self.no_speech_threshold, self.logprob_threshold)
 
 
 def main(cfg: EvalConfig, env: Env) -> dict:
@@ -180,7 +194,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     log.info("eval: up to %d new tokens per clip%s", max_new, "" if cfg.max_new_tokens else
              " (the split's longest label + 25 % + 8; set max_new_tokens= to change it)")
     gen = dict(language=language, task=task, batch_size=cfg.batch_size, max_new_tokens=max_new,
-               num_beams=cfg.num_beams)
+               num_beams=cfg.num_beams, gate=cfg.gate())
     label = "adapter" if source.adapter else "model"
     hyps = {label: transcribe_dataset(model, processor, ds, desc=label, **gen)}
     if source.adapter and cfg.compare_base:
@@ -190,8 +204,15 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     # 5. Score.
     out.mkdir(parents=True, exist_ok=True)
     results, utts = {}, {}
-    for name, (texts, _, cut) in hyps.items():
-        results[name], utts[name] = score(refs, texts, ids, truncated=cut)
+    for name, (decoded, _) in hyps.items():
+        results[name], utts[name] = score(refs, decoded.texts, ids, truncated=decoded.truncated)
+        # clips the no-speech gate emptied: a deletion each in the WER; more than a few on real speech
+        # means the thresholds are wrong for this model
+        results[name]["judged_no_speech"] = sum(decoded.silent)
+        if any(decoded.silent):
+            log.warning("eval: %s: the no-speech gate emptied %d of %d clips of %s/%s (no-speech probability > %g "
+                        "and mean log-probability < %g); no_speech_threshold=none keeps their text", name,
+                        sum(decoded.silent), len(ds), data, cfg.split, cfg.no_speech_threshold, cfg.logprob_threshold)
         if results[name]["truncated"]:
             log.warning("eval: %s: %d of %d hypotheses hit max_new_tokens=%d and are cut short (flag "
                         "'truncated' in predictions.tsv); raise max_new_tokens", name, results[name]["truncated"],
@@ -217,7 +238,9 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         "num_beams": cfg.num_beams,
         "max_new_tokens": max_new,
         "counts": {"utterances": len(ds), "audio_hours": sum(durations) / 3600, "limited_to": cfg.limit,
-                   **{k: results[label][k] for k in ("empty", "repetition", "too_long", "truncated")}},
+                   **{k: results[label][k] for k in ("empty", "repetition", "too_long", "truncated",
+                                                      "judged_no_speech")}},
+        "no_speech_gate": vars(cfg.gate()) if cfg.gate() else None,
         "results": results,
         "speed": {"seconds": seconds, "clips_per_s": len(ds) / max(seconds, 1e-9)},
         "worst": [vars(u) for u in worst(utts[label])],
@@ -237,13 +260,13 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     legs = model_legs(model, label, bool(source.adapter and cfg.compare_base))
     if recordings:
         report["longform"] = longform.evaluate(legs, model, processor, recordings, language, task, cfg.longform,
-                                               lf_source, cfg.max_new_tokens)
+                                               lf_source, cfg.max_new_tokens, cfg.gate())
 
     # 8. Other languages (also=): WER with their language forced, language ID left to the model.
     if also_sets:
         report["also"], report["forgetting_flags"] = forgetting.evaluate_also(
             also_sets, cfg.also_split, cfg.limit, legs, model, processor, task, cfg.batch_size,
-            cfg.max_new_tokens, cfg.num_beams, cfg.forgetting_max_drop, cfg.forgetting_max_wer_rise)
+            cfg.max_new_tokens, cfg.num_beams, cfg.forgetting_max_drop, cfg.forgetting_max_wer_rise, cfg.gate())
 
     # 9. Optional: time our settings against the walkthrough's loop on the same clips.
     if cfg.speed_compare:
@@ -287,8 +310,10 @@ def no_speech_section(cfg: EvalConfig, model, processor, label: str, has_adapter
     clips = eval_no_speech_clips(cfg.no_speech_clips, cfg.no_speech_dir)
     out = hallucination_check(model, processor, clips, label, has_adapter and cfg.compare_base, **gen)
     for name, r in out["results"].items():
-        log.info("eval: %-7s writes text on %d of %d clips without speech (%.0f %%)", name, r["with_text"],
-                 r["clips"], 100 * r["rate"])
+        raw = (out.get("ungated") or {}).get(name)
+        log.info("eval: %-7s writes text on %d of %d clips without speech (%.0f %%)%s", name, r["with_text"],
+                 r["clips"], 100 * r["rate"], f"; {raw['with_text']} before the no-speech gate, mean no-speech "
+                 f"probability {out['no_speech_prob'][name]:.2f}" if raw else "")
     return out
 
 

@@ -48,6 +48,10 @@ class ServeConfig:
     """int8 through bitsandbytes, only when asked (less GPU memory for large-v2, slower decoding)"""
     max_new_tokens: int = 444
     """tokens per 30-s window, as transcribe: 444 = 448 positions minus the 4-token prompt"""
+    no_speech_threshold: float | None = 0.6
+    """Whisper's no-speech rule, as transcribe applies it (lib.inference.NoSpeechGate); none = off"""
+    logprob_threshold: float = -1.0
+    """the no-speech rule's log-probability bound (Whisper's default)"""
 
     def __post_init__(self):
         if not self.run:
@@ -56,6 +60,12 @@ class ServeConfig:
             raise UserError(f"port={self.port}: use a TCP port 1..65535 (default 7860)")
         if not 1 <= self.max_new_tokens <= 444:
             raise UserError("max_new_tokens must be 1..444")
+        self.gate()  # its checks name the flags
+
+    def gate(self):
+        from lib.inference import NoSpeechGate
+
+        return NoSpeechGate.of(self.no_speech_threshold, self.logprob_threshold)
 
 
 def main(cfg: ServeConfig, env: Env) -> None:
@@ -72,7 +82,7 @@ def main(cfg: ServeConfig, env: Env) -> None:
     language = job_language(processor.tokenizer, cfg.language, **where)
     task = task_setting(cfg.task, **where)
     served = serve.Served(model, processor, language, task, cfg.max_new_tokens, source.base, cfg.run,
-                          has_adapter=source.adapter is not None, note=note)
+                          has_adapter=source.adapter is not None, note=note, gate=cfg.gate())
     log.info("serve: run %s with %s, language %s, task %s, %s", cfg.run, source.describe(), language, task, info)
 
     # 3. What the page shows under the transcripts: the eval report's table, the training curves.

@@ -46,6 +46,12 @@ class TranscribeConfig:
     max_new_tokens: int = 444
     """tokens per 30-s window: 444 = 448 positions minus the 4-token prompt, room for a full window
     of Hindi (about 75 words x 5 tokens); a window that still hits it is logged"""
+    no_speech_threshold: float | None = 0.6
+    """Whisper's no-speech rule (lib.inference.NoSpeechGate): a 30-s window whose no-speech
+    probability is above this and whose transcript's mean log-probability is below
+    logprob_threshold comes out empty (logged); none = off"""
+    logprob_threshold: float = -1.0
+    """the no-speech rule's log-probability bound (Whisper's default)"""
     out: str | None = None
     """also write the transcript to this text file"""
     force: bool = False
@@ -56,6 +62,12 @@ class TranscribeConfig:
             raise UserError("which file? set audio=path/to/clip.wav (wav, flac, ogg or mp3)")
         if not 1 <= self.max_new_tokens <= 444:
             raise UserError("max_new_tokens must be 1..444")
+        self.gate()  # its checks name the flags
+
+    def gate(self):
+        from lib.inference import NoSpeechGate
+
+        return NoSpeechGate.of(self.no_speech_threshold, self.logprob_threshold)
 
 
 def main(cfg: TranscribeConfig, env: Env) -> str:
@@ -79,7 +91,7 @@ def main(cfg: TranscribeConfig, env: Env) -> str:
              source.describe(), language, info)
 
     # 3. Transcribe and print.
-    text = transcribe_long(model, processor, audio, language, task, cfg.max_new_tokens)
+    text = transcribe_long(model, processor, audio, language, task, cfg.max_new_tokens, gate=cfg.gate())
     print(text, flush=True)
     if cfg.out:
         Path(cfg.out).write_text(text + "\n", encoding="utf-8")

@@ -71,7 +71,7 @@ def drop_flags(name: str, results: dict[str, dict[str, Any]], max_drop: float, m
 
 
 def evaluate_dataset(legs: dict[str, Callable[[], AbstractContextManager]], model, processor, ds, language: str,
-                     task: str, batch_size: int, max_new_tokens: int, num_beams: int = 1) -> dict[str, dict]:
+                     task: str, batch_size: int, max_new_tokens: int, num_beams: int = 1, gate=None) -> dict[str, dict]:
     """Per leg: clip WER with `language` forced, and LID accuracy against the rows' language column."""
     from lib.inference import transcribe_dataset
     from lib.metrics import score
@@ -81,11 +81,12 @@ def evaluate_dataset(legs: dict[str, Callable[[], AbstractContextManager]], mode
     out = {}
     for name, ctx in legs.items():
         with ctx():
-            texts, _, cut = transcribe_dataset(model, processor, ds, language, task, batch_size, max_new_tokens,
-                                               desc=f"{name} ({language}, forced)", num_beams=num_beams)
+            decoded, _ = transcribe_dataset(model, processor, ds, language, task, batch_size, max_new_tokens,
+                                            desc=f"{name} ({language}, forced)", num_beams=num_beams, gate=gate)
             detected = detect_languages(model, processor, ds, batch_size)
-        metrics, _ = score(refs, texts, ids, truncated=cut)
+        metrics, _ = score(refs, decoded.texts, ids, truncated=decoded.truncated)
         out[name] = {**{k: metrics[k] for k in ("normalized_wer", "wer", "cer", "empty", "repetition", "truncated")},
+                     "judged_no_speech": sum(decoded.silent),
                      **lid_accuracy(detected, expected)}
     return out
 
@@ -136,7 +137,7 @@ def open_also(env, names: Sequence[str]) -> list[tuple[str, Any, dict[str, Any]]
 
 def evaluate_also(sets: Sequence[tuple[str, Any, dict[str, Any]]], split: str, limit: int | None, legs, model,
                   processor, task: str, batch_size: int, max_new_tokens: int | None, num_beams: int, max_drop: float,
-                  max_wer_rise: float) -> tuple[dict[str, Any], list[str]]:
+                  max_wer_rise: float, gate=None) -> tuple[dict[str, Any], list[str]]:
     """The report's `also` section and its flags: every also= dataset (open_also) scored on every leg.
 
     Each dataset's language is its manifest's (the rows' language column is what LID is
@@ -157,7 +158,7 @@ def evaluate_also(sets: Sequence[tuple[str, Any, dict[str, Any]]], split: str, l
         if len(ds) == 0:
             raise UserError(f"also={name}: {path}/{split} has no rows (set also_split=)")
         budget = max_new_tokens or decode_budget([len(x) for x in ds.with_format(None)["labels"]])
-        results = evaluate_dataset(legs, model, processor, ds, language, task, batch_size, budget, num_beams)
+        results = evaluate_dataset(legs, model, processor, ds, language, task, batch_size, budget, num_beams, gate)
         section[name] = {"data": str(path), "split": split, "language": language, "clips": len(ds),
                          "max_new_tokens": budget, "results": results}
         for leg, m in results.items():

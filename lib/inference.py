@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -74,126 +75,254 @@ def decode_budget(label_lengths: Sequence[int], prompt_tokens: int = PROMPT_TOKE
     return max(16, min(max_positions - prompt_tokens, int(need * 1.25) + 8))
 
 
-def generate_batch(model, processor, audios: Sequence[np.ndarray], language: str, task: str,
-                   max_new_tokens: int = MAX_NEW_TOKENS, num_beams: int = 1, min_new_tokens: int = 0,
-                   features_on_device: bool = False, return_truncated: bool = False):
-    """Transcripts of up to 30-s clips, language and task forced, special tokens removed.
-    min_new_tokens forces that many tokens (timing random weights, which stop at random).
-    return_truncated: also a flag per clip, true when its hypothesis ran out of tokens
-    (max_new_tokens reached with no <|endoftext|>: the end of what was said is missing)."""
+@dataclass(frozen=True)
+class NoSpeechGate:
+    """Whisper's own rule for audio without speech, as openai-whisper and faster-whisper apply it
+    by default (transformers applies it to long-form audio only): a clip is judged silent, and its
+    text dropped, when its no-speech probability is above `no_speech_threshold` AND its
+    transcript's average log-probability per token is below `logprob_threshold`.
+
+    The no-speech probability is P(<|nospeech|>) (<|nocaptions|> in older v2 files) at the first
+    decoder position, right after <|startoftranscript|>, where Whisper was trained to say either
+    the language or "no speech"; forced-language decoding never reads it, so without the gate a
+    silent clip always gets a transcript (32 of 32 on whisper-base, README). Both conditions must
+    hold: a transcript the model is sure of (log-probability above the threshold) is kept whatever
+    the no-speech probability says. Fine-tuning on labels that all start <|sot|> <|hi|> pushes the
+    no-speech probability towards 0; train.no_speech_fraction (label "token") keeps it.
+    """
+
+    no_speech_threshold: float = 0.6
+    logprob_threshold: float = -1.0
+
+    def __post_init__(self):
+        from lib.errors import UserError
+
+        if not 0 <= self.no_speech_threshold <= 1:
+            raise UserError(f"no_speech_threshold={self.no_speech_threshold}: must be in [0, 1] (0.6 is Whisper's "
+                            f"default), or none to turn the no-speech gate off")
+        if self.logprob_threshold > 0:
+            raise UserError(f"logprob_threshold={self.logprob_threshold}: a log-probability is <= 0 (Whisper's "
+                            f"default is -1.0)")
+
+    @classmethod
+    def of(cls, no_speech_threshold: float | None, logprob_threshold: float = -1.0) -> NoSpeechGate | None:
+        """The gate a job's flags ask for; None (no gate) when no_speech_threshold is unset."""
+        return None if no_speech_threshold is None else cls(float(no_speech_threshold), float(logprob_threshold))
+
+    def generate_kwargs(self) -> dict[str, float]:
+        """The same rule as transformers' long-form generate() arguments."""
+        return {"no_speech_threshold": self.no_speech_threshold, "logprob_threshold": self.logprob_threshold}
+
+
+@dataclass
+class Decoded:
+    """One batch's transcripts and what is known about each."""
+
+    texts: list[str]
+    """the transcripts, special tokens removed; empty where the gate judged the clip silent"""
+    truncated: list[bool]
+    """the hypothesis ran out of tokens (max_new_tokens reached with no <|endoftext|>)"""
+    silent: list[bool] = field(default_factory=list)
+    """judged without speech by the NoSpeechGate (text dropped); all False without a gate"""
+    raw: list[str] = field(default_factory=list)
+    """the transcripts before the gate"""
+    no_speech_prob: list[float] = field(default_factory=list)
+    """P(no-speech token) after <|startoftranscript|>; NaN without a gate"""
+
+
+def decode_batch(model, processor, audios: Sequence[np.ndarray], language: str, task: str,
+                 max_new_tokens: int = MAX_NEW_TOKENS, num_beams: int = 1, min_new_tokens: int = 0,
+                 features_on_device: bool = False, gate: NoSpeechGate | None = None) -> Decoded:
+    """Transcripts of up to 30-s clips, language and task forced, with the NoSpeechGate applied
+    when one is given. min_new_tokens forces that many tokens (timing random weights, which stop
+    at random). With a gate the encoder runs once: its output feeds both generate() and the
+    one-position decoder pass that reads the no-speech probability."""
     import torch
 
     device = next(model.parameters()).device
     feats = features_for(processor, audios, _model_dtype(model), device, features_on_device)
     extra = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
     with torch.inference_mode():
-        tokens = model.generate(
-            input_features=feats, language=language, task=task, max_new_tokens=max_new_tokens,
-            num_beams=num_beams, **extra,
-        )
+        if gate is None:
+            tokens = model.generate(input_features=feats, language=language, task=task,
+                                    max_new_tokens=max_new_tokens, num_beams=num_beams, **extra)
+        else:
+            encoded = model.get_encoder()(feats)
+            tokens = model.generate(encoder_outputs=encoded, language=language, task=task,
+                                    max_new_tokens=max_new_tokens, num_beams=num_beams, **extra)
     texts = [t.strip() for t in processor.batch_decode(tokens, skip_special_tokens=True)]
-    if not return_truncated:
-        return texts
     # A row cut by the budget holds max_new_tokens tokens and no <|endoftext|>. Both are needed:
     # Whisper's generate returns the text tokens without the prompt and strips the final
     # <|endoftext|> of the longest row of a batch, so that row holds no eos even when it ended
     # (shorter rows are padded with the eos id). Testing for eos alone flagged one finished
     # clip per batch as cut: 4-7 complete transcripts per eval on real whisper-base.
     eos = processor.tokenizer.eos_token_id
-    return texts, [bool((row != eos).all()) and len(row) >= max_new_tokens for row in tokens]
+    cut = [bool((row != eos).all()) and len(row) >= max_new_tokens for row in tokens]
+    if gate is None:
+        n = len(texts)
+        return Decoded(texts, cut, [False] * n, list(texts), [float("nan")] * n)
+    probs, logprobs = gate_scores(model, processor.tokenizer, encoded, tokens, language, task,
+                                  gate.no_speech_threshold)
+    silent = [p > gate.no_speech_threshold and lp < gate.logprob_threshold for p, lp in zip(probs, logprobs,
+                                                                                          strict=True)]
+    return Decoded(["" if s else t for t, s in zip(texts, silent, strict=True)], cut, silent, texts, probs)
+
+
+def gate_scores(model, tokenizer, encoded, tokens, language: str, task: str,
+                above: float = 0.0) -> tuple[list[float], list[float]]:
+    """(no-speech probability, average log-probability per token) of each row of a batch that
+    generate() produced from `encoded` (the encoder's output). The log-probability is computed
+    only for rows whose no-speech probability is above `above` (the gate's threshold: for the
+    others it cannot matter; NaN there), by one teacher-forced decoder pass over the prompt, the
+    text tokens and <|endoftext|>, averaged as openai-whisper does: the sum over the text tokens
+    and the end token, divided by their count."""
+    import torch
+
+    from lib.augment import NO_SPEECH_NAMES, token_id
+    from lib.errors import UserError
+
+    no_speech = next((i for i in (token_id(tokenizer, n) for n in NO_SPEECH_NAMES) if i is not None), None)
+    names = ["<|startoftranscript|>", f"<|{language}|>", f"<|{task}|>", "<|notimestamps|>"]
+    prompt = [token_id(tokenizer, n) for n in names]
+    if no_speech is None or None in prompt:
+        missing = [n for n, i in zip(names, prompt, strict=True) if i is None] + ([] if no_speech else
+                                                                                 ["/".join(NO_SPEECH_NAMES)])
+        raise UserError(f"the model's tokenizer has no {', '.join(missing)} token, which the no-speech gate needs: "
+                        f"set no_speech_threshold=none")
+    hidden = encoded.last_hidden_state if hasattr(encoded, "last_hidden_state") else encoded[0]
+    n = hidden.shape[0]
+    device = hidden.device
+    eos = tokenizer.eos_token_id
+    with torch.inference_mode():
+        start = torch.full((n, 1), prompt[0], dtype=torch.long, device=device)
+        logits = model(encoder_outputs=(hidden,), decoder_input_ids=start).logits[:, 0].float()
+        probs = logits.softmax(-1)[:, no_speech].tolist()
+        logprobs = [float("nan")] * n
+        rows = [k for k in range(n) if probs[k] > above]
+        for k in rows:  # one row at a time: few rows qualify, and a full batch of logits is large
+            seq = [int(t) for t in tokens[k]]
+            text = seq[:seq.index(eos)] if eos in seq else seq
+            ids = torch.tensor([prompt + text + [eos]], device=device)
+            out = model(encoder_outputs=(hidden[k:k + 1],), decoder_input_ids=ids[:, :-1]).logits[0].float()
+            lp = out.log_softmax(-1)[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None])
+            logprobs[k] = float(lp.sum()) / (len(text) + 1)
+    return probs, logprobs
+
+
+def generate_batch(model, processor, audios: Sequence[np.ndarray], language: str, task: str,
+                   max_new_tokens: int = MAX_NEW_TOKENS, num_beams: int = 1, min_new_tokens: int = 0,
+                   features_on_device: bool = False, return_truncated: bool = False,
+                   gate: NoSpeechGate | None = None):
+    """decode_batch's texts, and with return_truncated its truncated flags too."""
+    d = decode_batch(model, processor, audios, language, task, max_new_tokens, num_beams, min_new_tokens,
+                     features_on_device, gate)
+    return (d.texts, d.truncated) if return_truncated else d.texts
+
+
+def _extend(total: Decoded, part: Decoded) -> None:
+    total.texts += part.texts
+    total.truncated += part.truncated
+    total.silent += part.silent
+    total.raw += part.raw
+    total.no_speech_prob += part.no_speech_prob
 
 
 def transcribe_all(model, processor, audios: Sequence[np.ndarray], language: str, task: str,
                    batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS, desc: str = "transcribe",
-                   num_beams: int = 1) -> tuple[list[str], list[bool]]:
-    """Batched transcription with a progress bar (clips/s shows in the bar): (texts, truncated flags)."""
+                   num_beams: int = 1, gate: NoSpeechGate | None = None) -> Decoded:
+    """Batched transcription with a progress bar (clips/s shows in the bar)."""
     from tqdm.auto import tqdm
 
-    out: list[str] = []
-    cut: list[bool] = []
+    out = Decoded([], [])
     with tqdm(total=len(audios), desc=desc, unit="clip") as bar:
         for i in range(0, len(audios), batch_size):
             chunk = audios[i:i + batch_size]
-            texts, flags = generate_batch(model, processor, chunk, language, task, max_new_tokens, num_beams,
-                                          return_truncated=True)
-            out += texts
-            cut += flags
+            _extend(out, decode_batch(model, processor, chunk, language, task, max_new_tokens, num_beams, gate=gate))
             bar.update(len(chunk))
-    return out, cut
+    return out
 
 
 def hallucination_check(model, processor, clips: Sequence[tuple[str, np.ndarray]], label: str, with_base: bool,
                         language: str, task: str, batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS,
-                        num_beams: int = 1) -> dict[str, Any]:
+                        num_beams: int = 1, gate: NoSpeechGate | None = None) -> dict[str, Any]:
     """Transcribe (kind, audio) clips without speech (lib.augment.eval_no_speech_clips) with the
     model as given (`label`) and, with_base, its base (adapter disabled), the way the clips of the
-    split were: {clips, kinds, results: {name: lib.metrics.hallucination}, examples: {name: [..]}}.
-    Forced language, greedy, as the split's WER: what a user's pipeline does with a silent chunk."""
+    split were: {clips, kinds, gate, results: {name: lib.metrics.hallucination}, ungated: {name: ...},
+    no_speech_prob: {name: mean}, examples: {name: [..]}}. Forced language, greedy, as the split's
+    WER: what a user's pipeline does with a silent chunk. `results` is after the no-speech gate
+    (what eval and transcribe output), `ungated` the model's own transcripts before it."""
     from lib.metrics import hallucination
 
     kinds, audios = [k for k, _ in clips], [a for _, a in clips]
-    hyps = {label: transcribe_all(model, processor, audios, language, task, batch_size, max_new_tokens,
-                                  f"{label} no-speech", num_beams)[0]}
+    decoded = {label: transcribe_all(model, processor, audios, language, task, batch_size, max_new_tokens,
+                                     f"{label} no-speech", num_beams, gate)}
     if with_base:
         with model.disable_adapter():
-            hyps["base"] = transcribe_all(model, processor, audios, language, task, batch_size, max_new_tokens,
-                                          "base no-speech", num_beams)[0]
+            decoded["base"] = transcribe_all(model, processor, audios, language, task, batch_size, max_new_tokens,
+                                             "base no-speech", num_beams, gate)
     counts: dict[str, int] = {}
     for k in kinds:
         counts[k] = counts.get(k, 0) + 1
-    return {
+    out = {
         "clips": len(clips),
         "kinds": counts,
-        "results": {name: hallucination(h, kinds) for name, h in hyps.items()},
+        "gate": vars(gate) if gate else None,
+        "results": {name: hallucination(d.texts, kinds) for name, d in decoded.items()},
         # a few texts written for silence, to show what the model makes up
-        "examples": {name: [f"{k}: {t.strip()[:120]}" for k, t in zip(kinds, h, strict=True) if t.strip()][:5]
-                     for name, h in hyps.items()},
+        "examples": {name: [f"{k}: {t.strip()[:120]}" for k, t in zip(kinds, d.texts, strict=True) if t.strip()][:5]
+                     for name, d in decoded.items()},
     }
+    if gate:
+        out["ungated"] = {name: hallucination(d.raw, kinds) for name, d in decoded.items()}
+        out["no_speech_prob"] = {name: float(np.mean(d.no_speech_prob)) for name, d in decoded.items()}
+    return out
 
 
 def transcribe_dataset(model, processor, ds, language: str, task: str, batch_size: int = 16,
-                       max_new_tokens: int = MAX_NEW_TOKENS, desc: str = "transcribe", num_beams: int = 1
-                       ) -> tuple[list[str], float, list[bool]]:
+                       max_new_tokens: int = MAX_NEW_TOKENS, desc: str = "transcribe", num_beams: int = 1,
+                       gate: NoSpeechGate | None = None) -> tuple[Decoded, float]:
     """Transcripts of a prepared split's `audio` column, read batch by batch (a test split
-    of 3000 x 5-s clips is 3000 x 80 000 floats: too many to hold as Python lists), the
-    seconds spent generating, and per clip whether the hypothesis was cut at max_new_tokens."""
+    of 3000 x 5-s clips is 3000 x 80 000 floats: too many to hold as Python lists), and the
+    seconds spent generating."""
     from tqdm.auto import tqdm
 
     from lib.prepared import audio_arrays
 
-    out: list[str] = []
-    cut: list[bool] = []
+    out = Decoded([], [])
     seconds = 0.0
     with tqdm(total=len(ds), desc=desc, unit="clip") as bar:
         for i in range(0, len(ds), batch_size):
             chunk = audio_arrays(ds, i, i + batch_size)  # decoded batch by batch: never the whole split
             t0 = time.perf_counter()
-            texts, flags = generate_batch(model, processor, chunk, language, task, max_new_tokens, num_beams,
-                                          return_truncated=True)
+            _extend(out, decode_batch(model, processor, chunk, language, task, max_new_tokens, num_beams, gate=gate))
             seconds += time.perf_counter() - t0
-            out += texts
-            cut += flags
             bar.update(len(chunk))
-    return out, seconds, cut
+    return out, seconds
 
 
 def transcribe_long(model, processor, audio: np.ndarray, language: str, task: str,
-                    max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8) -> str:
+                    max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8,
+                    gate: NoSpeechGate | None = None) -> str:
     """A file of any length: fixed 30-s windows transcribed as a batch and joined; a window
-    whose transcript ran out of tokens is logged (its end is missing from the text).
+    whose transcript ran out of tokens is logged (its end is missing from the text), and so is
+    a window the no-speech gate judged silent (its text is dropped).
 
     Simple and predictable; a word cut by a window edge may come out broken (Whisper's
     timestamp-based long-form decoding avoids that but is much slower on a CPU).
     """
     step = WINDOW_SECONDS * SAMPLING_RATE
     windows = [audio[i:i + step] for i in range(0, max(len(audio), 1), step)]
-    texts, cut = transcribe_all(model, processor, windows, language, task, batch_size, max_new_tokens,
-                                desc="30-s windows")
-    for k in (k for k, c in enumerate(cut) if c):
+    d = transcribe_all(model, processor, windows, language, task, batch_size, max_new_tokens,
+                       desc="30-s windows", gate=gate)
+    for k in (k for k, c in enumerate(d.truncated) if c):
         log.warning("transcribe: window %d (%d-%d s) hit max_new_tokens=%d: the end of its transcript is missing; "
                     "raise max_new_tokens (at most %d)", k + 1, k * WINDOW_SECONDS, (k + 1) * WINDOW_SECONDS,
                     max_new_tokens, MAX_NEW_TOKENS)
-    return " ".join(t for t in texts if t)
+    for k in (k for k, s in enumerate(d.silent) if s):
+        log.info("transcribe: window %d (%d-%d s) judged without speech (no-speech probability %.2f > %g): its "
+                 "text %r dropped (no_speech_threshold=none keeps it)", k + 1, k * WINDOW_SECONDS,
+                 (k + 1) * WINDOW_SECONDS, d.no_speech_prob[k], gate.no_speech_threshold, d.raw[k][:80])
+    return " ".join(t for t in d.texts if t)
 
 
 def benchmark(model, processor, audios: Sequence[np.ndarray], language: str, task: str,

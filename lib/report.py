@@ -129,7 +129,8 @@ def render_summary(report: dict[str, Any]) -> list[str]:
         lines.append(f"| {label} | " + " | ".join(_pct(models[n][key]) for n in names) + " |")
     for key, label in (("empty", "empty outputs"), ("repetition", "repetition loops (n-gram x4+)"),
                        ("too_long", "hypothesis > 2x reference"),
-                       ("truncated", f"cut at max_new_tokens={report.get('max_new_tokens', '?')}")):
+                       ("truncated", f"cut at max_new_tokens={report.get('max_new_tokens', '?')}"),
+                       ("judged_no_speech", "emptied by the no-speech gate")):
         lines.append(f"| {label} | " + " | ".join(str(models[n].get(key, 0)) for n in names) + " |")
     return lines
 
@@ -148,6 +149,16 @@ def render_hallucination(section: dict[str, Any] | None) -> list[str]:
                                     for n in names) + " |"]
     for kind in section["kinds"]:
         lines.append(f"| {kind} | " + " | ".join(_pct(section["results"][n]["by_kind"][kind]) for n in names) + " |")
+    if section.get("ungated"):
+        g = section["gate"]
+        lines.append("| all, before the no-speech gate | " + " | ".join(
+            f"{_pct(section['ungated'][n]['rate'])} ({section['ungated'][n]['with_text']})" for n in names) + " |")
+        lines.append("| mean no-speech probability | " + " | ".join(
+            f"{section['no_speech_prob'][n]:.2f}" for n in names) + " |")
+        lines += ["", f"The no-speech gate (no_speech_threshold={g['no_speech_threshold']:g}, logprob_threshold="
+                      f"{g['logprob_threshold']:g}) empties a clip whose no-speech probability is above the first "
+                      f"and whose transcript's mean log-probability is below the second, as transcribe does; "
+                      f"the row before it is the model's own transcripts."]
     for name in names:
         if section["examples"].get(name):
             lines += ["", f"{name} writes, for example:", ""]

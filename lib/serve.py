@@ -56,6 +56,8 @@ class Served:
     has_adapter: bool
     note: str | None = None
     """why the fine-tune column is empty (the run has no adapter yet), shown on the page"""
+    gate: Any = None
+    """lib.inference.NoSpeechGate, as transcribe's (None: off)"""
 
 
 @dataclass
@@ -131,14 +133,14 @@ def transcribe_both(served: Served, path: str | None) -> Transcripts:
     if served.has_adapter:
         t0 = time.perf_counter()
         with served.model.disable_adapter():
-            out.base = transcribe_long(served.model, served.processor, audio, *gen)
+            out.base = transcribe_long(served.model, served.processor, audio, *gen, gate=served.gate)
         out.base_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out.tuned = transcribe_long(served.model, served.processor, audio, *gen)
+        out.tuned = transcribe_long(served.model, served.processor, audio, *gen, gate=served.gate)
         out.tuned_seconds = time.perf_counter() - t0
     else:
         t0 = time.perf_counter()
-        out.base = transcribe_long(served.model, served.processor, audio, *gen)
+        out.base = transcribe_long(served.model, served.processor, audio, *gen, gate=served.gate)
         out.base_seconds = time.perf_counter() - t0
     name = Path(path).name
     out.message = f"{name}: {out.audio_seconds:.1f} s of audio, language `{served.language}`, task `{served.task}`"

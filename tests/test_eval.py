@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -215,6 +216,78 @@ def test_hallucination_counts_text_after_normalization():
     out = hallucination(["", " . ", "हाँ", "thank you", "।"], ["silence", "silence", "white", "pink", "pink"])
     assert (out["clips"], out["with_text"]) == (5, 2) and out["rate"] == pytest.approx(0.4)
     assert out["by_kind"] == {"pink": 0.5, "silence": 0.0, "white": 1.0}
+
+
+def test_no_speech_gate_reads_the_probability_after_sot_and_the_mean_log_probability(tiny_model_dir):
+    """The gate's two numbers, computed independently here from full forward passes: P(no-speech
+    token) at the first decoder position, and the mean log-probability of text + <|endoftext|>
+    under the forced prompt. Generating from the encoder's output once gives the same tokens as
+    generating from the features; the gate empties exactly the clips past both thresholds."""
+    import torch
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from lib.inference import NoSpeechGate, decode_batch
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    proc = WhisperProcessor.from_pretrained(tiny_model_dir)
+    clips = [tone(0.5), tone(1.0, 300), np.zeros(8000, np.float32)]
+    plain = decode_batch(model, proc, clips, "en", "transcribe", 12)
+    assert plain.silent == [False] * 3 and all(np.isnan(plain.no_speech_prob))
+    every = decode_batch(model, proc, clips, "en", "transcribe", 12, gate=NoSpeechGate(0.0, 0.0))
+    assert every.raw == plain.texts and every.texts == ["", "", ""] and every.silent == [True] * 3
+    never = decode_batch(model, proc, clips, "en", "transcribe", 12, gate=NoSpeechGate(1.0, -1.0))
+    assert never.texts == plain.texts and never.silent == [False] * 3
+
+    tok = proc.tokenizer
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<|startoftranscript|>", "<|en|>", "<|transcribe|>",
+                                                 "<|notimestamps|>")]
+    ns = tok.convert_tokens_to_ids("<|nocaptions|>") if "<|nocaptions|>" in tok.get_vocab() else \
+        tok.convert_tokens_to_ids("<|nospeech|>")
+    from lib.collator import log_mel
+
+    feats = log_mel(proc.feature_extractor, clips)
+    gen = model.generate(input_features=feats, language="en", task="transcribe", max_new_tokens=12)
+    eos = tok.eos_token_id
+    with torch.no_grad():
+        for k in range(3):
+            first = model(input_features=feats[k:k + 1], decoder_input_ids=torch.tensor([ids[:1]])).logits
+            assert every.no_speech_prob[k] == pytest.approx(float(first[0, -1].float().softmax(-1)[ns]), rel=1e-4)
+            row = [int(t) for t in gen[k]]
+            text = row[:row.index(eos)] if eos in row else row
+            full = ids + text + [eos]
+            logits = model(input_features=feats[k:k + 1], decoder_input_ids=torch.tensor([full])).logits[0]
+            lp = sum(float(logits[j - 1].float().log_softmax(-1)[full[j]]) for j in range(len(ids), len(full)))
+            expect = lp / (len(text) + 1)
+            # the gate's log-probability decides: a bound just above it empties the clip, just below keeps it
+            assert decode_batch(model, proc, clips[k:k + 1], "en", "transcribe", 12,
+                                gate=NoSpeechGate(0.0, min(expect + 1e-3, 0.0))).silent == [True]
+            assert decode_batch(model, proc, clips[k:k + 1], "en", "transcribe", 12,
+                                gate=NoSpeechGate(0.0, expect - 1e-3)).silent == [False]
+
+
+def test_eval_reports_what_the_no_speech_gate_emptied(data_dir, tmp_path):
+    """Thresholds that judge everything silent: every split clip is emptied and counted, the
+    hallucination section gives the rates after and before the gate; none turns it off."""
+    from jobs.eval import EvalConfig, main
+    from lib.longform import LongformConfig
+
+    report = main(EvalConfig(run="tiny-run", batch_size=4, max_new_tokens=6, no_speech_clips=4, no_speech_threshold=0.0,
+                             logprob_threshold=0.0, longform=LongformConfig(recordings=0), out=str(tmp_path / "g")),
+                  Env(data_dir=data_dir))
+    n = report["counts"]["utterances"]
+    assert report["counts"]["judged_no_speech"] == n and report["results"]["base"]["judged_no_speech"] == n
+    assert report["no_speech_gate"] == {"no_speech_threshold": 0.0, "logprob_threshold": 0.0}
+    h = report["hallucination"]
+    assert all(r["with_text"] == 0 for r in h["results"].values())
+    assert set(h["ungated"]) == {"adapter", "base"} and set(h["no_speech_prob"]) == {"adapter", "base"}
+    md = (tmp_path / "g" / "report.md").read_text()
+    assert f"| emptied by the no-speech gate | {n} | {n} |" in md and "| all, before the no-speech gate |" in md
+    off = main(EvalConfig(run="tiny-run", batch_size=4, max_new_tokens=6, no_speech_clips=2, no_speech_threshold=None,
+                          longform=LongformConfig(recordings=0), out=str(tmp_path / "o")), Env(data_dir=data_dir))
+    assert off["counts"]["judged_no_speech"] == 0 and off["no_speech_gate"] is None
+    assert "ungated" not in off["hallucination"]
+    with pytest.raises(UserError, match="no_speech_threshold=1.5"):
+        EvalConfig(run="tiny-run", no_speech_threshold=1.5)
 
 
 def test_the_longest_finished_row_of_a_batch_is_not_called_truncated():
