@@ -132,16 +132,22 @@ class Decoded:
 
 def decode_batch(model, processor, audios: Sequence[np.ndarray], language: str, task: str,
                  max_new_tokens: int = MAX_NEW_TOKENS, num_beams: int = 1, min_new_tokens: int = 0,
-                 features_on_device: bool = False, gate: NoSpeechGate | None = None) -> Decoded:
+                 features_on_device: bool = False, gate: NoSpeechGate | None = None,
+                 cache: str = "dynamic") -> Decoded:
     """Transcripts of up to 30-s clips, language and task forced, with the NoSpeechGate applied
     when one is given. min_new_tokens forces that many tokens (timing random weights, which stop
     at random). With a gate the encoder runs once: its output feeds both generate() and the
-    one-position decoder pass that reads the no-speech probability."""
+    one-position decoder pass that reads the no-speech probability. cache="static": a fixed-size
+    key/value cache, which lets generate() compile the decoder step (transformers compiles a
+    model's forward by itself when the cache is static): the first batch of each size pays the
+    compilation."""
     import torch
 
     device = next(model.parameters()).device
     feats = features_for(processor, audios, _model_dtype(model), device, features_on_device)
     extra = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
+    if cache != "dynamic":
+        extra["cache_implementation"] = cache
     with torch.inference_mode():
         if gate is None:
             tokens = model.generate(input_features=feats, language=language, task=task,
@@ -212,10 +218,10 @@ def gate_scores(model, tokenizer, encoded, tokens, language: str, task: str,
 def generate_batch(model, processor, audios: Sequence[np.ndarray], language: str, task: str,
                    max_new_tokens: int = MAX_NEW_TOKENS, num_beams: int = 1, min_new_tokens: int = 0,
                    features_on_device: bool = False, return_truncated: bool = False,
-                   gate: NoSpeechGate | None = None):
+                   gate: NoSpeechGate | None = None, cache: str = "dynamic"):
     """decode_batch's texts, and with return_truncated its truncated flags too."""
     d = decode_batch(model, processor, audios, language, task, max_new_tokens, num_beams, min_new_tokens,
-                     features_on_device, gate)
+                     features_on_device, gate, cache)
     return (d.texts, d.truncated) if return_truncated else d.texts
 
 
@@ -280,7 +286,7 @@ def hallucination_check(model, processor, clips: Sequence[tuple[str, np.ndarray]
 
 def transcribe_dataset(model, processor, ds, language: str, task: str, batch_size: int = 16,
                        max_new_tokens: int = MAX_NEW_TOKENS, desc: str = "transcribe", num_beams: int = 1,
-                       gate: NoSpeechGate | None = None) -> tuple[Decoded, float]:
+                       gate: NoSpeechGate | None = None, cache: str = "dynamic") -> tuple[Decoded, float]:
     """Transcripts of a prepared split's `audio` column, read batch by batch (a test split
     of 3000 x 5-s clips is 3000 x 80 000 floats: too many to hold as Python lists), and the
     seconds spent generating."""
@@ -294,7 +300,8 @@ def transcribe_dataset(model, processor, ds, language: str, task: str, batch_siz
         for i in range(0, len(ds), batch_size):
             chunk = audio_arrays(ds, i, i + batch_size)  # decoded batch by batch: never the whole split
             t0 = time.perf_counter()
-            _extend(out, decode_batch(model, processor, chunk, language, task, max_new_tokens, num_beams, gate=gate))
+            _extend(out, decode_batch(model, processor, chunk, language, task, max_new_tokens, num_beams, gate=gate,
+                                      cache=cache))
             seconds += time.perf_counter() - t0
             bar.update(len(chunk))
     return out, seconds
@@ -327,7 +334,7 @@ def transcribe_long(model, processor, audio: np.ndarray, language: str, task: st
 
 def benchmark(model, processor, audios: Sequence[np.ndarray], language: str, task: str,
               batch_size: int, max_new_tokens: int = 225, autocast: bool = False,
-              min_new_tokens: int = 0) -> dict[str, Any]:
+              min_new_tokens: int = 0, cache: str = "dynamic") -> dict[str, Any]:
     """Clips per second of generation for these settings (one warm-up batch not counted), and
     the transcripts. Log-mel is computed on the model's device, so that the time is generation's."""
     import contextlib
@@ -337,10 +344,13 @@ def benchmark(model, processor, audios: Sequence[np.ndarray], language: str, tas
     device = next(model.parameters()).device
     ctx = (torch.autocast(device_type=device.type, dtype=torch.float16) if autocast and device.type == "cuda"
            else contextlib.nullcontext())
-    gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, features_on_device=True)
+    gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, features_on_device=True, cache=cache)
     texts: list[str] = []
     with ctx:
+        # warm-up: one batch, and the last (shorter) batch's size too where compilation is per shape
         generate_batch(model, processor, audios[:batch_size], language, task, **gen)
+        if cache != "dynamic" and len(audios) % batch_size:
+            generate_batch(model, processor, audios[:len(audios) % batch_size], language, task, **gen)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -350,17 +360,22 @@ def benchmark(model, processor, audios: Sequence[np.ndarray], language: str, tas
             torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     return {"clips": len(audios), "seconds": seconds, "clips_per_s": len(audios) / seconds,
-            "batch_size": batch_size, "autocast": autocast, "new_tokens": max_new_tokens, "texts": texts}
+            "batch_size": batch_size, "autocast": autocast, "new_tokens": max_new_tokens, "cache": cache,
+            "texts": texts}
 
 
 def speed_compare(source, audios: Sequence[np.ndarray], language: str, task: str, batch_size: int,
-                  precision: str, max_new_tokens: int = 225, min_new_tokens: int = 0) -> dict[str, Any]:
+                  precision: str, max_new_tokens: int = 225, min_new_tokens: int = 0,
+                  variants: Sequence[tuple[int, str]] = (), walkthrough_clips: int | None = None) -> dict[str, Any]:
     """Our eval settings vs the walkthrough's eval loop (8-bit model, batch 8, fp16 autocast)
     on the same clips, and the share of identical transcripts; the walkthrough leg needs a GPU
     (bitsandbytes int8 + autocast). `make eval speed_compare=true` and `make bench` both use it.
 
     source: a lib.model.ModelSource. min_new_tokens = max_new_tokens forces every clip to the
-    same length (the bench's random weights would otherwise stop at random).
+    same length (the bench's random weights would otherwise stop at random). variants: more
+    (batch size, cache) settings of ours timed on the same model (result["variants"]).
+    walkthrough_clips: time the walkthrough loop on the first N clips only (it is ~20-50x
+    slower); its rate is clips/s all the same, and transcripts are compared on those N.
     """
     import gc
 
@@ -372,23 +387,41 @@ def speed_compare(source, audios: Sequence[np.ndarray], language: str, task: str
     model, processor, info = load_model(source, precision, "none")
     result["ours"] = {**benchmark(model, processor, audios, language, task, batch_size, max_new_tokens,
                                   min_new_tokens=min_new_tokens), **info}
+    runs = []
+    for b, cache in variants:
+        try:
+            runs.append(benchmark(model, processor, audios, language, task, b, max_new_tokens,
+                                  min_new_tokens=min_new_tokens, cache=cache))
+        except Exception as e:  # a setting this stack cannot run is a row, not a lost bench
+            log.warning("speed_compare: batch %d, %s cache failed: %s", b, cache, e)
+            runs.append({"batch_size": b, "cache": cache, "error": f"{type(e).__name__}: {str(e)[:200]}"})
     del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         model, processor, info = load_model(source, "fp16", "int8")
+        n = min(len(audios), walkthrough_clips or len(audios))
         result["walkthrough"] = {
-            **benchmark(model, processor, audios, language, task, 8, max_new_tokens, autocast=True,
+            **benchmark(model, processor, audios[:n], language, task, 8, max_new_tokens, autocast=True,
                         min_new_tokens=min_new_tokens), **info
         }
         del model
         torch.cuda.empty_cache()
-        ours, theirs = result["ours"].pop("texts"), result["walkthrough"].pop("texts")
-        result["speedup"] = result["ours"]["clips_per_s"] / result["walkthrough"]["clips_per_s"]
-        result["same_transcripts"] = sum(a == b for a, b in zip(ours, theirs, strict=True)) / max(len(ours), 1)
+        theirs = result["walkthrough"].pop("texts")
+        ref = result["walkthrough"]["clips_per_s"]
+        for r in [result["ours"], *runs]:
+            if "texts" in r:
+                texts = r.pop("texts")[:n]
+                r["speedup"] = r["clips_per_s"] / ref
+                r["same_transcripts"] = sum(a == b for a, b in zip(texts, theirs, strict=True)) / max(n, 1)
+        result["speedup"] = result["ours"].pop("speedup")
+        result["same_transcripts"] = result["ours"].pop("same_transcripts")
     else:
-        result["ours"].pop("texts")
+        for r in [result["ours"], *runs]:
+            r.pop("texts", None)
         result["walkthrough"] = "skipped: the walkthrough loop (int8 + fp16 autocast) needs a GPU"
+    if variants:
+        result["variants"] = runs
     return result
 
 

@@ -41,6 +41,25 @@ def test_bench_refuses_unknown_modes_and_too_few_steps():
         bench.BenchConfig(steps=5, warmup=3, profile_steps=2)
 
 
+def test_eval_variants_are_parsed_and_timed_on_the_same_model(tiny_model_dir):
+    """bN / bN-static settings: a bad one is refused with the flag's name; each good one is timed
+    on the model ours was (the walkthrough leg needs a GPU and is skipped here)."""
+    from lib.inference import speed_compare
+    from lib.model import ModelSource
+    from tests.helpers import tone
+
+    assert bench.parse_eval_variant("b64") == (64, "dynamic")
+    assert bench.parse_eval_variant("b32-static") == (32, "static")
+    for bad in ("64", "b0", "b8-paged"):
+        with pytest.raises(UserError, match="eval_variants"):
+            bench.BenchConfig(eval_variants=[bad])
+    r = speed_compare(ModelSource(base=str(tiny_model_dir)), [tone(0.3), tone(0.4)], "en", "transcribe", 2, "fp32",
+                      4, 4, variants=[(1, "dynamic")])
+    assert r["walkthrough"].startswith("skipped") and "texts" not in r["ours"]
+    [v] = r["variants"]
+    assert v["batch_size"] == 1 and v["cache"] == "dynamic" and v["clips"] == 2 and v["clips_per_s"] > 0
+
+
 def test_bench_reports_a_mode_that_overruns_its_time(tmp_path, monkeypatch):
     monkeypatch.setitem(bench.MODES, "slow", ["train.max_steps=100000"])
     cfg = bench.BenchConfig(arch="tiny", modes=["slow"], batch_size=1, steps=4, warmup=1, profile_steps=1,

@@ -92,12 +92,17 @@ class BenchConfig:
     """decoder positions per sample (the walkthrough's Hindi labels are ~40 tokens)"""
     lora_r: int = 32
     """LoRA rank for every mode"""
-    eval_clips: int = 64
-    """clips for the generation timing; 0 skips it"""
+    eval_clips: int = 256
+    """clips for the generation timing (at least the largest eval batch, for a full batch); 0 skips it"""
     eval_new_tokens: int = 40
     """tokens generated per clip, forced (min = max), so random weights do the same work"""
     eval_batch_size: int = 32
     """batch for our eval setting (the walkthrough's loop uses 8)"""
+    eval_variants: list[str] = field(default_factory=lambda: ["b64", "b128", "b32-static", "b64-static"])
+    """more eval settings timed on the same model: bN = batch N, -static = static key/value cache
+    (generate compiles the decoder step); each row gets its speedup over the walkthrough loop"""
+    eval_walkthrough_clips: int = 32
+    """clips the walkthrough loop is timed on (it is the slow leg: ~1 clip/s on large-v2)"""
     readme: str = ""
     """README.md to append the rows to (between <!-- bench:rows --> markers); empty: don't"""
     extra: list[str] = field(default_factory=list)
@@ -113,8 +118,18 @@ class BenchConfig:
         unknown = [r for r in self.modes if r not in MODES]
         if unknown:
             raise UserError(f"modes: unknown {unknown}; choose from {', '.join(MODES)}")
+        for v in self.eval_variants:
+            parse_eval_variant(v)
         if self.steps <= self.warmup + self.profile_steps:
             raise UserError(f"steps={self.steps} must exceed warmup={self.warmup} + profile_steps={self.profile_steps}")
+
+
+def parse_eval_variant(text: str) -> tuple[int, str]:
+    """"b64" -> (64, "dynamic"), "b32-static" -> (32, "static")."""
+    head, _, cache = text.partition("-")
+    if not (head.startswith("b") and head[1:].isdigit() and int(head[1:]) >= 1) or cache not in ("", "static"):
+        raise UserError(f"eval_variants: {text!r} is not bN or bN-static (e.g. b64, b32-static)")
+    return int(head[1:]), cache or "dynamic"
 
 
 def build_model(arch: str, out: Path) -> Path:
@@ -250,15 +265,22 @@ def eval_speed(cfg: BenchConfig, model_dir: Path, data_dir: Path) -> list[dict]:
     audios = audio_arrays(load_split(data_dir, "test"), 0, cfg.eval_clips)
     n = cfg.eval_new_tokens
     r = speed_compare(ModelSource(base=str(model_dir)), audios, "hi", "transcribe", cfg.eval_batch_size, "bf16",
-                      max_new_tokens=n, min_new_tokens=n)
-    rows = []
-    for leg, name in (("walkthrough", "walkthrough: int8, batch 8, autocast"),
-                      ("ours", f"ours: bf16, sdpa, batch {cfg.eval_batch_size}")):
-        m = r[leg]
+                      max_new_tokens=n, min_new_tokens=n,
+                      variants=[parse_eval_variant(v) for v in cfg.eval_variants],
+                      walkthrough_clips=cfg.eval_walkthrough_clips)
+    w = r["walkthrough"]
+    rows = [{"setting": "walkthrough: int8, batch 8, autocast", "clips": w["clips"], "seconds": round(w["seconds"], 2),
+             "clips_per_s": w["clips_per_s"], "new_tokens": n}]
+    ours = {**r["ours"], "speedup": r["speedup"], "same_transcripts": r["same_transcripts"]}
+    for m in [ours, *r.get("variants", [])]:
+        name = f"ours: bf16, sdpa, batch {m['batch_size']}" + (", static cache" if m.get("cache") == "static" else "")
+        if "error" in m:
+            rows.append({"setting": name, "clips": 0, "seconds": 0, "clips_per_s": 0.0, "new_tokens": n,
+                         "error": m["error"]})
+            continue
         rows.append({"setting": name, "clips": m["clips"], "seconds": round(m["seconds"], 2),
-                     "clips_per_s": m["clips_per_s"], "new_tokens": n})
-    rows[-1]["speedup"] = r["speedup"]
-    rows[-1]["same_transcripts"] = r["same_transcripts"]
+                     "clips_per_s": m["clips_per_s"], "new_tokens": n, "speedup": m["speedup"],
+                     "same_transcripts": m["same_transcripts"]})
     return rows
 
 
@@ -372,8 +394,9 @@ def main(cfg: BenchConfig, env: Env) -> list[dict]:
     print("\n" + header)
     print("\n".join(lines))
     for e in evals:
-        print(f"eval {e['setting']}: {e['clips_per_s']:.2f} clips/s ({e['clips']} clips, {e['new_tokens']} tokens)"
-              + (f", {e['speedup']:.1f}x, same transcripts {100 * e['same_transcripts']:.0f}%" if "speedup" in e else ""))
+        print(f"eval {e['setting']}: " + (f"failed: {e['error']}" if "error" in e else
+              f"{e['clips_per_s']:.2f} clips/s ({e['clips']} clips, {e['new_tokens']} tokens)"
+              + (f", {e['speedup']:.1f}x, same transcripts {100 * e['same_transcripts']:.0f}%" if "speedup" in e else "")))
     if cfg.readme:
         _append_readme(Path(cfg.readme), header, lines[2:], evals)
     return rows
