@@ -57,6 +57,9 @@ class EvalConfig:
     at most 444 (448 positions minus the 4-token prompt); a hypothesis that hits it is flagged truncated"""
     num_beams: int = 1
     """1 = greedy (what the walkthrough reports); 5 is slower and usually a little better"""
+    cache: Literal["dynamic", "static"] = "dynamic"
+    """the decoder's key/value cache for the split: static lets generate() compile the decoding step
+    (a compilation per batch shape first; see README "GPU benchmarks" for what it gains)"""
     limit: int | None = None
     """score only the first N clips (quick checks)"""
     compare_base: bool = True
@@ -196,10 +199,10 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     gen = dict(language=language, task=task, batch_size=cfg.batch_size, max_new_tokens=max_new,
                num_beams=cfg.num_beams, gate=cfg.gate())
     label = "adapter" if source.adapter else "model"
-    hyps = {label: transcribe_dataset(model, processor, ds, desc=label, **gen)}
+    hyps = {label: transcribe_dataset(model, processor, ds, desc=label, cache=cfg.cache, **gen)}
     if source.adapter and cfg.compare_base:
         with model.disable_adapter():
-            hyps["base"] = transcribe_dataset(model, processor, ds, desc="base zero-shot", **gen)
+            hyps["base"] = transcribe_dataset(model, processor, ds, desc="base zero-shot", cache=cfg.cache, **gen)
 
     # 5. Score.
     out.mkdir(parents=True, exist_ok=True)
