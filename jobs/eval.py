@@ -87,11 +87,13 @@ class EvalConfig:
     no_speech_dir: str | None = None
     """a folder of audio without speech to cut those clips from; default: generated silence, white/pink noise"""
     no_speech_threshold: float | None = 0.6
-    """Whisper's no-speech rule (lib.inference.NoSpeechGate), as transcribe applies it: a clip whose
-    no-speech probability is above this and whose transcript's mean log-probability is below
-    logprob_threshold comes out empty; none = off (every clip gets its transcript)"""
-    logprob_threshold: float = -1.0
-    """the no-speech rule's log-probability bound (Whisper's default)"""
+    """the no-speech gate (lib.inference.NoSpeechGate), as transcribe applies it: a clip whose
+    no-speech probability is above this comes out empty (with logprob_threshold, only if its
+    transcript's mean log-probability is also below that); none = off. Clips only: long-form
+    decoding is not gated (README: it skipped speech windows)"""
+    logprob_threshold: float = 0.0
+    """0 = the no-speech probability alone decides (every mean log-probability is below 0); -1.0 =
+    Whisper's own rule, which let 32 of 32 confident loops on silence through (README)"""
     track: bool = True
     """with run=: log the WERs and the report to the run's tracking run (RUN/tracking.json, written
     by train.report_to=mlflow or wandb); nothing to do for a run tracked by TensorBoard only"""
@@ -263,7 +265,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     legs = model_legs(model, label, bool(source.adapter and cfg.compare_base))
     if recordings:
         report["longform"] = longform.evaluate(legs, model, processor, recordings, language, task, cfg.longform,
-                                               lf_source, cfg.max_new_tokens, cfg.gate())
+                                               lf_source, cfg.max_new_tokens)
 
     # 8. Other languages (also=): WER with their language forced, language ID left to the model.
     if also_sets:

@@ -49,9 +49,10 @@ class ServeConfig:
     max_new_tokens: int = 444
     """tokens per 30-s window, as transcribe: 444 = 448 positions minus the 4-token prompt"""
     no_speech_threshold: float | None = 0.6
-    """Whisper's no-speech rule, as transcribe applies it (lib.inference.NoSpeechGate); none = off"""
-    logprob_threshold: float = -1.0
-    """the no-speech rule's log-probability bound (Whisper's default)"""
+    """the no-speech gate, as transcribe applies it (lib.inference.NoSpeechGate); none = off"""
+    logprob_threshold: float = 0.0
+    """0 = the no-speech probability alone decides; -1.0 = Whisper's rule (also a mean log-probability
+    below -1): see eval's flag of the same name"""
 
     def __post_init__(self):
         if not self.run:

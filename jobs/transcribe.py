@@ -47,11 +47,12 @@ class TranscribeConfig:
     """tokens per 30-s window: 444 = 448 positions minus the 4-token prompt, room for a full window
     of Hindi (about 75 words x 5 tokens); a window that still hits it is logged"""
     no_speech_threshold: float | None = 0.6
-    """Whisper's no-speech rule (lib.inference.NoSpeechGate): a 30-s window whose no-speech
+    """the no-speech gate (lib.inference.NoSpeechGate): a 30-s window whose no-speech
     probability is above this and whose transcript's mean log-probability is below
     logprob_threshold comes out empty (logged); none = off"""
-    logprob_threshold: float = -1.0
-    """the no-speech rule's log-probability bound (Whisper's default)"""
+    logprob_threshold: float = 0.0
+    """0 = the no-speech probability alone decides; -1.0 = Whisper's rule (also a mean log-probability
+    below -1): see eval's flag of the same name"""
     out: str | None = None
     """also write the transcript to this text file"""
     force: bool = False

@@ -77,41 +77,40 @@ def decode_budget(label_lengths: Sequence[int], prompt_tokens: int = PROMPT_TOKE
 
 @dataclass(frozen=True)
 class NoSpeechGate:
-    """Whisper's own rule for audio without speech, as openai-whisper and faster-whisper apply it
-    by default (transformers applies it to long-form audio only): a clip is judged silent, and its
-    text dropped, when its no-speech probability is above `no_speech_threshold` AND its
-    transcript's average log-probability per token is below `logprob_threshold`.
+    """Drop the transcript of a clip that Whisper itself says holds no speech.
 
     The no-speech probability is P(<|nospeech|>) (<|nocaptions|> in older v2 files) at the first
-    decoder position, right after <|startoftranscript|>, where Whisper was trained to say either
-    the language or "no speech"; forced-language decoding never reads it, so without the gate a
-    silent clip always gets a transcript (32 of 32 on whisper-base, README). Both conditions must
-    hold: a transcript the model is sure of (log-probability above the threshold) is kept whatever
-    the no-speech probability says. Fine-tuning on labels that all start <|sot|> <|hi|> pushes the
-    no-speech probability towards 0; train.no_speech_fraction (label "token") keeps it.
+    decoder position, right after <|startoftranscript|>, where Whisper was trained to name the
+    language or say "no speech"; forced-language decoding never reads it, so without a gate a
+    silent clip always gets a transcript (32 of 32 on whisper-base, README). A clip is judged
+    silent when that probability is above `no_speech_threshold` and its transcript's mean
+    log-probability per token is below `logprob_threshold`.
+
+    logprob_threshold=0 (the default) leaves the decision to the probability alone (every mean
+    log-probability is below 0). -1.0 is openai-whisper's and faster-whisper's rule, meant to keep
+    a transcript the model is sure of; measured on whisper-base it kept all 32 hallucinations of
+    every model, because a loop on silence ("आप लग़ लग़ लग़ ...") is a confident one. Fine-tuning
+    on labels that all start <|sot|> <|hi|> lowers the probability on silence (0.80 -> 0.40 mean);
+    train.no_speech_fraction (label "token") raises it (0.96-0.99), README.
     """
 
     no_speech_threshold: float = 0.6
-    logprob_threshold: float = -1.0
+    logprob_threshold: float = 0.0
 
     def __post_init__(self):
         from lib.errors import UserError
 
         if not 0 <= self.no_speech_threshold <= 1:
-            raise UserError(f"no_speech_threshold={self.no_speech_threshold}: must be in [0, 1] (0.6 is Whisper's "
-                            f"default), or none to turn the no-speech gate off")
+            raise UserError(f"no_speech_threshold={self.no_speech_threshold}: must be in [0, 1] (default 0.6), "
+                            f"or none to turn the no-speech gate off")
         if self.logprob_threshold > 0:
-            raise UserError(f"logprob_threshold={self.logprob_threshold}: a log-probability is <= 0 (Whisper's "
-                            f"default is -1.0)")
+            raise UserError(f"logprob_threshold={self.logprob_threshold}: a log-probability is <= 0 (0 = the "
+                            f"no-speech probability alone decides; Whisper's own rule uses -1.0)")
 
     @classmethod
-    def of(cls, no_speech_threshold: float | None, logprob_threshold: float = -1.0) -> NoSpeechGate | None:
+    def of(cls, no_speech_threshold: float | None, logprob_threshold: float = 0.0) -> NoSpeechGate | None:
         """The gate a job's flags ask for; None (no gate) when no_speech_threshold is unset."""
         return None if no_speech_threshold is None else cls(float(no_speech_threshold), float(logprob_threshold))
-
-    def generate_kwargs(self) -> dict[str, float]:
-        """The same rule as transformers' long-form generate() arguments."""
-        return {"no_speech_threshold": self.no_speech_threshold, "logprob_threshold": self.logprob_threshold}
 
 
 @dataclass

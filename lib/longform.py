@@ -184,8 +184,7 @@ def read_longform_manifest(path: str | Path, limit: int | None = None) -> list[R
 
 
 def decode_recordings(model, processor, recordings: Sequence[Recording], language: str, task: str,
-                      cfg: LongformConfig, desc: str = "long-form", max_new_tokens: int | None = None,
-                      gate=None) -> list[tuple[str, list[dict[str, Any]]]]:
+                      cfg: LongformConfig, desc: str = "long-form", max_new_tokens: int | None = None) -> list[tuple[str, list[dict[str, Any]]]]:
     """(text, segments) per recording, through transformers' sequential long-form decoding
     with timestamps. A segment is {start, end, text, timestamped} in seconds of the recording.
 
@@ -193,9 +192,6 @@ def decode_recordings(model, processor, recordings: Sequence[Recording], languag
     batch, with an attention mask that tells generate where each one ends; a batch of
     recordings that all fit one window must instead be padded to exactly 3000 frames, which
     is what the short-form path of generate expects.
-
-    gate (lib.inference.NoSpeechGate): transformers' own long-form no-speech rule, with the same
-    thresholds as eval's clips: a window judged silent is skipped.
     """
     import torch
     from tqdm.auto import tqdm
@@ -218,14 +214,10 @@ def decode_recordings(model, processor, recordings: Sequence[Recording], languag
         inputs = {"input_features": feats.input_features.to(device=device, dtype=dtype)}
         if long:
             inputs["attention_mask"] = feats.attention_mask.to(device)
-        # the short-form path (every recording of the batch within one window) ignores the gate and warns
-        # (and its log-probability needs a temperature: 0.0 = greedy, as without the gate, unless the
-        # fallback's temperatures are on); the gate's thresholds win over the fallback's
-        kw = ({"temperature": 0.0, **extra, **gate.generate_kwargs()} if gate is not None and long else extra)
         with torch.inference_mode():
             res = model.generate(**inputs, language=language, task=task, return_timestamps=True,
                                  return_segments=True, condition_on_prev_tokens=cfg.condition_on_prev_tokens,
-                                 max_new_tokens=cfg.window_budget(max_new_tokens), **kw)
+                                 max_new_tokens=cfg.window_budget(max_new_tokens), **extra)
         for segs in res["segments"]:
             plain = []
             for s in segs:
@@ -280,7 +272,7 @@ def timestamp_validity(decoded: Sequence[list[dict[str, Any]]], durations: Seque
 
 def evaluate(legs: dict[str, Callable[[], AbstractContextManager]], model, processor,
              recordings: Sequence[Recording], language: str, task: str, cfg: LongformConfig,
-             source: str, max_new_tokens: int | None = None, gate=None) -> dict[str, Any]:
+             source: str, max_new_tokens: int | None = None) -> dict[str, Any]:
     """The report's `longform` section: per leg (adapter, base, ...) long-form WER and timestamp
     validity, plus each recording's hypothesis and segments."""
     from lib.metrics import score
@@ -290,14 +282,13 @@ def evaluate(legs: dict[str, Callable[[], AbstractContextManager]], model, proce
         "source": source, "recordings": len(recordings), "audio_minutes": sum(durations) / 60,
         "longest_minutes": max(durations, default=0) / 60, "window_max_new_tokens": cfg.window_budget(max_new_tokens),
         "condition_on_prev_tokens": cfg.condition_on_prev_tokens,
-        "temperature_fallback": cfg.temperature_fallback, "no_speech_gate": vars(gate) if gate else None,
-        "results": {}, "items": {},
+        "temperature_fallback": cfg.temperature_fallback, "results": {}, "items": {},
     }
     refs = [r.text for r in recordings]
     for name, ctx in legs.items():
         with ctx():
             decoded = decode_recordings(model, processor, recordings, language, task, cfg, f"long-form {name}",
-                                        max_new_tokens, gate)
+                                        max_new_tokens)
         metrics, _ = score(refs, [t for t, _ in decoded], [r.id for r in recordings])
         ts = timestamp_validity([s for _, s in decoded], durations)
         section["results"][name] = {**{k: metrics[k] for k in ("normalized_wer", "wer", "cer", "repetition")},

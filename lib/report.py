@@ -157,8 +157,8 @@ def render_hallucination(section: dict[str, Any] | None) -> list[str]:
             f"{section['no_speech_prob'][n]:.2f}" for n in names) + " |")
         lines += ["", f"The no-speech gate (no_speech_threshold={g['no_speech_threshold']:g}, logprob_threshold="
                       f"{g['logprob_threshold']:g}) empties a clip whose no-speech probability is above the first "
-                      f"and whose transcript's mean log-probability is below the second, as transcribe does; "
-                      f"the row before it is the model's own transcripts."]
+                      f"and whose transcript's mean log-probability is below the second (0: the probability alone "
+                      f"decides), as transcribe does; the row before it is the model's own transcripts."]
     for name in names:
         if section["examples"].get(name):
             lines += ["", f"{name} writes, for example:", ""]
