@@ -9,8 +9,9 @@
 Reads a Common Voice release folder, a Mozilla Data Collective download, a Hugging Face Hub
 dataset, a CSV/TSV/JSONL manifest or an audiofolder; decodes every clip once (to check it and
 measure it), keeps its encoded bytes (mp3/flac/ogg as they are, anything else as 16 kHz FLAC),
-tokenizes the canonical transcript (lib.metrics.canonical) with the <|lang|><|task|> prefix,
-and drops (and reports) rows that cannot train: undecodable or truncated audio, missing clips,
+tokenizes the canonical transcript (lib.metrics.canonical) with the <|lang|><|task|> prefix
+(a manifest's `segments`, checked, also as timestamped labels: the ts_labels column), and
+drops (and reports) rows that cannot train: undecodable or truncated audio, missing clips,
 empty transcripts, clips outside [min_duration, max_duration], labels over
 max_target_positions, speech impossibly fast for the audio, duplicate clips, and train
 (validation) rows whose clip or sentence is in validation or test. A source without a
@@ -38,6 +39,7 @@ from lib.cli import run_job
 from lib.config import to_dict
 from lib.data import (
     PROCESS_VERSION,
+    SEGMENTS_VERSION,
     Limits,
     Processor,
     Progress,
@@ -175,11 +177,15 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
                     ", ".join(f"{n} {why}" for why, n in by_reason.items()))
     counts_in = {s: len(d) for s, d in rows.splits.items()}
     log.info("%s: rows read per split %s from %s", who, counts_in, rows.describe)
+    segment_rows = {s: sum(1 for v in d["segments"] if v) for s, d in rows.splits.items() if "segments" in d.column_names}
+    if any(segment_rows.values()):
+        log.info("%s: rows with segments (timestamped labels, ts_labels) per split %s", who, segment_rows)
 
     # 3. Skip everything if a finished dataset was made from the same inputs and config.
     settings = {k: v for k, v in to_dict(cfg).items()
                 if k not in ("num_proc", "force", "chunk_rows", "name", "shard_count", "shard_index")}
-    fp = fingerprint(PROCESS_VERSION, settings, rows.signature, limits.max_label_tokens)
+    fp = fingerprint(PROCESS_VERSION, settings, rows.signature, limits.max_label_tokens,
+                     *([{"segments": SEGMENTS_VERSION}] if any(segment_rows.values()) else []))
     old = _finished(out)
     if old is not None and old.get("format") != shards.FORMAT:
         log.warning("%s: %s was prepared in an older format (float32 arrays, before format %d: encoded audio in "

@@ -8,7 +8,11 @@ timestamps and to always write something, which is what breaks long-form decodin
 hallucinate on silence. TrainingSamples wraps the train split and rewrites each row on the fly:
 
   timestamps  <|sot|> <|hi|> <|transcribe|> <|0.00|> text <|7.34|> <|endoftext|>
-              (the end is the clip's duration after speed change, on Whisper's 0.02-s grid)
+              (the end is the clip's duration after speed change, on Whisper's 0.02-s grid);
+              a row whose manifest gave segments (prepared `ts_labels`, lib/shards.py) gets
+              them instead, Whisper's own training format, one timestamp pair per segment:
+              <|sot|> <|hi|> <|transcribe|> <|0.00|> one <|2.40|> <|2.60|> two <|5.10|> <|endoftext|>
+              (with train.speed_perturb every timestamp divided by the speed, on the grid)
   prompt      `prompt` = the text tokens of the previous clip; the collator puts
               <|startofprev|> prompt before <|sot|> and masks it out of the loss
   no speech   silence / white / pink noise (or a clip of train.no_speech_dir), labelled
@@ -107,6 +111,25 @@ def timestamped(labels: list[int], seconds: float, tok: SpecialTokens) -> list[i
     return prefix + [tok.timestamp(0.0)] + text + [tok.timestamp(seconds), tok.eot]
 
 
+def segmented(labels: list[int], segments: list[tuple[float, float, list[int]]], tok: SpecialTokens) -> list[int]:
+    """A prepared label row and [(start, end, text tokens)] -> `<|sot|> <|hi|> <|transcribe|>
+    <|start 1|> text 1 <|end 1|> <|start 2|> text 2 <|end 2|> ... <|eot|>`: the prefix is the
+    row's own, every timestamp on the 0.02-s grid (prepare builds a manifest's segments this way)."""
+    prefix, _ = split_label(labels, tok)
+    out = list(prefix)
+    for start, end, text in segments:
+        out += [tok.timestamp(start), *text, tok.timestamp(end)]
+    return out + [tok.eot]
+
+
+def rescaled(labels: list[int], speed: float, tok: SpecialTokens) -> list[int]:
+    """Every timestamp token <|t|> of `labels` -> <|t / speed|> (the audio played `speed` times
+    faster: 1.1 moves <|5.50|> to <|5.00|>), on the 0.02-s grid, at most <|30.00|>."""
+    last = tok.timestamp(MAX_SECONDS)
+    return [tok.timestamp((i - tok.timestamp_begin) * TIME_STEP / speed) if tok.timestamp_begin <= i <= last else i
+            for i in labels]
+
+
 def pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:
     """1/f noise: white noise shaped by 1/sqrt(f) in the frequency domain, unit RMS."""
     spectrum = np.fft.rfft(rng.standard_normal(n))
@@ -196,7 +219,8 @@ class TrainingSamples(Dataset):
     """
 
     def __init__(self, ds, tokenizer, t, seed: int | None = None):
-        """ds: the train split (audio, labels, duration columns); t: lib.train_config.TrainSection."""
+        """ds: the train split (audio, labels columns, optionally ts_labels: a row's segments);
+        t: lib.train_config.TrainSection."""
         self.ds, self.t = ds, t
         self.seed = t.seed if seed is None else seed
         self.n = len(ds)
@@ -223,7 +247,7 @@ class TrainingSamples(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         rng = self.rng(int(i))
         if i >= self.n:
-            audio = self.augment_audio(no_speech_audio(rng, self.files), rng)
+            audio, _ = self.augment_audio(no_speech_audio(rng, self.files), rng)
             return {"audio": audio, "labels": self.no_speech_labels(), "prompt": [], "id": f"no-speech-{i - self.n}",
                     "corpus": "no-speech"}
         row = self.ds[int(i)]
@@ -231,10 +255,14 @@ class TrainingSamples(Dataset):
         # The same draws in the same order whatever is on, so that turning one option on keeps
         # every other option's choices for this row (augment_audio makes exactly four more).
         use_ts, use_prompt = rng.random() < t.timestamp_probability, rng.random() < t.prompt_probability
-        audio = self.augment_audio(np.asarray(row["audio"], dtype=np.float32), rng)
+        audio, speed = self.augment_audio(np.asarray(row["audio"], dtype=np.float32), rng)
         labels = list(map(int, row["labels"]))
         if use_ts:
-            ts = timestamped(labels, len(audio) / SAMPLING_RATE, self.tok)
+            segments = row.get("ts_labels")  # absent in folders prepared before the column existed
+            if segments is not None and len(segments):
+                ts = rescaled(list(map(int, segments)), speed, self.tok) if speed != 1 else list(map(int, segments))
+            else:
+                ts = timestamped(labels, len(audio) / SAMPLING_RATE, self.tok)
             # one token longer; the decoder sees all but the first (<|sot|> is its start token)
             labels = ts if len(ts) - 1 <= MAX_POSITIONS else labels
         # [<|startofprev|>] + prompt + labels[:-1] must fit the decoder's positions too
@@ -257,9 +285,10 @@ class TrainingSamples(Dataset):
             return [*self.prefix, self.tok.no_timestamps, self.tok.eot]
         return [self.tok.sot, self.tok.no_speech, self.tok.eot]
 
-    def augment_audio(self, audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Speed, then gain, then noise, each only when its flag is on (four draws, always made;
-        the noise samples come from a generator of their own)."""
+    def augment_audio(self, audio: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+        """(audio, the speed it now plays at: 1 = unchanged): speed, then gain, then noise, each
+        only when its flag is on (four draws, always made; the noise samples come from a
+        generator of their own)."""
         t = self.t
         speed = 1 + t.speed_perturb * (2 * rng.random() - 1)
         gain_db = t.gain_db * (2 * rng.random() - 1)
@@ -269,11 +298,13 @@ class TrainingSamples(Dataset):
             # never past Whisper's 30-s window: a slowed 29-s clip would be cut and lose words
             speed = max(speed, len(audio) / (MAX_SECONDS * SAMPLING_RATE))
             audio = change_speed(audio, speed)
+        else:
+            speed = 1.0
         if t.gain_db:
             audio = np.clip(audio * 10 ** (gain_db / 20), -1.0, 1.0).astype(np.float32)
         if snr is not None:
             audio = add_noise(audio, snr, noise_rng)
-        return audio
+        return audio, speed
 
 
 class Interleave(Dataset):

@@ -42,9 +42,21 @@ log = logging.getLogger("whisper_ft")
 # 3: format 2 (lib/shards.py): Parquet shards of encoded audio, speaker column, held-out validation.
 PROCESS_VERSION = 3
 
-KEPT_FIELDS = ("id", "where", "chars", "duration", "language", "source_bytes", "audio_format")
+# Part of the fingerprint only where the source has segments (a manifest's `segments` column),
+# so that such a dataset prepared before they were read is redone while every other one stays
+# up to date: 1: segments become the `ts_labels` column (lib/shards.py).
+SEGMENTS_VERSION = 1
+
+KEPT_FIELDS = ("id", "where", "chars", "duration", "language", "source_bytes", "audio_format", "segments")
 """what a sidecar keeps of each kept row, in shard order: enough for the speaking-rate check, its
-skip messages and the manifest's counts without opening a shard"""
+skip messages and the manifest's counts without opening a shard ("segments": how many the row
+has; sidecars written before it was kept have one field less: read through kept_segments)"""
+
+
+def kept_segments(kept_row: list[Any]) -> int:
+    """A sidecar row's number of segments (0 in sidecars written before the field existed)."""
+    i = KEPT_FIELDS.index("segments")
+    return int(kept_row[i]) if len(kept_row) > i else 0
 
 
 def load_tokenizer(model: str, language: str | None = None, task: str = "transcribe"):
@@ -84,6 +96,9 @@ class Clip:
     audio: bytes
     audio_format: str
     source_bytes: int
+    ts_labels: list[int]
+    """the row's segments as timestamped labels (lib.augment.segmented), [] without segments"""
+    segments: int = 0
 
 
 class Processor:
@@ -97,9 +112,10 @@ class Processor:
         self.known = set(known_languages)
         self._tok = None
         self._lang = None
+        self._special = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tok": None, "_lang": None}  # each worker loads its own tokenizer
+        return {**self.__dict__, "_tok": None, "_lang": None, "_special": None}  # each worker loads its own
 
     def _labels(self, text: str, language: str) -> list[int]:
         if self._tok is None:
@@ -110,7 +126,33 @@ class Processor:
             self._lang = language
         return self._tok(text).input_ids
 
-    def row(self, audio_ref: dict, text: str, language: str) -> tuple[Clip | None, str]:
+    def _segment_labels(self, labels: list[int], segments: list[list[Any]], seconds: float, where: str,
+                        row_id: str) -> list[int]:
+        """`labels` (the row's, whose prefix they share) with the row's checked segments
+        (lib.sources.parse_segments) in Whisper's timestamped form. Each segment's text is
+        tokenized as the transcript is (canonical spelling), with the leading space Whisper's
+        segments carry (" Hello" is one token, "Hello" another)."""
+        from lib.augment import TIME_STEP, SpecialTokens, segmented
+
+        end = segments[-1][1]  # in order and not overlapping: the last end is the latest
+        if end > seconds + TIME_STEP:
+            raise UserError(f"{where} ({row_id}): segments: segment {len(segments)} ends at {end:g} s, past the "
+                            f"clip's end ({seconds:.2f} s): fix the segment times, or the clip")
+        if self._special is None:
+            try:
+                self._special = SpecialTokens.of(self._tok)
+            except UserError as e:
+                raise UserError(f"{where} ({row_id}): segments need Whisper's special and timestamp tokens, which "
+                                f"model={self.model}'s tokenizer lacks ({e}); prepare with a multilingual Whisper "
+                                f"tokenizer, or without the segments column") from None
+        encode = self._tok.encode
+        return segmented(labels, [(s, e, encode(" " + canonical(text), add_special_tokens=False))
+                                  for s, e, text in segments], self._special)
+
+    def row(self, audio_ref: dict, text: str, language: str, segments: str = "", where: str = "",
+            row_id: str = "") -> tuple[Clip | None, str]:
+        """A Clip, or (None, why it is skipped). `segments`: the row's JSON from lib.sources
+        (parse_segments), "" for none; `where` / `row_id` name the row in a segments error."""
         lim = self.limits
         # The target is the canonical spelling that every score compares (lib.metrics).
         text = canonical(text or "")
@@ -132,8 +174,10 @@ class Processor:
         labels = self._labels(text, language)
         if len(labels) > lim.max_label_tokens:
             return None, f"labels too long: {len(labels)} tokens > {lim.max_label_tokens} (max_target_positions)"
+        segs = json.loads(segments) if segments else []
+        ts_labels = self._segment_labels(labels, segs, seconds, where, row_id) if segs else []
         stored, fmt = shards.compact(data, audio, SAMPLING_RATE)
-        return Clip(text, labels, seconds, stored, fmt, len(data)), ""
+        return Clip(text, labels, seconds, stored, fmt, len(data), ts_labels, len(segs)), ""
 
 
 def fingerprint(*parts: Any) -> str:
@@ -183,16 +227,17 @@ def process_chunk(task: dict[str, Any]) -> dict[str, Any]:
     cols: dict[str, list] = {c: [] for c in shards.COLUMNS}
     kept, skipped = [], []
     for r in task["rows"]:
-        clip, reason = proc.row(r["audio"], r["text"], r["language"])
+        clip, reason = proc.row(r["audio"], r["text"], r["language"], r.get("segments") or "", r["where"], r["id"])
         if reason:
             skipped.append({"split": chunk.split, "id": r["id"], "where": r["where"], "reason": reason})
             continue
         for key, value in (("id", r["id"]), ("audio", clip.audio), ("audio_format", clip.audio_format),
                            ("text", clip.text), ("labels", clip.labels), ("language", r["language"]),
-                           ("duration", clip.duration), ("speaker", r.get("speaker") or ""), ("where", r["where"])):
+                           ("duration", clip.duration), ("speaker", r.get("speaker") or ""), ("where", r["where"]),
+                           ("ts_labels", clip.ts_labels)):
             cols[key].append(value)
         kept.append([r["id"], r["where"], len(clip.text.replace(" ", "")), round(clip.duration, 4), r["language"],
-                     clip.source_bytes, clip.audio_format])
+                     clip.source_bytes, clip.audio_format, clip.segments])
     staging.remove_chunk_leftovers(stage, chunk)
     nbytes = shards.write_shard(stage / chunk.file, cols) if kept else 0
     watch = _WATCH.setdefault(str(stage), staging.DiskWatch(stage))
@@ -342,12 +387,13 @@ def apply_fast_speech(stage: Path, plan: list[staging.Chunk], sides: list[dict[s
 
 def split_summary(stage: Path, plan: list[staging.Chunk], sides: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per split, for manifest.json: rows, hours, seconds, bytes, the source's encoded bytes of the
-    kept clips, the stored audio formats, and every shard in source order."""
+    kept clips, the stored audio formats, the rows with segments and their segments, and every
+    shard in source order."""
     f = {name: i for i, name in enumerate(KEPT_FIELDS)}
     out: dict[str, dict[str, Any]] = {}
     for chunk, side in zip(plan, sides, strict=True):
         info = out.setdefault(chunk.split, {"rows": 0, "seconds": 0.0, "bytes": 0, "source_bytes": 0,
-                                            "formats": {}, "shards": []})
+                                            "formats": {}, "segment_rows": 0, "segments": 0, "shards": []})
         dropped = set(side.get("rate_dropped") or [])
         kept = [k for i, k in enumerate(side["kept"]) if i not in dropped]
         if not kept:
@@ -359,6 +405,8 @@ def split_summary(stage: Path, plan: list[staging.Chunk], sides: list[dict[str, 
         info["seconds"] += seconds
         info["bytes"] += nbytes
         info["source_bytes"] += sum(k[f["source_bytes"]] for k in kept)
+        info["segment_rows"] += sum(1 for k in kept if kept_segments(k))
+        info["segments"] += sum(kept_segments(k) for k in kept)
         for k in kept:
             info["formats"][k[f["audio_format"]]] = info["formats"].get(k[f["audio_format"]], 0) + 1
     for info in out.values():

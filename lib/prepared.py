@@ -153,12 +153,12 @@ def audio_arrays(ds, start: int = 0, stop: int | None = None) -> list[np.ndarray
 
 def write_rows(root: str | Path, split: str, rows, shard_rows: int = 2000) -> dict[str, Any]:
     """Write rows (dicts with id, audio: 16 kHz float32 or encoded bytes, text, labels, and optionally
-    language, speaker, where) as a split's shards under `root`; returns the split's manifest entry.
+    language, speaker, where, ts_labels) as a split's shards under `root`; returns the split's manifest entry.
     For tools and tests that make small datasets; `make prepare` writes through its own workers."""
     from lib.audio import SAMPLING_RATE
 
     root = Path(root)
-    info: dict[str, Any] = {"rows": 0, "seconds": 0.0, "bytes": 0, "shards": []}
+    info: dict[str, Any] = {"rows": 0, "seconds": 0.0, "bytes": 0, "segment_rows": 0, "shards": []}
     batch: list[dict[str, Any]] = []
 
     def flush(lo: int) -> None:
@@ -174,13 +174,15 @@ def write_rows(root: str | Path, split: str, rows, shard_rows: int = 2000) -> di
                 seconds = len(audio) / SAMPLING_RATE
             for c, v in (("id", str(r["id"])), ("audio", data), ("audio_format", fmt), ("text", r["text"]),
                          ("labels", [int(x) for x in r["labels"]]), ("language", r.get("language", "")),
-                         ("duration", seconds), ("speaker", r.get("speaker", "")), ("where", r.get("where", ""))):
+                         ("duration", seconds), ("speaker", r.get("speaker", "")), ("where", r.get("where", "")),
+                         ("ts_labels", [int(x) for x in r.get("ts_labels", ())])):
                 cols[c].append(v)
         rel = shards.shard_name(split, lo, lo + len(batch))
         size = shards.write_shard(root / rel, cols)
         secs = float(sum(cols["duration"]))
         info["shards"].append({"file": rel, "rows": len(batch), "seconds": round(secs, 3), "bytes": size})
         info["rows"] += len(batch)
+        info["segment_rows"] += sum(1 for ts in cols["ts_labels"] if ts)
         info["seconds"] += secs
         info["bytes"] += size
         batch.clear()

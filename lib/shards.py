@@ -22,6 +22,11 @@ Every shard has the columns of SCHEMA:
   duration      seconds, measured when prepare decoded the clip
   speaker       speaker id where the source has one (Common Voice client_id), else ""
   where         the source row the clip came from (e.g. "train.tsv line 12"), for error messages
+  ts_labels     the timestamped labels of a row whose manifest gave segments, `<|sot|> <|hi|>
+                <|transcribe|> <|0.00|> first segment <|2.40|> <|2.40|> second ... <|5.10|>
+                <|endoftext|>` (lib.augment.segmented); [] for every other row. Added within
+                format 2: a shard written before it lacks the column, and read_shard gives
+                such a shard's rows [] (no segments), so older folders still load
 
 Decoding, resampling to 16 kHz and log-mel happen in the loader's workers (decode_audio), so the
 prepared set is about the size of the source's encoded audio, not 230 MB of float32 per hour.
@@ -40,7 +45,10 @@ FORMAT = 2
 """manifest.json["format"] of datasets in this layout; older folders (float32 `datasets`
 save_to_disk splits, no "format") are refused with a message to prepare again"""
 
-COLUMNS = ("id", "audio", "audio_format", "text", "labels", "language", "duration", "speaker", "where")
+COLUMNS = ("id", "audio", "audio_format", "text", "labels", "language", "duration", "speaker", "where", "ts_labels")
+
+ADDED_COLUMNS = ("ts_labels",)
+"""list columns added to format 2 after its first shards were written: read as [] where absent"""
 
 KEPT_FORMATS = ("mp3", "flac", "ogg")
 """Encodings stored as the source gave them (ogg covers Vorbis and Opus); others become FLAC"""
@@ -62,6 +70,7 @@ def schema():
         ("duration", pa.float32()),
         ("speaker", pa.string()),
         ("where", pa.string()),
+        ("ts_labels", pa.list_(pa.int32())),
     ])
 
 
@@ -161,11 +170,20 @@ def exists(url: str) -> bool:
 
 
 def read_shard(url: str, columns: list[str] | None = None):
-    """One shard as a pyarrow Table (only `columns` when given)."""
+    """One shard as a pyarrow Table (only `columns` when given, in that order); a column of
+    ADDED_COLUMNS that the shard predates comes back as empty lists."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     with open_file(url) as f:
-        return pq.read_table(f, columns=columns)
+        pf = pq.ParquetFile(f)
+        have = set(pf.schema_arrow.names)
+        absent = [c for c in (columns or COLUMNS) if c in ADDED_COLUMNS and c not in have]
+        table = pf.read(columns=[c for c in columns if c not in absent] if columns else None)
+    for c in absent:
+        field = schema().field(c)
+        table = table.append_column(field, pa.array([[]] * table.num_rows, type=field.type))
+    return table.select(columns) if columns else table
 
 
 def write_shard(path: str | Path, rows: dict[str, list[Any]] | Any) -> int:
@@ -174,8 +192,9 @@ def write_shard(path: str | Path, rows: dict[str, list[Any]] | Any) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    n = 0 if isinstance(rows, pa.Table) else len(rows["id"])
     table = rows if isinstance(rows, pa.Table) else pa.Table.from_pydict(
-        {c: rows.get(c, [""] * len(rows["id"])) for c in COLUMNS}, schema=schema())
+        {c: rows.get(c, [[] for _ in range(n)] if c in ADDED_COLUMNS else [""] * n) for c in COLUMNS}, schema=schema())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -9,6 +9,9 @@ with the columns
     where  where a person finds the row: "train.tsv line 7", "manifest.csv line 3", ...
     speaker  the speaker's id where the source has one (Common Voice `client_id`, a `speaker`
            column of a manifest, source.speaker_column of a Hub set), else ""
+    segments  a manifest's `segments` column, checked (parse_segments) and stored as JSON
+           [[start, end, "text"], ...] (seconds from the clip's start); "" for none and for the
+           other kinds. A Hub set has no such column (its rows lack the key).
 plus a `signature`: what the inputs were (file hashes, clip sizes and times, hub fingerprints),
 so that an unchanged re-run can be recognised and skipped.
 
@@ -24,6 +27,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tarfile
@@ -128,8 +132,9 @@ def _rows_dataset(records: list[dict[str, Any]]):
         "language": Value("string"),
         "where": Value("string"),
         "speaker": Value("string"),
+        "segments": Value("string"),
     })
-    cols = {k: [r.get(k) or "" if k == "speaker" else r[k] for r in records] for k in feats}
+    cols = {k: [r.get(k) or "" if k in ("speaker", "segments") else r[k] for r in records] for k in feats}
     return Dataset.from_dict(cols, features=feats)
 
 
@@ -405,6 +410,63 @@ def _read_table(file: Path) -> list[tuple[int, dict[str, Any]]]:
     return [(n, row) for n, row in enumerate(reader, 2)]
 
 
+SEGMENTS_EXAMPLE = '[{"start": 0.0, "end": 2.4, "text": "..."}, ...] or [[0.0, 2.4, "..."], ...]'
+
+
+def parse_segments(cell: Any, where: str, row_id: str) -> list[list[Any]]:
+    """A manifest's `segments` cell -> [[start, end, text], ...], seconds from the clip's start.
+
+    The cell is a JSON list (a string in CSV / TSV, a string or a list in JSONL) of
+    {"start", "end", "text"} objects or [start, end, text] triples; empty, missing or [] = none.
+    Checked here, before any clip is decoded: numbers, 0 <= start < end <= 30 s (Whisper's last
+    timestamp token is <|30.00|>), a non-empty text, in order and not overlapping (a segment may
+    start where the previous one ends). That the last end is inside the clip is checked once the
+    clip is decoded (lib.data.Processor). Any failure stops prepare, naming the row: a wrong
+    segments column is a data problem that skipping rows would hide.
+    """
+    if cell is None or (isinstance(cell, str) and not cell.strip()):
+        return []
+    from lib.augment import MAX_SECONDS
+    from lib.metrics import canonical
+
+    what = f"{where} ({row_id}): segments"
+    value = cell
+    if isinstance(cell, str):
+        try:
+            value = json.loads(cell)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{what}: not JSON ({e.msg} at character {e.pos + 1}); give a JSON list: "
+                            f"{SEGMENTS_EXAMPLE}") from None
+    if not isinstance(value, list):
+        raise UserError(f"{what}: a JSON {type(value).__name__}, not a list; give {SEGMENTS_EXAMPLE}")
+    out: list[list[Any]] = []
+    for n, seg in enumerate(value, 1):
+        if isinstance(seg, dict):
+            start, end, text = seg.get("start"), seg.get("end"), seg.get("text")
+        elif isinstance(seg, list) and len(seg) == 3:
+            start, end, text = seg
+        else:
+            raise UserError(f"{what}: segment {n} is {json.dumps(seg, ensure_ascii=False)[:80]}; each segment is "
+                            f'{{"start": s, "end": e, "text": "..."}} or [s, e, "..."]')
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in (start, end)):
+            raise UserError(f"{what}: segment {n}: start and end must be numbers of seconds, not {start!r} and {end!r}")
+        if not isinstance(text, str) or not canonical(text):
+            raise UserError(f"{what}: segment {n} ({start:g}-{end:g} s) has no text")
+        if start < 0 or not start < end:
+            raise UserError(f"{what}: segment {n} runs from {start:g} s to {end:g} s: need 0 <= start < end")
+        if end > MAX_SECONDS:
+            raise UserError(f"{what}: segment {n} ends at {end:g} s, past {MAX_SECONDS:g} s: Whisper's timestamps "
+                            f"stop at <|30.00|>; cut the recording into clips of at most 30 s")
+        if out and start < out[-1][0]:
+            raise UserError(f"{what}: segment {n} starts at {start:g} s, before segment {n - 1} "
+                            f"({out[-1][0]:g} s): list the segments in time order")
+        if out and start < out[-1][1]:
+            raise UserError(f"{what}: segment {n} ({start:g}-{end:g} s) overlaps segment {n - 1} "
+                            f"({out[-1][0]:g}-{out[-1][1]:g} s): segments must not overlap")
+        out.append([float(start), float(end), text])
+    return out
+
+
 def read_manifest_file(file: Path, src: SourceConfig, language: str, default_split: str | None = None,
                        rows_by_split: dict[str, list] | None = None, skipped: list | None = None) -> None:
     """Rows of one manifest into rows_by_split; a `split` column routes rows, else default_split."""
@@ -414,6 +476,7 @@ def read_manifest_file(file: Path, src: SourceConfig, language: str, default_spl
     columns = list(table[0][1].keys())
     audio_col = _pick(columns, src.audio_column, AUDIO_COLUMNS, "audio path", file, "source.audio_column")
     text_col = _pick(columns, src.text_column, TEXT_COLUMNS, "transcript", file, "source.text_column")
+    mismatched: list[str] = []
     for line, row in table:
         where = f"{file.name} line {line}"
         rel = str(row.get(audio_col) or "").strip()
@@ -429,11 +492,29 @@ def read_manifest_file(file: Path, src: SourceConfig, language: str, default_spl
             continue
         # normpath, not resolve(): "clips/../../x" is outside, a symlink inside the corpus is not.
         path = Path(os.path.normpath(rel if Path(rel).is_absolute() else file.parent / rel))
+        text = str(row.get(text_col) or "")
+        segments = parse_segments(row.get("segments"), where, rel)
+        if segments and _squeezed(text) != _squeezed(" ".join(s[2] for s in segments)):
+            mismatched.append(where)
         rows_by_split.setdefault(split, []).append({
-            "id": rel, "audio": {"bytes": None, "path": str(path)}, "text": str(row.get(text_col) or ""),
+            "id": rel, "audio": {"bytes": None, "path": str(path)}, "text": text,
             "language": str(row.get("language") or language).strip(), "where": where,
             "speaker": str(row.get("speaker") or "").strip(),
+            "segments": json.dumps(segments, ensure_ascii=False) if segments else "",
         })
+    if mismatched:
+        # Not fatal: the text column stays what <|notimestamps|> labels and every score use, and
+        # spellings may differ; but segments of another clip would teach the wrong words.
+        log.warning("%s: %d rows whose segments' texts, joined, are not their '%s' column (normalized; first: "
+                    "%s): check that the segments belong to those clips", file, len(mismatched), text_col,
+                    mismatched[0])
+
+
+def _squeezed(text: str) -> str:
+    """normalize() without spaces: equal for the same words however they are split or spaced."""
+    from lib.metrics import normalize
+
+    return normalize(text).replace(" ", "")
 
 
 def read_manifest_source(file: Path, src: SourceConfig, language: str) -> Rows:

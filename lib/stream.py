@@ -41,7 +41,9 @@ log = logging.getLogger("whisper_ft")
 MIX_BLOCK = 1000
 """positions per mixing block: proportions are exact within each block"""
 
-READ_COLUMNS = ["id", "audio", "labels", "duration", "speaker", "where"]
+READ_COLUMNS = ["id", "audio", "labels", "duration", "speaker", "where", "ts_labels"]
+"""what a training row needs of a shard; ts_labels (a manifest's segments) reads as [] in shards
+prepared before the column existed (lib.shards.read_shard)"""
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ class ShardStream(Dataset):
         # the previous clip of the same recording or speaker (source order), for prompt training
         prev = t["labels"][row - 1] if row > 0 and t["speaker"][row - 1] == rec["speaker"] else []
         return {"audio": decode_row(rec), "labels": np.asarray(rec["labels"], dtype=np.int64), "prev_labels": prev,
-                "id": rec["id"], "corpus": self.name, "position": int(k)}
+                "ts_labels": rec["ts_labels"] or [], "id": rec["id"], "corpus": self.name, "position": int(k)}
 
 
 class Mixture(Dataset):

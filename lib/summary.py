@@ -60,7 +60,8 @@ def prepare_summary(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     lines: dict[str, Any] = {"outputs": f"{out} (manifest.json lists every skipped row and why)"}
     for split, info in manifest.get("splits", {}).items():
         lines[split] = (f"{info['rows']} rows, {info['hours']:.3f} h"
-                        + (f" ({info['rows_read']} read, {info['skipped']} skipped)" if "rows_read" in info else ""))
+                        + (f" ({info['rows_read']} read, {info['skipped']} skipped)" if "rows_read" in info else "")
+                        + (f", {info['segment_rows']} with segments" if info.get("segment_rows") else ""))
     reasons = manifest.get("skipped_by_reason") or {}
     lines["skipped"] = ", ".join(f"{n} {why}" for why, n in reasons.items()) or "none"
     lines["next"] = f"make train DATA={manifest.get('name', out.name)} RUN=<name>"

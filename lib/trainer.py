@@ -217,19 +217,30 @@ def check_setup(cfg, env, corpora):
     return processor, precision
 
 
-def training_samples(t, train_ds, tokenizer, total: int):
+def training_samples(t, train_ds, tokenizer, total: int, segment_rows: tuple[int, int] = (0, 0)):
     """The train stream through lib.augment.TrainingSamples (no-speech clips interleaved by
-    position: lib.augment.Interleave), with what it adds logged."""
+    position: lib.augment.Interleave), with what it adds logged. segment_rows: (train clips with
+    a manifest's segments, train clips), from the manifests (segment_counts)."""
     from lib.augment import Interleave, TrainingSamples
 
     samples = TrainingSamples(train_ds, tokenizer, t)
+    with_segments, clips = segment_rows
     log.info("train samples: %d clips + %d no-speech clips (train.no_speech_fraction=%g, %s, label %s); timestamps on "
-             "%.0f %%, previous-text prompt on %.0f %% of clips; audio: speed +-%g, gain +-%g dB, noise %s",
+             "%.0f %% (per segment on the %d of %d train clips whose manifest gave segments, one span of the clip on "
+             "the rest), previous-text prompt on %.0f %% of clips; audio: speed +-%g, gain +-%g dB, noise %s",
              samples.n, samples.n_no_speech, t.no_speech_fraction,
              f"{len(samples.files)} files of {t.no_speech_dir}" if samples.files else "generated", t.no_speech_label,
-             100 * t.timestamp_probability, 100 * t.prompt_probability, t.speed_perturb, t.gain_db,
-             "off" if t.noise_snr_db is None else f"SNR {t.noise_snr_db:g}-{t.noise_snr_db + 20:g} dB")
+             100 * t.timestamp_probability, with_segments, clips, 100 * t.prompt_probability, t.speed_perturb,
+             t.gain_db, "off" if t.noise_snr_db is None else f"SNR {t.noise_snr_db:g}-{t.noise_snr_db + 20:g} dB")
     return Interleave(samples, total, t.seed) if samples.n_no_speech else samples
+
+
+def segment_counts(corpora) -> tuple[int, int]:
+    """(train clips with segments, train clips) over `corpora` (open_data), from their manifests:
+    a manifest's `segments` column became those rows' ts_labels; folders prepared before that
+    have no count, and no segments."""
+    info = [m.get("splits", {}).get("train", {}) for _, _, m in corpora]
+    return sum(int(i.get("segment_rows") or 0) for i in info), sum(int(i.get("rows") or 0) for i in info)
 
 
 def open_data(env, data: str) -> list[tuple[Any, Any, dict[str, Any]]]:
@@ -272,8 +283,12 @@ def training_splits(cfg, corpora, tokenizer=None):
         log.info("data: mixing %s", ", ".join(
             f"{name} {100 * w:.1f} % ({s.n} clips, {data_len * w / s.n:.2f} passes)"
             for (name, s), w in zip(streams, share, strict=True)))
+    segments = segment_counts(corpora)
     if t.samples_changed():
-        train_ds = training_samples(t, train_ds, tokenizer, total)
+        train_ds = training_samples(t, train_ds, tokenizer, total, segments)
+    if segments[0] and not t.timestamp_probability:
+        log.info("data: %d of %d train clips have segments (ts_labels), unused with train.timestamp_probability=0; "
+                 "set it (e.g. 0.5) to train that share of samples on them", *segments)
 
     evals = {}
     for c, root, manifest in corpora:
