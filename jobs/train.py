@@ -2,11 +2,14 @@
 
     python -m jobs.train --recipe jobs/recipes/whisper-large-v2_lora-int8_1gpu.yaml run=hi-v1 data=cv-hi
     make train RUN=hi-v1 DATA=cv-hi          # the same, in the image
-    make train RUN=hi-v1 DATA=cv-hi RECIPE=auto   # quantization/precision/checkpointing for this GPU
+    make train RUN=hi-v1 DATA=cv-hi RECIPE=auto   # quantization/precision/checkpointing/batch split for this GPU
 
-`--recipe auto` is the recipe above with model.quantization, model.precision and
-model.gradient_checkpointing chosen from this GPU's memory and measured speeds (lib/auto.py);
-it logs the choice and why; key=value flags still win over it.
+`--recipe auto` is the recipe above with model.quantization, model.precision,
+model.gradient_checkpointing (and the base dtype, compilation, checkpointed share) and the split
+of the effective batch into train.batch_size x train.grad_accum chosen from this GPU's memory,
+the longest train label and measured speeds (lib/auto.py); the effective batch stays what you
+asked. It logs the choice and why; key=value flags still win over it (naming both
+train.batch_size and train.grad_accum keeps that split).
 
 Reads DATA_DIR/prepared/DATA (from `make prepare`), writes DATA_DIR/runs/RUN/:
 config.yaml, checkpoints/checkpoint-N/ (adapter + optimizer state, COMPLETE marker last),

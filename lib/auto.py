@@ -1,21 +1,27 @@
-"""`--recipe auto` for the train job: quantization, precision and checkpointing picked for this GPU.
+"""`--recipe auto` for the train job: quantization, precision, checkpointing, and the split of the
+effective batch into per-device batch x gradient accumulation, picked for this GPU.
 
     python -m jobs.train --recipe auto run=hi-1 data=cv_hi
     make train LANG=hi RECIPE=auto
 
 auto = the walkthrough recipe (jobs/recipes/whisper-large-v2_lora-int8_1gpu.yaml) for everything
-else (LoRA, lr, schedule, batch size), with model.quantization, model.precision and
-model.gradient_checkpointing set by `choose()`: the fastest mode measured below whose peak
-memory, scaled to the run's batch size, fits in 85% of the card. key=value flags still win over
-the choice. `choose` is pure (tests give it a made-up GpuInfo); `detect` asks torch.
+else (LoRA, lr, schedule), with model.quantization, model.precision, model.base_dtype,
+train.compile, model.gradient_checkpointing, model.checkpoint_fraction, train.batch_size and
+train.grad_accum set by `choose()`: of every (measured mode, per-device batch that divides the
+effective batch), the one with the best predicted samples/s whose predicted peak memory, at the
+run's longest label, fits in 85% of the card. The effective batch (train.batch_size x
+train.grad_accum) is what you asked for, so the optimization is the same; when your flags name
+both train.batch_size and train.grad_accum, that split is kept too. Other key=value flags still
+win over the choice. `choose` is pure (tests give it a made-up GpuInfo); `detect` asks torch.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import pairwise
 
 log = logging.getLogger("whisper_ft")
 
@@ -26,6 +32,55 @@ GIB = 2**30
 # torch.cuda.max_memory_allocated (tensors only): the CUDA context (~0.5 GiB), the caching
 # allocator's fragmentation and a different clip mix need the other 15%.
 USABLE_FRACTION = 0.85
+
+# How the peak grows with the label length. The peaks below were measured with 40-token labels
+# (label rows of 40 tokens, <|startoftranscript|> included: 39 decoder positions). Two parts grow
+# with the label length T, per clip:
+#  - the loss: logits are T x 51,865 (vocab). Whisper's loss is CrossEntropyLoss on the bf16/fp16
+#    logits; autocast runs it in fp32, and the peak comes in its backward, holding the fp32
+#    log-softmax (saved by the forward) and two fp32 gradients of the same shape (nll_loss's, then
+#    log_softmax's): 3 x 4 = 12 bytes a logit. The half-precision logits themselves are gone by
+#    then (Trainer.compute_loss drops the model's outputs before backward); the forward's own
+#    peak, bf16 logits + fp32 upcast + fp32 log-softmax, is 10. 40 tokens: 12 x 40 x 51,865 =
+#    24.9 MB a clip; 400 tokens: 249 MB a clip.
+#  - the decoder's activations: a decoder position keeps about what an encoder frame keeps (plus
+#    cross-attention on its query side), and the encoder has 1,500 frames: at 40 tokens the
+#    decoder is a few % of a clip's activations, at 400 a quarter more. Counted, not guessed:
+#    `python -m lib.tools.activation_memory` (large-v2 on fake tensors, bf16 base, LoRA r=32 q,v,
+#    no checkpointing) gives 2,556 MiB a clip at 40 tokens, 3,175 at 400: 1.720 MiB a token =
+#    0.0673 % of a clip's activations at 40 tokens, and 12.0 bytes a logit at the peak (as above).
+#    That count is CPU autocast, eager, so only the ratio is used: each token beyond 40 adds
+#    0.0673 % to the mode's measured activations (the peak minus the fixed part, less the 40-token
+#    logits). An estimate for the checkpointed modes (their layers keep less per position, in the
+#    encoder and the decoder alike, so the share is about the same) and for int8.
+# Fewer than 40 tokens: the 40-token figure (nothing measured below it).
+MEASURED_LABELS = 40
+VOCAB = 51865
+LOGIT_BYTES = 12
+DECODER_SHARE_PER_TOKEN = 0.000673
+MAX_LABEL_TOKENS = 448
+"""Whisper's decoder positions (max_target_positions): no label row is longer (prepare drops them)"""
+
+
+def logits_gib(label_tokens: int) -> float:
+    """The loss's memory a clip at its peak, GiB: 12 bytes x label tokens x vocabulary."""
+    return LOGIT_BYTES * label_tokens * VOCAB / GIB
+
+# How the speed depends on the per-device batch. At batch 8 a step is partly host-bound: the GPU
+# is busy 37-62 % of it, waiting on Python to launch the next kernels; at batch 32, compiled, 88-89 %
+# (README "GPU benchmarks"). The step time t(b) is then about max(host, b x GPU time a clip), a
+# convex curve. Each mode holds the samples/s measured at each batch it ran (`speeds()`):
+#  - at a measured batch: that number;
+#  - between two measured batches: the step time on the straight line between them (a convex
+#    curve lies below its chord, so this never predicts more than the truth);
+#  - below the smallest: the step takes as long as there (host-bound: samples/s ~ batch);
+#  - above the largest: the largest's samples/s (no gain assumed).
+# The fastest mode ran at 8 (28.6 samples/s: 8 / 28.6 = 0.280 s a step) and 32 (49.7: 0.644 s):
+# at 16, t = 0.280 + (0.644 - 0.280) x 8/24 = 0.401 s -> 39.9 samples/s, an estimate; at 4,
+# 4 / 0.280 = 14.3, an estimate. The H200 measured the same mode at 27.4 (batch 8) and 49.6 (32).
+# Every other mode ran at batch 8 only: from 8 up, its batch-8 number; below, b/8 of it.
+# Speeds are at 40-token labels; longer labels slow every mode by about the same decoder and loss
+# work, so the ranking stands (not measured).
 
 
 @dataclass(frozen=True)
@@ -48,8 +103,9 @@ class Mode:
     precision: str
     gradient_checkpointing: bool
     samples_per_s: float
+    """measured at MEASURED_BATCH"""
     peak_gib: float
-    """peak GPU memory at MEASURED_BATCH"""
+    """peak GPU memory at MEASURED_BATCH, MEASURED_LABELS-token labels"""
     weights_gib: float
     """the part of the peak that does not grow with the batch (estimated, see FIXED_GIB)"""
     base_dtype: str = "fp32"
@@ -60,6 +116,8 @@ class Mode:
     """model.checkpoint_fraction (with gradient_checkpointing)"""
     auto: bool = True
     """False: measured, but `choose` never picks it (it learnt worse: see the row's comment)"""
+    measured_at: tuple[tuple[int, float, float], ...] = ()
+    """(batch, samples/s, peak GiB) measured at other batch sizes, same card and labels"""
 
     def label(self, precision: str | None = None) -> str:
         ckpt = "no checkpointing" if not self.gradient_checkpointing else (
@@ -75,9 +133,36 @@ class Mode:
         """What tells two modes apart, the precision aside."""
         return (self.quantization, self.gradient_checkpointing, self.base_dtype, self.compile, self.checkpoint_fraction)
 
-    def peak_at(self, batch_size: int) -> float:
-        """Predicted peak GiB: fixed part + activations (the rest of the measured peak) x batch / 8."""
-        return self.weights_gib + (self.peak_gib - self.weights_gib) * batch_size / MEASURED_BATCH
+    def speeds(self) -> list[tuple[int, float]]:
+        """(batch, samples/s) measured, by batch."""
+        return sorted({MEASURED_BATCH: self.samples_per_s, **{b: s for b, s, _ in self.measured_at}}.items())
+
+    def speed_at(self, batch: int) -> tuple[float, str]:
+        """Predicted samples/s at `batch`, and whether it was measured or how it is estimated (see above)."""
+        points = self.speeds()
+        measured = dict(points)
+        if batch in measured:
+            return measured[batch], f"measured at batch {batch}"
+        (lo, s_lo), (hi, s_hi) = points[0], points[-1]
+        if batch < lo:
+            return batch * s_lo / lo, f"estimate: a step as long as at batch {lo}"
+        if batch > hi:
+            return s_hi, f"estimate: no faster than at batch {hi}"
+        (b0, s0), (b1, s1) = next((p, q) for p, q in pairwise(points) if p[0] < batch < q[0])
+        t0, t1 = b0 / s0, b1 / s1
+        step = t0 + (t1 - t0) * (batch - b0) / (b1 - b0)
+        return batch / step, f"estimate: step time between batch {b0} and {b1}"
+
+    def clip_gib(self, label_tokens: int = MEASURED_LABELS) -> float:
+        """Predicted memory a clip adds at `label_tokens`-token labels (see DECODER_SHARE_PER_TOKEN)."""
+        tokens = max(label_tokens, MEASURED_LABELS)
+        at_40 = (self.peak_gib - self.weights_gib) / MEASURED_BATCH
+        rest = at_40 - logits_gib(MEASURED_LABELS)
+        return rest * (1 + DECODER_SHARE_PER_TOKEN * (tokens - MEASURED_LABELS)) + logits_gib(tokens)
+
+    def peak_at(self, batch_size: int, label_tokens: int = MEASURED_LABELS) -> float:
+        """Predicted peak GiB: fixed part + batch x what a clip adds (the measured peak at batch 8, 40 tokens)."""
+        return self.weights_gib + batch_size * self.clip_gib(label_tokens)
 
 
 # Not measured: parameter counts x bytes per parameter. large-v2 has 1.543 B parameters, 1.468 B
@@ -96,7 +181,7 @@ FIXED_GIB = {"none": 6.0, "half": 3.1, "int8": 1.9, "nf4": 1.2}
 # conservative there (the same mode needs less). nf4 is never picked (it learnt worse, below);
 # int8 with checkpointing, the walkthrough's, only on cards too small for every other mode at
 # that batch (its fixed part, 1.9 GiB, is the smallest left); int8 without checkpointing never.
-MEASURED_ON = "H100 80GB, whisper-large-v2, batch 8"
+MEASURED_ON = "H100 80GB, whisper-large-v2, batch 8 (and 32, the fastest mode), 40-token labels"
 MEASURED_BATCH = 8
 _HALF = dict(base_dtype="compute")
 MEASURED = (
@@ -113,9 +198,16 @@ MEASURED = (
     Mode("none", "bf16", False, 18.7, 21.2, FIXED_GIB["half"], **_HALF),
     Mode("none", "bf16", True, 17.3, 5.3, FIXED_GIB["half"], **_HALF, compile="layers"),
     Mode("none", "bf16", True, 23.2, 6.4, FIXED_GIB["half"], **_HALF, compile="layers", checkpoint_fraction=0.9),
-    Mode("none", "bf16", False, 28.6, 19.5, FIXED_GIB["half"], **_HALF, compile="layers"),
+    # batch 8: run 2 (28.6; run 3's slower host CPU: 25.6); batch 32 (bf16-half-compile-b32): run 3,
+    # 49.7 samples/s at 67.71 GiB (run 1: 49.58; batch 32 does not move with the host: README).
+    Mode("none", "bf16", False, 28.6, 19.5, FIXED_GIB["half"], **_HALF, compile="layers",
+         measured_at=((32, 49.7, 67.71),)),
 )
 WALKTHROUGH = MEASURED[0]
+BATCH_KEYS = ("train.batch_size", "train.grad_accum")
+# The mode settings a flag may fix, in the order they narrow `choose`'s modes (memory first).
+FIXED_ORDER = ("model.quantization", "model.gradient_checkpointing", "model.checkpoint_fraction", "model.base_dtype",
+               "train.compile", "model.precision")
 
 
 @dataclass(frozen=True)
@@ -124,6 +216,16 @@ class Choice:
     precision: str
     why: str
     """one line citing the card's memory, the margin and the measured numbers behind the pick"""
+    batch_size: int | None = None
+    """train.batch_size: clips per device per step (None: not chosen, as for pickable's modes)"""
+    grad_accum: int | None = None
+    """train.grad_accum: batch_size x grad_accum is the effective batch asked for"""
+    samples_per_s: float | None = None
+    """predicted at batch_size (Mode.speed_at)"""
+    peak_gib: float | None = None
+    """predicted at batch_size and label_tokens (Mode.peak_at)"""
+    label_tokens: int | None = None
+    """the longest label the prediction assumed"""
 
     @property
     def quantization(self) -> str:
@@ -133,10 +235,10 @@ class Choice:
     def gradient_checkpointing(self) -> bool:
         return self.mode.gradient_checkpointing
 
-    def settings(self) -> dict[str, str | bool | float]:
-        """The choice as config keys and their typed values."""
+    def settings(self, batch: bool = True) -> dict[str, str | bool | float | int]:
+        """The choice as config keys and their typed values (the batch split too, when chosen and `batch`)."""
         m = self.mode
-        return {
+        out: dict[str, str | bool | float | int] = {
             "model.quantization": m.quantization,
             "model.precision": self.precision,
             "model.gradient_checkpointing": m.gradient_checkpointing,
@@ -144,10 +246,13 @@ class Choice:
             "model.base_dtype": m.base_dtype,
             "train.compile": m.compile,
         }
+        if batch and self.batch_size is not None:
+            out.update({"train.batch_size": self.batch_size, "train.grad_accum": self.grad_accum})
+        return out
 
-    def flags(self) -> list[str]:
+    def flags(self, batch: bool = True) -> list[str]:
         """The choice as key=value flags, as a user would write them."""
-        return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.settings().items()]
+        return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.settings(batch).items()]
 
     def __str__(self) -> str:
         return " ".join(self.flags())
@@ -171,76 +276,129 @@ def _candidates(bf16: bool) -> list[tuple[Mode, str]]:
     return sorted(out.values(), key=lambda mp: (-mp[0].samples_per_s, mp[0].peak_gib))
 
 
-def choose(gpu: GpuInfo | None, batch_size: int) -> Choice:
-    """The fastest measured mode whose peak at `batch_size` fits in USABLE_FRACTION of the card."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+@dataclass(frozen=True)
+class _Option:
+    mode: Mode
+    precision: str
+    batch: int
+    speed: float
+    basis: str
+    peak: float
+
+    def describe(self) -> str:
+        return f"{self.mode.label(self.precision)} at batch {self.batch}: {self.speed:.1f} samples/s, ~{self.peak:.1f} GiB"
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def choose(gpu: GpuInfo | None, batch_size: int, grad_accum: int = 1, label_tokens: int = MEASURED_LABELS,
+           keep_split: bool = False, fixed: dict | None = None) -> Choice:
+    """The (mode, per-device batch) with the best predicted samples/s whose predicted peak fits in
+    USABLE_FRACTION of the card; batch_size x grad_accum, the effective batch, is kept.
+
+    Per-device batches are the divisors of the effective batch (`keep_split`: batch_size only);
+    ties go to the smaller peak. label_tokens: the longest label row (the peak is set by the batch
+    that holds it). fixed: settings your flags fixed (settings() keys): only modes that agree are
+    considered (all of them when none does, and the why-line says so).
+    """
+    if batch_size < 1 or grad_accum < 1:
+        raise ValueError(f"batch_size={batch_size} grad_accum={grad_accum}: both must be >= 1")
+    effective = batch_size * grad_accum
     if gpu is None:
         return Choice(Mode("none", "fp32", False, 0, 0, 0), "fp32", (
             "no CUDA GPU is visible: fp32 (a CPU has no fast fp16/bf16), no quantization (bitsandbytes "
             "int8/nf4 only slow a CPU down), no checkpointing (as the CPU recipe: it only costs time; "
-            "set model.gradient_checkpointing=true if RAM runs short)"
-        ))
+            "set model.gradient_checkpointing=true if RAM runs short), your batch split as given"
+        ), batch_size, grad_accum)
     total = gpu.total_memory / GIB
     budget = total * USABLE_FRACTION
+    tokens = label_tokens
     card = (
         f"{gpu.name} (sm {gpu.capability[0]}.{gpu.capability[1]}{'' if gpu.bf16 else ', no bf16'}) "
-        f"has {total:.1f} GiB, {USABLE_FRACTION:.0%} = {budget:.1f} GiB usable"
+        f"has {total:.1f} GiB, {USABLE_FRACTION:.0%} = {budget:.1f} GiB usable; labels up to {tokens} tokens; "
+        f"{effective} clips per optimizer step ({batch_size} x {grad_accum} asked"
+        f"{': both named, kept' if keep_split else ''})"
     )
     source = f"measured on {MEASURED_ON}; conservative for smaller bases"
     cands = _candidates(gpu.bf16)
-    fits = [(m, p) for m, p in cands if m.peak_at(batch_size) <= budget]
+    # Your flags' settings narrow the modes, the ones that move memory most first; one no
+    # measured mode has (model.precision=bf16 with int8, say) is left out of the narrowing.
+    unmatched = []
+    for key in FIXED_ORDER:
+        if key in (fixed or {}):
+            agree = [(m, p) for m, p in cands if Choice(m, p, "").settings()[key] == fixed[key]]
+            if agree:
+                cands = agree
+            else:
+                unmatched.append(f"{key}={fixed[key]}")
+    if unmatched:
+        card += f"; no measured mode has {' '.join(unmatched)}: predicted without it"
+    sizes = [batch_size] if keep_split else divisors(effective)
+    options = [_Option(m, p, b, *m.speed_at(b), m.peak_at(b, tokens)) for m, p in cands for b in sizes]
+    fits = [o for o in options if o.peak <= budget]
     if fits:
-        mode, prec = fits[0]
-        skipped = [
-            f"{m.label(p)} {m.samples_per_s} samples/s would need ~{m.peak_at(batch_size):.1f} GiB"
-            for m, p in cands if m.samples_per_s > mode.samples_per_s
-        ]
+        best = max(fits, key=lambda o: (o.speed, -o.peak))
+        mode, prec, b = best.mode, best.precision, best.batch
+        # per faster mode, the smallest batch at which it would beat the pick: what it would need
+        faster = {}
+        for o in options:
+            if o.speed > best.speed and o.mode.key() not in faster:
+                faster[o.mode.key()] = o
         stand_in = "" if prec == mode.precision else f" (measured in {mode.precision}, run in {prec})"
+        capped = (not keep_split and b == effective and mode.speed_at(2 * b)[0] > best.speed
+                  and mode.peak_at(2 * b, tokens) <= budget)
         why = (
-            f"{card}; fastest measured mode that fits at batch {batch_size}: {mode.label(prec)}{stand_in}, "
-            f"{mode.samples_per_s} samples/s, peak {mode.peak_gib} GiB at batch {MEASURED_BATCH}"
-            + (f" -> ~{mode.peak_at(batch_size):.1f} GiB at batch {batch_size}" if batch_size != MEASURED_BATCH else "")
-            + (f"; faster but too big: {', '.join(skipped)}" if skipped else "")
+            f"{card}; best predicted that fits: train.batch_size={b} train.grad_accum={effective // b}, "
+            f"{mode.label(prec)}{stand_in}, {best.speed:.1f} samples/s ({best.basis}), ~{best.peak:.1f} GiB "
+            f"({mode.peak_gib} GiB measured at batch {MEASURED_BATCH}, {MEASURED_LABELS}-token labels)"
+            + (f"; faster but too big: {', '.join(o.describe() for o in faster.values())}" if faster else "")
+            + (f"; the per-device batch is capped by the effective batch ({effective} clips per optimizer step): "
+               f"a larger one would change the optimization" if capped else "")
             + (f"; the walkthrough's {WALKTHROUGH.label()} does {WALKTHROUGH.samples_per_s} samples/s "
-               f"at {WALKTHROUGH.peak_gib} GiB" if mode is not WALKTHROUGH else "")
+               f"at {WALKTHROUGH.peak_gib} GiB (batch {MEASURED_BATCH})" if mode is not WALKTHROUGH else "")
             + f" ({source})"
         )
-        return Choice(mode, prec, why)
-    # Nothing fits at this batch size: the smallest mode, and the batch size that would fit.
-    mode, prec = min(cands, key=lambda mp: mp[0].peak_at(batch_size))
-    per_clip = (mode.peak_gib - mode.weights_gib) / MEASURED_BATCH
-    best = math.floor((budget - mode.weights_gib) / per_clip)
-    if best >= 1:
-        # The largest batch that fits and divides yours: the same clips per optimizer step.
-        fit = max(b for b in range(1, best + 1) if batch_size % b == 0)
-        advice = (f"use train.batch_size={fit} train.grad_accum={batch_size // fit} "
-                  f"(~{mode.peak_at(fit):.1f} GiB; multiply grad_accum by any you had)")
+        return Choice(mode, prec, why, b, effective // b, best.speed, best.peak, tokens)
+    # Nothing fits: the smallest mode at the smallest batch allowed, and what would fit.
+    b = sizes[0]
+    mode, prec = min(cands, key=lambda mp: mp[0].peak_at(b, tokens))
+    need = mode.peak_at(b, tokens)
+    fit = [d for d in divisors(effective) if mode.peak_at(d, tokens) <= budget]
+    if keep_split and fit:
+        advice = (f"use train.batch_size={fit[-1]} train.grad_accum={effective // fit[-1]} "
+                  f"(~{mode.peak_at(fit[-1], tokens):.1f} GiB), or name only one of the two and auto splits "
+                  f"the {effective} clips itself")
     else:
-        advice = f"even batch 1 needs ~{mode.peak_at(1):.1f} GiB: use a bigger GPU or a smaller model.base"
+        advice = "use a bigger GPU or a smaller model.base"
     # Smaller modes auto does not pick (they learnt worse), for whoever prefers memory to quality.
-    worse = [f"model.quantization={m.quantization} (~{m.peak_at(batch_size):.1f} GiB, learnt worse: README)"
-             for m in MEASURED if not m.auto and m.peak_at(batch_size) < mode.peak_at(batch_size)]
+    worse = [f"model.quantization={m.quantization} (~{m.peak_at(b, tokens):.1f} GiB, learnt worse: README)"
+             for m in MEASURED if not m.auto and m.peak_at(b, tokens) < need]
     if worse:
         advice += f"; or {', '.join(worse)}"
     why = (
-        f"{card}; no measured mode fits at batch {batch_size}: the smallest, {mode.label(prec)} "
+        f"{card}; no measured mode fits at batch {b}: the smallest, {mode.label(prec)} "
         f"({mode.samples_per_s} samples/s, peak {mode.peak_gib} GiB at batch {MEASURED_BATCH}), needs "
-        f"~{mode.peak_at(batch_size):.1f} GiB; {advice} ({source})"
+        f"~{need:.1f} GiB; {advice} ({source})"
     )
-    return Choice(mode, prec, why)
+    speed = mode.speed_at(b)[0]
+    return Choice(mode, prec, why, b, effective // b, speed, need, tokens)
 
 
-def pickable(batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> list[Choice]:
-    """Every (mode, precision) that `choose` returns for some card and batch size: cards of 1 to
-    200 GiB with and without bf16, the batch sizes given. What a quality guard must cover."""
+def pickable(batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
+             label_tokens: tuple[int, ...] = (MEASURED_LABELS, MAX_LABEL_TOKENS)) -> list[Choice]:
+    """Every (mode, precision) that `choose` returns for some card, effective batch and label length:
+    cards of 1 to 200 GiB with and without bf16, the batch sizes and label lengths given. What a
+    quality guard must cover; the batch split is left out (batch_size None)."""
     seen: dict[tuple, Choice] = {}
     for bf16 in (True, False):
         for gib in range(1, 201):
             gpu = GpuInfo(f"{gib} GiB", gib * GIB, bf16, (9, 0) if bf16 else (7, 5))
             for b in batch_sizes:
-                c = choose(gpu, b)
-                seen.setdefault((c.mode.key(), c.precision), c)
+                for tokens in label_tokens:
+                    c = choose(gpu, b, 1, tokens)
+                    seen.setdefault((c.mode.key(), c.precision), replace(c, batch_size=None, grad_accum=None))
     return sorted(seen.values(), key=lambda c: (-c.mode.samples_per_s, c.precision))
 
 
@@ -259,6 +417,36 @@ def detect() -> GpuInfo | None:
     return GpuInfo(props.name, props.total_memory, props.major >= 8, (props.major, props.minor))
 
 
+def train_label_tokens(cfg, env) -> tuple[int, str]:
+    """(the longest label row the run's training will see, where that number came from).
+
+    The prepared manifest stores no label lengths, so this reads the `labels` column of every
+    train shard (lib.prepared.label_lengths: no audio; about 4 bytes a token, 10,000 clips of
+    50 tokens are 2 MB) of every corpus in data=. The longest, not a percentile: labels are padded
+    to the longest of their batch, so the batch holding it sets the peak. train.* options that
+    lengthen what the decoder sees are added: timestamps one token, previous-text prompts up to
+    lib.augment.MAX_PROMPT + 1; at most MAX_LABEL_TOKENS.
+    """
+    from lib.augment import MAX_PROMPT
+    from lib.prepared import label_lengths
+    from lib.trainer import open_data
+
+    t0 = time.time()
+    longest = clips = 0
+    for _, root, manifest in open_data(env, cfg.data):
+        lengths = label_lengths(root, manifest, "train")
+        clips += len(lengths)
+        longest = max(longest, int(lengths.max()) if len(lengths) else 0)
+    tokens, added = longest, []
+    if cfg.train.timestamp_probability:
+        tokens, added = tokens + 1, [*added, "+1 for train.timestamp_probability"]
+    if cfg.train.prompt_probability:
+        tokens, added = tokens + 1 + MAX_PROMPT, [*added, f"+{1 + MAX_PROMPT} for train.prompt_probability"]
+    tokens = min(tokens, MAX_LABEL_TOKENS)
+    return tokens, (f"the longest train label of data={cfg.data}, {longest} tokens over {clips} clips (the shards' "
+                    f"labels column, read in {time.time() - t0:.1f} s){''.join(f', {a}' for a in added)}")
+
+
 def _flag_keys(flags: list[str]) -> set[str]:
     from lib.config import parse_override
 
@@ -271,25 +459,46 @@ def _flag_keys(flags: list[str]) -> set[str]:
     return set().union(*(walk(parse_override(f), "") for f in flags))
 
 
-def apply_auto(cfg, flags: list[str], probe: Callable[[], GpuInfo | None] | None = None):
+def apply_auto(cfg, flags: list[str], env=None, probe: Callable[[], GpuInfo | None] | None = None,
+               label_tokens: int | None = None):
     """`--recipe auto` on a built TrainConfig: (the config with the choice applied, what was chosen).
 
     `cfg` was built from the walkthrough recipe and your key=value `flags`; the choice replaces
     the settings your flags did not name (dataclasses.replace, so every section's checks run
     again on the result), so the layers are: defaults < walkthrough recipe < the choice < flags.
+    The batch is the exception: train.batch_size x train.grad_accum (flags or recipe) is the
+    effective batch, which auto keeps and re-splits, unless your flags name both (then that split
+    is kept). label_tokens: the longest label (default: read from the train data, through `env`).
     """
     import dataclasses
 
-    choice = choose((probe or detect)(), cfg.train.batch_size)
-    settings = choice.settings()
+    gpu = (probe or detect)()
     named = _flag_keys(flags)
-    won = [f for f in flags if _flag_keys([f]) & set(settings)]
-    log.info("recipe auto: %s because %s%s", choice, choice.why, f"; your flags win: {' '.join(won)}" if won else "")
+    keep = set(BATCH_KEYS) <= named
+    source = None
+    if gpu is not None and label_tokens is None:
+        label_tokens, source = train_label_tokens(cfg, env)
+    mode_keys = set(Choice(WALKTHROUGH, "fp16", "").settings(batch=False))
+    sections = {"model": cfg.model, "train": cfg.train}
+    fixed = {k: getattr(sections[k.split(".")[0]], k.split(".", 1)[1]) for k in sorted(mode_keys & named)}
+    t = cfg.train
+    choice = choose(gpu, t.batch_size, t.grad_accum, label_tokens or MEASURED_LABELS, keep_split=keep, fixed=fixed)
+    settings = choice.settings()
+    won = [f for f in flags if _flag_keys([f]) & mode_keys]
+    split = ""
+    if (choice.batch_size, choice.grad_accum) != (t.batch_size, t.grad_accum):
+        split = (f"; {t.batch_size} x {t.grad_accum} clips per optimizer step run as {choice.batch_size} x "
+                 f"{choice.grad_accum} (the same {t.batch_size * t.grad_accum}; flags naming both train.batch_size "
+                 f"and train.grad_accum keep a split)")
+    log.info("recipe auto: %s because %s%s%s%s", choice, choice.why, f"; labels: {source}" if source else "", split,
+             f"; your flags win: {' '.join(won)}" if won else "")
     section = {"model": {}, "train": {}}
     for key, value in settings.items():
-        if key not in named:
+        if key in BATCH_KEYS or key not in named:
             head, name = key.split(".", 1)
             section[head][name] = value
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **section["model"]),
                               train=dataclasses.replace(cfg.train, **section["train"]))
-    return cfg, {"settings": settings, "why": choice.why, "your_flags_won": won}
+    return cfg, {"settings": settings, "why": choice.why, "your_flags_won": won,
+                 "label_tokens": choice.label_tokens, "label_source": source,
+                 "predicted": {"samples_per_s": choice.samples_per_s, "peak_gib": choice.peak_gib}}

@@ -82,18 +82,18 @@ class Recipe:
         return {"given": self.given, "file": str(self.path) if self.path else None, "choice": self.choice}
 
 
-# A recipe computed on the machine: its base YAML and fn(config, flags) -> (config, choice).
-Computed = tuple[Path, Callable[[Any, list[str]], tuple[Any, dict[str, Any]]]]
+# A recipe computed on the machine: its base YAML and fn(config, flags, env) -> (config, choice).
+Computed = tuple[Path, Callable[[Any, list[str], Any], tuple[Any, dict[str, Any]]]]
 
 
 def build_config(cfg_cls: type[T], recipe: str | None, flags: list[str],
-                 computed: dict[str, Computed] | None = None) -> tuple[T, Recipe]:
+                 computed: dict[str, Computed] | None = None, env: Env | None = None) -> tuple[T, Recipe]:
     """The typed config (defaults < recipe YAML < flags) and the Recipe it came from. A computed
     recipe's name (train's `auto`) builds from its base YAML, then applies its choice to the
-    built config."""
+    built config (given `env`: train's auto reads the label lengths of data=)."""
     if recipe is not None and recipe in (computed or {}):
         base, apply = computed[recipe]
-        cfg, choice = apply(load_config(cfg_cls, base, flags), list(flags))
+        cfg, choice = apply(load_config(cfg_cls, base, flags), list(flags), env)
         return cfg, Recipe(recipe, Path(base), choice)
     return load_config(cfg_cls, recipe, flags), Recipe(recipe, Path(recipe) if recipe else None)
 
@@ -122,7 +122,7 @@ def run_job(
         env = load_env(env_file)
         setup_logging(env)
         summary.mark_start()
-        cfg, recipe = build_config(cfg_cls, args.recipe, args.overrides, computed)
+        cfg, recipe = build_config(cfg_cls, args.recipe, args.overrides, computed, env)
         log.info("%s: environment %s", name, env.describe())
         report_exit("started")
         if len(inspect.signature(main).parameters) >= 3:

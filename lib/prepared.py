@@ -129,6 +129,16 @@ def load_split(path: str | Path, split: str, manifest: dict[str, Any] | None = N
     return Dataset(InMemoryTable(table))
 
 
+def label_lengths(root: str | Path, manifest: dict[str, Any], split: str) -> np.ndarray:
+    """Tokens in each label row of a split (<|startoftranscript|> ... <|endoftext|>), in source order,
+    from the shards' `labels` column alone: no audio is read (about 4 bytes a token)."""
+    import pyarrow.compute as pc
+
+    parts = [pc.list_value_length(shards.read_shard(s["url"], columns=["labels"])["labels"]).to_numpy()
+             for s in split_shards(root, manifest, split)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
 def decode_row(row: dict[str, Any]) -> np.ndarray:
     """A prepared row's audio as 16 kHz float32; a clip that no longer decodes names its row."""
     from lib.audio import AudioError

@@ -3,10 +3,12 @@
 import json
 
 import pytest
+import yaml
 
 from lib.env import Env
 from lib.errors import UserError
 from lib.tools import bench, bench_quality
+from lib.tools.runner import ROOT
 from tests.helpers import SHARED_WHISPER_BASE
 from tests.test_train import data_dir  # noqa: F401  (a fixture)
 
@@ -22,8 +24,9 @@ def test_bench_runs_modes_through_the_train_job_and_appends_the_readme(tmp_path)
         assert "error" not in r, r
         assert r["steady_samples_per_second"] > 0 and r["trainable_params"] > 0
         assert r["profile"]["steps"] == 1 and r["profile"]["seconds_by_kind"]["matmul"] > 0
-    # no GPU: auto chooses fp32 and says so
+    # no GPU: auto chooses fp32 and says so; its row's batch is the split the run used
     assert rows[1]["chosen"].startswith("model.quantization=none model.precision=fp32 ") and "because" in rows[1]["chosen"]
+    assert "train.batch_size=2 train.grad_accum=1" in rows[1]["chosen"] and rows[1]["batch"] == "2 x 1"
     saved = json.loads((tmp_path / "data" / "bench" / "tiny" / "results.json").read_text())
     assert [r["mode"] for r in saved["train"]] == ["fp32", "auto"] and saved["logmel_clips_per_s_per_worker"] > 0
     lines = readme.read_text().splitlines()
@@ -32,6 +35,26 @@ def test_bench_runs_modes_through_the_train_job_and_appends_the_readme(tmp_path)
     assert len(added) == 3 and added[0].startswith("| ") and "tiny" in added[0]
     assert all(ln.count("|") == len(bench.COLUMNS) + 1 for ln in added), added  # as many cells as the header
     assert lines[-1] == "after"
+
+
+def test_auto_e32_asks_for_32_clips_a_step_without_naming_the_batch(tmp_path, monkeypatch):
+    """auto-e32: the recipe's batch x train.grad_accum=4, train.batch_size not named, so that auto
+    may run the 32 clips as 32 x 1 (it keeps a split only when both are named)."""
+    recipe = yaml.safe_load((ROOT / "jobs" / "recipes" / "whisper-large-v2_lora-int8_1gpu.yaml").read_text())
+    assert bench.RECIPE_BATCH == recipe["train"]["batch_size"] == 8
+    cfg = bench.BenchConfig(arch="tiny", modes=["auto-e32", "auto", "bf16-half-compile-b32"])
+    assert [bench._split(m, cfg) for m in cfg.modes] == [(8, 4), (8, 1), (32, 1)]
+    seen = {}
+
+    def fake(job, args, env, logf, timeout=None):
+        seen[args[args.index("--recipe") + 1] if "--recipe" in args else "-"] = args
+        return 1, "boom"
+
+    monkeypatch.setattr(bench, "run_job_process", fake)
+    row = bench.run_mode(cfg, Env(data_dir=tmp_path), "auto-e32", tmp_path / "model", "d")
+    assert row["batch"] == "8 x 4" and "exit 1" in row["error"]
+    args = seen["auto"]
+    assert "train.grad_accum=4" in args and not any(a.startswith("train.batch_size=") for a in args)
 
 
 def test_bench_refuses_unknown_modes_and_too_few_steps():

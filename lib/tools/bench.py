@@ -10,7 +10,8 @@ the real train job (`python -m jobs.train`: Trainer, collator, log-mel, LoRA, qu
 compilation) in a fresh process for `steps` optimizer steps: the first `warmup` are not
 timed, the last `profile_steps` are profiled (not timed) to show where the GPU time goes.
 The default run on a GPU: the walkthrough's 8-bit recipe, the low-memory recipe (<= 8 GiB),
-the fastest recipe, and what `--recipe auto` picks on this machine; then eval (generation)
+the fastest recipe (batch 32), and what `--recipe auto` picks on this machine at 8 and at 32
+clips per optimizer step (`auto`, `auto-e32`: its row's batch is the split it chose); then eval (generation)
 clips/s, ours vs the walkthrough's loop. Prints a table (samples/s, speed over the 8-bit
 mode, tokens/s, peak GPU memory, adapter size, fraction of the GPU's measured bf16 peak,
 GPU busy, GPU time by kind), writes DATA_DIR/bench/ARCH/results.json after every mode,
@@ -66,14 +67,25 @@ MODES: dict[str, list[str]] = {
     "bf16-half-compile-b16": [*_HALF, *_NOCKPT, *_COMPILE, "train.batch_size=16"],
     "bf16-half-compile-b32": [*_HALF, *_NOCKPT, *_COMPILE, "train.batch_size=32"],
     "bf16-compile-model-b32": [*_BF16, *_NOCKPT, "train.batch_size=32", "train.compile=model"],
-    # what `make train RECIPE=auto` picks on this machine (the walkthrough recipe + lib/auto.py's choice)
+    # what `make train RECIPE=auto` picks on this machine (the walkthrough recipe + lib/auto.py's
+    # choice, the batch split included): with the bench's train.batch_size alone, auto keeps that
+    # many clips per optimizer step and may split them (never above it: 8 x 1 at batch 8)
     "auto": [],
+    # auto with 32 clips per optimizer step: the walkthrough recipe's batch (RECIPE_BATCH, 8) x 4,
+    # train.batch_size not named, so auto re-splits the 32 (32 x 1 where it fits, as
+    # bf16-half-compile-b32 runs): auto against the fastest recipe at the same effective batch
+    "auto-e32": ["train.grad_accum=4"],
     # the one a machine without a GPU can run
     "fp32": ["model.quantization=none", "model.precision=fp32", *_NOCKPT],
 }
 # The default run: the issue's targets 1-3 and 5 (eval, target 4, follows): the walkthrough's
-# 8-bit recipe, the low-memory one (<= 8 GiB), the fastest, and what RECIPE=auto picks here.
-GPU_MODES = ["int8-ckpt", "bf16-ckpt90-half-compile", "bf16-half-compile-b32", "auto"]
+# 8-bit recipe, the low-memory one (<= 8 GiB), the fastest (32 clips a step), and what RECIPE=auto
+# picks here for 8 and for 32 clips a step (the second against the fastest, same effective batch).
+GPU_MODES = ["int8-ckpt", "bf16-ckpt90-half-compile", "bf16-half-compile-b32", "auto", "auto-e32"]
+AUTO_MODES = ("auto", "auto-e32")
+RECIPE_BATCH = 8
+"""train.batch_size of jobs/recipes/whisper-large-v2_lora-int8_1gpu.yaml, what --recipe auto starts
+from (lib/ does not import jobs/; a test checks the two agree)"""
 
 
 @dataclass
@@ -201,10 +213,12 @@ def run_mode(cfg: BenchConfig, env: Env, mode: str, model_dir: Path, data: str) 
     run = f"bench-{cfg.arch}-{mode}"
     shutil.rmtree(env.run_dir(run), ignore_errors=True)
     args = [
-        *(["--recipe", "auto"] if mode == "auto" else []),
+        *(["--recipe", "auto"] if mode in AUTO_MODES else []),
         f"run={run}", f"data={data}", f"model.base={model_dir}",
         f"lora.r={cfg.lora_r}", f"lora.alpha={2 * cfg.lora_r}",
-        f"train.batch_size={cfg.batch_size}", f"train.max_steps={cfg.steps}", "train.warmup_steps=0",
+        # a mode that names train.grad_accum runs the recipe's batch (see auto-e32)
+        *([] if _names(mode, "train.grad_accum") else [f"train.batch_size={cfg.batch_size}"]),
+        f"train.max_steps={cfg.steps}", "train.warmup_steps=0",
         f"train.timing_warmup={cfg.warmup}", "train.logging_steps=1", f"train.profile_steps={cfg.profile_steps}",
         f"train.save_steps={10 * cfg.steps}", f"train.eval_steps={10 * cfg.steps}",
         # Trainer evaluates (generates) once after the last step: 27-55 s a mode on the H100 with
@@ -216,10 +230,11 @@ def run_mode(cfg: BenchConfig, env: Env, mode: str, model_dir: Path, data: str) 
     t0 = time.time()
     logf = env.data_dir / "bench" / cfg.arch / f"{mode}.log"
     code, output = run_job_process("train", args, env, logf, timeout=cfg.mode_timeout or None)
+    batch, accum = _split(mode, cfg)
     if code is None:
-        return {"mode": mode, "batch": cfg.batch_size, "wall_s": round(time.time() - t0, 1),
+        return {"mode": mode, "batch": _batch_text(batch, accum), "wall_s": round(time.time() - t0, 1),
                 "error": f"stopped after mode_timeout={cfg.mode_timeout} s (log: {logf})"}
-    row = {"mode": mode, "batch": _flag(mode, cfg, "train.batch_size", cfg.batch_size, int),
+    row = {"mode": mode, "batch": _batch_text(batch, accum),
            "checkpointing": _flag(mode, cfg, "model.gradient_checkpointing", "false", str) == "true"
            and _flag(mode, cfg, "model.checkpoint_fraction", 1.0, float),
            "wall_s": round(time.time() - t0, 1)}
@@ -230,16 +245,35 @@ def run_mode(cfg: BenchConfig, env: Env, mode: str, model_dir: Path, data: str) 
     m = json.loads(mfile.read_text())
     row.update({k: m.get(k) for k in ("steady_samples_per_second", "steady_step_seconds",
                                       "peak_gpu_memory_bytes", "adapter_size_bytes", "trainable_params", "profile")})
-    if mode == "auto":  # what it chose (metrics.json) and what the run then used (config.yaml)
+    if mode in AUTO_MODES:  # what it chose (metrics.json) and what the run then used (config.yaml)
         import yaml
 
         choice = (m.get("recipe") or {}).get("choice") or {}
         flags = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
                          for k, v in (choice.get("settings") or {}).items())
         row["chosen"] = f"{flags} because {choice.get('why', '?')}"
-        used = (yaml.safe_load((env.run_dir(run) / "config.yaml").read_text()) or {}).get("model", {})
-        row["checkpointing"] = bool(used.get("gradient_checkpointing")) and float(used.get("checkpoint_fraction", 1))
+        row["predicted"] = choice.get("predicted")
+        used = yaml.safe_load((env.run_dir(run) / "config.yaml").read_text()) or {}
+        model, train = used.get("model", {}), used.get("train", {})
+        row["checkpointing"] = bool(model.get("gradient_checkpointing")) and float(model.get("checkpoint_fraction", 1))
+        row["batch"] = f"{train.get('batch_size', batch)} x {train.get('grad_accum', accum)}"  # auto's split
     return row
+
+
+def _names(mode: str, key: str) -> bool:
+    """Whether a mode's own flags set `key`."""
+    return any(f.startswith(key + "=") for f in MODES[mode])
+
+
+def _split(mode: str, cfg: BenchConfig) -> tuple[int, int]:
+    """(train.batch_size, train.grad_accum) a mode asks for (auto may re-split them, keeping the product)."""
+    default = RECIPE_BATCH if _names(mode, "train.grad_accum") else cfg.batch_size
+    return _flag(mode, cfg, "train.batch_size", default, int), _flag(mode, cfg, "train.grad_accum", 1, int)
+
+
+def _batch_text(batch: int, accum: int) -> int | str:
+    """The table's batch cell: the per-device batch, x the accumulation steps when there are several."""
+    return batch if accum == 1 else f"{batch} x {accum}"
 
 
 def _flag(mode: str, cfg: BenchConfig, key: str, default, cast):
@@ -358,7 +392,7 @@ def main(cfg: BenchConfig, env: Env) -> list[dict]:
     root.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(cfg.arch, root / "model")
     # enough clips that no mode starts a second epoch (a restart of the loader workers) while timed
-    n = max(16, cfg.steps * max(_flag(r, cfg, "train.batch_size", cfg.batch_size, int) for r in cfg.modes))
+    n = max(16, cfg.steps * max(b * a for b, a in (_split(r, cfg) for r in cfg.modes)))
     data = build_data(env, f"bench-{cfg.arch}-{n}", n, cfg.label_tokens, cfg.eval_clips)
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -159,7 +159,7 @@ def main(cfg: QualityTableConfig, env: Env) -> dict:
 
     if not (env.prepared_dir(cfg.data) / "manifest.json").is_file():
         raise UserError(f"data={cfg.data}: no prepared dataset at {env.prepared_dir(cfg.data)}; run `make prepare`")
-    auto_flags = choose(detect(), cfg.batch_size).flags()
+    auto_flags = choose(detect(), cfg.batch_size).flags(batch=False)  # the mode; the pick rows hold no batch
     todo = rows(cfg, auto_flags)
     log.info("quality table: %d runs, %d at a time; auto here = %s", len(todo), cfg.parallel, " ".join(auto_flags))
     (env.data_dir / "bench" / "quality_table").mkdir(parents=True, exist_ok=True)
