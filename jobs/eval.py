@@ -198,8 +198,9 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     max_new = cfg.max_new_tokens or decode_budget([len(x) for x in ds.with_format(None)["labels"]], prompt)
     log.info("eval: up to %d new tokens per clip%s", max_new, "" if cfg.max_new_tokens else
              " (the split's longest label + 25 % + 8; set max_new_tokens= to change it)")
+    gate = cfg.gate()
     gen = dict(language=language, task=task, batch_size=cfg.batch_size, max_new_tokens=max_new,
-               num_beams=cfg.num_beams, gate=cfg.gate())
+               num_beams=cfg.num_beams, gate=gate)
     label = "adapter" if source.adapter else "model"
     hyps = {label: transcribe_dataset(model, processor, ds, desc=label, cache=cfg.cache, **gen)}
     if source.adapter and cfg.compare_base:
@@ -245,7 +246,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         "counts": {"utterances": len(ds), "audio_hours": sum(durations) / 3600, "limited_to": cfg.limit,
                    **{k: results[label][k] for k in ("empty", "repetition", "too_long", "truncated",
                                                       "judged_no_speech")}},
-        "no_speech_gate": vars(cfg.gate()) if cfg.gate() else None,
+        "no_speech_gate": vars(gate) if gate else None,
         "results": results,
         "speed": {"seconds": seconds, "clips_per_s": len(ds) / max(seconds, 1e-9)},
         "worst": [vars(u) for u in worst(utts[label])],
@@ -271,7 +272,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     if also_sets:
         report["also"], report["forgetting_flags"] = forgetting.evaluate_also(
             also_sets, cfg.also_split, cfg.limit, legs, model, processor, task, cfg.batch_size,
-            cfg.max_new_tokens, cfg.num_beams, cfg.forgetting_max_drop, cfg.forgetting_max_wer_rise, cfg.gate())
+            cfg.max_new_tokens, cfg.num_beams, cfg.forgetting_max_drop, cfg.forgetting_max_wer_rise, gate)
 
     # 9. Optional: time our settings against the walkthrough's loop on the same clips.
     if cfg.speed_compare:

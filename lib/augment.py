@@ -58,6 +58,11 @@ def token_id(tokenizer, name: str) -> int | None:
     return int(i)
 
 
+def no_speech_id(tokenizer) -> int | None:
+    """The id of the base's no-speech token (<|nospeech|>, or <|nocaptions|> in older v2 files), or None."""
+    return next((i for i in (token_id(tokenizer, n) for n in NO_SPEECH_NAMES) if i is not None), None)
+
+
 @dataclass(frozen=True)
 class SpecialTokens:
     """The ids TrainingSamples and the collator write, from one tokenizer."""
@@ -75,7 +80,7 @@ class SpecialTokens:
         names = {"sot": "<|startoftranscript|>", "eot": "<|endoftext|>", "no_timestamps": "<|notimestamps|>",
                  "timestamp_begin": "<|0.00|>", "start_of_prev": "<|startofprev|>"}
         ids = {k: token_id(tokenizer, v) for k, v in names.items()}
-        ids["no_speech"] = next((i for i in (token_id(tokenizer, n) for n in NO_SPEECH_NAMES) if i is not None), None)
+        ids["no_speech"] = no_speech_id(tokenizer)
         missing = [names.get(k, "/".join(NO_SPEECH_NAMES)) for k, v in ids.items() if v is None]
         if missing:
             raise UserError(f"model.base: its tokenizer has no {', '.join(missing)} token: it is not a multilingual "

@@ -183,10 +183,10 @@ def gate_scores(model, tokenizer, encoded, tokens, language: str, task: str,
     and the end token, divided by their count."""
     import torch
 
-    from lib.augment import NO_SPEECH_NAMES, token_id
+    from lib.augment import NO_SPEECH_NAMES, no_speech_id, token_id
     from lib.errors import UserError
 
-    no_speech = next((i for i in (token_id(tokenizer, n) for n in NO_SPEECH_NAMES) if i is not None), None)
+    no_speech = no_speech_id(tokenizer)
     names = ["<|startoftranscript|>", f"<|{language}|>", f"<|{task}|>", "<|notimestamps|>"]
     prompt = [token_id(tokenizer, n) for n in names]
     if no_speech is None or None in prompt:
