@@ -235,3 +235,131 @@ def test_int8_layers_get_half_inputs_and_the_same_gradients(tiny_model_dir):
     for n in grads[0]:
         a, b = grads[0][n], grads[1][n]
         assert ((a - b).norm() / a.norm()).item() < 0.05, n
+
+
+def _int8_weight(out_f: int, in_f: int, seed: int = 0):
+    """(CB, SCB, W): an 8-bit weight as bitsandbytes stores it (row-wise int8 + absmax), and the float W."""
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed)).half()
+    cb, scb, _ = torch.ops.bitsandbytes.int8_vectorwise_quant.default(w, 0.0)
+    return cb, scb, w
+
+
+def _reference_int8(x, cb, scb, bias, threshold):
+    """bitsandbytes' own MatMul8bitLt (what Linear8bitLt runs on a GPU), called directly."""
+    from bitsandbytes.autograd._functions import MatMul8bitLt, MatmulLtState
+
+    state = MatmulLtState()
+    state.threshold, state.has_fp16_weights, state.CB, state.SCB, state.is_training = threshold, False, cb, scb, True
+    return MatMul8bitLt.apply(x, cb, None, bias, state)
+
+
+def _inputs_with_outliers(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 12, 64, generator=g)
+    x[:, :, 5] *= 9  # two columns with activations past the 6.0 threshold (Whisper has such columns)
+    x[0, 3, 40] = -15.0
+    return x.half()
+
+
+def test_int8_without_syncs_computes_what_bitsandbytes_does_outliers_included():
+    """Issue 14 target 4: the mask-based LLM.int8() product (lib.lora._Int8NoSync) gives
+    bitsandbytes' output and input gradient, outlier columns included (threshold 6.0)."""
+    import bitsandbytes  # noqa: F401  (registers the torch.ops.bitsandbytes kernels)
+
+    cb, scb, _ = _int8_weight(48, 64)
+    bias = torch.randn(48).half()
+    x0 = _inputs_with_outliers()
+    grad_out = torch.randn(2, 12, 48, generator=torch.Generator().manual_seed(2)).half()
+    res = {}
+    for name, fn in (("bnb", _reference_int8), ("ours", L._Int8NoSync.apply), ("t0", None)):
+        x = x0.clone().requires_grad_(True)
+        y = fn(x, cb, scb, bias, 6.0) if fn else _reference_int8(x, cb, scb, bias, 0.0)
+        y.backward(grad_out)
+        res[name] = (y.detach().float(), x.grad.float())
+    (y_ref, g_ref), (y, g), (y_t0, _) = res["bnb"], res["ours"], res["t0"]
+    assert y.shape == y_ref.shape == (2, 12, 48)
+    scale = y_ref.abs().max()
+    assert (y - y_ref).abs().max() / scale < 2e-3  # half-precision rounding, summed in another order
+    assert (g - g_ref).abs().max() / g_ref.abs().max() < 1e-3
+    # the outlier columns matter here: without the split (threshold 0) the output is further off
+    assert (y_t0 - y_ref).abs().max() > 10 * (y - y_ref).abs().max()
+
+
+def test_int8_without_syncs_never_asks_the_device_for_a_value(monkeypatch):
+    """The point of _Int8NoSync: no host read of a device tensor (a sync on a GPU). bitsandbytes'
+    own path does read one (`if outliers.any():`), which the same trap catches."""
+    import bitsandbytes  # noqa: F401
+
+    def trap(*a, **k):
+        raise AssertionError("read a tensor's value on the host")
+
+    cb, scb, _ = _int8_weight(48, 64)
+    x = _inputs_with_outliers().requires_grad_(True)
+    for name in ("__bool__", "item", "tolist", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, trap)
+    monkeypatch.setattr(torch, "argwhere", trap)
+    monkeypatch.setattr(torch, "nonzero", trap)
+    L._Int8NoSync.apply(x, cb, scb, None, 6.0).sum().backward()
+    with pytest.raises(AssertionError, match="on the host"):
+        _reference_int8(x.detach().clone(), cb, scb, None, 6.0)
+
+
+def test_int8_without_syncs_is_routed_on_every_8bit_layer_and_trains_the_same(tiny_model_dir):
+    """prepare_for_training(int8_sync_free=True) replaces the forward of every 8-bit layer; on the
+    CPU it falls back to bitsandbytes' (its CPU training path has no sync), so the gradients are
+    those of the run without it."""
+    import bitsandbytes as bnb
+
+    grads = []
+    for sync_free in (False, True):
+        torch.manual_seed(0)
+        base = M.load_base(str(tiny_model_dir), "int8", "fp32")
+        base = L.prepare_for_training(base, "int8", True, 1.0, int8_sync_free=sync_free)
+        model = L.apply_lora(base, LoraSection(r=4, alpha=8, dropout=0.0))
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+        routed = [m for m in layers if getattr(m.forward, "__func__", None) is L._int8_forward_no_sync]
+        assert layers and len(routed) == (len(layers) if sync_free else 0)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(n)))
+        torch.manual_seed(1)
+        model.train()
+        loss = model(input_features=torch.randn(2, 80, 3000), labels=torch.randint(0, 50_000, (2, 6))).loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_int8_without_syncs_on_a_gpu_matches_bitsandbytes_and_never_syncs():
+    """On a GPU: the routed Linear8bitLt gives bitsandbytes' output and input gradient, and runs
+    under torch's sync debug mode set to error (bitsandbytes' own path raises there)."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=False, threshold=6.0).cuda()
+    x0 = _inputs_with_outliers().cuda()
+    outs = []
+    for routed in (False, True):
+        if routed:
+            L.int8_without_syncs(layer)
+        x = x0.clone().requires_grad_(True)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if routed else "default")
+        try:
+            y = layer(x)
+            y.float().pow(2).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        outs.append((y.detach().float().cpu(), x.grad.float().cpu()))
+    (y_ref, g_ref), (y, g) = outs
+    assert (y - y_ref).abs().max() / y_ref.abs().max() < 2e-3
+    assert (g - g_ref).abs().max() / g_ref.abs().max() < 5e-3
+    with pytest.raises(RuntimeError):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _reference_int8(x0.clone(), layer.state.CB, layer.state.SCB, None, 6.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -23,7 +23,13 @@ def run_job_process(job: str, args: list[str], env: Env, logf: Path,
     """`python -m jobs.JOB ARGS` in a fresh process with DATA_DIR = env.data_dir; its output is
     written to `logf`. Returns (exit code, output); the exit code is None when it was stopped
     after `timeout` seconds."""
-    cmd = [sys.executable, "-m", f"jobs.{job}", *args]
+    return run_module_process(f"jobs.{job}", args, env, logf, timeout)
+
+
+def run_module_process(module: str, args: list[str], env: Env, logf: Path,
+                       timeout: float | None = None) -> tuple[int | None, str]:
+    """`python -m MODULE ARGS`, as run_job_process (a tool's reference program, say)."""
+    cmd = [sys.executable, "-m", module, *args]
     logf.parent.mkdir(parents=True, exist_ok=True)
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "DATA_DIR": str(env.data_dir)},
