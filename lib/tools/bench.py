@@ -137,6 +137,9 @@ class BenchConfig:
     """keep what DATA_DIR/bench/ARCH/results.json already holds (modes without an error, the
     plain loop, eval, quality) and run only the rest: one run spread over several commands
     (a machine that stops commands after 10 minutes, say); the report covers all of it"""
+    train_clips: int = 0
+    """train clips of the random dataset; 0 = enough that no mode of this command starts a second
+    epoch (name it when commands of one resumed run time different modes: the dataset is shared)"""
     quality_data: str = ""
     """prepared dataset with real speech for the quality leg (target 6); empty: the leg is skipped"""
     quality_model: str = ""
@@ -459,7 +462,7 @@ def main(cfg: BenchConfig, env: Env) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(cfg.arch, root / "model")
     # enough clips that no mode starts a second epoch (a restart of the loader workers) while timed
-    n = max(16, cfg.steps * max(b * a for b, a in (_split(r, cfg) for r in cfg.modes)))
+    n = cfg.train_clips or max(16, cfg.steps * max(b * a for b, a in (_split(r, cfg) for r in cfg.modes)))
     data = build_data(env, f"bench-{cfg.arch}-{n}", n, cfg.label_tokens, cfg.eval_clips)
 
     # What an earlier command of this run measured (resume=true), kept unless it failed.
@@ -474,7 +477,7 @@ def main(cfg: BenchConfig, env: Env) -> dict:
            "flop_per_sample": {"forward": flops.forward, "train": flops.train(False),
                                "train_checkpointing": flops.train(True)},
            "logmel_clips_per_s_per_worker": logmel,
-           "train": [kept[m] for m in cfg.modes if m in kept], "plain": None, "eval": [], "quality": None,
+           "train": list(kept.values()), "plain": None, "eval": [], "quality": None,
            **{k: before[k] for k in ("plain", "eval", "quality", "commands") if before.get(k)}}
     if res.get("plain") and "error" in res["plain"]:
         res["plain"] = None
@@ -492,7 +495,6 @@ def main(cfg: BenchConfig, env: Env) -> dict:
             row = run_mode(cfg, env, mode, model_dir, data)
             row["label_tokens"] = cfg.label_tokens
             res["train"] = [r for r in res["train"] if r["mode"] != mode] + [row]
-            res["train"].sort(key=lambda r: cfg.modes.index(r["mode"]) if r["mode"] in cfg.modes else len(cfg.modes))
             log.info("bench %s: %s", mode, {k: v for k, v in row.items() if k != "profile"})
             save()
 
