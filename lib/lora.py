@@ -42,8 +42,7 @@ def build_training_model(cfg, precision: str, token: str | None = None):
     half = precision in ("fp16", "bf16") and cfg.model.int8_half_inputs
     M.set_spec_augment(base, cfg.train.spec_augment, cfg.train.mask_time_prob, cfg.train.mask_feature_prob)
     base = prepare_for_training(base, cfg.model.quantization, cfg.model.gradient_checkpointing,
-                                cfg.model.checkpoint_fraction, M.DTYPES[precision] if half else None,
-                                cfg.model.int8_sync_free)
+                                cfg.model.checkpoint_fraction, M.DTYPES[precision] if half else None)
     model = apply_lora(base, cfg.lora)
     if cfg.train.compile == "layers":
         log.info("compile: %d encoder/decoder layers with torch.compile (compiled on their first step)",
@@ -124,88 +123,8 @@ def cast_int8_inputs(model, dtype: torch.dtype) -> int:
     return n
 
 
-class _Int8NoSync(torch.autograd.Function):
-    """bitsandbytes' LLM.int8() product (MatMul8bitLt) for a frozen 8-bit layer, without its two
-    host syncs per call; same arithmetic.
-
-    Why: with an outlier threshold (6.0, BitsAndBytesConfig's default and the walkthrough's),
-    MatMul8bitLt's quantization asks `if outliers.any():` and `torch.argwhere(...)` to gather the
-    outlier columns: both wait for the GPU. An int8 large-v2 step makes 512 such calls forward
-    and 512 again in checkpointing's recompute, so the GPU drains its queue a thousand times a
-    step and then waits for Python to launch the next kernels (GPU busy 32 % of a 1.33 s step on
-    the H200, issue 14). Here the split is done with masks, whatever the number of outliers:
-      - the outlier elements (|a| >= threshold) are zeroed, the rest row-quantized to int8 by
-        bitsandbytes' own kernel (threshold 0: no gathering), the outlier columns zeroed: what
-        MatMul8bitLt's kernel makes;
-      - the int8 product + dequantization + bias: bitsandbytes' int8_scaled_mm, as there;
-      - the outlier columns' part in half precision: bitsandbytes multiplies the gathered
-        columns A[:, cols] by the dequantized weight columns; this multiplies A with every
-        other column zeroed by the whole dequantized weight. The same sum (the extra terms are
-        exact zeros) in another order: equal up to half-precision rounding, at the cost of a
-        half-precision product the size of the layer (cheap next to the idle time it removes).
-    Backward (the input gradient only: the base is frozen) is MatMul8bitLt's: grad @ dequant(W).
-    Nothing of the input is kept for backward (MatMul8bitLt keeps it on ctx).
-    """
-
-    @staticmethod
-    def forward(ctx, x, CB, SCB, bias, threshold: float):
-        ops = torch.ops.bitsandbytes
-        a = x.reshape(-1, x.shape[-1])
-        a16 = a.to(torch.float16)
-        if threshold > 0:
-            big = a16.abs() >= threshold
-            cols = big.any(dim=0)  # [in]: the outlier columns, a mask on the GPU, never read by the host
-            a16 = a16.masked_fill(big, 0)
-        CA, SCA, _ = ops.int8_vectorwise_quant.default(a16, 0.0)
-        if threshold > 0:
-            CA = CA.masked_fill(cols, 0)
-        out = ops.int8_scaled_mm.default(CA, CB, SCA, SCB, bias=bias, dtype=x.dtype)
-        if threshold > 0:
-            w = ops.int8_vectorwise_dequant.default(CB, SCB).to(x.dtype)  # [out, in]
-            out = out.addmm(a.masked_fill(~cols, 0), w.t())
-        ctx.save_for_backward(CB, SCB)
-        ctx.shape, ctx.dtype = x.shape, x.dtype
-        return out.view(*x.shape[:-1], CB.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        CB, SCB = ctx.saved_tensors
-        w = CB.to(ctx.dtype, copy=True).mul_(SCB.unsqueeze(1).mul(1.0 / 127.0))
-        grad_x = torch.matmul(grad.reshape(-1, grad.shape[-1]).to(ctx.dtype), w).view(ctx.shape)
-        return grad_x, None, None, None, None
-
-
-def _int8_forward_no_sync(self, x):
-    """Linear8bitLt.forward through _Int8NoSync where that applies (CUDA, frozen weight and bias,
-    8-bit weights in place); bitsandbytes' own forward otherwise."""
-    self.state.is_training = self.training
-    if self.weight.CB is not None:  # the first call moves the int8 weight into the state, as bitsandbytes does
-        self.init_8bit_state()
-    state, bias = self.state, self.bias
-    frozen = not self.weight.requires_grad and (bias is None or not bias.requires_grad)
-    if not (x.is_cuda and frozen and not state.has_fp16_weights and state.CB is not None and x.numel()):
-        return type(self).forward(self, x)
-    if bias is not None and bias.dtype != x.dtype:  # as bitsandbytes: the bias follows the input
-        bias.data = bias.data.to(x.dtype)
-    return _Int8NoSync.apply(x, state.CB, state.SCB, bias, float(state.threshold))
-
-
-def int8_without_syncs(model) -> int:
-    """Route every 8-bit linear layer's forward through _Int8NoSync; returns how many layers."""
-    import types
-
-    import bitsandbytes as bnb
-
-    n = 0
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear8bitLt):
-            m.forward = types.MethodType(_int8_forward_no_sync, m)
-            n += 1
-    return n
-
-
 def prepare_for_training(model, quantization: str, gradient_checkpointing: bool, checkpoint_fraction: float = 1.0,
-                         int8_input_dtype: torch.dtype | None = None, int8_sync_free: bool = False):
+                         int8_input_dtype: torch.dtype | None = None):
     """Freeze the base, upcast what must be fp32, turn on (non-reentrant) checkpointing
     for `checkpoint_fraction` of the encoder and decoder layers (see select_checkpointed)."""
     from peft import prepare_model_for_kbit_training
@@ -251,8 +170,6 @@ def prepare_for_training(model, quantization: str, gradient_checkpointing: bool,
     add_encoder_input_grad_hook(model)
     if quantization == "int8" and int8_input_dtype is not None:
         cast_int8_inputs(model, int8_input_dtype)
-    if quantization == "int8" and int8_sync_free:
-        int8_without_syncs(model)
     return model
 
 

@@ -35,10 +35,6 @@ class ModelConfig:
     """quantization=int8 with fp16/bf16 precision: hand the 8-bit layers their input in that
     precision (bitsandbytes casts it to fp16 in forward anyway; the backward then multiplies in
     half precision, not fp32); false = the fp32 inputs PEFT's upcast leaves"""
-    int8_sync_free: bool = True
-    """quantization=int8 on a GPU: bitsandbytes' 8-bit product with its outlier split done by
-    masks, not by asking the GPU which columns have outliers (two host syncs per layer call);
-    same arithmetic up to rounding (lib/lora.py _Int8NoSync); false = bitsandbytes' own path"""
 
     def __post_init__(self):
         # lib.config reads the flag value `none` as YAML null; both mean full precision here.

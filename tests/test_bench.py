@@ -189,7 +189,7 @@ def test_targets_table_judges_each_target_from_one_results_file():
                      _quality_result("auto", 42, 0.047, 0.017),
                      _quality_result("pick:slow", 42, 0.070, 0.018)]}
     res = {"bf16_peak_tflops": 780.0,
-           "train": [_row("int8-ckpt", 6.0, 4.9), _row("int8-ckpt-bnb", 4.8, 5.4),
+           "train": [_row("int8-ckpt", 6.0, 4.9), _row("int8-ckpt-fp32in", 4.8, 5.4),
                      _row("bf16-ckpt-half-compile-b16", 30.0, 7.5, batch=16),
                      _row("bf16-half-compile-b32", 54.4, 67.7, batch=32, busy=0.89),
                      _row("auto-e32", 53.1, 67.7, batch="32 x 1", step=32 / 53.1, chosen="train.batch_size=32 because x",
@@ -206,7 +206,7 @@ def test_targets_table_judges_each_target_from_one_results_file():
     assert "**54.40**" in t1 and "bf16-half-compile-b32" in t1 and "missed: 46 % short" in t1 and "GPU busy 89 %" in t1
     assert "98 % of `bf16-half-compile-b32`" in t2 and t2.endswith("**met** |")
     assert "bf16-ckpt-half-compile-b16" in t3 and "**5.00x**" in t3 and t3.endswith("**met** |")
-    assert "**1.20x**" in t4 and "missed: 20 % short" in t4 and "int8-ckpt-bnb" in t4
+    assert "**1.20x**" in t4 and "missed: 20 % short" in t4 and "int8-ckpt-fp32in" not in t4
     assert "**51.0x**" in t5 and t5.endswith("**met** |")
     # int8: WER mean 4.5, spread 1.0 -> 5.5 the bar; pick:slow's 7.0 is above it, auto's 4.7 is not
     assert "pick:slow s42 (7.00 / 1.80)" in t6 and "auto s42" not in t6 and t6.endswith("missed |")
