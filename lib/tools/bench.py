@@ -3,16 +3,21 @@
     python -m lib.tools.bench                                   # large-v2, the default run below
     python -m lib.tools.bench arch=tiny modes=fp32,auto steps=6   # quick look on any machine
     make bench ARGS="extra=train.num_workers=8 readme=README.md"   # the README's H100 run
+    make bench ARGS="train_clips=320 extra=train.num_workers=8 quality_data=synth-hi quality_model=..."  # issue 14
 
 Random weights need no Hub: the model is built from the architecture's published config,
 the inputs are 30 s clips with 40-token labels (the walkthrough's shapes). Each mode runs
 the real train job (`python -m jobs.train`: Trainer, collator, log-mel, LoRA, quantization,
 compilation) in a fresh process for `steps` optimizer steps: the first `warmup` are not
 timed, the last `profile_steps` are profiled (not timed) to show where the GPU time goes.
-The default run on a GPU: the walkthrough's 8-bit recipe, the low-memory recipe (<= 8 GiB),
-the fastest recipe (batch 32), and what `--recipe auto` picks on this machine at 8 and at 32
-clips per optimizer step (`auto`, `auto-e32`: its row's batch is the split it chose); then eval (generation)
-clips/s, ours vs the walkthrough's loop. Prints a table (samples/s, speed over the 8-bit
+The default run on a GPU (issue 14's six targets, `targets()`): the walkthrough's 8-bit recipe,
+the low-memory recipe (<= 8 GiB), the fastest recipe (batch 32), and what `--recipe auto` picks on
+this machine at 32 clips per optimizer step (`auto-e32`: its row's batch is the split it chose);
+the walkthrough as a plain training loop (lib/tools/plain_loop.py, target 4's reference); eval
+(generation) clips/s, ours vs the walkthrough's loop; with quality_data= and quality_model=, the
+quality table on real weights (lib/tools/bench_quality_table.py, target 6). `legs=` picks what
+runs and `resume=true` keeps what results.json already holds, so one run can span several
+commands (each prints the report of all of it). Prints a table (samples/s, speed over the 8-bit
 mode, tokens/s, peak GPU memory, adapter size, fraction of the GPU's measured bf16 peak,
 GPU busy, GPU time by kind), writes DATA_DIR/bench/ARCH/results.json after every mode,
 and appends the rows to the benchmarks table in README.md (above `<!-- bench:rows -->`)
@@ -86,7 +91,7 @@ MODES: dict[str, list[str]] = {
 # (target 4, against the plain loop, below), the low-memory recipe (<= 8 GiB, target 3), the
 # fastest (32 clips a step, target 1), and what RECIPE=auto picks here for 32 clips a step
 # (target 2: against the fastest at the same effective batch).
-GPU_MODES = ["int8-ckpt", "bf16-ckpt-half-compile-b16", "bf16-half-compile-b32", "auto-e32"]
+GPU_MODES = ["int8-ckpt", "bf16-ckpt-half-compile-b24", "bf16-half-compile-b32", "auto-e32"]
 LEGS = ("train", "plain", "eval", "quality")
 AUTO_MODES = ("auto", "auto-e32")
 RECIPE_BATCH = 8
