@@ -8,9 +8,10 @@
 
 Reads a Common Voice release folder, a Mozilla Data Collective download, a Hugging Face Hub
 dataset, a CSV/TSV/JSONL manifest or an audiofolder; decodes every clip once (to check it and
-measure it), keeps its encoded bytes (mp3/flac/ogg as they are, anything else as 16 kHz FLAC),
-tokenizes the canonical transcript (lib.metrics.canonical) with the <|lang|><|task|> prefix
-(a manifest's `segments`, checked, also as timestamped labels: the ts_labels column), and
+measure it), keeps its encoded bytes (mp3/flac/ogg as they are, anything else as 16 kHz FLAC,
+or Opus with pcm_codec=opus), tokenizes the canonical transcript (lib.metrics.canonical) with
+the <|lang|><|task|> prefix (a manifest's `segments`, checked, also as timestamped labels: the
+ts_labels column), and
 drops (and reports) rows that cannot train: undecodable or truncated audio, missing clips,
 empty transcripts, clips outside [min_duration, max_duration], labels over
 max_target_positions, speech impossibly fast for the audio, duplicate clips, and train
@@ -94,6 +95,10 @@ class PrepareConfig:
     DATA_DIR; each takes every shard_count-th chunk."""
     shard_index: int | None = None
     """This machine's index, 0..shard_count-1; default: JOB_COMPLETION_INDEX (an Indexed Job sets it)."""
+    pcm_codec: Literal["flac", "opus"] = "flac"
+    """What PCM sources (wav, ...) are stored as: flac (lossless) or opus (lossy, opus_kbps); mp3/flac/ogg stay as given."""
+    opus_kbps: int = 32
+    """Opus bitrate in kbit/s for pcm_codec=opus (6..256): 32 is about 12-15 MB per audio hour, FLAC 65-90."""
     force: bool = False
     """Redo the work even if DATA_DIR/prepared/NAME is up to date."""
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -112,6 +117,10 @@ class PrepareConfig:
         if not 0 <= self.validation_fraction <= 0.5:
             raise UserError(f"validation_fraction={self.validation_fraction}: use a share of train between 0 "
                             f"(no held-out validation) and 0.5; the default is 0.05")
+        lo, hi = shards.OPUS_KBPS
+        if not lo <= self.opus_kbps <= hi:
+            raise UserError(f"opus_kbps={self.opus_kbps}: use {lo}..{hi} kbit/s (libsndfile's Opus range; 32 is "
+                            f"the default, 16-24 still serve speech, more than 64 is no longer small)")
         if self.chunk_rows < 1:
             raise UserError(f"chunk_rows={self.chunk_rows}: must be at least 1")
         if self.shard_count < 1:
@@ -138,6 +147,13 @@ class PrepareConfig:
         return index
 
 
+def pcm_storage(cfg: PrepareConfig) -> str:
+    """What PCM sources become, in words for the log and manifest.json's storage."""
+    if cfg.pcm_codec == "opus":
+        return f"Ogg/Opus {cfg.opus_kbps} kbit/s (lossy)"
+    return "16-bit FLAC (lossless)"
+
+
 def _finished(out) -> dict | None:
     try:
         return json.loads((out / MANIFEST).read_text())
@@ -156,9 +172,9 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
     cfg.language = resolve_language(cfg.language, tokenizer)
     known = sorted(known_languages(tokenizer))
     limits = Limits(cfg.min_duration, cfg.max_duration, max_target_positions(cfg.model))
-    log.info("%s: %s -> %s, language=%s task=%s, tokenizer %s, clips %.1f-%.0f s, labels <= %d tokens", who,
-             cfg.source.kind, out, cfg.language, cfg.task, cfg.model, cfg.min_duration, cfg.max_duration,
-             limits.max_label_tokens)
+    log.info("%s: %s -> %s, language=%s task=%s, tokenizer %s, clips %.1f-%.0f s, labels <= %d tokens, "
+             "PCM sources as %s", who, cfg.source.kind, out, cfg.language, cfg.task, cfg.model, cfg.min_duration,
+             cfg.max_duration, limits.max_label_tokens, pcm_storage(cfg))
 
     # 2. Read the source rows (downloading for mdc; a hub source into the work folder, never
     #    HF_HOME); nothing is decoded yet. Drop duplicates and train/validation rows whose clip or
@@ -182,10 +198,14 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
         log.info("%s: rows with segments (timestamped labels, ts_labels) per split %s", who, segment_rows)
 
     # 3. Skip everything if a finished dataset was made from the same inputs and config.
+    #    The PCM codec is a part of its own, present only for opus: a flac dataset keeps the
+    #    fingerprint it had before the flag existed (not redone), an opus one never matches it.
     settings = {k: v for k, v in to_dict(cfg).items()
-                if k not in ("num_proc", "force", "chunk_rows", "name", "shard_count", "shard_index")}
+                if k not in ("num_proc", "force", "chunk_rows", "name", "shard_count", "shard_index", "pcm_codec",
+                             "opus_kbps")}
     fp = fingerprint(PROCESS_VERSION, settings, rows.signature, limits.max_label_tokens,
-                     *([{"segments": SEGMENTS_VERSION}] if any(segment_rows.values()) else []))
+                     *([{"segments": SEGMENTS_VERSION}] if any(segment_rows.values()) else []),
+                     *([{"pcm_codec": cfg.pcm_codec, "opus_kbps": cfg.opus_kbps}] if cfg.pcm_codec != "flac" else []))
     old = _finished(out)
     if old is not None and old.get("format") != shards.FORMAT:
         log.warning("%s: %s was prepared in an older format (float32 arrays, before format %d: encoded audio in "
@@ -207,7 +227,7 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
     log.info("%s: %d chunks of <= %d rows in the plan, %d for this index: %d already done, %d to do on %d workers",
              who, len(plan), cfg.chunk_rows, len(ours), len(ours) - len(todo), len(todo), min(cfg.num_proc, len(todo)))
     work.mkdir(parents=True, exist_ok=True)
-    processor = Processor(cfg.model, cfg.task, limits, known)
+    processor = Processor(cfg.model, cfg.task, limits, known, cfg.pcm_codec, cfg.opus_kbps)
     progress = Progress(who, len(todo), sum(c.hi - c.lo for c in todo))
     extra = {"source_cache_bytes": staging.folder_bytes(hub_cache, skip_hub_cache=False)}
     run_chunks((lambda c=c: chunk_task(rows.splits[c.split], c, work, fp, extra) for c in todo), len(todo),
@@ -243,9 +263,9 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
                  info["rows"], info["hours"], info["bytes"] / 1e6, len(info["shards"]), info["rows_read"],
                  info["skipped"])
     st = manifest["storage"]
-    log.info("%s: %.1f MB per audio hour (source %.1f MB, %.2fx), peak %.2fx the final size", who,
-             st["bytes_per_audio_hour"] / 1e6, st["source_bytes_per_audio_hour"] / 1e6, st["bytes_vs_source"],
-             st["peak_vs_final"])
+    log.info("%s: %.1f MB per audio hour (source %.1f MB, %.2fx), peak %.2fx the final size; stored formats %s "
+             "(PCM sources as %s)", who, st["bytes_per_audio_hour"] / 1e6, st["source_bytes_per_audio_hour"] / 1e6,
+             st["bytes_vs_source"], st["peak_vs_final"], st["formats"], st["pcm_storage"])
     skipped = manifest["skipped"]
     for s in skipped[:20]:
         log.warning("%s: skipped %s %s: %s", who, s["split"], s["where"], s["reason"])
@@ -311,6 +331,9 @@ def _finish(cfg, index, who, out, work, fp, plan, rows, counts_in, overlaps, val
         "peak_vs_final": round(max(disk.peak, total) / total, 3),
         "source_cache_bytes": max(side.get("source_cache_bytes") or 0 for side in sides),
         "formats": dict(sum((Counter(info["formats"]) for info in splits.values()), Counter())),
+        "pcm_codec": cfg.pcm_codec,
+        "opus_kbps": cfg.opus_kbps if cfg.pcm_codec == "opus" else None,
+        "pcm_storage": pcm_storage(cfg),
     }
     manifest = {
         "name": cfg.name,

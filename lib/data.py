@@ -2,10 +2,11 @@
 
 One chunk of source rows (chunk_rows of one split) is one task and one shard (lib/shards.py):
 a worker decodes each clip once with lib.audio.decode (truncation, duration limits), tokenizes
-its canonical transcript and stores `shards.compact(source bytes, audio)`: the source's own
-mp3/flac/ogg bytes, or 16 kHz FLAC for anything else. Nothing float32 reaches the disk. A row
-that cannot be used is listed in the chunk's sidecar with its reason, so that the report lists
-every dropped row and the counts add up (kept + skipped = rows read).
+its canonical transcript and stores `shards.compact(source bytes, audio, ...)`: the source's own
+mp3/flac/ogg bytes, or for anything else (PCM) 16 kHz audio in prepare's pcm_codec (FLAC, or
+Opus). Nothing float32 reaches the disk. A row that cannot be used is listed in the chunk's
+sidecar with its reason, so that the report lists every dropped row and the counts add up
+(kept + skipped = rows read).
 
 Workers are `num_proc` processes (spawn: a fresh interpreter each, no forked tokenizer or Arrow
 thread state); a task carries only its own rows (paths and text, or a Hub chunk's bytes), and
@@ -107,8 +108,10 @@ class Processor:
     Picklable (each worker process gets a copy); each process loads the tokenizer once.
     """
 
-    def __init__(self, model: str, task: str, limits: Limits, known_languages: list[str]):
+    def __init__(self, model: str, task: str, limits: Limits, known_languages: list[str],
+                 pcm_codec: str = "flac", opus_kbps: int = 32):
         self.model, self.task, self.limits = model, task, limits
+        self.pcm_codec, self.opus_kbps = pcm_codec, opus_kbps  # what PCM sources become (shards.compact)
         self.known = set(known_languages)
         self._tok = None
         self._lang = None
@@ -176,7 +179,7 @@ class Processor:
             return None, f"labels too long: {len(labels)} tokens > {lim.max_label_tokens} (max_target_positions)"
         segs = json.loads(segments) if segments else []
         ts_labels = self._segment_labels(labels, segs, seconds, where, row_id) if segs else []
-        stored, fmt = shards.compact(data, audio, SAMPLING_RATE)
+        stored, fmt = shards.compact(data, audio, SAMPLING_RATE, self.pcm_codec, self.opus_kbps)
         return Clip(text, labels, seconds, stored, fmt, len(data), ts_labels, len(segs)), ""
 
 

@@ -161,9 +161,11 @@ def audio_arrays(ds, start: int = 0, stop: int | None = None) -> list[np.ndarray
     return [decode_row(r) for r in part]
 
 
-def write_rows(root: str | Path, split: str, rows, shard_rows: int = 2000) -> dict[str, Any]:
+def write_rows(root: str | Path, split: str, rows, shard_rows: int = 2000, pcm_codec: str = "flac",
+               opus_kbps: int = 32) -> dict[str, Any]:
     """Write rows (dicts with id, audio: 16 kHz float32 or encoded bytes, text, labels, and optionally
     language, speaker, where, ts_labels) as a split's shards under `root`; returns the split's manifest entry.
+    Float32 audio is stored as prepare stores PCM (shards.pcm_bytes: FLAC, or Opus at opus_kbps).
     For tools and tests that make small datasets; `make prepare` writes through its own workers."""
     from lib.audio import SAMPLING_RATE
 
@@ -180,7 +182,7 @@ def write_rows(root: str | Path, split: str, rows, shard_rows: int = 2000) -> di
                 seconds = float(r["duration"])
             else:
                 audio = np.asarray(audio, dtype=np.float32)
-                data, fmt = shards.flac_bytes(audio, SAMPLING_RATE), "flac"
+                data, fmt = shards.pcm_bytes(audio, SAMPLING_RATE, pcm_codec, opus_kbps)
                 seconds = len(audio) / SAMPLING_RATE
             for c, v in (("id", str(r["id"])), ("audio", data), ("audio_format", fmt), ("text", r["text"]),
                          ("labels", [int(x) for x in r["labels"]]), ("language", r.get("language", "")),

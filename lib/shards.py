@@ -14,7 +14,8 @@ listing, so a stray half-written file is never read.
 Every shard has the columns of SCHEMA:
   id            clip file name or manifest row: stable
   audio         the clip's encoded bytes: the source's own mp3/flac/ogg/opus bytes, kept as
-                they are; anything else (PCM wav, ...) re-encoded to FLAC at 16 kHz
+                they are; anything else (PCM wav, ...) re-encoded at 16 kHz by prepare's
+                pcm_codec: FLAC (lossless, the default) or Ogg/Opus at opus_kbps (lossy)
   audio_format  "mp3", "flac", "ogg", ... what `audio` holds (sniffed from its bytes)
   text          the transcript in lib.metrics.canonical spelling: what labels encode, what eval scores
   labels        tokenized transcript with the <|sot|><|lang|><|task|> prefix and <|endoftext|>
@@ -51,7 +52,16 @@ ADDED_COLUMNS = ("ts_labels",)
 """list columns added to format 2 after its first shards were written: read as [] where absent"""
 
 KEPT_FORMATS = ("mp3", "flac", "ogg")
-"""Encodings stored as the source gave them (ogg covers Vorbis and Opus); others become FLAC"""
+"""Encodings stored as the source gave them (ogg covers Vorbis and Opus); others are re-encoded"""
+
+PCM_CODECS = ("flac", "opus")
+"""What a PCM source (wav, ...) is re-encoded to: lossless FLAC, or lossy Ogg/Opus"""
+
+PCM_FORMATS = {"flac": "flac", "opus": "ogg"}
+"""The audio_format a PCM codec's bytes are stored under (sniff_format's name for them)"""
+
+OPUS_KBPS = (6, 256)
+"""The bitrates libsndfile's Opus encoder takes, kbit/s per channel"""
 
 ROW_GROUP_ROWS = 256
 """Parquet row-group size: small enough that a reader can fetch a few rows of a shard"""
@@ -105,13 +115,45 @@ def flac_bytes(audio: np.ndarray, sampling_rate: int) -> bytes:
     return buf.getvalue()
 
 
-def compact(data: bytes, audio: np.ndarray, sampling_rate: int) -> tuple[bytes, str]:
+def opus_bytes(audio: np.ndarray, sampling_rate: int, kbps: int) -> bytes:
+    """Ogg/Opus of a mono float waveform at `kbps` kbit/s (lossy; 32 kbit/s is 14.4 MB an hour
+    plus Ogg's pages, against about 60-90 MB for FLAC of speech).
+
+    libsndfile takes no bitrate, only a compression level in [0, 1] that it maps linearly onto
+    6..256 kbit/s per channel (ogg_opus.c: bitrate = (1 - level) x 250000 + 6000), so the level
+    is that mapping inverted; the half bit/s keeps its int() truncation from landing 1 below.
+    Opus codes 16 kHz natively (wideband, no resampling), and libsndfile writes the pre-skip and
+    the final granule position, so lib.audio.decode gives back exactly len(audio) samples."""
+    import soundfile as sf
+
+    lo, hi = OPUS_KBPS
+    if not lo <= kbps <= hi:
+        raise ValueError(f"opus kbps={kbps}: libsndfile's Opus encoder takes {lo}..{hi}")
+    level = max(0.0, 1.0 - (kbps * 1000 + 0.5 - lo * 1000) / ((hi - lo) * 1000))
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0), sampling_rate, format="OGG",
+             subtype="OPUS", compression_level=level)
+    return buf.getvalue()
+
+
+def pcm_bytes(audio: np.ndarray, sampling_rate: int, codec: str = "flac", kbps: int = 32) -> tuple[bytes, str]:
+    """(bytes, audio_format) of a decoded PCM clip in prepare's pcm_codec: FLAC, or Opus at kbps."""
+    if codec == "flac":
+        return flac_bytes(audio, sampling_rate), PCM_FORMATS["flac"]
+    if codec == "opus":
+        return opus_bytes(audio, sampling_rate, kbps), PCM_FORMATS["opus"]
+    raise ValueError(f"pcm codec {codec!r}: use one of {', '.join(PCM_CODECS)}")
+
+
+def compact(data: bytes, audio: np.ndarray, sampling_rate: int, codec: str = "flac",
+            kbps: int = 32) -> tuple[bytes, str]:
     """(bytes to store, their format) for a clip whose source bytes are `data` and whose decoded
-    waveform (at `sampling_rate`) is `audio`: compressed sources as they are, the rest as FLAC."""
+    waveform (at `sampling_rate`) is `audio`: compressed sources as they are, the rest (PCM) in
+    `codec` (pcm_bytes: FLAC, or Opus at `kbps`)."""
     fmt = sniff_format(data)
     if fmt in KEPT_FORMATS:
         return bytes(data), fmt
-    return flac_bytes(audio, sampling_rate), "flac"
+    return pcm_bytes(audio, sampling_rate, codec, kbps)
 
 
 def decode_audio(data: bytes, name: str) -> np.ndarray:

@@ -56,12 +56,17 @@ def done(job: str, lines: dict[str, Any], stream=None) -> str:
 
 
 def prepare_summary(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """prepare's lines: the folder, rows and hours per split, what was skipped."""
+    """prepare's lines: the folder, rows and hours per split, the storage (MB per audio hour, the
+    PCM codec), what was skipped."""
     lines: dict[str, Any] = {"outputs": f"{out} (manifest.json lists every skipped row and why)"}
     for split, info in manifest.get("splits", {}).items():
         lines[split] = (f"{info['rows']} rows, {info['hours']:.3f} h"
                         + (f" ({info['rows_read']} read, {info['skipped']} skipped)" if "rows_read" in info else "")
                         + (f", {info['segment_rows']} with segments" if info.get("segment_rows") else ""))
+    st = manifest.get("storage") or {}
+    if "bytes_per_audio_hour" in st:
+        lines["storage"] = (f"{st['bytes_per_audio_hour'] / 1e6:.1f} MB per audio hour"
+                            + (f", PCM sources as {st['pcm_storage']}" if st.get("pcm_storage") else ""))
     reasons = manifest.get("skipped_by_reason") or {}
     lines["skipped"] = ", ".join(f"{n} {why}" for why, n in reasons.items()) or "none"
     lines["next"] = f"make train DATA={manifest.get('name', out.name)} RUN=<name>"

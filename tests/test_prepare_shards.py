@@ -21,6 +21,7 @@ from jobs.prepare import PrepareConfig, main
 from lib import shards, staging
 from lib.config import load_config
 from lib.env import Env
+from lib.errors import UserError
 from lib.prepared import read_manifest
 from tests.test_prepare import CV, REPO, split_rows
 
@@ -107,6 +108,173 @@ def test_wav_is_stored_as_flac_mp3_as_given_and_both_decode_back(tiny_model_dir,
         assert np.abs(back - want).max() <= (0 if name.endswith("pcm16.wav") else 0.5 / 32768) + 1e-9, name
         assert abs(r["duration"] - len(want) / SR) < 1e-4
     assert m["storage"]["formats"] == {"flac": 2, "mp3": 1}
+
+
+# ---------------------------------------------------------------- pcm_codec=opus (issue 12: 60 MB an hour)
+
+
+def snr_db(want: np.ndarray, got: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(want.astype(np.float64) ** 2) / np.sum((want - got).astype(np.float64) ** 2)))
+
+
+def test_pcm_codec_opus_stores_wav_as_ogg_opus_that_decodes_to_16k_at_its_length(tiny_model_dir, tmp_path):
+    from lib.audio import decode
+    from lib.summary import prepare_summary
+
+    root = tmp_path / "corpus"
+    (root / "clips").mkdir(parents=True)
+    tone = clip(1.2, 330, 0)
+    sf.write(root / "clips/pcm16.wav", tone, SR, subtype="PCM_16")
+    t = np.arange(int(1.1 * 22_050)) / 22_050  # a float wav at 22.05 kHz: resampled to 16 kHz first
+    sf.write(root / "clips/float.wav", (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 22_050,
+             subtype="FLOAT")
+    sf.write(root / "clips/tone.mp3", np.interp(np.arange(len(tone) * 3) / 3, np.arange(len(tone)), tone), 48_000,
+             format="MP3")
+    (root / "m.csv").write_text("audio,text\nclips/pcm16.wav,one\nclips/float.wav,two\nclips/tone.mp3,three\n")
+    m = prepare(tmp_path / "data", tiny_model_dir, "name=o", "language=en", "source.kind=manifest",
+                f"source.path={root / 'm.csv'}", "validation_fraction=0", "pcm_codec=opus")
+    out = tmp_path / "data" / "prepared" / "o"
+    rows = {r["id"]: r for r in split_rows(out, "train")}
+    assert {i: r["audio_format"] for i, r in rows.items()} == {
+        "clips/pcm16.wav": "ogg", "clips/float.wav": "ogg", "clips/tone.mp3": "mp3"}
+    assert rows["clips/tone.mp3"]["audio"] == (root / "clips/tone.mp3").read_bytes()  # compressed: as given
+    for name in ("clips/pcm16.wav", "clips/float.wav"):
+        data = rows[name]["audio"]
+        assert data[:4] == b"OggS" and b"OpusHead" in data[:64], name  # Opus, not Vorbis
+        back, want = shards.decode_audio(data, name), decode(root / name)
+        # libsndfile honours Opus's pre-skip and end granule: the same samples count, not 20 ms more.
+        assert back.dtype == np.float32 and abs(len(back) - len(want)) <= SR // 100, (name, len(back), len(want))
+        assert abs(rows[name]["duration"] - len(want) / SR) < 0.01
+        n = min(len(back), len(want))
+        assert snr_db(want[:n], back[:n]) > 15, name  # lossy, but the same waveform (not silence, not shifted)
+        assert len(data) < 0.5 * len(shards.flac_bytes(want, SR)), name
+    st = m["storage"]
+    assert st["formats"] == {"ogg": 2, "mp3": 1}
+    assert (st["pcm_codec"], st["opus_kbps"], st["pcm_storage"]) == ("opus", 32, "Ogg/Opus 32 kbit/s (lossy)")
+    assert read_manifest(out)["config"]["pcm_codec"] == "opus"
+    assert prepare_summary(out, m)["storage"].endswith("PCM sources as Ogg/Opus 32 kbit/s (lossy)")
+
+
+def test_opus_bitrate_is_what_opus_kbps_asks():
+    """libsndfile takes a compression level, not a bitrate: the level shards.opus_bytes derives
+    must land on the asked bitrate (its log says which it set), and the bytes must follow it."""
+    rng = np.random.default_rng(0)
+    noise = (0.2 * rng.standard_normal(4 * SR)).astype(np.float32)  # no silence for VBR to save on
+    sizes = {}
+    for kbps in (6, 16, 32, 64, 256):
+        data = shards.opus_bytes(noise, SR, kbps)
+        sizes[kbps] = len(data) * 8 / 4 / 1000  # kbit/s over the 4 s
+        assert shards.sniff_format(data) == "ogg" and len(shards.decode_audio(data, "n")) == len(noise)
+    assert sizes[6] < sizes[16] < sizes[32] < sizes[64] < sizes[256]
+    assert 0.8 * 32 < sizes[32] < 1.25 * 32, sizes  # Ogg's pages and the header add a little
+    with pytest.raises(ValueError, match="kbps=5"):
+        shards.opus_bytes(noise, SR, 5)
+
+
+def test_opus_is_well_below_flac_and_the_60_mb_target_for_the_same_wav_clips(tiny_model_dir, tmp_path):
+    manifest_csv = make_corpus(tmp_path / "corpus", 24)
+    flags = ("language=en", "source.kind=manifest", f"source.path={manifest_csv}", "validation_fraction=0",
+             "max_rate_vs_median=0")
+    flac = prepare(tmp_path / "data", tiny_model_dir, "name=flac", *flags)["storage"]
+    opus = prepare(tmp_path / "data", tiny_model_dir, "name=opus", "pcm_codec=opus", *flags)["storage"]
+    low = prepare(tmp_path / "data", tiny_model_dir, "name=low", "pcm_codec=opus", "opus_kbps=16", *flags)["storage"]
+    assert flac["formats"] == {"flac": 24} and opus["formats"] == low["formats"] == {"ogg": 24}
+    assert flac["pcm_codec"] == "flac" and flac["opus_kbps"] is None
+    # 1.0-1.5 s clips: Ogg's two header pages (~0.9 KB a clip) weigh more than in real 5-s speech.
+    assert opus["bytes_per_audio_hour"] < 0.5 * flac["bytes_per_audio_hour"]
+    assert opus["bytes_per_audio_hour"] < 60e6
+    assert low["bytes_per_audio_hour"] < opus["bytes_per_audio_hour"]
+
+
+def test_pcm_codec_and_opus_kbps_are_checked_naming_the_flag():
+    for bad in ("5", "257", "0"):
+        with pytest.raises(UserError, match=rf"opus_kbps={bad}: use 6..256"):
+            load_config(PrepareConfig, None, ["pcm_codec=opus", f"opus_kbps={bad}", "source.path=x"])
+    with pytest.raises(UserError, match="pcm_codec.*'mp3' is not one of flac, opus"):
+        load_config(PrepareConfig, None, ["pcm_codec=mp3", "source.path=x"])
+    assert load_config(PrepareConfig, None, ["source.path=x"]).pcm_codec == "flac"  # lossless unless asked
+
+
+def test_changing_the_pcm_codec_changes_the_fingerprint_and_redoes_the_dataset(tiny_model_dir, tmp_path):
+    manifest_csv = make_corpus(tmp_path / "corpus", 8)
+    flags = ("name=c", "language=en", "source.kind=manifest", f"source.path={manifest_csv}", "validation_fraction=0",
+             "max_rate_vs_median=0")
+    out = tmp_path / "data" / "prepared" / "c"
+
+    def formats() -> set[str]:
+        return {r["audio_format"] for s in ("train", "test") for r in split_rows(out, s, ["audio_format"])}
+
+    flac = prepare(tmp_path / "data", tiny_model_dir, *flags)
+    # opus_kbps means nothing to flac: the same fingerprint, up to date, nothing redone.
+    again = prepare(tmp_path / "data", tiny_model_dir, *flags, "opus_kbps=16")
+    assert again["fingerprint"] == flac["fingerprint"] and again["created"] == flac["created"]
+    opus = prepare(tmp_path / "data", tiny_model_dir, *flags, "pcm_codec=opus")
+    assert opus["fingerprint"] != flac["fingerprint"] and formats() == {"ogg"}
+    assert prepare(tmp_path / "data", tiny_model_dir, *flags, "pcm_codec=opus")["created"] == opus["created"]
+    opus16 = prepare(tmp_path / "data", tiny_model_dir, *flags, "pcm_codec=opus", "opus_kbps=16")
+    assert opus16["fingerprint"] not in (flac["fingerprint"], opus["fingerprint"]) and formats() == {"ogg"}
+    back = prepare(tmp_path / "data", tiny_model_dir, *flags)
+    assert back["fingerprint"] == flac["fingerprint"] and formats() == {"flac"}
+
+
+def test_data_benchmark_prepares_the_pcm_corpus_with_each_codec_and_tables_both():
+    from lib.tools import bench_data
+
+    cfg = load_config(bench_data.BenchDataConfig, None, [])
+    assert cfg.pcm_codecs == ["flac", "opus"]  # both by default: the table shows what opus saves
+    with pytest.raises(UserError, match="pcm_codecs=flac,mp3"):
+        load_config(bench_data.BenchDataConfig, None, ["pcm_codecs=flac,mp3"])
+
+    def leg(codec: str | None, per_hour: float) -> dict:
+        return {"source": "wav" if codec else "mp3", "clips": 200, "num_proc": 2, "wall_s": 1, "clips_per_s": 9.0,
+                "clips_per_s_per_core": 4.5, "source_bytes_per_hour": 115.2e6, "final_bytes_per_hour": per_hour,
+                "peak_bytes_per_hour": per_hour, "final_over_source": 0.5, "peak_over_final": 1.0,
+                "peak_ram_bytes": 1e9, "pcm_codec": codec, "opus_kbps": 32 if codec == "opus" else None,
+                "stored_as": {"flac": "16-bit FLAC (lossless)", "opus": "Ogg/Opus 32 kbit/s (lossy)"}.get(codec)}
+
+    results = {"prepare": [leg(None, 33.8e6), leg("flac", 88.5e6), leg("opus", 14.9e6)],
+               "loader": [{"source": "wav", "pcm_codec": c, "clips_in_corpus": 200, "workers": 1, "clips": 80,
+                           "clips_per_s": r, "clips_per_s_per_worker": r, "peak_ram_bytes": 8e8}
+                          for c, r in (("flac", 100.0), ("opus", 50.0))]}
+    table = "\n".join(bench_data.render(results))
+    assert "| 200 x 5 s wav -> flac | 9.0 (4.5) | 115.2 | 88.5 (0.5) |" in table
+    assert "| 200 x 5 s wav -> opus 32 kbit/s | 9.0 (4.5) | 115.2 | 14.9 (0.5) |" in table
+    assert "| 50.0 (1) | 800.0 |" in table
+    targets = bench_data.check_targets(results)
+    assert "MISSED: PCM source prepared to 88.5 MB per hour as 16-bit FLAC (lossless) (target <= 60)" in targets
+    assert "ok: PCM source prepared to 14.9 MB per hour as Ogg/Opus 32 kbit/s (lossy) (target <= 60)" in targets
+
+
+def test_compare_storage_measures_what_a_codec_changes_against_the_reference(tmp_path, capsys):
+    """The README's quality check: the same clips stored as FLAC and as Opus (lib.prepared.write_rows
+    takes prepare's pcm_codec too), their SNR, log-mel difference and transcript equality."""
+    from lib.prepared import write_manifest, write_rows
+    from lib.tools import compare_storage
+
+    clips = [clip(1.0 + 0.25 * i, 220 + 40 * i, i) for i in range(3)]
+    for name, codec in (("ref", "flac"), ("opus", "opus")):
+        out = tmp_path / "prepared" / name
+        info = write_rows(out, "test", ({"id": f"clips/c{i}.wav", "audio": a, "text": "x", "labels": [1]}
+                                        for i, a in enumerate(clips)), pcm_codec=codec, opus_kbps=16)
+        write_manifest(out, {"format": shards.FORMAT, "name": name, "splits": {"test": info}})
+        ev = tmp_path / "evals" / name
+        ev.mkdir(parents=True)
+        hyps = ["a", "b", "c"] if codec == "flac" else ["a", "b", "other"]
+        (ev / "predictions.tsv").write_text("id\thypothesis\n" + "".join(f"clips/c{i}.wav\t{h}\n"
+                                                                        for i, h in enumerate(hyps)))
+        (ev / "report.json").write_text(json.dumps({"results": {"model": {"normalized_wer": 0.5,
+                                                                          "normalized_cer": 0.25}}}))
+    assert {r["audio_format"] for r in split_rows(tmp_path / "prepared" / "opus", "test")} == {"ogg"}
+    cfg = load_config(compare_storage.CompareStorageConfig, None, ["reference=ref", "others=opus",
+                                                                   f"evals={tmp_path / 'evals'}"])
+    ref, opus = compare_storage.main(cfg, Env(data_dir=tmp_path))
+    assert (ref["identical"], ref["snr_median"], ref["logmel_mean"]) == (3, float("inf"), 0.0)
+    assert opus["identical"] == 2 and opus["length_diff_max"] == 0
+    assert 8 < opus["snr_min"] < 60 and 0 < opus["logmel_mean"] < 0.2  # lossy: changed, but the same sound
+    assert opus["mb_per_hour"] < 0.5 * ref["mb_per_hour"]
+    assert "| opus |" in capsys.readouterr().out
+    with pytest.raises(UserError, match="others="):
+        load_config(compare_storage.CompareStorageConfig, None, ["reference=ref"])
 
 
 @pytest.mark.parametrize("fmt", ["wav", "mp3"])

@@ -2,6 +2,7 @@
 
     make bench-data                                   # 1,000 and 10,000 clips, the table below
     python -m lib.tools.bench_data sizes=1000 workers=1,2 pcm_clips=500
+    python -m lib.tools.bench_data sizes=200 pcm_clips=200 pcm_codecs=flac,opus opus_kbps=24
     python -m lib.tools.bench_data sizes=1000,10000 num_proc=4 out=/data/bench-data.json
 
 For each corpus size it writes a Common Voice release of 5-s mp3 clips at 48 kHz (speech-like
@@ -14,8 +15,10 @@ runs `make prepare`'s job on it in its own process, and measures:
   - the training loader: lib.stream.ShardStream + the collator (decode, resample to 16 kHz,
     log-mel) in a torch DataLoader with 1, 2, ... workers of one thread each: clips/s, per worker,
     and the loader's peak RAM (all processes), on the same shards.
-A PCM source (16 kHz 16-bit wav, re-encoded to FLAC by prepare) gives the bytes per hour of
-that path. Prints a table (and JSON with out=); the issue's targets are checked and marked.
+A PCM source (16 kHz 16-bit wav) is prepared once per pcm_codecs entry (prepare's pcm_codec:
+re-encoded to FLAC, or to Opus at opus_kbps) and gives the bytes per hour of that path, and the
+loader's speed with one worker on it (Opus costs more to decode than FLAC). Prints a table (and
+JSON with out=); the issue's targets are checked and marked.
 """
 
 from __future__ import annotations
@@ -154,16 +157,20 @@ class Sampler:
         self.peak = max(self.peak, self.f())
 
 
-def prepare(work: Path, n: int, kind: str, num_proc: int, model: str, chunk_rows: int = 2000) -> dict:
-    """Run the prepare job on a fresh release; wall time, disk and RAM peaks, sizes."""
+def prepare(work: Path, n: int, kind: str, num_proc: int, model: str, chunk_rows: int = 2000,
+            pcm_codec: str | None = None, opus_kbps: int = 32) -> dict:
+    """Run the prepare job on a release (made on first use; a wav one serves every pcm_codec);
+    wall time, disk and RAM peaks, sizes. pcm_codec: prepare's, for a wav release (None: default)."""
     release = work / f"cv-{kind}-{n}"
-    source_bytes = make_release(release, n, kind)
-    data = work / f"data-{kind}-{n}"
+    source_bytes = dir_bytes(release / "clips") if release.exists() else make_release(release, n, kind)
+    codec_flags = [f"pcm_codec={pcm_codec}", f"opus_kbps={opus_kbps}"] if pcm_codec else []
+    label = f"{kind}-{n}" + (f"-{pcm_codec}" if pcm_codec else "")
+    data = work / f"data-{label}"
     (data / "prepared").mkdir(parents=True)
     cmd = [sys.executable, "-m", "jobs.prepare", f"model={model}", "name=bench", "language=hi", "source.kind=cv",
            f"source.path={release}", "source.validation=", "source.test=", "validation_fraction=0",
-           f"num_proc={num_proc}", "max_rate_vs_median=0", f"chunk_rows={chunk_rows}"]
-    log = work / f"prepare-{kind}-{n}.log"
+           f"num_proc={num_proc}", "max_rate_vs_median=0", f"chunk_rows={chunk_rows}", *codec_flags]
+    log = work / f"prepare-{label}.log"
     t0 = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "DATA_DIR": str(data)}, stdout=out,
@@ -178,6 +185,8 @@ def prepare(work: Path, n: int, kind: str, num_proc: int, model: str, chunk_rows
     final = dir_bytes(out_dir)
     hours = n * SECONDS / 3600
     return {"source": kind, "clips": n, "rows": manifest["splits"]["train"]["rows"], "num_proc": num_proc,
+            "stored_as": manifest["storage"].get("pcm_storage") if kind != "mp3" else "mp3, as is",
+            "pcm_codec": pcm_codec, "opus_kbps": opus_kbps if pcm_codec == "opus" else None,
             "wall_s": round(wall, 1), "clips_per_s": round(n / wall, 1),
             "clips_per_s_per_core": round(n / wall / num_proc, 1),
             "source_bytes_per_hour": round(source_bytes / hours), "final_bytes_per_hour": round(final / hours),
@@ -234,6 +243,10 @@ class BenchDataConfig:
     """batches of 8 timed per loader measurement"""
     pcm_clips: int = 1000
     """clips of the PCM (16 kHz wav) source; 0 skips it"""
+    pcm_codecs: list[str] = field(default_factory=lambda: ["flac", "opus"])
+    """prepare's pcm_codec for the PCM source, one prepare each: flac (lossless), opus (lossy)"""
+    opus_kbps: int = 32
+    """prepare's opus_kbps for the opus leg"""
     chunk_rows: int = 2000
     """prepare's chunk_rows (rows per shard and per worker task: what a prepare worker holds)"""
     shuffle_buffer: int = 4096
@@ -248,10 +261,23 @@ class BenchDataConfig:
     def __post_init__(self):
         if not self.sizes or min(self.sizes) < 1 or self.num_proc < 1 or min(self.workers, default=1) < 0:
             raise UserError("sizes must be >= 1 clips, num_proc >= 1, workers >= 0")
+        from lib.shards import PCM_CODECS
+
+        bad = [c for c in self.pcm_codecs if c not in PCM_CODECS]
+        if bad or (self.pcm_clips and not self.pcm_codecs):
+            raise UserError(f"pcm_codecs={','.join(self.pcm_codecs)}: give one or more of {', '.join(PCM_CODECS)} "
+                            f"(or pcm_clips=0 to skip the PCM source)")
 
 
 def mb(x: float) -> str:
     return f"{x / 1e6:,.1f}"
+
+
+def corpus_name(p: dict) -> str:
+    """A table's first cell: "1,000 x 5 s mp3", "1,000 x 5 s wav -> opus 32 kbit/s"."""
+    codec = p.get("pcm_codec")
+    return (f"{p['clips']:,} x 5 s {p['source']}"
+            + (f" -> {codec}" + (f" {p['opus_kbps']} kbit/s" if codec == "opus" else "") if codec else ""))
 
 
 def render(results: dict) -> list[str]:
@@ -259,9 +285,10 @@ def render(results: dict) -> list[str]:
              "(x final) | prepare peak RAM MB | loader clips/s per worker (workers) | loader peak RAM MB |",
              "|---|---|---|---|---|---|---|---|"]
     for p in results["prepare"]:
-        loads = [r for r in results["loader"] if r["clips_in_corpus"] == p["clips"] and r["source"] == p["source"]]
+        loads = [r for r in results["loader"] if r["clips_in_corpus"] == p["clips"] and r["source"] == p["source"]
+                 and r.get("pcm_codec") == p.get("pcm_codec")]
         lines.append(
-            f"| {p['clips']:,} x 5 s {p['source']} | {p['clips_per_s']} ({p['clips_per_s_per_core']}) | "
+            f"| {corpus_name(p)} | {p['clips_per_s']} ({p['clips_per_s_per_core']}) | "
             f"{mb(p['source_bytes_per_hour'])} | {mb(p['final_bytes_per_hour'])} ({p['final_over_source']}) | "
             f"{mb(p['peak_bytes_per_hour'])} ({p['peak_over_final']}) | {mb(p['peak_ram_bytes'])} | "
             + (", ".join(f"{r['clips_per_s_per_worker']} ({r['workers']})" for r in loads) or "-") + " | "
@@ -277,10 +304,16 @@ def check_targets(results: dict) -> list[str]:
                        f"clips prepared to {p['final_over_source']}x the source (target <= {MAX_RATIO_COMPRESSED})")
         else:
             out.append(f"{'ok' if p['final_bytes_per_hour'] <= MAX_MB_PER_HOUR_PCM * 1e6 else 'MISSED'}: PCM source "
-                       f"prepared to {mb(p['final_bytes_per_hour'])} MB per hour (target <= {MAX_MB_PER_HOUR_PCM})")
-        out.append(f"{'ok' if p['peak_over_final'] <= MAX_PEAK_OVER_FINAL else 'MISSED'}: {p['clips']:,} {p['source']} "
+                       f"prepared to {mb(p['final_bytes_per_hour'])} MB per hour as {p.get('stored_as') or 'FLAC'} "
+                       f"(target <= {MAX_MB_PER_HOUR_PCM})")
+        out.append(f"{'ok' if p['peak_over_final'] <= MAX_PEAK_OVER_FINAL else 'MISSED'}: {corpus_name(p)} "
                    f"peak disk {p['peak_over_final']}x the final size (target <= {MAX_PEAK_OVER_FINAL})")
     one = [r for r in results["loader"] if r["workers"] == 1 and r["source"] == "mp3"]
+    for p in results["prepare"]:
+        if p["source"] != "mp3":
+            lo = [r for r in results["loader"] if r["source"] == p["source"] and r.get("pcm_codec") == p.get("pcm_codec")]
+            out += [f"{corpus_name(p)}: prepare {p['clips_per_s_per_core']} clips/s per core, one loader worker "
+                    f"{r['clips_per_s_per_worker']} clips/s ({r['workers']} worker(s))" for r in lo]
     for r in one:
         out.append(f"{'ok' if r['clips_per_s_per_worker'] >= MIN_CLIPS_PER_WORKER else 'MISSED'}: one loader worker "
                    f"{r['clips_per_s_per_worker']} clips/s of 5-s 48 kHz mp3 ({r['clips_in_corpus']:,}-clip corpus; "
@@ -306,19 +339,21 @@ def main(cfg: BenchDataConfig, env: Env) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"prepare": [], "loader": [], "cores": os.cpu_count()}
     try:
-        plan = [("mp3", n) for n in sorted(cfg.sizes)] + ([("wav", cfg.pcm_clips)] if cfg.pcm_clips else [])
-        for kind, n in plan:
-            print(f"bench_data: preparing {n:,} {kind} clips with num_proc={cfg.num_proc} ...", file=sys.stderr,
-                  flush=True)
-            p = prepare(work, n, kind, cfg.num_proc, cfg.model, cfg.chunk_rows)
+        plan = [("mp3", n, None) for n in sorted(cfg.sizes)]
+        plan += [("wav", cfg.pcm_clips, codec) for codec in cfg.pcm_codecs] if cfg.pcm_clips else []
+        for i, (kind, n, codec) in enumerate(plan):
+            print(f"bench_data: preparing {n:,} {kind} clips with num_proc={cfg.num_proc}"
+                  + (f", pcm_codec={codec}" if codec else "") + " ...", file=sys.stderr, flush=True)
+            p = prepare(work, n, kind, cfg.num_proc, cfg.model, cfg.chunk_rows, codec, cfg.opus_kbps)
             results["prepare"].append(p)
             print(f"bench_data:   {p['clips_per_s']} clips/s, {mb(p['final_bytes_per_hour'])} MB/h", file=sys.stderr)
-            if kind == "mp3":
-                for w in cfg.workers:
-                    r = loader(Path(p["data_dir"]), w, cfg.loader_batches, shuffle_buffer=cfg.shuffle_buffer)
-                    results["loader"].append({"source": kind, "clips_in_corpus": n, **r})
-                    print(f"bench_data:   loader {w} worker(s): {r['clips_per_s']} clips/s", file=sys.stderr)
-            shutil.rmtree(work / f"cv-{kind}-{n}", ignore_errors=True)
+            # Every loader worker count on mp3; one worker on each PCM codec (what its decode costs).
+            for w in cfg.workers if kind == "mp3" else [max(1, min(cfg.workers, default=1))]:
+                r = loader(Path(p["data_dir"]), w, cfg.loader_batches, shuffle_buffer=cfg.shuffle_buffer)
+                results["loader"].append({"source": kind, "pcm_codec": codec, "clips_in_corpus": n, **r})
+                print(f"bench_data:   loader {w} worker(s): {r['clips_per_s']} clips/s", file=sys.stderr)
+            if all((k, m) != (kind, n) for k, m, _ in plan[i + 1:]):  # the release's last use
+                shutil.rmtree(work / f"cv-{kind}-{n}", ignore_errors=True)
     finally:
         if not cfg.work:
             shutil.rmtree(work, ignore_errors=True)
