@@ -1,5 +1,6 @@
 """Every batch manifest under docker/k8s and docker/cloud, found recursively: yamllint,
-Kubernetes schema validation for built-in kinds (kubernetes-validate, offline, strict), and
+Kubernetes schema validation for built-in kinds (kubernetes-validate, offline, strict), the
+Kubeflow TrainJob against its CRD's OpenAPI schema (vendored, strict about unknown fields), and
 what a schema cannot see: GPU limits, the secret mounted as a file, the exit-code rules equal
 to lib/errors.py, the grace period, the image name, the recipe the args name, an Indexed Job's
 index count against its shard_count."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import hashlib
 import json
 import re
 import subprocess
@@ -18,6 +20,7 @@ import pytest
 import yaml
 
 from lib.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
+from lib.launch import GRACE_S
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -27,9 +30,17 @@ YAML_FILES = sorted(p for d in MANIFEST_DIRS for p in d.rglob("*.y*ml"))
 JSON_FILES = sorted(p for d in MANIFEST_DIRS for p in d.rglob("*.json"))
 # Kubernetes versions checked: the first with podFailurePolicy GA, and the newest known here.
 K8S_VERSIONS = ["1.31", "1.37"]
-# Kinds with no schema in kubernetes-validate (it only ships the built-in API). Validating
-# them needs the CRD's OpenAPI schema from a cluster; here yamllint and the checks below stand in.
+# Kinds with no schema in kubernetes-validate (it only ships the built-in API). The TrainJob
+# is validated against its CRD below (test_trainjob_matches_crd); a Kustomization is no API
+# object at all (kubectl reads it), yamllint and test_kustomizations_* check it.
 CRD_KINDS = {("trainer.kubeflow.org/v1alpha1", "TrainJob"), ("kustomize.config.k8s.io/v1beta1", "Kustomization")}
+# Kubeflow Trainer v2.3.0 (commit 658725bd), copied unchanged: tests/fixtures/k8s/README.md.
+KUBEFLOW_DIR = ROOT / "tests" / "fixtures" / "k8s"
+KUBEFLOW_FILES = {
+    "trainer.kubeflow.org_trainjobs.yaml": "a742cafc5b5582640c7e0b7467c024fc237256fbca5ba0a9f0531dfb66d64416",
+    "torch_distributed.yaml": "c4520df54615d481831d402e644dbeaf77a7a521eae87b2e80fd5f789aac5df2",
+}
+CRD_FILES = {("trainer.kubeflow.org", "TrainJob"): KUBEFLOW_DIR / "trainer.kubeflow.org_trainjobs.yaml"}
 MIN_GRACE_SECONDS = 120
 JOBS = {"prepare", "train", "eval", "export", "transcribe", "bench"}
 ENV_FILE_IN_POD = "/secrets/whisper.env"
@@ -93,6 +104,7 @@ def test_schema(path, version):
         if key in CRD_KINDS:
             # Not silently skipped: this asserts that the schema really is absent, so a
             # kubernetes-validate that learns the kind makes this test fail and get updated.
+            # (The TrainJob's own check is test_trainjob_matches_crd.)
             with pytest.raises(SchemaNotFoundError):
                 kubernetes_validate.validate(doc, version, strict=True)
             continue
@@ -117,12 +129,21 @@ def test_schema_rejects_a_broken_job():
 # ---- the one-GPU Job ---------------------------------------------------------------------
 
 
+def trainjob_pod_patches(tj: dict) -> list[tuple[str, dict]]:
+    """(replicated job name, pod spec patch) for each job a TrainJob's runtimePatches patch."""
+    out = []
+    for patch in tj["spec"].get("runtimePatches", []):
+        for rj in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]:
+            out.append((rj["name"], rj["template"]["spec"]["template"]["spec"]))
+    return out
+
+
 def pod_specs() -> list[tuple[str, dict]]:
     """(where, pod spec) for every pod the manifests make."""
     out = [(f"{rel(p)}:{d['metadata']['name']}", d["spec"]["template"]["spec"]) for p, d in of_kind("Job")]
     for p, d in of_kind("TrainJob"):
-        for o in d["spec"].get("podTemplateOverrides", []):
-            out.append((f"{rel(p)}:{d['metadata']['name']}", o["spec"]))
+        for job, spec in trainjob_pod_patches(d):
+            out.append((f"{rel(p)}:{d['metadata']['name']}:{job}", spec))
     return out
 
 
@@ -251,12 +272,15 @@ def test_trainjob_is_multi_node_torchrun():
     assert spec["runtimeRef"]["name"] == "torch-distributed"
     assert spec["trainer"]["numNodes"] >= 2
     assert int(spec["trainer"]["numProcPerNode"]) == int(spec["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"])
-    # the overrides must target the node job and name its container
-    (override,) = spec["podTemplateOverrides"]
-    assert override["targetJobs"] == [{"name": "node"}]
-    assert [c["name"] for c in override["spec"]["containers"]] == ["node"]
+    # the patch must target the node job and name its container
+    ((job, pod),) = trainjob_pod_patches(tj)
+    assert job == "node"
+    assert [c["name"] for c in pod["containers"]] == ["node"]
+    # torchrun (lib.launch) waits GRACE_S for the workers' checkpoint: the pod must outlast it
+    assert spec["trainer"]["args"][:3] == ["python", "-m", "lib.launch"]
+    assert pod["terminationGracePeriodSeconds"] > GRACE_S
     # every node reads the same prepared data and writes the same run: the claim must be RWX
-    claim = override["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    claim = pod["volumes"][0]["persistentVolumeClaim"]["claimName"]
     (pvc,) = [d for _, d in of_kind("PersistentVolumeClaim") if d["metadata"]["name"] == claim]
     assert "ReadWriteMany" in pvc["spec"]["accessModes"]
 
@@ -304,6 +328,172 @@ def test_kustomizations_name_the_image_and_existing_resources():
     for path, d in docs():
         if d["kind"] != "Kustomization":
             assert path.resolve() in listed, path
+
+
+# ---- Kubeflow TrainJob against its CRD -----------------------------------------------------
+
+
+def openapi_to_jsonschema(s: dict) -> dict:
+    """A CRD's structural OpenAPI v3 schema as JSON Schema (draft 4), with the API server's rules:
+    an object with `properties` takes no other field unless x-kubernetes-preserve-unknown-fields
+    (the server prunes or, with kubectl's strict field validation, rejects it: a misspelled
+    field would otherwise pass); x-kubernetes-int-or-string is an integer or a string;
+    nullable adds null. x-kubernetes-list-type map/set are kept and checked by crd_validator.
+    CEL rules (x-kubernetes-validations) are not evaluated: the API server does that."""
+    out = {}
+    for k, v in s.items():
+        if k == "properties":
+            out[k] = {name: openapi_to_jsonschema(p) for name, p in v.items()}
+        elif k in ("items", "additionalProperties", "not") and isinstance(v, dict):
+            out[k] = openapi_to_jsonschema(v)
+        elif k in ("allOf", "anyOf", "oneOf"):
+            out[k] = [openapi_to_jsonschema(x) for x in v]
+        elif k in ("x-kubernetes-list-type", "x-kubernetes-list-map-keys"):
+            out[k] = v
+        elif k.startswith("x-") or k in ("nullable", "default", "description"):
+            continue
+        else:
+            out[k] = v
+    if s.get("x-kubernetes-int-or-string") and "anyOf" not in out:
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if s.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if "properties" in s and "additionalProperties" not in s and not s.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+def _list_type(validator, value, instance, schema):
+    """x-kubernetes-list-type: set -> unique items; map -> unique x-kubernetes-list-map-keys, present."""
+    from jsonschema import ValidationError
+
+    if not isinstance(instance, list):
+        return
+    if value == "set" and len({json.dumps(x, sort_keys=True) for x in instance}) != len(instance):
+        yield ValidationError(f"list-type set with duplicates: {instance}")
+    if value == "map":
+        keys = schema.get("x-kubernetes-list-map-keys", [])
+        seen = set()
+        for item in instance:
+            if not isinstance(item, dict):
+                continue
+            missing = [k for k in keys if k not in item]
+            if missing:
+                yield ValidationError(f"list-type map item without its key {missing}: {item}")
+            key = tuple(json.dumps(item.get(k)) for k in keys)
+            if key in seen:
+                yield ValidationError(f"list-type map: two items with {dict(zip(keys, key, strict=True))}")
+            seen.add(key)
+
+
+def crd_validator(api_version: str, kind: str):
+    """A jsonschema validator for the served CRD version `api_version` names."""
+    from jsonschema import Draft4Validator, validators
+
+    group, version = api_version.split("/")
+    crd = yaml.safe_load(CRD_FILES[(group, kind)].read_text())
+    assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["group"] == group
+    assert crd["spec"]["names"]["kind"] == kind
+    (v,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    assert v["served"], f"{api_version} {kind} is not served by this CRD"
+    schema = openapi_to_jsonschema(v["schema"]["openAPIV3Schema"])
+    cls = validators.extend(Draft4Validator, {"x-kubernetes-list-type": _list_type})
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def crd_errors(doc: dict) -> list[str]:
+    errors = crd_validator(doc["apiVersion"], doc["kind"]).iter_errors(doc)
+    return sorted(f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message[:300]}" for e in errors)
+
+
+def trainjobs() -> list[tuple[Path, dict]]:
+    found = of_kind("TrainJob")
+    assert found, "no TrainJob under docker/k8s"
+    return found
+
+
+def test_kubeflow_fixtures_are_the_vendored_release():
+    for name, sha in KUBEFLOW_FILES.items():
+        assert hashlib.sha256((KUBEFLOW_DIR / name).read_bytes()).hexdigest() == sha, (
+            f"{name} differs from Kubeflow Trainer v2.3.0: take it unchanged from a release (tests/fixtures/k8s/README.md)")
+        assert sha in (KUBEFLOW_DIR / "README.md").read_text(), name
+
+
+@pytest.mark.parametrize("path_doc", trainjobs(), ids=lambda pd: f"{rel(pd[0])}:{pd[1]['metadata']['name']}")
+def test_trainjob_matches_crd(path_doc):
+    path, tj = path_doc
+    assert crd_errors(tj) == [], path
+    # the multi-node kustomization applies it
+    (k,) = [k for p, k in of_kind("Kustomization") if p.parent == path.parent]
+    assert path.name in k["resources"]
+
+
+def test_crd_schema_rejects_a_broken_trainjob():
+    (_, tj), *_ = trainjobs()
+    assert crd_errors(tj) == []
+
+    def broken(edit) -> list[str]:
+        bad = copy.deepcopy(tj)
+        edit(bad)
+        return crd_errors(bad)
+
+    def misspell(d):
+        d["spec"]["trainer"]["numNode"] = d["spec"]["trainer"].pop("numNodes")
+
+    assert any("'numNode' was unexpected" in e for e in broken(misspell))
+    assert any(e.startswith("spec.trainer.numNodes:") for e in broken(
+        lambda d: d["spec"]["trainer"].update(numNodes="two")))
+    # the API before Trainer v2.2 (what this manifest used): unknown since runtimePatches replaced it
+    assert any("'podTemplateOverrides' was unexpected" in e for e in broken(
+        lambda d: d["spec"].update(podTemplateOverrides=[{"targetJobs": [{"name": "node"}]}])))
+
+    def pod(d):
+        return trainjob_pod_patches(d)[0][1]
+
+    # deep in the pod patch: a misspelled key, a field the patch does not allow, a duplicate volume
+    assert any("'mountPth' was unexpected" in e for e in broken(
+        lambda d: pod(d)["containers"][0]["volumeMounts"].append({"name": "x", "mountPth": "/x"})))
+    assert any("'resources' was unexpected" in e for e in broken(
+        lambda d: pod(d)["containers"][0].update(resources={})))
+    assert any("two items" in e for e in broken(lambda d: pod(d)["volumes"].append(dict(pod(d)["volumes"][0]))))
+    # int-or-string quantities: 8 and "8" are both GPUs, a list is not
+    assert broken(lambda d: d["spec"]["trainer"]["resourcesPerNode"]["limits"].update({"nvidia.com/gpu": "8"})) == []
+    assert broken(lambda d: d["spec"]["trainer"]["resourcesPerNode"]["limits"].update({"nvidia.com/gpu": [8]}))
+    assert any("'name' is a required property" in e for e in broken(lambda d: d["spec"]["runtimeRef"].pop("name")))
+
+
+def test_openapi_conversion():
+    s = openapi_to_jsonschema({
+        "type": "object",
+        "properties": {
+            "q": {"x-kubernetes-int-or-string": True},
+            "n": {"type": "string", "nullable": True},
+            "free": {"type": "object", "properties": {"a": {"type": "string"}},
+                     "x-kubernetes-preserve-unknown-fields": True},
+        },
+    })
+    assert s["additionalProperties"] is False and "additionalProperties" not in s["properties"]["free"]
+    assert s["properties"]["q"]["anyOf"] == [{"type": "integer"}, {"type": "string"}]
+    assert s["properties"]["n"]["type"] == ["string", "null"]
+
+
+def test_trainjob_patches_what_the_runtime_has():
+    """Trainer refuses a patch of a job or container its runtime lacks (the migration guide's
+    example names a container `trainer`; the torch-distributed runtime's is `node`)."""
+    runtime = yaml.safe_load((KUBEFLOW_DIR / "torch_distributed.yaml").read_text())
+    assert runtime["kind"] == "ClusterTrainingRuntime"
+    jobs = {rj["name"]: rj for rj in runtime["spec"]["template"]["spec"]["replicatedJobs"]}
+    for path, tj in trainjobs():
+        assert tj["spec"]["runtimeRef"]["name"] == runtime["metadata"]["name"], path
+        assert tj["spec"]["runtimeRef"].get("kind", "ClusterTrainingRuntime") == runtime["kind"], path
+        assert "torch" in runtime["spec"]["mlPolicy"], path  # the plugin that sets PET_* for torchrun
+        for job, pod in trainjob_pod_patches(tj):
+            rj = jobs[job]
+            # Trainer's trainer fields (image, command, resourcesPerNode) land in this job
+            assert rj["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+            names = {c["name"] for c in rj["template"]["spec"]["template"]["spec"]["containers"]}
+            assert {c["name"] for c in pod["containers"]} <= names, path
 
 
 # ---- AWS Batch -----------------------------------------------------------------------------
