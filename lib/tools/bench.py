@@ -386,14 +386,7 @@ def table(rows: list[dict], peak: float | None, flops) -> list[str]:
         sps = r["steady_samples_per_second"] or 0
         frac = f"{100 * sps * flops.train(r['checkpointing']) / (peak * 1e12):.1f}" if peak and sps else "n/a"
         mem = f"{r['peak_gpu_memory_bytes'] / 2**30:.2f}" if r.get("peak_gpu_memory_bytes") else "n/a"
-        prof = r.get("profile") or {}
-        # GPU kernel time per profiled step over the steady (unprofiled) step time: the profiler's
-        # own overhead slows the profiled steps' wall clock, not the kernels
-        step = r.get("steady_step_seconds")
-        busy = f"{min(100.0, 100 * prof['busy_s'] / prof['steps'] / step):.0f}" if prof.get("busy_s") and step else "n/a"
-        kinds = prof.get("seconds_by_kind") or {}
-        split = " / ".join(f"{100 * kinds.get(k, 0) / prof['busy_s']:.0f}" for k in ("matmul", "attention", "other")) \
-            if kinds and prof.get("busy_s") else "n/a"
+        busy, split = _gpu_shares(r)
         lines.append(f"| {name} | {r['batch']} | {sps:.2f} | {f'{sps / ref:.2f}' if ref and sps else 'n/a'} | "
                      f"{sps * flops_tokens(r):.0f} | {mem} | {(r['adapter_size_bytes'] or 0) / 1e6:.1f} | {frac} | "
                      f"{busy} | {split} |")
@@ -545,14 +538,25 @@ def _gib(r: dict) -> float:
     return (r.get("peak_gpu_memory_bytes") or 0) / 2**30
 
 
-def _busy(r: dict) -> str:
-    """'GPU busy 89 %, matmul / attention / other 42 / 23 / 35 %' from a row's profile."""
+def _gpu_shares(r: dict) -> tuple[str, str]:
+    """("89", "42 / 23 / 35") from a row's profile: GPU busy %, and matmul / attention / other % of
+    kernel time; "n/a" where not profiled. Busy = kernel time per profiled step over the steady
+    (unprofiled) step time: the profiler's own overhead slows the profiled steps' wall clock, not
+    the kernels."""
     prof, step = r.get("profile") or {}, r.get("steady_step_seconds")
-    if not (prof.get("busy_s") and step):
-        return "no profile"
+    busy = f"{min(100.0, 100 * prof['busy_s'] / prof['steps'] / step):.0f}" if prof.get("busy_s") and step else "n/a"
     kinds = prof.get("seconds_by_kind") or {}
-    split = " / ".join(f"{100 * kinds.get(k, 0) / prof['busy_s']:.0f}" for k in ("matmul", "attention", "other"))
-    return (f"{step:.3f} s a step, GPU busy {min(100.0, 100 * prof['busy_s'] / prof['steps'] / step):.0f} %, "
+    split = " / ".join(f"{100 * kinds.get(k, 0) / prof['busy_s']:.0f}" for k in ("matmul", "attention", "other")) \
+        if kinds and prof.get("busy_s") else "n/a"
+    return busy, split
+
+
+def _busy(r: dict) -> str:
+    """'0.590 s a step, GPU busy 88 %, matmul / attention / other 42 / 24 / 34 % of GPU time'."""
+    busy, split = _gpu_shares(r)
+    if busy == "n/a":
+        return "no profile"
+    return (f"{r['steady_step_seconds']:.3f} s a step, GPU busy {busy} %, "
             f"matmul / attention / other {split} % of GPU time")
 
 
