@@ -7,8 +7,8 @@
 
 Writes OUT (default DATA_DIR/runs/RUN/eval/, or DATA_DIR/evals/<model>-<data>-<split>/):
 report.json, report.md, predictions.tsv, eval_config.yaml and, for a run,
-training_curves.png. The report also holds long-form WER and timestamp validity (lib/longform.py)
-and, for also= datasets, WER and language-ID accuracy with forgetting flags (lib/forgetting.py).
+training_curves.png. The report also holds long-form WER and timestamp validity (lib/evaluate/longform.py)
+and, for also= datasets, WER and language-ID accuracy with forgetting flags (lib/evaluate/forgetting.py).
 An OUT that already holds a report is kept unless force=true.
 """
 
@@ -25,7 +25,8 @@ from lib.cli import run_job
 from lib.config import dump_yaml, to_dict
 from lib.env import Env
 from lib.errors import UserError
-from lib.longform import LongformConfig
+from lib.evaluate.longform import LongformConfig
+from lib.whisper import MAX_NEW_TOKENS, MAX_POSITIONS, PROMPT_TOKENS
 
 log = logging.getLogger("whisper_ft")
 
@@ -73,7 +74,7 @@ class EvalConfig:
     speed_clips: int = 32
     """clips for speed_compare"""
     longform: LongformConfig = field(default_factory=LongformConfig)
-    """long-form evaluation (lib/longform.py): longform.recordings=0 turns it off"""
+    """long-form evaluation (lib/evaluate/longform.py): longform.recordings=0 turns it off"""
     also: list[str] = field(default_factory=list)
     """more prepared datasets (e.g. also=en-clips): WER with their language forced and language-ID accuracy"""
     also_split: str = "test"
@@ -103,8 +104,8 @@ class EvalConfig:
             raise UserError("batch_size must be >= 1: set batch_size=16")
         if self.limit is not None and self.limit < 1:
             raise UserError("limit must be >= 1 (or leave it unset for the whole split)")
-        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= 444:
-            raise UserError("max_new_tokens must be 1..444 (448 positions minus the 4-token prompt)")
+        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise UserError(f"max_new_tokens must be 1..{MAX_NEW_TOKENS} ({MAX_POSITIONS} positions minus the {PROMPT_TOKENS}-token prompt)")
         if self.speed_clips < 1:
             raise UserError("speed_clips must be >= 1")
         if not 0 <= self.forgetting_max_drop <= 1 or not 0 <= self.forgetting_max_wer_rise:
@@ -123,12 +124,8 @@ class EvalConfig:
 
 
 def main(cfg: EvalConfig, env: Env) -> dict:
-    from lib.inference import PROMPT_TOKENS, decode_budget, speed_compare, transcribe_dataset
-    from lib.language import job_language, task_setting
-    from lib.metrics import score
-    from lib.model import load_model, resolve_source
-    from lib.prepared import check_tokenizer, load_split, open_prepared
-    from lib.report import (
+    from lib.dataset.prepared import check_tokenizer, load_split, open_prepared
+    from lib.evaluate.report import (
         device_description,
         package_versions,
         plot_training_curves,
@@ -136,18 +133,23 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         write_predictions,
         write_report,
     )
-    from lib.tracking import log_eval
+    from lib.inference import decode_budget, speed_compare, transcribe_dataset
+    from lib.language import job_language, task_setting
+    from lib.metrics import score
+    from lib.model import load_model, resolve_source
+    from lib.train.tracking import log_eval
+    from lib.whisper import PROMPT_TOKENS
 
     # 1. What to evaluate, on what, and where the report goes.
     source = resolve_source(env, cfg.run, cfg.model, cfg.adapter)
     data = cfg.data or source.run_config.get("data")
     if not data:
         raise UserError("which dataset? set data=<prepared name> (see DATA_DIR/prepared)")
-    from lib.stream import parse_data
+    from lib.train.stream import parse_data
 
     corpora = [c.name for c in parse_data(data)]
     if len(corpora) > 1:  # a run on several corpora: the first is the main split, the others are scored as also=
-        from lib.prepared import has_split
+        from lib.dataset.prepared import has_split
 
         scored = [c for c in corpora[1:] if has_split(open_prepared(env, c)[1], cfg.also_split)]
         for c in corpora[1:]:
@@ -180,7 +182,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     log.info("eval: %d clips, %.2f h of audio", len(ds), sum(durations) / 3600)
     # Long-form recordings and also= datasets are opened now, so that a broken longform.manifest=
     # or a misspelt also= name fails before any decoding.
-    from lib import forgetting, longform
+    from lib.evaluate import forgetting, longform
 
     recordings, lf_source = longform.recordings_for(cfg.longform, ds, cfg.split) if cfg.longform.recordings else ([], "")
     also_sets = forgetting.open_also(env, cfg.also)
@@ -277,7 +279,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     # 9. Optional: time our settings against the walkthrough's loop on the same clips.
     if cfg.speed_compare:
         del model
-        from lib.prepared import audio_arrays
+        from lib.dataset.prepared import audio_arrays
 
         clips = audio_arrays(ds, 0, cfg.speed_clips)
         report["speed_compare"] = speed_compare(source, clips, language, task, cfg.batch_size, cfg.precision,
@@ -310,8 +312,8 @@ def main(cfg: EvalConfig, env: Env) -> dict:
 
 def no_speech_section(cfg: EvalConfig, model, processor, label: str, has_adapter: bool, gen: dict) -> dict:
     """report.json's `hallucination`: lib.inference.hallucination_check on eval_no_speech_clips."""
-    from lib.augment import eval_no_speech_clips
     from lib.inference import hallucination_check
+    from lib.train.augment import eval_no_speech_clips
 
     clips = eval_no_speech_clips(cfg.no_speech_clips, cfg.no_speech_dir)
     out = hallucination_check(model, processor, clips, label, has_adapter and cfg.compare_base, **gen)

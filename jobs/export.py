@@ -26,6 +26,7 @@ from lib.config import to_dict
 from lib.env import Env
 from lib.errors import UserError
 from lib.hub import HubConfig
+from lib.whisper import MAX_NEW_TOKENS
 
 log = logging.getLogger("whisper_ft")
 
@@ -72,20 +73,20 @@ class ExportConfig:
     def __post_init__(self):
         if self.verify_clips < 0:
             raise UserError("verify_clips must be >= 0")
-        if not 1 <= self.verify_tokens <= 444:
-            raise UserError("verify_tokens must be 1..444")
+        if not 1 <= self.verify_tokens <= MAX_NEW_TOKENS:
+            raise UserError(f"verify_tokens must be 1..{MAX_NEW_TOKENS}")
         if not all(0 <= w <= 1 for w in (self.verify_max_wer, self.ct2_max_wer, self.ggml_max_wer)):
             raise UserError("verify_max_wer, ct2_max_wer and ggml_max_wer are fractions in 0..1 (0.05 = 5 %)")
 
 
 def main(cfg: ExportConfig, env: Env) -> dict:
 
-    from lib import export as ex
     from lib import hub
+    from lib.dataset.prepared import load_split, open_prepared
+    from lib.evaluate.report import package_versions
+    from lib.export import merge as ex
     from lib.language import job_language, task_setting
     from lib.model import load_base, load_processor, resolve_source
-    from lib.prepared import load_split, open_prepared
-    from lib.report import package_versions
 
     # 1. What to merge, where to; a push without a token fails here, before any work.
     hub.require_token(cfg.hub, env.hf_token)
@@ -111,15 +112,15 @@ def main(cfg: ExportConfig, env: Env) -> dict:
         data = cfg.data or source.run_config.get("data")
         if not data:
             raise UserError("verification needs clips: set data=<prepared name> (or verify_clips=0 to skip)")
-        from lib.prepared import audio_arrays
-        from lib.stream import parse_data
+        from lib.dataset.prepared import audio_arrays
+        from lib.train.stream import parse_data
 
         data_path, manifest = open_prepared(env, parse_data(data)[0].name)  # a run's first corpus
         clips = audio_arrays(load_split(data_path, cfg.split, manifest), 0, cfg.verify_clips)
     else:
         log.warning("export: verify_clips=0: the merged model is NOT checked against base + adapter")
 
-    # 3. Merge into a float base (never 8-bit: see lib.export.load_float_base) and save to staging.
+    # 3. Merge into a float base (never 8-bit: see lib.export.merge.load_float_base) and save to staging.
     merged = ex.merge(source, cfg.dtype)
     processor = load_processor(source.adapter, source.base)
     language = job_language(processor.tokenizer, cfg.language, run_config=source.run_config, adapter=source.adapter,
@@ -161,9 +162,9 @@ def main(cfg: ExportConfig, env: Env) -> dict:
         (out / ex.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
         log.info("export: CTranslate2 %s model in %s", cfg.ctranslate2, ct2_out)
 
-    # 6. Optional whisper.cpp file, checked in whisper.cpp's own runtime (lib/ggml.py).
+    # 6. Optional whisper.cpp file, checked in whisper.cpp's own runtime (lib/export/ggml.py).
     if cfg.ggml != "none":
-        from lib import ggml
+        from lib.export import ggml
 
         ggml_staging = out.parent / f".{ggml_out.name}.incomplete"
         if ggml_staging.exists():  # left by a failed check: never reuse an unverified file

@@ -1,4 +1,4 @@
-"""Prepare a speech dataset for Whisper fine-tuning: DATA_DIR/prepared/NAME (format 2, lib/shards.py).
+"""Prepare a speech dataset for Whisper fine-tuning: DATA_DIR/prepared/NAME (format 2, lib/dataset/shards.py).
 
     python -m jobs.prepare --recipe jobs/recipes/prepare_cv_hi.yaml [--env-file .env] [key=value ...]
     python -m jobs.prepare name=cv_hi language=hi source.kind=cv source.path=/data/cv-corpus-17.0/hi
@@ -34,11 +34,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lib import shards, staging, summary
-from lib.audio import SAMPLING_RATE
+from lib import summary
 from lib.cli import run_job
 from lib.config import to_dict
-from lib.data import (
+from lib.dataset import shards
+from lib.dataset.prepared import MANIFEST, tokenizer_signature, write_manifest
+from lib.env import Env
+from lib.errors import UserError
+from lib.language import known_languages, resolve_language
+from lib.prepare import staging
+from lib.prepare.sources import SourceConfig, carve_validation, drop_overlaps, read_source
+from lib.prepare.workers import (
     PROCESS_VERSION,
     SEGMENTS_VERSION,
     Limits,
@@ -53,12 +59,8 @@ from lib.data import (
     split_summary,
     versions,
 )
-from lib.env import Env
-from lib.errors import UserError
-from lib.language import known_languages, resolve_language
-from lib.prepared import MANIFEST, tokenizer_signature, write_manifest
 from lib.runlock import RunLock
-from lib.sources import SourceConfig, carve_validation, drop_overlaps, read_source
+from lib.whisper import SAMPLING_RATE
 
 log = logging.getLogger("whisper_ft")
 

@@ -8,7 +8,7 @@ Upload or record a clip and press Transcribe: the base's transcript and the fine
 DATA_DIR/runs/RUN/adapter), each with its decode time, decoded as `make transcribe` decodes.
 Below: the run's eval report table (`make eval` writes it) and its training curves. A run that
 has no adapter yet serves its base alone and says so. Ctrl-C stops it. Nothing leaves the
-machine: no analytics, no share link (lib/serve.py).
+machine: no analytics, no share link (lib/serve/page.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from lib import summary
 from lib.cli import run_job
 from lib.env import Env
 from lib.errors import UserError
+from lib.whisper import MAX_NEW_TOKENS
 
 log = logging.getLogger("whisper_ft")
 
@@ -46,7 +47,7 @@ class ServeConfig:
     """auto: bf16/fp16 on a GPU, fp32 on the CPU"""
     quantization: Literal["none", "int8"] = "none"
     """int8 through bitsandbytes, only when asked (less GPU memory for large-v2, slower decoding)"""
-    max_new_tokens: int = 444
+    max_new_tokens: int = MAX_NEW_TOKENS
     """tokens per 30-s window, as transcribe: 444 = 448 positions minus the 4-token prompt"""
     no_speech_threshold: float | None = 0.6
     """the no-speech gate, as transcribe applies it (lib.inference.NoSpeechGate); none = off"""
@@ -59,8 +60,8 @@ class ServeConfig:
             raise UserError("which run? set run=NAME (a folder under DATA_DIR/runs, as `make train RUN=NAME` wrote)")
         if not 1 <= self.port <= 65535:
             raise UserError(f"port={self.port}: use a TCP port 1..65535 (default 7860)")
-        if not 1 <= self.max_new_tokens <= 444:
-            raise UserError("max_new_tokens must be 1..444")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise UserError(f"max_new_tokens must be 1..{MAX_NEW_TOKENS}")
         self.gate()  # its checks name the flags
 
     def gate(self):
@@ -70,9 +71,9 @@ class ServeConfig:
 
 
 def main(cfg: ServeConfig, env: Env) -> None:
-    from lib import serve
     from lib.language import job_language, task_setting
     from lib.model import load_model
+    from lib.serve import page as serve
 
     # 1. The run, its base and its adapter (or why it has none yet), before any weights load.
     source, note = serve.resolve_run(env, cfg.run, cfg.base)

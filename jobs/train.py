@@ -7,7 +7,7 @@
 `--recipe auto` is the recipe above with model.quantization, model.precision,
 model.gradient_checkpointing (and the base dtype, compilation, checkpointed share) and the split
 of the effective batch into train.batch_size x train.grad_accum chosen from this GPU's memory,
-the longest train label and measured speeds (lib/auto.py); the effective batch stays what you
+the longest train label and measured speeds (lib/train/auto.py); the effective batch stays what you
 asked. It logs the choice and why; key=value flags still win over it (naming both
 train.batch_size and train.grad_accum keeps that split).
 
@@ -30,13 +30,14 @@ from pathlib import Path
 
 import yaml
 
-from lib import auto, checkpoint, hub, runlock, summary, tracking
-from lib import trainer as T
+from lib import hub, runlock, summary
 from lib.cli import Recipe, run_job
 from lib.config import dump_yaml, to_dict
 from lib.env import Env
-from lib.lora import build_training_model
-from lib.train_config import TrainConfig
+from lib.train import auto, checkpoint, tracking
+from lib.train import trainer as T
+from lib.train.config import TrainConfig
+from lib.train.lora import build_training_model
 
 log = logging.getLogger("whisper_ft")
 
@@ -73,7 +74,7 @@ def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
     #    in the loader's workers.
     train_ds, eval_ds, steps = T.training_splits(cfg, corpora, processor.tokenizer)
     if cfg.train.data_trace:  # every process appends the positions its workers read
-        from lib.stream import Traced
+        from lib.train.stream import Traced
 
         run_dir.mkdir(parents=True, exist_ok=True)
         train_ds = Traced(train_ds, run_dir / "data_order.tsv")
@@ -126,7 +127,7 @@ def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """`python -m jobs.train ...`; `--recipe auto` is the walkthrough recipe + lib.auto's choice."""
+    """`python -m jobs.train ...`; `--recipe auto` is the walkthrough recipe + lib.train.auto's choice."""
     return run_job("train", __doc__, TrainConfig, main, argv, computed={auto.AUTO: (DEFAULT_RECIPE, auto.apply_auto)})
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Literal
 
 from lib import summary
-from lib.audio import SAMPLING_RATE
 from lib.cli import run_job
 from lib.env import Env
 from lib.errors import UserError
+from lib.whisper import MAX_NEW_TOKENS, SAMPLING_RATE
 
 log = logging.getLogger("whisper_ft")
 
@@ -43,7 +43,7 @@ class TranscribeConfig:
     """auto: bf16/fp16 on a GPU, fp32 on the CPU"""
     quantization: Literal["none", "int8"] = "none"
     """int8 through bitsandbytes, only when asked"""
-    max_new_tokens: int = 444
+    max_new_tokens: int = MAX_NEW_TOKENS
     """tokens per 30-s window: 444 = 448 positions minus the 4-token prompt, room for a full window
     of Hindi (about 75 words x 5 tokens); a window that still hits it is logged"""
     no_speech_threshold: float | None = 0.6
@@ -61,8 +61,8 @@ class TranscribeConfig:
     def __post_init__(self):
         if not self.audio:
             raise UserError("which file? set audio=path/to/clip.wav (wav, flac, ogg or mp3)")
-        if not 1 <= self.max_new_tokens <= 444:
-            raise UserError("max_new_tokens must be 1..444")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise UserError(f"max_new_tokens must be 1..{MAX_NEW_TOKENS}")
         self.gate()  # its checks name the flags
 
     def gate(self):

@@ -106,7 +106,7 @@ def run_job(
 
     main gets the Recipe as a third argument when it takes one (train writes it to metrics.json
     and the model card). computed: recipes made on the machine (train: `--recipe auto`,
-    lib/auto.py), applied after logging is set up so that their choice is logged.
+    lib/train/auto.py), applied after logging is set up so that their choice is logged.
     """
     parser = argparse.ArgumentParser(
         prog=f"python -m {_module_of(main)}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter

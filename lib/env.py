@@ -17,7 +17,7 @@ from dotenv import dotenv_values
 from lib.errors import UserError
 
 SECRET_KEYS = ("HF_TOKEN", "MDC_API_KEY", "WANDB_API_KEY")
-# MLFLOW_TRACKING_URI / WANDB_MODE: where train.report_to=mlflow / wandb log (lib/tracking.py)
+# MLFLOW_TRACKING_URI / WANDB_MODE: where train.report_to=mlflow / wandb log (lib/train/tracking.py)
 KNOWN_KEYS = SECRET_KEYS + ("HF_HOME", "DATA_DIR", "MLFLOW_TRACKING_URI", "WANDB_MODE")
 
 

@@ -76,7 +76,7 @@ def model_card(*, kind: Literal["adapter", "merged"], repo_id: str, base: str, l
         lines += [f"- LoRA: r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
                   f"targets={lora.get('target_modules')}"]
     if adapter:
-        # The checkpoint published is the best by normalized WER (lib/trainer.py BEST_METRIC):
+        # The checkpoint published is the best by normalized WER (lib/train/trainer.py BEST_METRIC):
         # the headline says so, with the exact-text WER of the same checkpoint beside it.
         m = metrics or {}
         lines += [f"- Best checkpoint ({m.get('best_checkpoint') or 'n/a'}) on the validation split: "

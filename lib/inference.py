@@ -15,20 +15,20 @@ from typing import Any
 
 import numpy as np
 
-from lib.audio import SAMPLING_RATE, WINDOW_SECONDS
+from lib.whisper import MAX_NEW_TOKENS, MAX_POSITIONS, PROMPT_TOKENS, SAMPLING_RATE, WINDOW_SECONDS
 
 log = logging.getLogger("whisper_ft")
 
 def features_for(processor, audios: Sequence[np.ndarray], dtype, device, on_device: bool = False):
     """Log-mel features of the clips as the model's input. on_device: compute them on the
-    model's GPU (torch STFT) rather than on the CPU (lib.collator.log_mel, as the training
+    model's GPU (torch STFT) rather than on the CPU (lib.audio.log_mel, as the training
     collator does); the speed comparison uses it so that both of its legs time generation."""
     clips = [np.asarray(a, dtype=np.float32) for a in audios]
     if on_device and str(device).startswith("cuda"):
         feats = processor.feature_extractor(clips, sampling_rate=SAMPLING_RATE, return_tensors="pt",
                                             device=str(device)).input_features
     else:
-        from lib.collator import log_mel
+        from lib.audio import log_mel
 
         feats = log_mel(processor.feature_extractor, clips)
     return feats.to(device=device, dtype=dtype)
@@ -54,10 +54,6 @@ class _DropMaxLengthNotice(logging.Filter):
 logging.getLogger("transformers.generation.utils").addFilter(_DropMaxLengthNotice())
 
 
-# Whisper's decoder has 448 positions; generate() starts from the 4-token prompt
-# <|startoftranscript|><|lang|><|task|><|notimestamps|>, which leaves 444 new tokens.
-MAX_POSITIONS, PROMPT_TOKENS = 448, 4
-MAX_NEW_TOKENS = MAX_POSITIONS - PROMPT_TOKENS
 
 
 def decode_budget(label_lengths: Sequence[int], prompt_tokens: int = PROMPT_TOKENS,
@@ -183,8 +179,8 @@ def gate_scores(model, tokenizer, encoded, tokens, language: str, task: str,
     and the end token, divided by their count."""
     import torch
 
-    from lib.augment import NO_SPEECH_NAMES, no_speech_id, token_id
     from lib.errors import UserError
+    from lib.whisper import NO_SPEECH_NAMES, no_speech_id, token_id
 
     no_speech = no_speech_id(tokenizer)
     names = ["<|startoftranscript|>", f"<|{language}|>", f"<|{task}|>", "<|notimestamps|>"]
@@ -250,7 +246,7 @@ def transcribe_all(model, processor, audios: Sequence[np.ndarray], language: str
 def hallucination_check(model, processor, clips: Sequence[tuple[str, np.ndarray]], label: str, with_base: bool,
                         language: str, task: str, batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS,
                         num_beams: int = 1, gate: NoSpeechGate | None = None) -> dict[str, Any]:
-    """Transcribe (kind, audio) clips without speech (lib.augment.eval_no_speech_clips) with the
+    """Transcribe (kind, audio) clips without speech (lib.train.augment.eval_no_speech_clips) with the
     model as given (`label`) and, with_base, its base (adapter disabled), the way the clips of the
     split were: {clips, kinds, gate, results: {name: lib.metrics.hallucination}, ungated: {name: ...},
     no_speech_prob: {name: mean}, examples: {name: [..]}}. Forced language, greedy, as the split's
@@ -291,7 +287,7 @@ def transcribe_dataset(model, processor, ds, language: str, task: str, batch_siz
     seconds spent generating."""
     from tqdm.auto import tqdm
 
-    from lib.prepared import audio_arrays
+    from lib.dataset.prepared import audio_arrays
 
     out = Decoded([], [])
     seconds = 0.0

@@ -12,7 +12,7 @@ The one place that decides, for train, eval, export and transcribe alike:
 
 Checks that cost seconds run before any weights are read: the base is a Whisper model
 (config.model_type), the quantization works on this machine, the precision fits it.
-Making the loaded base trainable (freeze, checkpointing, LoRA) is lib/lora.py's.
+Making the loaded base trainable (freeze, checkpointing, LoRA) is lib/train/lora.py's.
 """
 
 from __future__ import annotations

@@ -50,12 +50,12 @@ def tone(seconds: float, freq: float = 440.0, sr: int = 16_000) -> np.ndarray:
 def write_prepared(out: Path, model_dir: Path, rows: dict[str, list[tuple[str, np.ndarray]]],
                    language: str = "hi", name: str | None = None, shard_rows: int = 2000,
                    speakers: dict[str, list[str]] | None = None) -> Path:
-    """Write a prepared dataset in the lib.prepared contract (format 2: FLAC in Parquet shards):
+    """Write a prepared dataset in the lib.dataset.prepared contract (format 2: FLAC in Parquet shards):
     rows = {split: [(text, audio16k), ...]}; speakers = {split: [speaker id per row]}."""
     from transformers import WhisperTokenizer
 
-    from lib import shards
-    from lib.prepared import tokenizer_signature, write_manifest, write_rows
+    from lib.dataset import shards
+    from lib.dataset.prepared import tokenizer_signature, write_manifest, write_rows
 
     tok = WhisperTokenizer.from_pretrained(model_dir, language=language, task="transcribe")
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Training samples (lib/augment.py): timestamped and prompted labels, no-speech clips, audio
+"""Training samples (lib/train/augment.py): timestamped and prompted labels, no-speech clips, audio
 augmentation, SpecAugment; ids checked for a v2 tokenizer and a v3-like one (<|yue|> added)."""
 
 from types import SimpleNamespace
@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import WhisperFeatureExtractor, WhisperTokenizer
 
-from lib import augment as A
-from lib.collator import IGNORE_INDEX, WhisperCollator, strip_decoder_start
 from lib.errors import UserError
-from lib.train_config import TrainSection
+from lib.train import augment as A
+from lib.train.collator import IGNORE_INDEX, WhisperCollator, strip_decoder_start
+from lib.train.config import TrainSection
 from tests.helpers import TOKENIZER_DIR, tone, v3_like_tokenizer_dir
 
 SENTENCES = ["नमस्ते", "हाँ जी नमस्ते", "धन्यवाद", "पानी", "घर", "नहीं"]
@@ -30,7 +30,7 @@ def names(tok, ids) -> list[str]:
 
 
 def split(n: int, tok, seconds: float = 1.0):
-    """A numpy-formatted train split like lib.trainer._columns gives: n clips of `seconds`."""
+    """A numpy-formatted train split like lib.train.trainer._columns gives: n clips of `seconds`."""
     from datasets import Dataset
 
     rows = {"audio": [tone(seconds, 200 + 10 * i) for i in range(n)],
@@ -127,7 +127,7 @@ def test_explicit_decoder_inputs_match_the_models_shift(tiny_model_dir):
     the explicit inputs are exactly <|sot|> + labels[:-1]."""
     from transformers import WhisperForConditionalGeneration
 
-    from lib.collator import pad_labels, with_prompts
+    from lib.train.collator import pad_labels, with_prompts
 
     tok = WhisperTokenizer.from_pretrained(tiny_model_dir, language="hi", task="transcribe")
     model = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
@@ -203,8 +203,8 @@ def test_no_speech_dir_without_fraction_is_refused():
 def test_spec_augment_masks_the_encoder_input_in_training_only(tiny_model_dir, on):
     """Whisper configs ship apply_spec_augment=false: mask_time_prob alone masked nothing."""
     from lib.config import load_config
-    from lib.lora import build_training_model
-    from lib.train_config import TrainConfig
+    from lib.train.config import TrainConfig
+    from lib.train.lora import build_training_model
 
     cfg = load_config(TrainConfig, None, [
         "run=r", "data=d", "language=hi", f"model.base={tiny_model_dir}", "model.quantization=none",

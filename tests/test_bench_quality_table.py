@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from lib.auto import WALKTHROUGH, pickable
 from lib.env import Env
 from lib.errors import UserError
 from lib.tools import bench_quality_table as qt
+from lib.train.auto import WALKTHROUGH, pickable
 from tests.helpers import tone, write_prepared
 
 WORDS = ["नमस्ते", "पानी", "घर", "किताब"]

@@ -1,4 +1,4 @@
-"""lib/checkpoint.py: only COMPLETE checkpoints that verify are resumed, others are set aside."""
+"""lib/train/checkpoint.py: only COMPLETE checkpoints that verify are resumed, others are set aside."""
 
 import json
 import os
@@ -7,8 +7,8 @@ import signal
 
 import pytest
 
-from lib import checkpoint
-from lib.checkpoint import (
+from lib.train import checkpoint
+from lib.train.checkpoint import (
     COMPLETE,
     REQUIRED,
     StopOnSigterm,

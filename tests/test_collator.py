@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import WhisperFeatureExtractor, WhisperTokenizer
 
-from lib.collator import IGNORE_INDEX, WhisperCollator, strip_decoder_start
+from lib.train.collator import IGNORE_INDEX, WhisperCollator, strip_decoder_start
 from tests.helpers import TOKENIZER_DIR, tone
 
 SOT = 50258  # <|startoftranscript|> = decoder_start_token_id
@@ -63,10 +63,10 @@ def test_batch_has_log_mel_and_padded_labels(tokenizer):
 
 @pytest.mark.parametrize("lengths", [[4800], [80_000, 16_000, 161], [479_990], [480_000], [500_000, 800], [1]])
 def test_log_mel_of_the_audio_only_equals_the_feature_extractors(lengths):
-    """lib.collator.log_mel skips the STFT of the padding (a constant): same numbers, any length."""
+    """lib.audio.log_mel skips the STFT of the padding (a constant): same numbers, any length."""
     from transformers import WhisperFeatureExtractor
 
-    from lib.collator import log_mel
+    from lib.audio import log_mel
 
     rng = np.random.default_rng(len(lengths))
     audio = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in lengths]

@@ -125,7 +125,7 @@ def test_two_processes_really_trained_as_one_ddp_job(runs):
     assert re.search(r"Instantaneous batch size per device = 2\b", log0), log0[-3000:]
     assert re.search(r"Total train batch size \(w\. parallel, distributed & accumulation\) = 4\b", log0)
     # each optimizer step consumed 4 samples (2 per rank): the stream of STEPS x 4 positions
-    # (lib/stream.py) is the Trainer's one epoch, and every position was read once, by one rank.
+    # (lib/train/stream.py) is the Trainer's one epoch, and every position was read once, by one rank.
     # A lone process at batch 2 would have read only half of them.
     assert [h["epoch"] for h in _log_history(runs["runs"] / "ddp")] == pytest.approx([1 / 3, 2 / 3, 1.0])
     read = [int(line.split("\t")[0]) for line in (runs["runs"] / "ddp" / "data_order.tsv").read_text().splitlines()]
@@ -236,7 +236,7 @@ def test_rerun_resumes_to_the_weights_of_an_uninterrupted_run(stopped):
 
 
 def test_logged_step_count_accounts_for_the_processes():
-    from lib.trainer import optimizer_steps
+    from lib.train.trainer import optimizer_steps
 
     # 1000 clips, batch 8: 125 steps an epoch alone, 63 on 2 GPUs (500 clips each, last batch short)
     assert optimizer_steps(1000, 8, 1, 1, 1.0, None) == 125

@@ -82,7 +82,7 @@ def test_environment():
 
 def test_the_page_runs_in_the_image_offline():
     """`serve` is in the image: gradio is locked, the page's port is exposed, Gradio's usage
-    reports are off (lib/serve.py sets the same)."""
+    reports are off (lib/serve/page.py sets the same)."""
     ins = instructions()
     assert ("EXPOSE", "7860") in ins
     env = " ".join(args for i, args in ins if i == "ENV")

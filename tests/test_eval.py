@@ -148,7 +148,8 @@ def test_whisper_base_zero_shot_on_a_few_clips(tmp_path):
 
 
 def test_decode_budget_fits_the_longest_label_and_the_model():
-    from lib.inference import MAX_NEW_TOKENS, decode_budget
+    from lib.inference import decode_budget
+    from lib.whisper import MAX_NEW_TOKENS
 
     # A 30-s Hindi segment: ~75 words x ~5 tokens = ~390 tokens of text + 4 prompt + <|endoftext|>.
     assert decode_budget([40, 395, 120]) == min(444, int(391 * 1.25) + 8) == 444  # capped at the model
@@ -201,7 +202,7 @@ def test_eval_reports_hallucination_on_silence_and_noise(data_dir, tmp_path):
     md = (tmp_path / "h" / "report.md").read_text()
     assert "## Hallucination on audio without speech" in md and "| clips that produce text | adapter | base |" in md
     # the clips are a fixed set: a second eval sees the same silence and noise
-    from lib.augment import eval_no_speech_clips
+    from lib.train.augment import eval_no_speech_clips
 
     a, b = eval_no_speech_clips(3), eval_no_speech_clips(3)
     assert all(ka == kb and (xa == xb).all() for (ka, xa), (kb, xb) in zip(a, b, strict=True))
@@ -243,7 +244,7 @@ def test_no_speech_gate_reads_the_probability_after_sot_and_the_mean_log_probabi
                                                  "<|notimestamps|>")]
     ns = tok.convert_tokens_to_ids("<|nocaptions|>") if "<|nocaptions|>" in tok.get_vocab() else \
         tok.convert_tokens_to_ids("<|nospeech|>")
-    from lib.collator import log_mel
+    from lib.audio import log_mel
 
     feats = log_mel(proc.feature_extractor, clips)
     gen = model.generate(input_features=feats, language="en", task="transcribe", max_new_tokens=12)
@@ -269,7 +270,7 @@ def test_eval_reports_what_the_no_speech_gate_emptied(data_dir, tmp_path):
     """Thresholds that judge everything silent: every split clip is emptied and counted, the
     hallucination section gives the rates after and before the gate; none turns it off."""
     from jobs.eval import EvalConfig, main
-    from lib.longform import LongformConfig
+    from lib.evaluate.longform import LongformConfig
 
     report = main(EvalConfig(run="tiny-run", batch_size=4, max_new_tokens=6, no_speech_clips=4, no_speech_threshold=0.0,
                              logprob_threshold=0.0, longform=LongformConfig(recordings=0), out=str(tmp_path / "g")),

@@ -123,7 +123,7 @@ def test_hub_push_uploads_with_model_card(exported):
 def test_verification_fails_for_a_corrupted_merge(exported, tmp_path):
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    from lib.export import verify_merged
+    from lib.export.merge import verify_merged
     from lib.model import ModelSource
 
     data_dir, _ = exported
@@ -161,11 +161,11 @@ def test_export_never_overwrites_another_model(exported):
 
 
 def test_merge_refuses_a_quantized_base_and_shows_why(tiny_model_dir, tmp_path):
-    """Merging into 8-bit weights rounds the LoRA update away; lib.export merges into float only."""
+    """Merging into 8-bit weights rounds the LoRA update away; lib.export.merge merges into float only."""
     from bitsandbytes.functional import int8_vectorwise_dequant, int8_vectorwise_quant
     from transformers import BitsAndBytesConfig, WhisperForConditionalGeneration
 
-    from lib.export import merge_into
+    from lib.export.merge import merge_into
     from tests.test_eval import make_adapter
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")

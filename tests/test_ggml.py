@@ -9,9 +9,9 @@ import struct
 import numpy as np
 import pytest
 
-from lib import ggml
 from lib.env import Env
 from lib.errors import UserError
+from lib.export import ggml
 from tests.helpers import SHARED_WHISPER_BASE, build_tiny_whisper, tone
 
 # In the lock (make setup installs it); skipped only in an older venv made before it was added.
@@ -37,7 +37,7 @@ CLIPS = [tone(1.5, 440), tone(0.7, 300), np.random.default_rng(0).normal(0, 0.1,
 
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])
 def test_whispercpp_loads_our_file_and_decodes_what_transformers_decodes(tmp_path, loaded, kind):
-    from lib.export import hf_tokens
+    from lib.export.merge import hf_tokens
 
     model, processor = loaded
     path = tmp_path / ggml.file_name(kind)

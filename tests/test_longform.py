@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from lib.errors import UserError
-from lib.forgetting import detect_languages, drop_flags, lid_accuracy
-from lib.longform import LongformConfig, join_plan, segment_problems, timestamp_validity
+from lib.evaluate.forgetting import detect_languages, drop_flags, lid_accuracy
+from lib.evaluate.longform import LongformConfig, join_plan, segment_problems, timestamp_validity
 from tests.helpers import FIXTURES, tone, write_prepared
 
 # ------------------------------------------------------------------ joining
@@ -142,7 +142,7 @@ def test_eval_reports_longform_and_other_languages(lf_data, monkeypatch, caplog)
     from lib.env import Env
 
     detected = iter([["hi", "hi"], ["en", "en"]])  # the adapter (scored first) forgets, the base does not
-    monkeypatch.setattr("lib.forgetting.detect_languages", lambda *a, **k: next(detected))
+    monkeypatch.setattr("lib.evaluate.forgetting.detect_languages", lambda *a, **k: next(detected))
     cfg = EvalConfig(run="lf-run", batch_size=4, max_new_tokens=8, also=["en-clips"],
                      longform=LongformConfig(minutes=0.65, recordings=2, max_new_tokens=8))
     with caplog.at_level(logging.WARNING, logger="whisper_ft"):

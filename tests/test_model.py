@@ -1,4 +1,4 @@
-"""lib/model.py (the checks before loading, loading) and lib/lora.py (parameter counts, the encoder input-grad hook, checkpointing)."""
+"""lib/model.py (the checks before loading, loading) and lib/train/lora.py (parameter counts, the encoder input-grad hook, checkpointing)."""
 
 import json
 import sys
@@ -6,11 +6,11 @@ import sys
 import pytest
 import torch
 
-from lib import lora as L
 from lib import model as M
 from lib.errors import UserError
 from lib.language import resolve_language
-from lib.train_config import LoraSection
+from lib.train import lora as L
+from lib.train.config import LoraSection
 
 
 def test_large_v2_lora_r32_qv_has_15_728_640_trainable_params():
@@ -162,8 +162,8 @@ def test_lora_weights_stay_fp32_on_a_half_precision_base(tiny_model_dir):
     import torch
     from transformers import WhisperForConditionalGeneration
 
-    from lib import lora as L
-    from lib.train_config import LoraSection
+    from lib.train import lora as L
+    from lib.train.config import LoraSection
 
     base = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     model = L.apply_lora(L.prepare_for_training(base, "none", True), LoraSection(r=4, alpha=8))
@@ -179,9 +179,9 @@ def test_half_precision_base_trains_from_fp32_features(tiny_model_dir):
     import torch
     from transformers import WhisperProcessor
 
-    from lib import lora as L
-    from lib.collator import WhisperCollator
-    from lib.train_config import LoraSection
+    from lib.train import lora as L
+    from lib.train.collator import WhisperCollator
+    from lib.train.config import LoraSection
 
     base = M.load_base(str(tiny_model_dir), "none", "bf16", base_dtype="compute")
     assert base.model.encoder.conv1.weight.dtype == torch.bfloat16
@@ -211,7 +211,7 @@ def test_int8_layers_get_half_inputs_and_the_same_gradients(tiny_model_dir):
     underflow in fp16, which is why the cast is for half-precision runs only."""
     import bitsandbytes as bnb
 
-    from lib.train_config import LoraSection
+    from lib.train.config import LoraSection
 
     scale = 2.0**16
     grads, seen = [], []

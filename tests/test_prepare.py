@@ -1,6 +1,6 @@
 """jobs/prepare on the committed clips: every source kind, every filter, every bad input, reuse.
 
-Prepared splits are read here straight from their shards (lib.shards.read_shard, in the
+Prepared splits are read here straight from their shards (lib.dataset.shards.read_shard, in the
 manifest's order): what `make prepare` wrote, not what a loader makes of it."""
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import pytest
 import soundfile as sf
 
 from jobs.prepare import PrepareConfig, main
-from lib import shards
 from lib.cli import run_job
 from lib.config import load_config
+from lib.dataset import shards
+from lib.dataset.prepared import read_manifest
 from lib.env import Env
 from lib.errors import UserError
-from lib.prepared import read_manifest
 
 FIX = Path(__file__).parent / "fixtures"
 CV = FIX / "cv_release"
@@ -135,7 +135,7 @@ def test_rerun_reuses_and_a_changed_input_redoes(tiny_model_dir, tmp_path):
 
 
 def test_killed_run_keeps_old_dataset_and_resumes_finished_shards(tiny_model_dir, tmp_path, monkeypatch):
-    from lib import data as data_mod
+    from lib.prepare import workers as data_mod
 
     data = tmp_path / "data"
     flags = ("name=k", "source.kind=cv", f"source.path={CV}", "source.validation=", "source.test=", "chunk_rows=6",

@@ -18,11 +18,12 @@ import pytest
 import soundfile as sf
 
 from jobs.prepare import PrepareConfig, main
-from lib import shards, staging
 from lib.config import load_config
+from lib.dataset import shards
+from lib.dataset.prepared import read_manifest
 from lib.env import Env
 from lib.errors import UserError
-from lib.prepared import read_manifest
+from lib.prepare import staging
 from tests.test_prepare import CV, REPO, split_rows
 
 SR = 16_000
@@ -246,9 +247,9 @@ def test_data_benchmark_prepares_the_pcm_corpus_with_each_codec_and_tables_both(
 
 
 def test_compare_storage_measures_what_a_codec_changes_against_the_reference(tmp_path, capsys):
-    """The README's quality check: the same clips stored as FLAC and as Opus (lib.prepared.write_rows
+    """The README's quality check: the same clips stored as FLAC and as Opus (lib.dataset.prepared.write_rows
     takes prepare's pcm_codec too), their SNR, log-mel difference and transcript equality."""
-    from lib.prepared import write_manifest, write_rows
+    from lib.dataset.prepared import write_manifest, write_rows
     from lib.tools import compare_storage
 
     clips = [clip(1.0 + 0.25 * i, 220 + 40 * i, i) for i in range(3)]
@@ -510,7 +511,7 @@ def test_a_finalizer_killed_mid_way_is_recovered_by_the_rerun(tiny_model_dir, tm
     """Killed after the speaking-rate check rewrote one of two shards, with its lock left
     behind by a dead process: the rerun takes the lock over at once (same host, pid gone),
     recognises the rewritten shard and finishes with the same rows as an uninterrupted run."""
-    from lib import data as data_mod
+    from lib.prepare import workers as data_mod
 
     manifest_csv = make_corpus(tmp_path / "corpus", 24, fast=(2, 13))
     flags = ("name=z", "language=en", "source.kind=manifest", f"source.path={manifest_csv}", "chunk_rows=4",

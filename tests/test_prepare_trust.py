@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from jobs.prepare import PrepareConfig, main
-from lib import shards
 from lib.config import load_config
+from lib.dataset import shards
 from lib.env import Env
 from lib.errors import UserError
 from tests.test_prepare import CV, split_ids, split_rows
@@ -24,7 +24,7 @@ def prepare(data_dir, model, *flags):
 @pytest.mark.parametrize("rerun_chunk_rows", [4, 10])
 def test_resume_with_another_chunk_rows_neither_duplicates_nor_loses_rows(tiny_model_dir, tmp_path, monkeypatch,
                                                                             rerun_chunk_rows):
-    from lib import data as data_mod
+    from lib.prepare import workers as data_mod
 
     # train.tsv's 5 bad rows are its last; test.tsv's 4 good rows follow them: 21 rows.
     flags = ("source.kind=cv", f"source.path={CV}", "source.train=train+test", "source.validation=", "source.test=",
@@ -343,7 +343,7 @@ def test_manifest_stores_the_tokenizer_signature_and_train_refuses_another(tiny_
     whose tokenizer gives those ids other meanings, and say to prepare again with model=."""
     from transformers import WhisperTokenizer
 
-    from lib.prepared import check_tokenizer, tokenizer_signature
+    from lib.dataset.prepared import check_tokenizer, tokenizer_signature
 
     data = tmp_path / "data"
     m = prepare(data, tiny_model_dir, "name=sig", "language=hi", "source.kind=cv", f"source.path={CV}")
@@ -368,7 +368,7 @@ def test_train_job_refuses_data_prepared_for_another_tokenizer(tiny_model_dir, t
 
     from jobs.train import main
     from lib.config import load_config
-    from lib.train_config import TrainConfig
+    from lib.train.config import TrainConfig
     from tests.helpers import tone, write_prepared
 
     data = tmp_path / "data"

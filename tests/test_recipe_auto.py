@@ -1,4 +1,4 @@
-"""`--recipe auto`: the choice per GPU (lib.auto.choose), the layering (walkthrough < choice <
+"""`--recipe auto`: the choice per GPU (lib.train.auto.choose), the layering (walkthrough < choice <
 your flags) and the real train job on the CPU picking fp32 / no quantization and saying why."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import pytest
 import yaml
 
 from jobs.train import DEFAULT_RECIPE, cli
-from lib import auto
-from lib.auto import MEASURED, USABLE_FRACTION, GpuInfo, apply_auto, choose, logits_gib
 from lib.cli import Recipe, build_config
 from lib.config import load_config
 from lib.errors import UserError
-from lib.train_config import TrainConfig
+from lib.train import auto
+from lib.train.auto import MEASURED, USABLE_FRACTION, GpuInfo, apply_auto, choose, logits_gib
+from lib.train.config import TrainConfig
 from tests.helpers import tone, write_prepared
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -318,10 +318,10 @@ def test_the_batch_flags_set_the_effective_batch_and_naming_both_keeps_the_split
 
 def test_the_train_job_reads_the_longest_label_of_the_train_shards(tmp_path, caplog):
     """apply_auto with the job's env: label_tokens from the labels column of every corpus's train
-    shards (lib.prepared.label_lengths), plus what train.* options add, and it reaches the choice."""
+    shards (lib.dataset.prepared.label_lengths), plus what train.* options add, and it reaches the choice."""
+    from lib.dataset.prepared import label_lengths, write_manifest, write_rows
+    from lib.dataset.shards import FORMAT
     from lib.env import Env
-    from lib.prepared import label_lengths, write_manifest, write_rows
-    from lib.shards import FORMAT
 
     env = Env(data_dir=tmp_path)
     for name, lengths in (("a", [10, 57, 30]), ("b", [12, 380])):

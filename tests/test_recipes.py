@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from lib.config import load_config
-from lib.train_config import TrainConfig
+from lib.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_RECIPES = sorted(

@@ -11,8 +11,8 @@ import numpy as np
 
 
 def _eval_wer_as_the_trainer_logs_it(tokenizer, errors: int, words: int = 200) -> float:
-    """eval_wer as Seq2SeqTrainer logs it: lib.trainer's compute_metrics on token ids."""
-    from lib.trainer import make_compute_metrics
+    """eval_wer as Seq2SeqTrainer logs it: lib.train.trainer's compute_metrics on token ids."""
+    from lib.train.trainer import make_compute_metrics
 
     refs = [" ".join(f"w{i}" for i in range(words))]
     hyps = [" ".join("x" if i < errors else f"w{i}" for i in range(words))]
@@ -29,7 +29,7 @@ def test_training_curve_plots_low_wers_at_their_value(tiny_model_dir, tmp_path, 
     import matplotlib.figure
     from transformers import WhisperTokenizer
 
-    from lib.report import plot_training_curves
+    from lib.evaluate.report import plot_training_curves
 
     tok = WhisperTokenizer.from_pretrained(tiny_model_dir)
     # A good run: 1.5 %, 1 % and 0.5 % WER at steps 10, 20, 30 (every value <= 1.5).
@@ -120,7 +120,7 @@ def test_training_wer_scores_the_canonical_spelling_as_eval_does(tiny_model_dir)
     from transformers import WhisperTokenizer
 
     from lib.metrics import score
-    from lib.trainer import make_compute_metrics
+    from lib.train.trainer import make_compute_metrics
 
     tok = WhisperTokenizer.from_pretrained(tiny_model_dir, language="hi", task="transcribe")
     ref, hyp = PAIRS[0]

@@ -14,15 +14,15 @@ from transformers import WhisperFeatureExtractor, WhisperTokenizer
 
 from jobs.prepare import PrepareConfig
 from jobs.prepare import main as prepare_main
-from lib import augment as A
-from lib import shards
-from lib.collator import IGNORE_INDEX, WhisperCollator
 from lib.config import load_config
+from lib.dataset import shards
+from lib.dataset.prepared import load_split, open_prepared, read_manifest
 from lib.env import Env
 from lib.errors import UserError
-from lib.prepared import load_split, open_prepared, read_manifest
-from lib.stream import ShardStream
-from lib.train_config import TrainSection
+from lib.train import augment as A
+from lib.train.collator import IGNORE_INDEX, WhisperCollator
+from lib.train.config import TrainSection
+from lib.train.stream import ShardStream
 from tests.helpers import TOKENIZER_DIR, tone, v3_like_tokenizer_dir, write_prepared
 
 SR = 16_000
@@ -144,7 +144,7 @@ def test_a_segment_past_the_clip_fails_from_a_worker_process_with_exit_2(tiny_mo
 
 
 def test_segments_that_do_not_spell_the_text_are_warned_about(tmp_path, caplog):
-    from lib.sources import SourceConfig, read_manifest_source
+    from lib.prepare.sources import SourceConfig, read_manifest_source
 
     src = corpus(tmp_path / "src", [{"text": "Hello, world", "segments": [[0, 1, "hello"], [1, 2, "WORLD!"]]},
                                     {"text": "something else", "segments": [[0, 1, "another clip"]]}])
@@ -275,8 +275,8 @@ def train_flags(model_dir, run, data, **extra) -> list[str]:
 
 def test_the_train_job_trains_on_the_segments_of_a_prepared_manifest(tiny_model_dir, tmp_path, monkeypatch, caplog):
     from jobs.train import main as train_main
-    from lib import collator as C
-    from lib.train_config import TrainConfig
+    from lib.train import collator as C
+    from lib.train.config import TrainConfig
 
     src = corpus(tmp_path / "src", [
         {"text": "नमस्ते जी", "segments": [[0.0, 1.0, "नमस्ते"], [1.2, 2.5, "जी"]]},
@@ -307,8 +307,8 @@ def test_the_train_job_trains_on_the_segments_of_a_prepared_manifest(tiny_model_
 
 def test_the_train_job_trains_an_old_folder_with_the_clip_span(tiny_model_dir, tmp_path, monkeypatch):
     from jobs.train import main as train_main
-    from lib import collator as C
-    from lib.train_config import TrainConfig
+    from lib.train import collator as C
+    from lib.train.config import TrainConfig
 
     out = tmp_path / "prepared" / "old"
     write_prepared(out, tiny_model_dir, {"train": [("नमस्ते", tone(1.0)), ("पानी", tone(1.0, 300))],

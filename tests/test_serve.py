@@ -68,7 +68,7 @@ def data_dir(tmp_path_factory, tiny_model_dir):
 
 
 def test_the_base_defaults_to_the_runs_config_yaml_and_base_wins(data_dir, tiny_model_dir, tmp_path):
-    from lib.serve import resolve_run
+    from lib.serve.page import resolve_run
 
     source, note = resolve_run(Env(data_dir=data_dir), "tiny-run")
     assert source.base == str(tiny_model_dir) and source.adapter.endswith("runs/tiny-run/adapter") and note is None
@@ -79,7 +79,7 @@ def test_the_base_defaults_to_the_runs_config_yaml_and_base_wins(data_dir, tiny_
 
 def test_a_missing_run_or_base_is_an_error_naming_the_flag(data_dir, tmp_path):
     from jobs.serve import ServeConfig
-    from lib.serve import resolve_run
+    from lib.serve.page import resolve_run
 
     with pytest.raises(UserError, match=r"run=nope: .* does not exist \(runs: tiny-run\)"):
         resolve_run(Env(data_dir=data_dir), "nope")
@@ -95,7 +95,7 @@ def test_a_missing_run_or_base_is_an_error_naming_the_flag(data_dir, tmp_path):
 
 
 def test_a_run_without_an_adapter_serves_its_base_and_says_why(data_dir, tiny_model_dir, tmp_path):
-    from lib.serve import resolve_run
+    from lib.serve.page import resolve_run
 
     run = tmp_path / "data" / "runs" / "training"
     run.mkdir(parents=True)
@@ -117,7 +117,7 @@ def test_the_page_of_a_run_without_an_adapter_transcribes_with_the_base_and_says
     run.mkdir(parents=True)
     shutil.copy(data_dir / "runs" / "tiny-run" / "config.yaml", run / "config.yaml")
     pages = []
-    monkeypatch.setattr("lib.serve.launch", lambda page, host, port: pages.append(page))
+    monkeypatch.setattr("lib.serve.page.launch", lambda page, host, port: pages.append(page))
     main(ServeConfig(run="training", max_new_tokens=TOKENS), Env(data_dir=tmp_path / "data"))
     page = pages[0]
     parts = {b.elem_id: b for b in page.blocks.values() if getattr(b, "elem_id", None)}
@@ -135,8 +135,8 @@ def test_the_page_of_a_run_without_an_adapter_transcribes_with_the_base_and_says
 
 
 def test_report_section_is_reports_table_or_how_to_make_one(tmp_path):
-    from lib.report import METRIC_LABELS, render_markdown
-    from lib.serve import report_section
+    from lib.evaluate.report import METRIC_LABELS, render_markdown
+    from lib.serve.page import report_section
 
     run = tmp_path / "runs" / "r"
     text = report_section("r", run)
@@ -159,7 +159,7 @@ def test_report_section_is_reports_table_or_how_to_make_one(tmp_path):
 
 
 def test_training_curves_from_eval_else_drawn_from_log_history(data_dir, tmp_path):
-    from lib.serve import training_curves
+    from lib.serve.page import training_curves
 
     run = data_dir / "runs" / "tiny-run"
     png, caption = training_curves(run, tmp_path)
@@ -179,7 +179,7 @@ def test_training_curves_from_eval_else_drawn_from_log_history(data_dir, tmp_pat
 
 def test_one_click_gives_both_transcripts_and_a_bad_clip_gives_a_message(data_dir, tmp_path):
     from lib.model import load_model
-    from lib.serve import Served, resolve_run, transcribe_both
+    from lib.serve.page import Served, resolve_run, transcribe_both
 
     source, _ = resolve_run(Env(data_dir=data_dir), "tiny-run")
     model, processor, _ = load_model(source)
@@ -248,7 +248,7 @@ def page_server(data_dir, tiny_model_dir, tmp_path_factory):
 
     from jobs.eval import EvalConfig
     from jobs.eval import main as eval_main
-    from lib.longform import LongformConfig
+    from lib.evaluate.longform import LongformConfig
 
     eval_main(EvalConfig(run="tiny-run", batch_size=3, max_new_tokens=4, no_speech_clips=0,
                          longform=LongformConfig(recordings=0), track=False), Env(data_dir=data_dir))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from jobs.train import main
-from lib import lora as L
 from lib.env import Env
 from lib.errors import UserError
+from lib.train import lora as L
 from tests.test_train import cfg, data_dir, lora_weights  # noqa: F401  (data_dir is a fixture)
 
 
@@ -95,7 +95,7 @@ def test_int8_compiled_checkpointed_layers_train_like_eager(tiny_model_dir):
     compiled, every LoRA weight (the encoder's too, reached through the cross-attention)
     must get the same gradient as in eager mode. One forward + backward on the real
     bitsandbytes int8 CPU path and a real torch.compile (about 40 s on 2 busy cores)."""
-    from lib.train_config import LoraSection
+    from lib.train.config import LoraSection
 
     grads = []
     for compiled in (False, True):

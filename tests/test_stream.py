@@ -1,4 +1,4 @@
-"""Training data from shards (lib/stream.py, lib/prepared.py): streaming through fsspec URLs with a
+"""Training data from shards (lib/train/stream.py, lib/dataset/prepared.py): streaming through fsspec URLs with a
 bounded shuffle buffer, weighted mixing of corpora, resume that continues the data order, validation
 WER per corpus, and old prepared folders refused."""
 
@@ -11,11 +11,11 @@ import pytest
 
 from jobs.train import main
 from lib.config import load_config
+from lib.dataset.prepared import load_split, open_prepared
 from lib.env import Env
 from lib.errors import UserError
-from lib.prepared import load_split, open_prepared
-from lib.stream import MIX_BLOCK, Mixture, ShardStream, block_counts, parse_data
-from lib.train_config import TrainConfig
+from lib.train.config import TrainConfig
+from lib.train.stream import MIX_BLOCK, Mixture, ShardStream, block_counts, parse_data
 from tests.helpers import tone, write_prepared
 
 WORDS = ["नमस्ते", "धन्यवाद", "हाँ", "नहीं", "पानी", "घर", "जी", "आप"]

@@ -1,4 +1,4 @@
-"""Experiment tracking (lib/tracking.py): train.report_to=mlflow into a local MLflow file store, read
+"""Experiment tracking (lib/train/tracking.py): train.report_to=mlflow into a local MLflow file store, read
 back with MLflow's own client; eval logs its report to the same run; wandb's wiring without wandb."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import types
 import pytest
 
 from jobs.train import main as train_main
-from lib import tracking
 from lib.config import load_config
 from lib.env import Env, load_env
 from lib.errors import UserError
-from lib.train_config import TrainConfig
+from lib.train import tracking
+from lib.train.config import TrainConfig
 from tests.helpers import tone, write_prepared
 
 WORDS = ["नमस्ते", "धन्यवाद", "हाँ", "नहीं"]

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from jobs.train import main
-from lib import checkpoint
 from lib.config import load_config
 from lib.env import Env
 from lib.errors import Preempted, UserError
-from lib.train_config import TrainConfig
+from lib.train import checkpoint
+from lib.train.config import TrainConfig
 from tests.helpers import SHARED_WHISPER_BASE, tone, write_prepared
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,10 +85,10 @@ def test_run_folder_contract(data_dir, tiny_model_dir):
 def test_best_checkpoint_is_chosen_by_normalized_wer(data_dir, tiny_model_dir, monkeypatch):
     """Exact-text WER counts a missing "।" as an error; the adapter, metrics.json and the model
     card must follow the normalized WER. Scripted WERs: step 3 wins on exact text, step 6 on normalized."""
-    import lib.trainer
+    import lib.train.trainer
 
     scripted = iter([{"wer": 10.0, "normalized_wer": 50.0}, {"wer": 20.0, "normalized_wer": 30.0}])
-    monkeypatch.setattr(lib.trainer, "make_compute_metrics", lambda tok: lambda pred: next(scripted))
+    monkeypatch.setattr(lib.train.trainer, "make_compute_metrics", lambda tok: lambda pred: next(scripted))
     metrics = main(cfg(tiny_model_dir, "by-normalized"), Env(data_dir=data_dir))
     assert metrics["best_checkpoint"] == "checkpoint-6"
     assert (metrics["best_eval_normalized_wer"], metrics["best_eval_wer"]) == (30.0, 20.0)
@@ -110,7 +110,7 @@ def test_compute_metrics_scores_both_wers(tiny_model_dir):
 
     from transformers import WhisperTokenizer
 
-    from lib.trainer import make_compute_metrics
+    from lib.train.trainer import make_compute_metrics
 
     tok = WhisperTokenizer.from_pretrained(tiny_model_dir, language="hi", task="transcribe")
     ids = tok(["हमने उसका जन्मदिन मनाया।", "घर"], padding=True).input_ids
@@ -128,7 +128,7 @@ def test_eval_during_training_fits_the_longest_validation_label_and_counts_cut_h
     from datasets import Dataset
     from transformers import WhisperTokenizer
 
-    from lib.trainer import eval_budget, make_compute_metrics
+    from lib.train.trainer import eval_budget, make_compute_metrics
 
     tok = WhisperTokenizer.from_pretrained(tiny_model_dir, language="hi", task="transcribe")
     long_ids = tok(" ".join(["हमने उसका जन्मदिन मनाया"] * 12)).input_ids
@@ -426,9 +426,9 @@ def test_real_whisper_base_wer_falls(tmp_path):
     pytest.param({"train.speed_perturb": 0.1, "train.gain_db": 6, "train.noise_snr_db": 10}, id="audio"),
 ])
 def test_training_runs_with_each_sample_option(data_dir, tiny_model_dir, options, monkeypatch):
-    """A short run per train.* sample option (lib/augment.py); the batches the model trains on
+    """A short run per train.* sample option (lib/train/augment.py); the batches the model trains on
     carry that option's tokens, and evaluation still sees the prepared validation rows."""
-    from lib import collator as C
+    from lib.train import collator as C
 
     seen = []
     real_call = C.WhisperCollator.__call__

@@ -3,7 +3,7 @@
     python -m lib.tools.activation_memory                        # large-v2, batch 1, 40 and 400 tokens
     python -m lib.tools.activation_memory arch=medium label_tokens=40,200
 
-Where lib/auto.py's DECODER_SHARE_PER_TOKEN and LOGIT_BYTES come from. The model is built at
+Where lib/train/auto.py's DECODER_SHARE_PER_TOKEN and LOGIT_BYTES come from. The model is built at
 `arch` under torch's FakeTensorMode (shapes and dtypes only: no weights are stored and nothing
 is computed, so large-v2 takes seconds on a CPU) as the fastest `--recipe auto` mode runs it:
 frozen base in bf16, bf16 autocast, SDPA attention, no checkpointing, LoRA r=32 on q_proj and
@@ -15,7 +15,7 @@ and the step's peak.
 
 The counts are of CPU autocast in eager mode: the absolute figures are not the GPU's (CUDA
 autocast keeps layer norms in fp32, dropout masks differ, `train.compile=layers` frees more);
-lib/auto.py takes only the ratio (what one more label token adds, over the activations of a
+lib/train/auto.py takes only the ratio (what one more label token adds, over the activations of a
 clip at 40 tokens) and the loss's bytes per logit, and scales the peaks measured on the GPU.
 """
 

@@ -76,7 +76,7 @@ MODES: dict[str, list[str]] = {
     "bf16-half-compile-b16": [*_HALF, *_NOCKPT, *_COMPILE, "train.batch_size=16"],
     "bf16-half-compile-b32": [*_HALF, *_NOCKPT, *_COMPILE, "train.batch_size=32"],
     "bf16-compile-model-b32": [*_BF16, *_NOCKPT, "train.batch_size=32", "train.compile=model"],
-    # what `make train RECIPE=auto` picks on this machine (the walkthrough recipe + lib/auto.py's
+    # what `make train RECIPE=auto` picks on this machine (the walkthrough recipe + lib/train/auto.py's
     # choice, the batch split included): with the bench's train.batch_size alone, auto keeps that
     # many clips per optimizer step and may split them (never above it: 8 x 1 at batch 8)
     "auto": [],
@@ -196,9 +196,9 @@ def build_model(arch: str, out: Path) -> Path:
 
 def build_data(env: Env, name: str, n: int, label_tokens: int, eval_clips: int) -> str:
     """n train clips of 30 s (quiet noise) with label_tokens-long labels, plus a test split, in the
-    prepared format (lib/shards.py: FLAC in Parquet shards, written row by row, never all in memory)."""
-    from lib import shards
-    from lib.prepared import write_manifest, write_rows
+    prepared format (lib/dataset/shards.py: FLAC in Parquet shards, written row by row, never all in memory)."""
+    from lib.dataset import shards
+    from lib.dataset.prepared import write_manifest, write_rows
 
     out = env.prepared_dir(name)
     if (out / "manifest.json").is_file():
@@ -323,13 +323,13 @@ def eval_speed(cfg: BenchConfig, model_dir: Path, data_dir: Path) -> list[dict]:
     clip forced to eval_new_tokens tokens so that random weights do the same work."""
     import torch
 
+    from lib.dataset.prepared import load_split
     from lib.inference import speed_compare
     from lib.model import ModelSource
-    from lib.prepared import load_split
 
     if not torch.cuda.is_available() or cfg.eval_clips <= 0:
         return []
-    from lib.prepared import audio_arrays
+    from lib.dataset.prepared import audio_arrays
 
     audios = audio_arrays(load_split(data_dir, "test"), 0, cfg.eval_clips)
     n = cfg.eval_new_tokens
@@ -361,7 +361,7 @@ def logmel_speed(model_dir: Path, data_dir: Path, clips: int = 16) -> float:
     """Clips/s of the collator's CPU log-mel in one process (one dataloader worker's rate)."""
     from transformers import WhisperFeatureExtractor
 
-    from lib.prepared import audio_arrays, load_split
+    from lib.dataset.prepared import audio_arrays, load_split
 
     fe = WhisperFeatureExtractor.from_pretrained(model_dir)
     audio = audio_arrays(load_split(data_dir, "train"), 0, clips)

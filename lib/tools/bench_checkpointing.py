@@ -7,7 +7,7 @@ Each (quantization, checkpointing) case runs in a fresh process: random weights 
 LoRA r=8 on q_proj/v_proj, one forward+backward; it prints the extra resident memory
 during that step (sampled every 5 ms) and the sum of the encoder LoRA gradients, which
 must be equal across cases (checkpointing must not change what is learned). This is how
-the int8 + non-reentrant checkpointing problem was found (see lib/lora.py).
+the int8 + non-reentrant checkpointing problem was found (see lib/train/lora.py).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def step(arch: str, batch: int, quant: str, ckpt: str, model_dir: Path) -> str:
 
     from lib import model as M
     from lib.tools.models import whisper_config
-    from lib.train_config import LoraSection
+    from lib.train.config import LoraSection
 
     if not (model_dir / "config.json").is_file():
         torch.manual_seed(0)

@@ -12,7 +12,7 @@ runs `make prepare`'s job on it in its own process, and measures:
   - bytes per audio hour: the source's mp3, the prepared shards, and the peak of the output and
     work folders while prepare ran (sampled every 0.2 s), and peak/final;
   - peak RAM of prepare's process tree (RSS summed over the job and its workers, sampled);
-  - the training loader: lib.stream.ShardStream + the collator (decode, resample to 16 kHz,
+  - the training loader: lib.train.stream.ShardStream + the collator (decode, resample to 16 kHz,
     log-mel) in a torch DataLoader with 1, 2, ... workers of one thread each: clips/s, per worker,
     and the loader's peak RAM (all processes), on the same shards.
 A PCM source (16 kHz 16-bit wav) is prepared once per pcm_codecs entry (prepare's pcm_codec:
@@ -206,9 +206,9 @@ def loader(prepared: Path, workers: int, batches: int, batch_size: int = 8, shuf
     from torch.utils.data import DataLoader
     from transformers import WhisperFeatureExtractor
 
-    from lib.collator import WhisperCollator
-    from lib.prepared import open_prepared
-    from lib.stream import ShardStream
+    from lib.dataset.prepared import open_prepared
+    from lib.train.collator import WhisperCollator
+    from lib.train.stream import ShardStream
 
     where, manifest = open_prepared(Env(data_dir=prepared.parent.parent), str(prepared))
     ds = ShardStream(where, manifest, "train", seed=0, shuffle_buffer=shuffle_buffer)
@@ -261,7 +261,7 @@ class BenchDataConfig:
     def __post_init__(self):
         if not self.sizes or min(self.sizes) < 1 or self.num_proc < 1 or min(self.workers, default=1) < 0:
             raise UserError("sizes must be >= 1 clips, num_proc >= 1, workers >= 0")
-        from lib.shards import PCM_CODECS
+        from lib.dataset.shards import PCM_CODECS
 
         bad = [c for c in self.pcm_codecs if c not in PCM_CODECS]
         if bad or (self.pcm_clips and not self.pcm_codecs):

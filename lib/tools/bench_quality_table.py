@@ -10,7 +10,7 @@ once per precision in `eval_precisions` (greedy, max_new_tokens tokens). Rows:
 
   walkthrough   the walkthrough recipe (int8 base, fp16, checkpointing), seeds 42.. (`seeds`)
   auto          `--recipe auto` on this machine, the same seeds
-  pick:...      every other mode lib.auto.pickable() finds `choose` returning on some card,
+  pick:...      every other mode lib.train.auto.pickable() finds `choose` returning on some card,
                 seed 42 (`repeat` names those to run over `repeat_seeds` seeds)
   excluded:...  measured modes `choose` never picks because they learnt worse (nf4), bf16 and fp16
   diag:...      diagnosis rows: bf16 with an fp32 base, and with a bf16 base not compiled
@@ -80,7 +80,7 @@ class QualityTableConfig:
 
 def rows(cfg: QualityTableConfig, auto_flags: list[str]) -> list[tuple[str, list[str], int]]:
     """(label, train flags, seed); flags == ["auto"] means `--recipe auto`."""
-    from lib.auto import MEASURED, WALKTHROUGH, Choice, pickable
+    from lib.train.auto import MEASURED, WALKTHROUGH, Choice, pickable
 
     groups = cfg.modes.split(",")
     seeds = range(42, 42 + cfg.seeds)
@@ -155,7 +155,7 @@ def run_one(cfg: QualityTableConfig, env: Env, label: str, flags: list[str], see
 def main(cfg: QualityTableConfig, env: Env) -> dict:
     import torch
 
-    from lib.auto import choose, detect
+    from lib.train.auto import choose, detect
 
     if not (env.prepared_dir(cfg.data) / "manifest.json").is_file():
         raise UserError(f"data={cfg.data}: no prepared dataset at {env.prepared_dir(cfg.data)}; run `make prepare`")

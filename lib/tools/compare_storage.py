@@ -48,7 +48,7 @@ class CompareStorageConfig:
 
 def load(env: Env, name: str, split: str) -> tuple[dict[str, np.ndarray], dict]:
     """{clip stem: 16 kHz float32} of a split, and the dataset's split entry of manifest.json."""
-    from lib.prepared import audio_arrays, load_split, open_prepared
+    from lib.dataset.prepared import audio_arrays, load_split, open_prepared
 
     root, manifest = open_prepared(env, name)
     ds = load_split(root, split, manifest)
@@ -75,7 +75,7 @@ def snr_db(ref: np.ndarray, got: np.ndarray) -> float:
 def main(cfg: CompareStorageConfig, env: Env) -> list[dict]:
     from transformers import WhisperFeatureExtractor
 
-    from lib.collator import log_mel
+    from lib.audio import log_mel
 
     fe = WhisperFeatureExtractor(feature_size=cfg.mels)
 

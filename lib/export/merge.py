@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lib.audio import SAMPLING_RATE
 from lib.errors import UserError
 from lib.inference import features_for
 from lib.model import (
@@ -32,6 +31,7 @@ from lib.model import (
     load_base,
     load_processor,
 )
+from lib.whisper import MAX_POSITIONS, SAMPLING_RATE
 
 log = logging.getLogger("whisper_ft")
 
@@ -91,7 +91,7 @@ def merge_into(base, adapter: str, base_name: str):
     """Attach the adapter to an already loaded float base and fold it in."""
     if getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None) is not None:
         raise UserError("refusing to merge into a quantized (8-bit/4-bit) base: load it in fp16/bf16/fp32 "
-                        "(see lib.export.load_float_base for why)")
+                        "(see lib.export.merge.load_float_base for why)")
     return attach_adapter(base, adapter, base_name).merge_and_unload().eval()
 
 
@@ -227,7 +227,7 @@ def ct2_tokens(ct2_dir: Path, processor, clips: Sequence[np.ndarray], language: 
     # CTranslate2 4.8 stops Whisper at max_length // 2 new tokens (OpenAI's sample_len rule),
     # so we leave it the full 448 and cut to the transformers budget when comparing.
     results = model.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(feats)),
-                             [prompt] * len(clips), beam_size=1, max_length=448)
+                             [prompt] * len(clips), beam_size=1, max_length=MAX_POSITIONS)
     return [_text_tokens(r.sequences_ids[0], tok) for r in results]
 
 

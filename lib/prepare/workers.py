@@ -1,6 +1,6 @@
 """Turn source rows into shards: decode, check, tokenize, keep the encoded audio; the rate check.
 
-One chunk of source rows (chunk_rows of one split) is one task and one shard (lib/shards.py):
+One chunk of source rows (chunk_rows of one split) is one task and one shard (lib/dataset/shards.py):
 a worker decodes each clip once with lib.audio.decode (truncation, duration limits), tokenizes
 its canonical transcript and stores `shards.compact(source bytes, audio, ...)`: the source's own
 mp3/flac/ogg bytes, or for anything else (PCM) 16 kHz audio in prepare's pcm_codec (FLAC, or
@@ -30,22 +30,24 @@ from typing import Any
 
 import numpy as np
 
-from lib import shards, staging
-from lib.audio import SAMPLING_RATE, AudioError, decode, read_bytes
+from lib.audio import AudioError, decode, read_bytes
+from lib.dataset import shards
 from lib.errors import UserError
 from lib.metrics import canonical
+from lib.prepare import staging
 from lib.summary import elapsed
+from lib.whisper import MAX_POSITIONS, SAMPLING_RATE
 
 log = logging.getLogger("whisper_ft")
 
 # Bump when the processing below changes what it writes, so old prepared data is redone.
 # 2: transcripts are lib.metrics.canonical (NFC, ASCII digits, no zero-width joiners).
-# 3: format 2 (lib/shards.py): Parquet shards of encoded audio, speaker column, held-out validation.
+# 3: format 2 (lib/dataset/shards.py): Parquet shards of encoded audio, speaker column, held-out validation.
 PROCESS_VERSION = 3
 
 # Part of the fingerprint only where the source has segments (a manifest's `segments` column),
 # so that such a dataset prepared before they were read is redone while every other one stays
-# up to date: 1: segments become the `ts_labels` column (lib/shards.py).
+# up to date: 1: segments become the `ts_labels` column (lib/dataset/shards.py).
 SEGMENTS_VERSION = 1
 
 KEPT_FIELDS = ("id", "where", "chars", "duration", "language", "source_bytes", "audio_format", "segments")
@@ -77,7 +79,7 @@ def max_target_positions(model: str) -> int:
     try:
         return int(AutoConfig.from_pretrained(model).max_target_positions)
     except Exception:  # tokenizer-only folder: every Whisper size uses 448
-        return 448
+        return MAX_POSITIONS
 
 
 @dataclass
@@ -98,7 +100,7 @@ class Clip:
     audio_format: str
     source_bytes: int
     ts_labels: list[int]
-    """the row's segments as timestamped labels (lib.augment.segmented), [] without segments"""
+    """the row's segments as timestamped labels (lib.train.augment.segmented), [] without segments"""
     segments: int = 0
 
 
@@ -132,10 +134,10 @@ class Processor:
     def _segment_labels(self, labels: list[int], segments: list[list[Any]], seconds: float, where: str,
                         row_id: str) -> list[int]:
         """`labels` (the row's, whose prefix they share) with the row's checked segments
-        (lib.sources.parse_segments) in Whisper's timestamped form. Each segment's text is
+        (lib.prepare.sources.parse_segments) in Whisper's timestamped form. Each segment's text is
         tokenized as the transcript is (canonical spelling), with the leading space Whisper's
         segments carry (" Hello" is one token, "Hello" another)."""
-        from lib.augment import TIME_STEP, SpecialTokens, segmented
+        from lib.whisper import TIME_STEP, SpecialTokens, segmented
 
         end = segments[-1][1]  # in order and not overlapping: the last end is the latest
         if end > seconds + TIME_STEP:
@@ -154,7 +156,7 @@ class Processor:
 
     def row(self, audio_ref: dict, text: str, language: str, segments: str = "", where: str = "",
             row_id: str = "") -> tuple[Clip | None, str]:
-        """A Clip, or (None, why it is skipped). `segments`: the row's JSON from lib.sources
+        """A Clip, or (None, why it is skipped). `segments`: the row's JSON from lib.prepare.sources
         (parse_segments), "" for none; `where` / `row_id` name the row in a segments error."""
         lim = self.limits
         # The target is the canonical spelling that every score compares (lib.metrics).

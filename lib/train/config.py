@@ -12,6 +12,7 @@ from typing import Literal
 
 from lib.errors import UserError
 from lib.hub import HubConfig
+from lib.whisper import MAX_NEW_TOKENS
 
 
 @dataclass
@@ -102,7 +103,7 @@ class TrainSection:
     the main process. One worker decodes ~60+ clips/s of 5-s mp3 (README, data benchmark)"""
     shuffle_buffer: int = 4096
     """rows shuffled together: consecutive shards (in a seeded order) are read in windows of at
-    least this many rows, each window in a seeded random order (lib/stream.py). Memory per worker
+    least this many rows, each window in a seeded random order (lib/train/stream.py). Memory per worker
     is about one window of encoded audio (4096 5-s mp3 clips: ~160 MB)"""
     data_trace: bool = False
     """append "position, corpus, clip id" of every sample read to RUN/data_order.tsv (which clips a
@@ -114,7 +115,7 @@ class TrainSection:
     """first optimizer steps left out of the steady samples/s in metrics.json"""
     profile_steps: int = 0
     """profile the last N steps (torch.profiler): RUN/profile.txt, where GPU time goes; not timed"""
-    # Samples beyond the prepared rows (lib/augment.py): all off by default, the walkthrough's training.
+    # Samples beyond the prepared rows (lib/train/augment.py): all off by default, the walkthrough's training.
     timestamp_probability: float = 0.0
     """share of clips trained with timestamps (<|0.00|> text <|end|>) instead of <|notimestamps|>;
     keeps long-form (timestamped) decoding alive, which all-<|notimestamps|> fine-tuning erodes"""
@@ -149,7 +150,7 @@ class TrainSection:
     """add white noise at an SNR drawn from [this, this + 20] dB per clip; unset = off"""
     report_to: Literal["tensorboard", "mlflow", "wandb"] = "tensorboard"
     """experiment tracking besides RUN/tb (always written): mlflow (MLFLOW_TRACKING_URI, default the
-    file store DATA_DIR/mlruns) or wandb (offline unless WANDB_API_KEY is set); see lib/tracking.py"""
+    file store DATA_DIR/mlruns) or wandb (offline unless WANDB_API_KEY is set); see lib/train/tracking.py"""
 
     def __post_init__(self):
         if self.compile is None:  # the flag value `none` reads as YAML null
@@ -171,8 +172,8 @@ class TrainSection:
         if self.profile_steps < 0 or (self.max_steps is not None
                                       and self.profile_steps and self.profile_steps >= self.max_steps):
             raise UserError(f"train.profile_steps={self.profile_steps}: must be >= 0 and below train.max_steps")
-        if self.generation_max_length is not None and not 1 <= self.generation_max_length <= 444:
-            raise UserError(f"train.generation_max_length={self.generation_max_length}: must be 1..444, "
+        if self.generation_max_length is not None and not 1 <= self.generation_max_length <= MAX_NEW_TOKENS:
+            raise UserError(f"train.generation_max_length={self.generation_max_length}: must be 1..{MAX_NEW_TOKENS}, "
                             f"or unset to fit the validation labels")
         if self.shuffle_buffer < 1:
             raise UserError(f"train.shuffle_buffer={self.shuffle_buffer}: must be >= 1 (1 = no shuffling)")
@@ -193,7 +194,7 @@ class TrainSection:
             raise UserError(f"train.gain_db={self.gain_db}: must be >= 0 (e.g. 6)")
 
     def samples_changed(self) -> bool:
-        """Whether any option of lib/augment.py is on (the train split is then wrapped)."""
+        """Whether any option of lib/train/augment.py is on (the train split is then wrapped)."""
         return bool(self.timestamp_probability or self.prompt_probability or self.no_speech_fraction
                     or self.speed_perturb or self.gain_db or self.noise_snr_db is not None)
 
@@ -218,7 +219,7 @@ class TrainConfig:
     def __post_init__(self):
         if not self.data:
             raise UserError("no dataset: set data=NAME (a folder under DATA_DIR/prepared from `make prepare`)")
-        from lib.stream import parse_data
+        from lib.train.stream import parse_data
 
         parse_data(self.data)  # a malformed list or weight fails here, before anything loads
         if not self.run:

@@ -12,7 +12,7 @@ The plan is deterministic: every split in SPLITS order, cut into chunks of chunk
 that every index of a sharded prepare (shard_count=N shard_index=i) computes the same plan and
 takes the chunks c with c % N == i. A chunk is done when its sidecar matches the fingerprint and
 its shard is there; a shard without a sidecar (killed between the two writes) is redone, and a
-shard is never written in place (lib.shards.write_shard: temporary name, then rename), so no
+shard is never written in place (lib.dataset.shards.write_shard: temporary name, then rename), so no
 reader ever meets a half file under a shard's name.
 """
 
@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lib import shards
-from lib.sources import SPLITS
+from lib.dataset import shards
+from lib.files import write_json
+from lib.prepare.sources import SPLITS
 
 log = logging.getLogger("whisper_ft")
 
@@ -77,16 +78,9 @@ def mine(plan: list[Chunk], shard_count: int, shard_index: int) -> list[Chunk]:
 # ---------------------------------------------------------------- sidecars
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, ensure_ascii=False))
-    os.replace(tmp, path)
-
-
 def write_sidecar(stage: Path, chunk: Chunk, data: dict[str, Any]) -> None:
     """Written after the shard: its presence marks the chunk done."""
-    _write_json(stage / chunk.sidecar, data)
+    write_json(stage / chunk.sidecar, data, indent=None)
 
 
 def read_sidecar(stage: Path, chunk: Chunk, fp: str) -> dict[str, Any] | None:

@@ -89,7 +89,7 @@ def describe(run_dir: Path) -> str | None:
 
 
 def _write_record(run_dir: Path, record: dict[str, Any]) -> None:
-    from lib.trainer import write_json
+    from lib.files import write_json
 
     write_json(Path(run_dir) / RECORD, record)
 

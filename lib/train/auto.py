@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import pairwise
 
+from lib.whisper import MAX_POSITIONS
+
 log = logging.getLogger("whisper_ft")
 
 AUTO = "auto"
@@ -58,7 +60,7 @@ MEASURED_LABELS = 40
 VOCAB = 51865
 LOGIT_BYTES = 12
 DECODER_SHARE_PER_TOKEN = 0.000673
-MAX_LABEL_TOKENS = 448
+MAX_LABEL_TOKENS = MAX_POSITIONS
 """Whisper's decoder positions (max_target_positions): no label row is longer (prepare drops them)"""
 
 
@@ -421,15 +423,15 @@ def train_label_tokens(cfg, env) -> tuple[int, str]:
     """(the longest label row the run's training will see, where that number came from).
 
     The prepared manifest stores no label lengths, so this reads the `labels` column of every
-    train shard (lib.prepared.label_lengths: no audio; about 4 bytes a token, 10,000 clips of
+    train shard (lib.dataset.prepared.label_lengths: no audio; about 4 bytes a token, 10,000 clips of
     50 tokens are 2 MB) of every corpus in data=. The longest, not a percentile: labels are padded
     to the longest of their batch, so the batch holding it sets the peak. train.* options that
     lengthen what the decoder sees are added: timestamps one token, previous-text prompts up to
-    lib.augment.MAX_PROMPT + 1; at most MAX_LABEL_TOKENS.
+    lib.train.augment.MAX_PROMPT + 1; at most MAX_LABEL_TOKENS.
     """
-    from lib.augment import MAX_PROMPT
-    from lib.prepared import label_lengths
-    from lib.trainer import open_data
+    from lib.dataset.prepared import label_lengths
+    from lib.train.trainer import open_data
+    from lib.whisper import MAX_PROMPT
 
     t0 = time.time()
     longest = clips = 0

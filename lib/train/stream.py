@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from lib import shards
+from lib.dataset import shards
 from lib.errors import UserError
 
 log = logging.getLogger("whisper_ft")
@@ -43,7 +43,7 @@ MIX_BLOCK = 1000
 
 READ_COLUMNS = ["id", "audio", "labels", "duration", "speaker", "where", "ts_labels"]
 """what a training row needs of a shard; ts_labels (a manifest's segments) reads as [] in shards
-prepared before the column existed (lib.shards.read_shard)"""
+prepared before the column existed (lib.dataset.shards.read_shard)"""
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class ShardStream(Dataset):
 
     def __init__(self, root, manifest: dict[str, Any], split: str = "train", seed: int = 0,
                  shuffle_buffer: int = 4096, name: str | None = None, length: int | None = None):
-        from lib.prepared import split_shards
+        from lib.dataset.prepared import split_shards
 
         self.root, self.split, self.seed, self.name = str(root), split, int(seed), name or str(root)
         self.shards = split_shards(root, manifest, split)
@@ -195,7 +195,7 @@ class ShardStream(Dataset):
         return t
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        from lib.prepared import decode_row
+        from lib.dataset.prepared import decode_row
 
         shard, row = self.locate(k)
         t = self.table(shard)
@@ -259,7 +259,7 @@ class Decoded(Dataset):
         return len(self.ds)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from lib.prepared import decode_row
+        from lib.dataset.prepared import decode_row
 
         row = self.ds[int(i)]
         return {"audio": decode_row(row), "labels": np.asarray(row["labels"], dtype=np.int64), "id": row["id"]}

@@ -421,13 +421,13 @@ def parse_segments(cell: Any, where: str, row_id: str) -> list[list[Any]]:
     Checked here, before any clip is decoded: numbers, 0 <= start < end <= 30 s (Whisper's last
     timestamp token is <|30.00|>), a non-empty text, in order and not overlapping (a segment may
     start where the previous one ends). That the last end is inside the clip is checked once the
-    clip is decoded (lib.data.Processor). Any failure stops prepare, naming the row: a wrong
+    clip is decoded (lib.prepare.workers.Processor). Any failure stops prepare, naming the row: a wrong
     segments column is a data problem that skipping rows would hide.
     """
     if cell is None or (isinstance(cell, str) and not cell.strip()):
         return []
-    from lib.augment import MAX_SECONDS
     from lib.metrics import canonical
+    from lib.whisper import MAX_SECONDS
 
     what = f"{where} ({row_id}): segments"
     value = cell

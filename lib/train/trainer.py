@@ -2,7 +2,7 @@
 its callbacks, WER while training, run-folder logs, the metrics a finished run writes.
 
 `make train` (jobs/train.py) is these steps in order: check_setup, training_splits,
-lib.lora.build_training_model, build_trainer, train, lib.checkpoint.save_adapter, run_metrics.
+lib.train.lora.build_training_model, build_trainer, train, lib.train.checkpoint.save_adapter, run_metrics.
 
 Evaluation generates with the language and task forced (generation config), decodes, and
 scores two WERs with jiwer: eval_normalized_wer (lib.metrics.normalize, the number `make eval`
@@ -13,7 +13,6 @@ logged; the best checkpoint is the one with the lowest normalized WER and is loa
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from typing import Any
 
 import numpy as np
 from transformers import TrainerCallback
+
+from lib import files
 
 log = logging.getLogger("whisper_ft")
 
@@ -73,10 +74,8 @@ def make_compute_metrics(tokenizer):
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Atomic: a reader (or a kill) never sees half a file."""
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
+    """Atomic (lib.files.write_json); numbers that json cannot write (numpy, tensors) as floats."""
+    files.write_json(path, data, default=float)
 
 
 class LogHistoryWriter(TrainerCallback):
@@ -93,7 +92,7 @@ class LogHistoryWriter(TrainerCallback):
 def training_arguments(cfg, output_dir: Path, precision: str, has_eval: bool,
                        generation_max_length: int | None = None, steps: int | None = None,
                        best: str = BEST_METRIC):
-    """Seq2SeqTrainingArguments from lib.train_config.TrainConfig; generation_max_length: the
+    """Seq2SeqTrainingArguments from lib.train.config.TrainConfig; generation_max_length: the
     decode budget of evaluation (train.generation_max_length, else eval_budget's); steps: the
     optimizer steps (training_splits': the stream holds exactly their samples, read in order);
     best: the metric that picks the best checkpoint (best_metric)."""
@@ -111,7 +110,7 @@ def training_arguments(cfg, output_dir: Path, precision: str, has_eval: bool,
         warmup_steps=t.warmup_steps,
         max_steps=steps if steps is not None else (t.max_steps if t.max_steps is not None else -1),
         num_train_epochs=t.epochs,
-        # the stream (lib/stream.py) is already shuffled by position: read in order, so that a
+        # the stream (lib/train/stream.py) is already shuffled by position: read in order, so that a
         # resume skips consumed batches by index and continues the same order
         train_sampling_strategy="sequential",
         fp16=precision == "fp16",
@@ -122,7 +121,7 @@ def training_arguments(cfg, output_dir: Path, precision: str, has_eval: bool,
         eval_steps=t.eval_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=None,  # lib.checkpoint.CompleteMarker rotates, after the COMPLETE marker
+        save_total_limit=None,  # lib.train.checkpoint.CompleteMarker rotates, after the COMPLETE marker
         logging_steps=t.logging_steps,
         logging_first_step=True,
         report_to="none",  # TensorBoard (RUN/tb) and train.report_to's tracker are explicit callbacks
@@ -159,11 +158,11 @@ def oom_message(cfg) -> str:
 
 def check_same_run(run_dir: Path, cfg) -> list[str]:
     """A rerun resumes; it must not silently mix checkpoints of a different model, LoRA or data
-    (lib.checkpoint.check_resume refuses those); returns the other settings that changed, logged."""
+    (lib.train.checkpoint.check_resume refuses those); returns the other settings that changed, logged."""
     import yaml
 
-    from lib import checkpoint
     from lib.config import to_dict
+    from lib.train import checkpoint
 
     old_path = run_dir / "config.yaml"
     if not old_path.is_file():
@@ -182,11 +181,11 @@ def check_setup(cfg, env, corpora):
     Whisper, the language is one it knows and the one every corpus of `corpora` (open_data) was
     prepared for, each corpus's labels fit the base's tokenizer, the precision, quantization and
     compiler work here. Sets cfg.language to the resolved code; returns (processor, precision)."""
-    from lib import lora, tracking
     from lib import model as M
+    from lib.dataset.prepared import check_tokenizer
     from lib.errors import UserError
     from lib.language import job_language, resolve_language
-    from lib.prepared import check_tokenizer
+    from lib.train import lora, tracking
 
     M.load_base_config(cfg.model.base, env.hf_token)
     processor = M.load_processor(cfg.model.base, token=env.hf_token)
@@ -218,10 +217,10 @@ def check_setup(cfg, env, corpora):
 
 
 def training_samples(t, train_ds, tokenizer, total: int, segment_rows: tuple[int, int] = (0, 0)):
-    """The train stream through lib.augment.TrainingSamples (no-speech clips interleaved by
-    position: lib.augment.Interleave), with what it adds logged. segment_rows: (train clips with
+    """The train stream through lib.train.augment.TrainingSamples (no-speech clips interleaved by
+    position: lib.train.augment.Interleave), with what it adds logged. segment_rows: (train clips with
     a manifest's segments, train clips), from the manifests (segment_counts)."""
-    from lib.augment import Interleave, TrainingSamples
+    from lib.train.augment import Interleave, TrainingSamples
 
     samples = TrainingSamples(train_ds, tokenizer, t)
     with_segments, clips = segment_rows
@@ -244,23 +243,23 @@ def segment_counts(corpora) -> tuple[int, int]:
 
 
 def open_data(env, data: str) -> list[tuple[Any, Any, dict[str, Any]]]:
-    """[(lib.stream.Corpus, folder or URL, manifest)] of `data=` (one corpus or a weighted list)."""
-    from lib.prepared import open_prepared
-    from lib.stream import parse_data
+    """[(lib.train.stream.Corpus, folder or URL, manifest)] of `data=` (one corpus or a weighted list)."""
+    from lib.dataset.prepared import open_prepared
+    from lib.train.stream import parse_data
 
     return [(c, *open_prepared(env, c.name)) for c in parse_data(data)]
 
 
 def training_splits(cfg, corpora, tokenizer=None):
     """(train stream, validation (one dataset, {corpus: dataset} for several, or None), optimizer
-    steps) of `corpora` (open_data), logged. The train stream (lib/stream.py) holds exactly the
+    steps) of `corpora` (open_data), logged. The train stream (lib/train/stream.py) holds exactly the
     samples the run reads, steps x batch x grad_accum x processes; train.* sample options wrap it
     in TrainingSamples; validation stays as prepared, so eval WER is comparable."""
     import math
 
+    from lib.dataset.prepared import has_split, load_split
     from lib.errors import UserError
-    from lib.prepared import has_split, load_split
-    from lib.stream import Decoded, Mixture, ShardStream
+    from lib.train.stream import Decoded, Mixture, ShardStream
 
     t = cfg.train
     streams = [(c.label, ShardStream(root, manifest, "train", t.seed, t.shuffle_buffer, name=c.label))
@@ -384,14 +383,14 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
                   env=None):
     """(Seq2SeqTrainer, Callbacks): the run's arguments, collator, WER metric and callbacks (the
     COMPLETE marker and rotation, log_history.json, TensorBoard and train.report_to's tracker on
-    rank 0 (lib/tracking.py; needs env), SIGTERM, timing, profiling of the last train.profile_steps steps)."""
+    rank 0 (lib/train/tracking.py; needs env), SIGTERM, timing, profiling of the last train.profile_steps steps)."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    from lib import checkpoint, tracking
-    from lib.benchmark import ProfileSteps, StepTimer
-    from lib.collator import WhisperCollator
     from lib.config import to_dict
+    from lib.train import checkpoint, tracking
+    from lib.train.collator import WhisperCollator
+    from lib.train.timing import ProfileSteps, StepTimer
 
     ckpt_root = run_dir / "checkpoints"
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -442,7 +441,7 @@ def train(trainer, cb: Callbacks, cfg, run_dir: Path, resume_from: Path | None):
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     cb.stopper.install()
-    from lib import checkpoint
+    from lib.train import checkpoint
 
     result = None
     try:
@@ -466,13 +465,13 @@ def train(trainer, cb: Callbacks, cfg, run_dir: Path, resume_from: Path | None):
 def run_metrics(trainer, result, cb: Callbacks, cfg, model, run_dir: Path, precision: str,
                 resume_from: Path | None, moved: list[Path], recipe=None,
                 changed_on_resume: list[str] | None = None) -> dict[str, Any]:
-    """metrics.json of a finished run: WER (best by normalized WER, lib/trainer.py BEST_METRIC,
+    """metrics.json of a finished run: WER (best by normalized WER, lib/train/trainer.py BEST_METRIC,
     with the exact-text WER of that step beside it), speed, memory, sizes, what was resumed and
     changed on resume, and which recipe (with what --recipe auto chose) built the config."""
     import torch
 
-    from lib import checkpoint
-    from lib.lora import count_parameters
+    from lib.train import checkpoint
+    from lib.train.lora import count_parameters
 
     trainable, total = count_parameters(model)
     return {

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lib.forgetting import render as forgetting_lines
-from lib.longform import render as longform_lines
+from lib.evaluate.forgetting import render as forgetting_lines
+from lib.evaluate.longform import render as longform_lines
 from lib.metrics import BASIC_LABEL, Utterance
 
 log = logging.getLogger("whisper_ft")
@@ -26,7 +26,7 @@ log = logging.getLogger("whisper_ft")
 WORST_N = 20
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "jiwer", "ctranslate2")
 
-# log_history.json's eval_wer comes from lib.trainer.word_error_rate, which reports percent
+# log_history.json's eval_wer comes from lib.train.trainer.word_error_rate, which reports percent
 # (the walkthrough's unit), while report.json's rates are fractions. The unit is known, so it
 # is not guessed from the values: "<= 1.5 means a fraction" drew a run at 1 % WER as 100 %.
 # tests/test_prepare_trust.py ties this factor to the trainer's real compute_metrics.

@@ -271,7 +271,7 @@ def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str]):
 
 
 def apply_lora(model, cfg):
-    """Wrap with LoRA (cfg is lib.train_config.LoraSection); unknown targets -> UserError."""
+    """Wrap with LoRA (cfg is lib.train.config.LoraSection); unknown targets -> UserError."""
     from peft import get_peft_model
 
     try:

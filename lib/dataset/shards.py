@@ -25,7 +25,7 @@ Every shard has the columns of SCHEMA:
   where         the source row the clip came from (e.g. "train.tsv line 12"), for error messages
   ts_labels     the timestamped labels of a row whose manifest gave segments, `<|sot|> <|hi|>
                 <|transcribe|> <|0.00|> first segment <|2.40|> <|2.40|> second ... <|5.10|>
-                <|endoftext|>` (lib.augment.segmented); [] for every other row. Added within
+                <|endoftext|>` (lib.train.augment.segmented); [] for every other row. Added within
                 format 2: a shard written before it lacks the column, and read_shard gives
                 such a shard's rows [] (no segments), so older folders still load
 

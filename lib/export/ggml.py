@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lib.audio import SAMPLING_RATE
 from lib.errors import UserError
+from lib.whisper import ENCODER_POSITIONS, SAMPLING_RATE
 
 log = logging.getLogger("whisper_ft")
 
@@ -114,8 +114,8 @@ def check_supported(config) -> None:
                              ("decoder", config.d_model, config.decoder_ffn_dim)):
         if ffn != 4 * state:
             problems.append(f"{side}_ffn_dim={ffn} (whisper.cpp assumes 4 x d_model = {4 * state})")
-    if config.max_source_positions != 1500:
-        problems.append(f"max_source_positions={config.max_source_positions} (whisper.cpp feeds 30 s = 1500 positions)")
+    if config.max_source_positions != ENCODER_POSITIONS:
+        problems.append(f"max_source_positions={config.max_source_positions} (whisper.cpp feeds 30 s = {ENCODER_POSITIONS} positions)")
     if config.activation_function != "gelu":
         problems.append(f"activation_function={config.activation_function} (whisper.cpp uses gelu)")
     if getattr(config, "scale_embedding", False):
@@ -332,7 +332,7 @@ def _suppresses_non_speech(model) -> bool:
 def verify_ggml(path: Path, merged, processor, clips: Sequence[np.ndarray], language: str, task: str,
                 max_wer: float, max_new_tokens: int = 64) -> dict[str, Any]:
     """whisper.cpp transcripts vs the merged transformers model's; UserError beyond max_wer."""
-    from lib.export import compare_tokens, hf_tokens
+    from lib.export.merge import compare_tokens, hf_tokens
 
     ref_ids = hf_tokens(merged, processor, clips, language, task, max_new_tokens)
     got_ids = whispercpp_tokens(path, clips, language, task, _suppresses_non_speech(merged), max_new_tokens)

@@ -30,9 +30,9 @@ def detect_languages(model, processor, ds, batch_size: int = 16) -> list[str]:
     """The language code Whisper detects for each clip of a prepared split (first 30 s)."""
     import torch
 
+    from lib.dataset.prepared import audio_arrays
     from lib.inference import _model_dtype, features_for
     from lib.language import language_code
-    from lib.prepared import audio_arrays
 
     device = next(model.parameters()).device
     out: list[str] = []
@@ -121,7 +121,7 @@ def render(report: dict[str, Any]) -> list[str]:
 def open_also(env, names: Sequence[str]) -> list[tuple[str, Any, dict[str, Any]]]:
     """(name, folder, manifest) of every also= dataset; eval opens them before any decoding, so
     that a misspelt name or a manifest without a language fails at once."""
-    from lib.prepared import MANIFEST, open_prepared
+    from lib.dataset.prepared import MANIFEST, open_prepared
 
     out = []
     for name in names:
@@ -143,9 +143,9 @@ def evaluate_also(sets: Sequence[tuple[str, Any, dict[str, Any]]], split: str, l
     Each dataset's language is its manifest's (the rows' language column is what LID is
     compared with); its token budget comes from its own labels, as for the main split.
     """
+    from lib.dataset.prepared import MANIFEST, load_split
     from lib.inference import decode_budget
     from lib.language import resolve_language
-    from lib.prepared import MANIFEST, load_split
 
     section: dict[str, Any] = {}
     flags: list[str] = []

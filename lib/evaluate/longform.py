@@ -29,15 +29,23 @@ from typing import Any
 
 import numpy as np
 
-from lib.audio import SAMPLING_RATE, WINDOW_SECONDS
 from lib.errors import UserError
+from lib.whisper import (
+    MAX_NEW_TOKENS,
+    MAX_POSITIONS,
+    MAX_PROMPT,
+    PROMPT_TOKENS,
+    SAMPLING_RATE,
+    WINDOW_SECONDS,
+)
 
 log = logging.getLogger("whisper_ft")
 
 # With condition_on_prev_tokens, transformers puts up to max_target_positions // 2 - 1 = 223
 # previous tokens and <|startofprev|> before the 3-4 token prompt: 448 - 224 - 4 = 220 new
 # tokens per window at most (more raises a ValueError mid-recording). Without it, 444.
-MAX_NEW_CONDITIONED, MAX_NEW_PLAIN = 220, 444
+MAX_NEW_CONDITIONED = MAX_POSITIONS - (MAX_PROMPT + 1) - PROMPT_TOKENS
+MAX_NEW_PLAIN = MAX_NEW_TOKENS
 # Timestamps are 0.02-s steps; a segment may end a little past the audio's last sample
 # (the window is padded to 30 s) or start a step before the previous end.
 TOLERANCE_SECONDS = 0.5
@@ -138,7 +146,7 @@ def join_plan(durations: Sequence[float], minutes: float, recordings: int, gap: 
 def join_clips(ds, plan: list[list[int]], gap: float) -> list[Recording]:
     """The recordings of `plan` from a prepared split: audio joined with `gap` s of silence,
     references joined with a space."""
-    from lib.prepared import decode_row
+    from lib.dataset.prepared import decode_row
 
     silence = np.zeros(int(gap * SAMPLING_RATE), np.float32)
     ids, texts = ds["id"], ds["text"]
@@ -159,7 +167,7 @@ def read_longform_manifest(path: str | Path, limit: int | None = None) -> list[R
     the same code as prepare's clips, text in the canonical spelling scores compare."""
     from lib.audio import load_file
     from lib.metrics import canonical
-    from lib.sources import AUDIO_COLUMNS, TEXT_COLUMNS, _read_table
+    from lib.prepare.sources import AUDIO_COLUMNS, TEXT_COLUMNS, _read_table
 
     file = Path(path)
     if not file.is_file():

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lib.audio import SAMPLING_RATE
 from lib.errors import UserError
+from lib.whisper import SAMPLING_RATE
 
 log = logging.getLogger("whisper_ft")
 
@@ -161,11 +161,11 @@ def timing(seconds: float | None, audio_seconds: float) -> str:
 
 
 def report_section(run: str, run_dir: Path | None) -> str:
-    """The eval report's head (lib.report.render_summary: what was evaluated, the before/after
+    """The eval report's head (lib.evaluate.report.render_summary: what was evaluated, the before/after
     table, the flags) from RUN/eval/report.json, or how to make one."""
     import json
 
-    from lib.report import render_summary
+    from lib.evaluate.report import render_summary
 
     report_json = run_dir / "eval" / "report.json" if run_dir is not None else None
     if report_json is None or not report_json.is_file():
@@ -183,7 +183,7 @@ def report_section(run: str, run_dir: Path | None) -> str:
 def training_curves(run_dir: Path | None, workdir: Path) -> tuple[Path | None, str]:
     """(PNG, caption): eval's RUN/eval/training_curves.png, else a plot of RUN/log_history.json
     drawn into workdir, else (None, why there is none)."""
-    from lib.report import plot_training_curves
+    from lib.evaluate.report import plot_training_curves
 
     if run_dir is None:
         return None, "No training curves: this is not a run folder."

@@ -3,13 +3,13 @@ speed / gain / noise on the raw audio (train.timestamp_probability, train.prompt
 train.no_speech_fraction, train.speed_perturb, train.gain_db, train.noise_snr_db).
 
 Prepared labels are `<|startoftranscript|> <|hi|> <|transcribe|> <|notimestamps|> text
-<|endoftext|>` (lib/prepared.py). Fine-tuning on those alone teaches the model to never emit
+<|endoftext|>` (lib/dataset/prepared.py). Fine-tuning on those alone teaches the model to never emit
 timestamps and to always write something, which is what breaks long-form decoding and makes it
 hallucinate on silence. TrainingSamples wraps the train split and rewrites each row on the fly:
 
   timestamps  <|sot|> <|hi|> <|transcribe|> <|0.00|> text <|7.34|> <|endoftext|>
               (the end is the clip's duration after speed change, on Whisper's 0.02-s grid);
-              a row whose manifest gave segments (prepared `ts_labels`, lib/shards.py) gets
+              a row whose manifest gave segments (prepared `ts_labels`, lib/dataset/shards.py) gets
               them instead, Whisper's own training format, one timestamp pair per segment:
               <|sot|> <|hi|> <|transcribe|> <|0.00|> one <|2.40|> <|2.60|> two <|5.10|> <|endoftext|>
               (with train.speed_perturb every timestamp divided by the speed, on the grid)
@@ -24,115 +24,32 @@ at 50358, which moves every id above it by one (v2 <|notimestamps|> 50363 -> v3 
 
 Choices are drawn from a generator seeded with (train.seed, row index): the same seed gives the
 same samples in any worker process, and a row gets the same choice in every epoch.
-The prepared data has no speaker or recording column (lib/prepared.py COLUMNS), so the prompt is
+The prepared data has no speaker or recording column (lib/dataset/prepared.py COLUMNS), so the prompt is
 the previous clip in the split's order: consecutive clips of one recording where the source
 kept recordings together (a manifest of cut segments), unrelated sentences otherwise.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from lib.audio import SAMPLING_RATE
 from lib.errors import UserError
+from lib.whisper import (
+    MAX_POSITIONS,
+    MAX_PROMPT,
+    MAX_SECONDS,
+    SAMPLING_RATE,
+    SpecialTokens,
+    rescaled,
+    split_label,
+    timestamped,
+)
 
-TIME_STEP = 0.02  # seconds per timestamp token: <|0.00|>, <|0.02|>, ... <|30.00|>
-MAX_SECONDS = 30.0  # Whisper's window; the last timestamp token is <|30.00|>
-MAX_PROMPT = 223  # Whisper's own cap on previous-text tokens: max_target_positions // 2 - 1
-MAX_POSITIONS = 448  # decoder positions of every released Whisper (max_target_positions)
-NO_SPEECH_NAMES = ("<|nospeech|>", "<|nocaptions|>")  # v3 (and newer v2 tokenizer files), older v2 files
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
-
-
-def token_id(tokenizer, name: str) -> int | None:
-    """The id of special token `name`, or None when the vocabulary lacks it (convert_tokens_to_ids
-    answers unknown names with <|endoftext|>'s id, so the round trip is checked)."""
-    i = tokenizer.convert_tokens_to_ids(name)
-    if i is None or tokenizer.convert_ids_to_tokens(i) != name:
-        return None
-    return int(i)
-
-
-def no_speech_id(tokenizer) -> int | None:
-    """The id of the base's no-speech token (<|nospeech|>, or <|nocaptions|> in older v2 files), or None."""
-    return next((i for i in (token_id(tokenizer, n) for n in NO_SPEECH_NAMES) if i is not None), None)
-
-
-@dataclass(frozen=True)
-class SpecialTokens:
-    """The ids TrainingSamples and the collator write, from one tokenizer."""
-
-    sot: int
-    eot: int
-    no_timestamps: int
-    timestamp_begin: int
-    """<|0.00|>; <|t|> is timestamp_begin + round(t / 0.02)"""
-    start_of_prev: int
-    no_speech: int
-
-    @classmethod
-    def of(cls, tokenizer) -> SpecialTokens:
-        names = {"sot": "<|startoftranscript|>", "eot": "<|endoftext|>", "no_timestamps": "<|notimestamps|>",
-                 "timestamp_begin": "<|0.00|>", "start_of_prev": "<|startofprev|>"}
-        ids = {k: token_id(tokenizer, v) for k, v in names.items()}
-        ids["no_speech"] = no_speech_id(tokenizer)
-        missing = [names.get(k, "/".join(NO_SPEECH_NAMES)) for k, v in ids.items() if v is None]
-        if missing:
-            raise UserError(f"model.base: its tokenizer has no {', '.join(missing)} token: it is not a multilingual "
-                            f"Whisper tokenizer; turn off train.timestamp_probability, train.prompt_probability "
-                            f"and train.no_speech_fraction")
-        last = token_id(tokenizer, "<|30.00|>")
-        if last != ids["timestamp_begin"] + round(MAX_SECONDS / TIME_STEP):
-            raise UserError(f"model.base: its tokenizer's timestamp tokens are not <|0.00|>..<|30.00|> in 0.02-s "
-                            f"steps (<|30.00|> = {last}); turn off train.timestamp_probability")
-        return cls(**ids)
-
-    def timestamp(self, seconds: float) -> int:
-        """<|t|> for t on the 0.02-s grid, at most <|30.00|>."""
-        return self.timestamp_begin + round(min(max(seconds, 0.0), MAX_SECONDS) / TIME_STEP)
-
-
-def split_label(labels: list[int], tok: SpecialTokens) -> tuple[list[int], list[int]]:
-    """(prefix up to <|transcribe|>, text tokens) of a prepared label row
-    `<|sot|> <|lang|> <|task|> <|notimestamps|> text <|endoftext|>`."""
-    try:
-        at = labels.index(tok.no_timestamps, 0, 5)
-    except ValueError:
-        raise UserError(f"a prepared label row does not start with <|startoftranscript|> ... <|notimestamps|> "
-                        f"({labels[:5]}): prepare the data again with this base's tokenizer") from None
-    end = len(labels) - 1 if labels and labels[-1] == tok.eot else len(labels)
-    return labels[:at], labels[at + 1:end]
-
-
-def timestamped(labels: list[int], seconds: float, tok: SpecialTokens) -> list[int]:
-    """`... <|notimestamps|> text <|eot|>` -> `... <|0.00|> text <|seconds|> <|eot|>`: one segment
-    spanning the clip (prepared clips are one sentence each)."""
-    prefix, text = split_label(labels, tok)
-    return prefix + [tok.timestamp(0.0)] + text + [tok.timestamp(seconds), tok.eot]
-
-
-def segmented(labels: list[int], segments: list[tuple[float, float, list[int]]], tok: SpecialTokens) -> list[int]:
-    """A prepared label row and [(start, end, text tokens)] -> `<|sot|> <|hi|> <|transcribe|>
-    <|start 1|> text 1 <|end 1|> <|start 2|> text 2 <|end 2|> ... <|eot|>`: the prefix is the
-    row's own, every timestamp on the 0.02-s grid (prepare builds a manifest's segments this way)."""
-    prefix, _ = split_label(labels, tok)
-    out = list(prefix)
-    for start, end, text in segments:
-        out += [tok.timestamp(start), *text, tok.timestamp(end)]
-    return out + [tok.eot]
-
-
-def rescaled(labels: list[int], speed: float, tok: SpecialTokens) -> list[int]:
-    """Every timestamp token <|t|> of `labels` -> <|t / speed|> (the audio played `speed` times
-    faster: 1.1 moves <|5.50|> to <|5.00|>), on the 0.02-s grid, at most <|30.00|>."""
-    last = tok.timestamp(MAX_SECONDS)
-    return [tok.timestamp((i - tok.timestamp_begin) * TIME_STEP / speed) if tok.timestamp_begin <= i <= last else i
-            for i in labels]
 
 
 def pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -225,7 +142,7 @@ class TrainingSamples(Dataset):
 
     def __init__(self, ds, tokenizer, t, seed: int | None = None):
         """ds: the train split (audio, labels columns, optionally ts_labels: a row's segments);
-        t: lib.train_config.TrainSection."""
+        t: lib.train.config.TrainSection."""
         self.ds, self.t = ds, t
         self.seed = t.seed if seed is None else seed
         self.n = len(ds)
@@ -233,7 +150,7 @@ class TrainingSamples(Dataset):
         self.files = no_speech_files(t.no_speech_dir) if t.no_speech_fraction > 0 else []
         f = t.no_speech_fraction
         self.n_no_speech = round(self.n * f / (1 - f)) if f > 0 else 0
-        # A stream (lib/stream.py) gives each row its previous clip's labels (prev_labels); a
+        # A stream (lib/train/stream.py) gives each row its previous clip's labels (prev_labels); a
         # prepared split in memory (tests, tools) is in source order: the previous row's text.
         self.streamed = not hasattr(ds, "with_format")
         rows = ds if self.streamed else ds.with_format(None)
@@ -314,11 +231,11 @@ class TrainingSamples(Dataset):
 
 class Interleave(Dataset):
     """TrainingSamples read by position, its no-speech rows spread among the clips: in every block of
-    lib.stream.MIX_BLOCK positions, exactly train.no_speech_fraction of them (seeded places), so a
-    sequential read (lib/stream.py: the Trainer reads in order) meets them all along the run."""
+    lib.train.stream.MIX_BLOCK positions, exactly train.no_speech_fraction of them (seeded places), so a
+    sequential read (lib/train/stream.py: the Trainer reads in order) meets them all along the run."""
 
     def __init__(self, samples: TrainingSamples, length: int, seed: int):
-        from lib.stream import Mixture
+        from lib.train.stream import Mixture
 
         f = samples.t.no_speech_fraction
         self.samples, self.length = samples, int(length)

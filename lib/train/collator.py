@@ -1,6 +1,6 @@
 """Batches for Whisper training: log-mel features from raw audio, padded labels.
 
-Prepared rows carry raw 16 kHz audio (lib/prepared.py), so log-mel is computed here, per
+Prepared rows carry raw 16 kHz audio (lib/dataset/prepared.py), so log-mel is computed here, per
 batch, with the model's own WhisperFeatureExtractor: 8 clips -> 8 x 80 x 3000 mel frames
 (Whisper always sees 30 s windows; 128 mel bins for large-v3). Doing it per batch keeps the
 prepared set 1/3 the size of stored features and costs ~10 ms per clip on one CPU core.
@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lib.audio import SAMPLING_RATE
+from lib.audio import log_mel
+from lib.whisper import SAMPLING_RATE
 
 IGNORE_INDEX = -100  # positions the cross-entropy loss skips
 
@@ -29,7 +30,7 @@ class WhisperCollator:
     """<|startoftranscript|> (50258 for every multilingual Whisper), from the model config"""
     sampling_rate: int = SAMPLING_RATE
     start_of_prev: int | None = None
-    """<|startofprev|> of the base's tokenizer: needed only when rows carry a `prompt` (lib/augment.py)"""
+    """<|startofprev|> of the base's tokenizer: needed only when rows carry a `prompt` (lib/train/augment.py)"""
     mask_language: int | None = None
     """train.mask_language_token: this language token's id (e.g. <|hi|>) is left out of the loss
     where it is a row's first target; None = trained, as the walkthrough does"""
@@ -47,47 +48,6 @@ class WhisperCollator:
             [list(map(int, r["labels"])) for r in rows], self.decoder_start_token_id
         )
         return {"input_features": feats, "labels": mask_language_target(pad_labels(labels), self.mask_language)}
-
-
-def log_mel(feature_extractor, audio: list[np.ndarray], sampling_rate: int = SAMPLING_RATE) -> torch.Tensor:
-    """The feature extractor's log-mel of 30-s windows (batch x mels x 3000), computed on the audio only.
-
-    WhisperFeatureExtractor pads every clip with zeros to 30 s and takes the STFT of all of it: for
-    a 5-s clip, 5/6 of the work is frames of silence, whose log-mel is a known constant (log10 of
-    the 1e-10 floor, then raised to the clip's max - 8 like every frame). Here the STFT covers
-    the longest clip plus 400 zero samples (every frame that reaches real audio), and the rest
-    is filled with that constant: the same numbers as the extractor's (a test holds them within
-    1e-5) at 1/3-1/6 of the cost for 5-10-s clips; the loader worker's largest cost otherwise.
-    Falls back to the extractor for what it does differently (dither, another rate or window).
-    """
-    fe = feature_extractor
-    n_samples, hop, n_fft = fe.n_samples, fe.hop_length, fe.n_fft
-    if getattr(fe, "dither", 0.0) or sampling_rate != fe.sampling_rate or not audio:
-        return fe(audio, sampling_rate=sampling_rate, return_tensors="pt").input_features
-    frames = n_samples // hop  # 3000
-    longest = min(max(len(a) for a in audio), n_samples)
-    # frames 0..k-1 cover every sample of the longest clip (a frame reaches n_fft/2 to either side)
-    k = min(frames, -(-(longest + n_fft // 2) // hop) + 1)
-    width = min(n_samples, (k - 1) * hop + n_fft // 2 + 1) if k < frames else n_samples
-    wave = torch.zeros(len(audio), width, dtype=torch.float32)
-    for i, a in enumerate(audio):
-        a = a[:n_samples]
-        wave[i, : min(len(a), width)] = torch.from_numpy(np.ascontiguousarray(a[:width], dtype=np.float32))
-    window = torch.hann_window(n_fft)
-    stft = torch.stft(wave, n_fft, hop, window=window, return_complex=True)
-    magnitudes = (stft[..., :k].abs() ** 2).contiguous()
-    mel = torch.from_numpy(fe.mel_filters).to(torch.float32).T @ magnitudes
-    log_spec = torch.clamp(mel, min=1e-10).log10()
-    silent = torch.tensor(-10.0)  # log10 of the floor: frames of padding only
-    top = log_spec.amax(dim=(1, 2), keepdim=True)
-    if k < frames:
-        top = torch.maximum(top, silent)
-    floor = top - 8.0
-    out = torch.empty(len(audio), log_spec.shape[1], frames, dtype=torch.float32)
-    out[..., :k] = torch.maximum(log_spec, floor)
-    if k < frames:
-        out[..., k:] = torch.maximum(silent, floor)
-    return (out + 4.0) / 4.0
 
 
 def strip_decoder_start(labels: list[list[int]], decoder_start_token_id: int) -> list[list[int]]:

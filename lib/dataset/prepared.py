@@ -3,12 +3,12 @@
     DATA_DIR/prepared/NAME/       or any fsspec URL: s3://bucket/prepared/NAME, gs://..., file://...
       manifest.json               format, source, language, tokenizer, counts, hours and shards per
                                   split, skipped rows with reasons, package versions, resolved config
-      train/ validation/ test/    Parquet shards of encoded audio (lib/shards.py says what is in them)
+      train/ validation/ test/    Parquet shards of encoded audio (lib/dataset/shards.py says what is in them)
 
 `open_prepared` finds a dataset by name or path/URL and refuses folders of an older format (float32
 `datasets` splits) with the command that prepares them again. `load_split` reads a whole split
 (eval, export checks: a test split is small) into memory, audio still encoded; `audio_arrays`
-decodes rows to 16 kHz float32. Training streams shards instead (lib/stream.py).
+decodes rows to 16 kHz float32. Training streams shards instead (lib/train/stream.py).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from lib import shards
+from lib.dataset import shards
 from lib.errors import UserError
+from lib.files import write_json
 
 SPLITS = ("train", "validation", "test")
 COLUMNS = shards.COLUMNS
@@ -167,7 +168,7 @@ def write_rows(root: str | Path, split: str, rows, shard_rows: int = 2000, pcm_c
     language, speaker, where, ts_labels) as a split's shards under `root`; returns the split's manifest entry.
     Float32 audio is stored as prepare stores PCM (shards.pcm_bytes: FLAC, or Opus at opus_kbps).
     For tools and tests that make small datasets; `make prepare` writes through its own workers."""
-    from lib.audio import SAMPLING_RATE
+    from lib.whisper import SAMPLING_RATE
 
     root = Path(root)
     info: dict[str, Any] = {"rows": 0, "seconds": 0.0, "bytes": 0, "segment_rows": 0, "shards": []}
@@ -215,10 +216,7 @@ def write_rows(root: str | Path, split: str, rows, shard_rows: int = 2000, pcm_c
 
 def write_manifest(path: str | Path, manifest: dict[str, Any]) -> None:
     """Write manifest.json last and atomically: its presence marks a finished dataset."""
-    path = Path(path)
-    tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
-    tmp.replace(path / MANIFEST)
+    write_json(Path(path) / MANIFEST, manifest, default=str)
 
 
 # The special tokens whose ids a label sequence relies on. Their ids differ between Whisper

@@ -1,0 +1,1 @@
+"""The prepared-dataset contract every wing reads: the manifest and its Parquet shards."""

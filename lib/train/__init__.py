@@ -1,0 +1,1 @@
+"""The train wing (`make train`, jobs/train.py): config, data stream, samples, model, Trainer, checkpoints."""
