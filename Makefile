@@ -148,21 +148,21 @@ setup: ## create .venv with the exact versions of requirements.lock (hash-checke
 	@$(MAKE) --no-print-directory browser
 	@echo "setup: done. Next: make test"
 
-# The browser test (tests/test_serve.py) drives Debian's chromium through Playwright, never a
+# The browser test (tests/serve/test_serve.py) drives Debian's chromium through Playwright, never a
 # browser Playwright downloads. Installed here when missing and this is root with apt-get (a CI
 # machine); elsewhere the test skips and says why.
 .PHONY: browser
 browser: ## install Debian's chromium for the browser test when it is missing (root + apt-get)
 	@if command -v chromium >/dev/null 2>&1; then \
-	  echo "setup: browser for tests/test_serve.py: $$(command -v chromium)"; \
+	  echo "setup: browser for tests/serve/test_serve.py: $$(command -v chromium)"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "setup: installing Debian's chromium for tests/test_serve.py (apt-get install chromium, about 300 MB)"; \
+	  echo "setup: installing Debian's chromium for tests/serve/test_serve.py (apt-get install chromium, about 300 MB)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    chromium fonts-liberation >/dev/null \
-	    || { echo "setup: apt-get could not install chromium: tests/test_serve.py fails until it is there" >&2; exit 1; }; \
-	  echo "setup: browser for tests/test_serve.py: $$(command -v chromium)"; \
+	    || { echo "setup: apt-get could not install chromium: tests/serve/test_serve.py fails until it is there" >&2; exit 1; }; \
+	  echo "setup: browser for tests/serve/test_serve.py: $$(command -v chromium)"; \
 	else \
-	  echo "setup: no chromium, and installing it needs root and apt-get: tests/test_serve.py will skip;" \
+	  echo "setup: no chromium, and installing it needs root and apt-get: tests/serve/test_serve.py will skip;" \
 	    "install it with: sudo apt-get install chromium"; \
 	fi
 

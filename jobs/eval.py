@@ -145,7 +145,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     data = cfg.data or source.run_config.get("data")
     if not data:
         raise UserError("which dataset? set data=<prepared name> (see DATA_DIR/prepared)")
-    from lib.train.stream import parse_data
+    from lib.dataset.corpora import parse_data
 
     corpora = [c.name for c in parse_data(data)]
     if len(corpora) > 1:  # a run on several corpora: the first is the main split, the others are scored as also=

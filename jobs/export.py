@@ -112,8 +112,8 @@ def main(cfg: ExportConfig, env: Env) -> dict:
         data = cfg.data or source.run_config.get("data")
         if not data:
             raise UserError("verification needs clips: set data=<prepared name> (or verify_clips=0 to skip)")
+        from lib.dataset.corpora import parse_data
         from lib.dataset.prepared import audio_arrays
-        from lib.train.stream import parse_data
 
         data_path, manifest = open_prepared(env, parse_data(data)[0].name)  # a run's first corpus
         clips = audio_arrays(load_split(data_path, cfg.split, manifest), 0, cfg.verify_clips)

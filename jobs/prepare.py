@@ -60,7 +60,7 @@ from lib.prepare.workers import (
     versions,
 )
 from lib.runlock import RunLock
-from lib.whisper import SAMPLING_RATE
+from lib.whisper import SAMPLING_RATE, WINDOW_SECONDS
 
 log = logging.getLogger("whisper_ft")
 
@@ -81,7 +81,7 @@ class PrepareConfig:
     """Worker processes for decoding: about one per CPU core."""
     min_duration: float = 0.1
     """Seconds; shorter clips are skipped (an empty or click-only recording)."""
-    max_duration: float = 30.0
+    max_duration: float = float(WINDOW_SECONDS)
     """Seconds; longer clips are skipped: Whisper sees 30 s windows (3000 mel frames)."""
     max_rate_vs_median: float = 2.5
     """Skip clips spoken faster (characters/s) than this many times their language's median in
@@ -110,9 +110,9 @@ class PrepareConfig:
             raise UserError(f"name={self.name!r}: give a plain folder name such as name=cv_hi")
         if self.num_proc < 1:
             raise UserError(f"num_proc={self.num_proc}: must be at least 1")
-        if not 0 <= self.min_duration < self.max_duration <= 30.0:
+        if not 0 <= self.min_duration < self.max_duration <= WINDOW_SECONDS:
             raise UserError(f"min_duration={self.min_duration} / max_duration={self.max_duration}: need "
-                            f"0 <= min_duration < max_duration <= 30 (Whisper's window is 30 s)")
+                            f"0 <= min_duration < max_duration <= {WINDOW_SECONDS} (Whisper's window is {WINDOW_SECONDS} s)")
         if self.max_rate_vs_median < 0 or 0 < self.max_rate_vs_median <= 1:
             raise UserError(f"max_rate_vs_median={self.max_rate_vs_median}: use a ratio above 1 (default 2.5), "
                             f"or 0 to turn the speaking-rate check off")

@@ -2,7 +2,7 @@
 
 Each entry says why it does not matter here; every other warning still shows. run_job
 installs them through lib/__init__.py, so before any submodule imports transformers or
-bitsandbytes (the kernels-community message fires while bitsandbytes is imported). tests/test_quiet.py triggers each through
+bitsandbytes (the kernels-community message fires while bitsandbytes is imported). tests/foundation/test_quiet.py triggers each through
 the real library call and checks that it is gone, so a message that changes wording shows up
 as a failing test rather than as noise again.
 """

@@ -27,6 +27,10 @@ MEL_FRAMES = 3000
 """log-mel frames of one window (10 ms hop)"""
 ENCODER_POSITIONS = 1500
 """encoder positions of one window: the 3000 frames after the stride-2 convolution"""
+EOT_ID = 50257
+"""<|endoftext|> of every multilingual tokenizer (also its pad and bos)"""
+SOT_ID = 50258
+"""<|startoftranscript|> of every multilingual tokenizer: the decoder's start token"""
 MAX_POSITIONS = 448
 """decoder positions of every released Whisper (max_target_positions)"""
 PROMPT_TOKENS = 4

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_DIR = FIXTURES / "whisper_tokenizer"
 # Real whisper-base weights for the slow tests, where a developer checkout has them: the
 # `shared/` folder beside the repository (a user's clone has none; those tests then skip or fail).
+REPO = Path(__file__).resolve().parents[1]
+"""the repository's root"""
+CV = FIXTURES / "cv_release"
+MANIFEST_DIR = FIXTURES / "manifest"
 SHARED_WHISPER_BASE = Path(__file__).resolve().parents[2] / "shared" / "models" / "whisper-base-hf"
 
 
@@ -97,3 +103,122 @@ def v3_like_tokenizer_dir(out: Path) -> Path:
         spec["ids"] = [i + 1 if i >= yue else i for i in spec["ids"]]
     (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
     return out
+# ---------------------------------------------------------------- runs and adapters (eval, export, serve)
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int = 1, scale: float = 0.5) -> Path:
+    """A non-trivial LoRA adapter (B perturbed, so it changes the model) saved the way train does."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GenerationConfig, WhisperForConditionalGeneration, WhisperProcessor
+
+    model = WhisperForConditionalGeneration.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    peft_model.save_pretrained(out)
+    WhisperProcessor.from_pretrained(base_dir).save_pretrained(out)
+    gen = GenerationConfig.from_pretrained(base_dir)
+    gen.language, gen.task = "hi", "transcribe"
+    gen.save_pretrained(out)
+    return out
+
+
+def make_run(data_dir: Path, base_dir: Path, name: str = "tiny-run", data: str = "tiny-hi") -> Path:
+    """DATA_DIR/runs/NAME in the train job's contract, plus DATA_DIR/prepared/DATA."""
+    run = data_dir / "runs" / name
+    make_adapter(base_dir, run / "adapter")
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "run": name, "data": data, "language": "hi", "task": "transcribe",
+        "model": {"base": str(base_dir), "quantization": "int8"}, "lora": {"r": 4},
+    }))
+    (run / "log_history.json").write_text(json.dumps([
+        {"step": 10, "loss": 3.2, "learning_rate": 1e-4, "epoch": 0.5},
+        {"step": 20, "loss": 2.1, "learning_rate": 1e-4, "epoch": 1.0},
+        {"step": 20, "eval_loss": 2.4, "eval_wer": 0.8, "epoch": 1.0},
+        {"step": 30, "loss": 1.7, "learning_rate": 5e-5, "epoch": 1.5},
+        {"step": 40, "eval_loss": 1.9, "eval_wer": 0.6, "epoch": 2.0},
+    ]))
+    (run / "metrics.json").write_text(json.dumps({"eval_wer": 0.6}))
+    write_prepared(data_dir / "prepared" / data, base_dir, {
+        "train": [("नमस्ते", tone(0.5))],
+        "test": [("हमने उसका जन्मदिन मनाया।", tone(1.0, 300)), ("नमस्ते दुनिया", tone(0.7, 500)),
+                 ("एक दो तीन", tone(1.2, 800))],
+    })
+    return run
+
+
+# ---------------------------------------------------------------- reading what prepare wrote
+
+
+def split_rows(out: Path, split: str, columns: list[str] | None = None) -> list[dict]:
+    """A prepared split's rows, shard by shard in the order manifest.json lists them."""
+    from lib.dataset import shards
+    from lib.dataset.prepared import read_manifest
+
+    manifest = read_manifest(out)
+    rows = []
+    for shard in manifest["splits"][split]["shards"]:
+        rows += shards.read_shard(shards.join(out, shard["file"]), columns).to_pylist()
+    return rows
+
+
+def split_ids(out: Path, split: str) -> list[str]:
+    return [r["id"] for r in split_rows(out, split, ["id"])]
+
+
+def hub_parquet(folder: Path) -> dict[str, str]:
+    """What the Hub's parquet export of a small CV-like dataset looks like: Audio + sentence."""
+    from datasets import Audio, Dataset, Features, Value
+
+    folder.mkdir(parents=True)
+    files = {}
+    for split, names in (("train", ["en_0", "en_1"]), ("validation", ["en_2"]), ("test", ["en_4", "en_5"])):
+        recs = {"audio": [{"bytes": (MANIFEST_DIR / "clips" / f"{n}.wav").read_bytes(), "path": f"{n}.wav"}
+                          for n in names],
+                "sentence": [f"hub {n}" for n in names], "up_votes": [1] * len(names)}
+        raw = Features({"audio": {"bytes": Value("binary"), "path": Value("string")},
+                        "sentence": Value("string"), "up_votes": Value("int64")})
+        ds = Dataset.from_dict(recs, features=raw)
+        ds = ds.cast(Features({"audio": Audio(sampling_rate=16_000), "sentence": Value("string"),
+                               "up_votes": Value("int64")}))
+        files[split] = str(folder / f"{split}.parquet")
+        ds.to_parquet(files[split])
+    return files
+
+
+# ---------------------------------------------------------------- train job flags
+
+
+WORDS = ["नमस्ते", "धन्यवाद", "हाँ", "नहीं", "पानी", "घर"]
+
+
+def train_flags(model_dir, run, **extra):
+    """key=value flags for a 6-step fp32 run of the tiny model on DATA_DIR/prepared/toy."""
+    base = {
+        "run": run, "data": "toy", "model.base": str(model_dir), "model.quantization": "none",
+        "model.precision": "auto", "model.gradient_checkpointing": "false",
+        "lora.r": 4, "lora.alpha": 8, "train.batch_size": 2, "train.max_steps": 6,
+        "train.eval_steps": 3, "train.save_steps": 3, "train.logging_steps": 1, "train.warmup_steps": 0,
+        "train.generation_max_length": 8, "train.num_workers": 0,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def train_cfg(model_dir, run, **extra):
+    """The train job's config from train_flags, through the real loader."""
+    from lib.config import load_config
+    from lib.train.config import TrainConfig
+
+    return load_config(TrainConfig, None, train_flags(model_dir, run, **extra))
+
+
+def lora_weights(path: Path) -> dict:
+    """An adapter folder's LoRA tensors by name."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))

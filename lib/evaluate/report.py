@@ -29,7 +29,7 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "data
 # log_history.json's eval_wer comes from lib.train.trainer.word_error_rate, which reports percent
 # (the walkthrough's unit), while report.json's rates are fractions. The unit is known, so it
 # is not guessed from the values: "<= 1.5 means a fraction" drew a run at 1 % WER as 100 %.
-# tests/test_prepare_trust.py ties this factor to the trainer's real compute_metrics.
+# tests/prepare/test_prepare_trust.py ties this factor to the trainer's real compute_metrics.
 LOG_HISTORY_WER_TO_PERCENT = 1.0
 
 METRIC_LABELS = {

@@ -72,7 +72,7 @@ def load_float_base(name: str, dtype: Dtype, device: str = "cpu"):
 
     Why never 8-bit/4-bit: merging computes W + (alpha/r) * B @ A into the base weight. In an
     8-bit base, W is int8 with a per-row scale, so the sum is rounded back to 256 levels per
-    row and most of the small LoRA update disappears (tests/test_export.py shows the damage);
+    row and most of the small LoRA update disappears (tests/export/test_export.py shows the damage);
     and the saved "merged" model would need bitsandbytes to load. The adapter was trained on
     the quantized base, but its update belongs to the float weights the quantization stands for.
     """

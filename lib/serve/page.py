@@ -13,7 +13,7 @@ page shows what `make transcribe` prints for the same clip, with the adapter and
 Offline and private: Gradio's analytics and its version check are off (GRADIO_ANALYTICS_ENABLED=False
 and analytics_enabled=False), no share link, no run history (it offers a Hub bucket), no MCP server,
 no server-side rendering (Node), and the default theme's fonts are Gradio's own files.
-tests/test_serve.py checks that neither the server nor the browser reaches any other address.
+tests/serve/test_serve.py checks that neither the server nor the browser reaches any other address.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from lib.cli import run_job
 from lib.env import Env
 from lib.errors import UserError
 from lib.tools.models import ARCHS, whisper_config
+from lib.whisper import MAX_POSITIONS, MEL_FRAMES
 
 log = logging.getLogger("whisper_ft")
 MIB = 2**20
@@ -48,7 +49,7 @@ class Config:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise UserError(f"arch={self.arch}: choose one of {', '.join(ARCHS)}")
-        if not self.label_tokens or not all(1 < t <= 448 for t in self.label_tokens):
+        if not self.label_tokens or not all(1 < t <= MAX_POSITIONS for t in self.label_tokens):
             raise UserError(f"label_tokens={self.label_tokens}: each must be in 2..448")
 
 
@@ -121,7 +122,7 @@ def step_memory(arch: str, batch_size: int, label_tokens: int, lora_r: int = 32)
                     if attn is not None:
                         attn.q_proj, attn.v_proj = Lora(attn.q_proj), Lora(attn.v_proj)
         model.train()
-        features = torch.randn(batch_size, config.num_mel_bins, 3000)
+        features = torch.randn(batch_size, config.num_mel_bins, MEL_FRAMES)
         labels = torch.randint(0, 50_000, (batch_size, label_tokens - 1))  # the <|sot|> is the decoder's start
         live = _counter()
         with live:

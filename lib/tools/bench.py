@@ -41,6 +41,7 @@ from lib.env import Env
 from lib.errors import UserError
 from lib.tools.models import ARCHS, flops_per_sample, save_random_whisper, whisper_config
 from lib.tools.runner import ROOT, last_error, run_job_process
+from lib.whisper import EOT_ID, SAMPLING_RATE, SOT_ID, WINDOW_SECONDS
 
 log = logging.getLogger("whisper_ft")
 TOKENIZER = ROOT / "tests" / "fixtures" / "whisper_tokenizer"
@@ -204,14 +205,14 @@ def build_data(env: Env, name: str, n: int, label_tokens: int, eval_clips: int) 
     if (out / "manifest.json").is_file():
         return name
     rng = np.random.default_rng(0)
-    prefix = [50258, 50276, 50359, 50363]  # <|startoftranscript|><|hi|><|transcribe|><|notimestamps|>
+    prefix = [SOT_ID, 50276, 50359, 50363]  # <|startoftranscript|><|hi|><|transcribe|><|notimestamps|>
     out.mkdir(parents=True, exist_ok=True)
 
     def rows(split: str, count: int):
         for i in range(count):
-            yield {"id": f"{split}-{i}", "audio": (0.05 * rng.standard_normal(30 * 16_000)).astype(np.float32),
+            yield {"id": f"{split}-{i}", "audio": (0.05 * rng.standard_normal(WINDOW_SECONDS * SAMPLING_RATE)).astype(np.float32),
                    "text": "x", "language": "hi",
-                   "labels": prefix + rng.integers(0, 50_000, label_tokens - len(prefix) - 1).tolist() + [50257]}
+                   "labels": prefix + rng.integers(0, 50_000, label_tokens - len(prefix) - 1).tolist() + [EOT_ID]}
 
     # validation: a few clips so that `make train` can show WER-while-training on the bench model
     splits = {split: write_rows(out, split, rows(split, count), shard_rows=256)
@@ -365,9 +366,9 @@ def logmel_speed(model_dir: Path, data_dir: Path, clips: int = 16) -> float:
 
     fe = WhisperFeatureExtractor.from_pretrained(model_dir)
     audio = audio_arrays(load_split(data_dir, "train"), 0, clips)
-    fe(audio[:2], sampling_rate=16_000, return_tensors="pt")
+    fe(audio[:2], sampling_rate=SAMPLING_RATE, return_tensors="pt")
     t0 = time.perf_counter()
-    fe(audio, sampling_rate=16_000, return_tensors="pt")
+    fe(audio, sampling_rate=SAMPLING_RATE, return_tensors="pt")
     return len(audio) / (time.perf_counter() - t0)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from lib.cli import run_job
 from lib.env import Env
 from lib.tools.runner import ROOT
+from lib.whisper import MEL_FRAMES
 
 CASES = [("int8", "none"), ("int8", "non-reentrant"), ("int8", "reentrant"),
          ("none", "none"), ("none", "non-reentrant"), ("none", "reentrant")]
@@ -65,7 +66,7 @@ def step(arch: str, batch: int, quant: str, ckpt: str, model_dir: Path) -> str:
     torch.manual_seed(0)
     model = M.apply_lora(base, LoraSection(r=8, alpha=16, dropout=0.0))
     model.train()
-    x, labels = torch.randn(batch, whisper_config(arch).num_mel_bins, 3000), torch.randint(0, 50_000, (batch, 40))
+    x, labels = torch.randn(batch, whisper_config(arch).num_mel_bins, MEL_FRAMES), torch.randint(0, 50_000, (batch, 40))
     proc, peak, done = psutil.Process(), [0], [False]
 
     def sample():

@@ -41,6 +41,7 @@ from lib.cli import run_job
 from lib.env import Env
 from lib.errors import UserError
 from lib.tools.runner import ROOT, last_error
+from lib.whisper import SAMPLING_RATE, SOT_ID
 
 SECONDS = 5.0
 VOICES = 200
@@ -74,7 +75,7 @@ def encoded(kind: str) -> list[bytes]:
         if kind == "mp3":
             sf.write(buf, voice(v, 48_000), 48_000, format="MP3")
         else:
-            sf.write(buf, voice(v, 16_000), 16_000, format="WAV", subtype="PCM_16")
+            sf.write(buf, voice(v, SAMPLING_RATE), SAMPLING_RATE, format="WAV", subtype="PCM_16")
         out.append(buf.getvalue())
     return out
 
@@ -213,7 +214,7 @@ def loader(prepared: Path, workers: int, batches: int, batch_size: int = 8, shuf
     where, manifest = open_prepared(Env(data_dir=prepared.parent.parent), str(prepared))
     ds = ShardStream(where, manifest, "train", seed=0, shuffle_buffer=shuffle_buffer)
     ds.length = (batches + 2 * workers) * batch_size
-    collate = WhisperCollator(WhisperFeatureExtractor(feature_size=80), decoder_start_token_id=50258)
+    collate = WhisperCollator(WhisperFeatureExtractor(feature_size=80), decoder_start_token_id=SOT_ID)
     torch.set_num_threads(1)
     dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate, worker_init_fn=_one_thread,
                     prefetch_factor=4 if workers else None)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lib.whisper import ENCODER_POSITIONS, EOT_ID, MAX_POSITIONS, MEL_FRAMES, SOT_ID
+
 # The Whisper architectures `make bench arch=...` builds with random weights (from the
 # published configs): d_model, encoder/decoder layers, heads, ffn, mel bins, vocab.
 ARCHS: dict[str, dict] = {
@@ -39,8 +41,8 @@ def whisper_config(arch: str):
         encoder_layers=a["encoder_layers"], decoder_layers=a["decoder_layers"],
         encoder_attention_heads=a["heads"], decoder_attention_heads=a["heads"],
         encoder_ffn_dim=a["ffn"], decoder_ffn_dim=a["ffn"],
-        max_source_positions=1500, max_target_positions=448,
-        pad_token_id=50257, bos_token_id=50257, eos_token_id=50257, decoder_start_token_id=50258,
+        max_source_positions=ENCODER_POSITIONS, max_target_positions=MAX_POSITIONS,
+        pad_token_id=EOT_ID, bos_token_id=EOT_ID, eos_token_id=EOT_ID, decoder_start_token_id=SOT_ID,
     )
 
 
@@ -94,11 +96,11 @@ class FlopCount:
 def flops_per_sample(arch: str, label_tokens: int = 40) -> FlopCount:
     """Matmul FLOP (2 per multiply-add) of one 30 s sample with `label_tokens` decoder positions."""
     a = ARCHS[arch]
-    d, f, enc_pos = a["d_model"], a["ffn"], 1500
+    d, f, enc_pos = a["d_model"], a["ffn"], ENCODER_POSITIONS
     # encoder layer: q,k,v,o (4 d^2) + ffn (2 d f) per position, attention scores+mix 2 x pos x d per position
     enc_layer = enc_pos * (2 * (4 * d * d + 2 * d * f) + 2 * 2 * enc_pos * d)
     # conv stem: conv1 (mels -> d, k=3) over 3000 frames, conv2 (d -> d, k=3, stride 2) over 1500
-    conv = 2 * (3000 * a["mels"] * d * 3 + 1500 * d * d * 3)
+    conv = 2 * (MEL_FRAMES * a["mels"] * d * 3 + ENCODER_POSITIONS * d * d * 3)
     encoder = a["encoder_layers"] * enc_layer + conv
     t = label_tokens
     # decoder layer: self-attn 4 d^2, cross q/o 2 d^2, ffn 2 d f per token; cross K/V 2 d^2 per encoder position

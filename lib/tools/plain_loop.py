@@ -25,6 +25,7 @@ from pathlib import Path
 from lib.cli import run_job
 from lib.env import Env
 from lib.errors import UserError
+from lib.whisper import MEL_FRAMES
 
 log = logging.getLogger("whisper_ft")
 
@@ -71,7 +72,7 @@ def main(cfg: PlainLoopConfig, env: Env) -> dict:
     scaler = torch.amp.GradScaler(device)
     g = torch.Generator(device=device).manual_seed(0)
     mels = model.config.num_mel_bins
-    features = torch.randn(cfg.batch_size, mels, 3000, device=device, generator=g)
+    features = torch.randn(cfg.batch_size, mels, MEL_FRAMES, device=device, generator=g)
     labels = torch.randint(0, 50_000, (cfg.batch_size, cfg.label_tokens), device=device, generator=g)
     if cuda:
         torch.cuda.reset_peak_memory_stats()

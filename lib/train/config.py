@@ -219,7 +219,7 @@ class TrainConfig:
     def __post_init__(self):
         if not self.data:
             raise UserError("no dataset: set data=NAME (a folder under DATA_DIR/prepared from `make prepare`)")
-        from lib.train.stream import parse_data
+        from lib.dataset.corpora import parse_data
 
         parse_data(self.data)  # a malformed list or weight fails here, before anything loads
         if not self.run:

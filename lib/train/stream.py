@@ -27,7 +27,6 @@ import bisect
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,49 +43,6 @@ MIX_BLOCK = 1000
 READ_COLUMNS = ["id", "audio", "labels", "duration", "speaker", "where", "ts_labels"]
 """what a training row needs of a shard; ts_labels (a manifest's segments) reads as [] in shards
 prepared before the column existed (lib.dataset.shards.read_shard)"""
-
-
-@dataclass(frozen=True)
-class Corpus:
-    name: str
-    """as given: a prepared name, a folder or a URL"""
-    weight: float | None
-    label: str = ""
-    """how logs and metrics name it (eval_<label>_wer): the name, or a path's or URL's last part"""
-
-
-def parse_data(data: str) -> list[Corpus]:
-    """`data=` as a list: "cv_hi" (one corpus), "cv_hi:0.7,fleurs_hi:0.3" (weights), "a,b" (no
-    weights: sampled in proportion to their rows, one pass over each per epoch). URLs may hold
-    ':' (s3://...): a weight is only a trailing ':<number>'."""
-    if not data or not data.strip():
-        raise UserError("data= is empty: name a prepared dataset (data=cv_hi) or several (data=cv_hi:0.7,fleurs_hi:0.3)")
-    out = []
-    for part in (p.strip() for p in data.split(",")):
-        if not part:
-            raise UserError(f"data={data}: an empty name between commas")
-        name, weight = part, None
-        head, sep, tail = part.rpartition(":")
-        if sep and head and not tail.startswith("//"):
-            try:
-                weight = float(tail)
-            except ValueError:
-                raise UserError(f"data={data}: '{tail}' after '{head}:' is not a weight; write name:0.7") from None
-            name = head
-            if not weight > 0:
-                raise UserError(f"data={data}: the weight of {name} is {tail}; weights must be > 0")
-        out.append(Corpus(name, weight))
-    names = [c.name for c in out]
-    if len(set(names)) < len(names):
-        raise UserError(f"data={data}: a corpus is listed twice")
-    labels = [c.name.rstrip("/").rsplit("/", 1)[-1] or c.name for c in out]
-    if len(set(labels)) < len(labels):
-        labels = names
-    out = [Corpus(c.name, c.weight, label) for c, label in zip(out, labels, strict=True)]
-    given = [c.weight is not None for c in out]
-    if any(given) and not all(given):
-        raise UserError(f"data={data}: give every corpus a weight (a:0.7,b:0.3) or none (a,b)")
-    return out
 
 
 def block_counts(weights: list[float], block: int = MIX_BLOCK) -> list[int]:

@@ -243,9 +243,9 @@ def segment_counts(corpora) -> tuple[int, int]:
 
 
 def open_data(env, data: str) -> list[tuple[Any, Any, dict[str, Any]]]:
-    """[(lib.train.stream.Corpus, folder or URL, manifest)] of `data=` (one corpus or a weighted list)."""
+    """[(lib.dataset.corpora.Corpus, folder or URL, manifest)] of `data=` (one corpus or a weighted list)."""
+    from lib.dataset.corpora import parse_data
     from lib.dataset.prepared import open_prepared
-    from lib.train.stream import parse_data
 
     return [(c, *open_prepared(env, c.name)) for c in parse_data(data)]
 

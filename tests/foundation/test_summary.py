@@ -1,0 +1,41 @@
+"""lib/summary.py: the block every job ends with (train and eval print it in tests/train/test_tracking.py,
+every job of the demo in tests/house/test_makefile.py::test_demo_runs_end_to_end)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from lib import summary
+
+
+def test_block_names_outputs_and_numbers_and_skips_empty_lines():
+    summary.mark_start()
+    out = io.StringIO()
+    text = summary.done("eval", {"report": Path("/d/runs/r/eval/report.md"), "adapter": "WER 12.50 %",
+                                 "tracking": None}, stream=out)
+    lines = text.splitlines()
+    assert lines[0].startswith("== eval done in ") and lines[0].endswith(" s")
+    assert lines[1:] == ["   report   /d/runs/r/eval/report.md", "   adapter  WER 12.50 %"]
+    assert out.getvalue() == "\n" + text + "\n"
+
+
+def test_durations_and_percents():
+    assert [summary.elapsed(s) for s in (12.34, 133, 3840)] == ["12.3 s", "2 min 13 s", "1 h 04 min"]
+    assert summary.percent(0.125, 100) == "12.50 %" and summary.percent(None) == "n/a"
+
+
+def test_prepare_and_export_lines():
+    manifest = {"name": "cv-hi", "splits": {"train": {"rows": 12, "hours": 0.0071, "rows_read": 17, "skipped": 5}},
+                "skipped_by_reason": {"does not decode": 1, "too long": 4}}
+    lines = summary.prepare_summary(Path("/d/prepared/cv-hi"), manifest)
+    assert lines["train"] == "12 rows, 0.007 h (17 read, 5 skipped)"
+    assert lines["skipped"] == "1 does not decode, 4 too long" and lines["next"] == "make train DATA=cv-hi RUN=<name>"
+    assert "storage" not in lines  # a manifest without a storage section (older, or a tool's)
+    manifest["storage"] = {"bytes_per_audio_hour": 12_480_000, "pcm_storage": "Ogg/Opus 32 kbit/s (lossy)"}
+    assert summary.prepare_summary(Path("/d/prepared/cv-hi"), manifest)["storage"] == (
+        "12.5 MB per audio hour, PCM sources as Ogg/Opus 32 kbit/s (lossy)")
+    ex = summary.export_summary(Path("/d/runs/r/merged"), {"dtype": "fp16", "verify": {
+        "clips": 8, "identical": 7, "wer_vs_reference": 0.02}})
+    assert ex["check"] == "7 of 8 transcripts identical to base + adapter, WER between them 2.00 %"
+    assert summary.export_summary(Path("m"), {"dtype": "fp32"})["check"].startswith("not checked")
