@@ -1,9 +1,9 @@
 # Whisper LoRA fine-tuning: every job is a make target. `make` alone prints help.
 #
 #   make build                                   # the image (once per lock or source change)
-#   make prepare LANG=hi DATA=cv-hi ARGS="source.kind=cv source.path=/data/raw/cv-corpus-hi"
-#   make train   LANG=hi DATA=cv-hi RUN=hi-1  # GPUS=2 runs torchrun on 2 GPUs
-#   make eval    LANG=hi DATA=cv-hi RUN=hi-1
+#   make prepare LANG=hi DATA=cv_hi ARGS="source.kind=cv source.path=/data/raw/cv-corpus-hi"
+#   make train   LANG=hi DATA=cv_hi RUN=hi-1  # GPUS=2 runs torchrun on 2 GPUs
+#   make eval    LANG=hi DATA=cv_hi RUN=hi-1
 #   make export  RUN=hi-1
 #
 # RUNNER=docker (default) runs each job in the image; RUNNER=local runs it in .venv.

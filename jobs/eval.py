@@ -1,8 +1,8 @@
 """Evaluate a fine-tuned run (and its base, zero-shot) or any Whisper on a prepared split.
 
     python -m jobs.eval run=hi-small                       # DATA_DIR/runs/hi-small/adapter + its base
-    python -m jobs.eval model=openai/whisper-small data=cv-hi language=hi
-    python -m jobs.eval adapter=DIR model=BASE data=cv-hi language=hi limit=200
+    python -m jobs.eval model=openai/whisper-small data=cv_hi language=hi
+    python -m jobs.eval adapter=DIR model=BASE data=cv_hi language=hi limit=200
     python -m jobs.eval run=hi-small also=en-clips longform.minutes=3   # + English, 3-min recordings
 
 Writes OUT (default DATA_DIR/runs/RUN/eval/, or DATA_DIR/evals/<model>-<data>-<split>/):

@@ -3,7 +3,7 @@
     python -m jobs.export run=hi-small                        # -> DATA_DIR/runs/hi-small/merged
     python -m jobs.export run=hi-small ctranslate2=int8 hub.push=true hub.repo_id=me/whisper-small-hi
     python -m jobs.export run=hi-small ggml=q8_0             # + DATA_DIR/runs/hi-small/merged-ggml-q8_0 (whisper.cpp)
-    python -m jobs.export adapter=DIR model=openai/whisper-small language=hi data=cv-hi out=DIR
+    python -m jobs.export adapter=DIR model=openai/whisper-small language=hi data=cv_hi out=DIR
 
 The merged model is checked before it is moved into OUT: on verify_clips clips of the
 prepared split, its transcripts and logits must match base + adapter; a CTranslate2 or

@@ -1,8 +1,8 @@
 """Fine-tune Whisper with LoRA on a prepared dataset; resumable, preemption-safe.
 
-    python -m jobs.train --recipe jobs/recipes/whisper-large-v2_lora-int8_1gpu.yaml run=hi-v1 data=cv-hi
-    make train RUN=hi-v1 DATA=cv-hi          # the same, in the image
-    make train RUN=hi-v1 DATA=cv-hi RECIPE=auto   # quantization/precision/checkpointing/batch split for this GPU
+    python -m jobs.train --recipe jobs/recipes/whisper-large-v2_lora-int8_1gpu.yaml run=hi-v1 data=cv_hi
+    make train RUN=hi-v1 DATA=cv_hi          # the same, in the image
+    make train RUN=hi-v1 DATA=cv_hi RECIPE=auto   # quantization/precision/checkpointing/batch split for this GPU
 
 `--recipe auto` is the recipe above with model.quantization, model.precision,
 model.gradient_checkpointing (and the base dtype, compilation, checkpointed share) and the split

@@ -1,6 +1,6 @@
 """torchrun with the jobs' exit codes: `python -m lib.launch [torchrun options] -m jobs.train ...`
 
-    python -m lib.launch --standalone --nproc_per_node=4 -m jobs.train run=hi-4gpu data=cv-hi
+    python -m lib.launch --standalone --nproc_per_node=4 -m jobs.train run=hi-4gpu data=cv_hi
     make train GPUS=4 ...            # the same (Makefile job_torchrun)
 
 Plain torchrun (torch 2.13) breaks the contract of lib/errors.py in two ways:

@@ -71,7 +71,7 @@ def test_env_file_secrets_never_shown(tmp_path, monkeypatch):
     env = load_env(f)
     assert env.hf_token == "hf_secretvalue123"
     assert "hf_secretvalue123" not in repr(env) and "hf_secretvalue123" not in str(env.describe())
-    assert env.prepared_dir("cv-hi") == tmp_path / "data" / "prepared" / "cv-hi"
+    assert env.prepared_dir("cv_hi") == tmp_path / "data" / "prepared" / "cv_hi"
 
 
 def test_env_file_quoted_value_is_an_error(tmp_path):

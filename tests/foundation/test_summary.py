@@ -26,14 +26,14 @@ def test_durations_and_percents():
 
 
 def test_prepare_and_export_lines():
-    manifest = {"name": "cv-hi", "splits": {"train": {"rows": 12, "hours": 0.0071, "rows_read": 17, "skipped": 5}},
+    manifest = {"name": "cv_hi", "splits": {"train": {"rows": 12, "hours": 0.0071, "rows_read": 17, "skipped": 5}},
                 "skipped_by_reason": {"does not decode": 1, "too long": 4}}
-    lines = summary.prepare_summary(Path("/d/prepared/cv-hi"), manifest)
+    lines = summary.prepare_summary(Path("/d/prepared/cv_hi"), manifest)
     assert lines["train"] == "12 rows, 0.007 h (17 read, 5 skipped)"
-    assert lines["skipped"] == "1 does not decode, 4 too long" and lines["next"] == "make train DATA=cv-hi RUN=<name>"
+    assert lines["skipped"] == "1 does not decode, 4 too long" and lines["next"] == "make train DATA=cv_hi RUN=<name>"
     assert "storage" not in lines  # a manifest without a storage section (older, or a tool's)
     manifest["storage"] = {"bytes_per_audio_hour": 12_480_000, "pcm_storage": "Ogg/Opus 32 kbit/s (lossy)"}
-    assert summary.prepare_summary(Path("/d/prepared/cv-hi"), manifest)["storage"] == (
+    assert summary.prepare_summary(Path("/d/prepared/cv_hi"), manifest)["storage"] == (
         "12.5 MB per audio hour, PCM sources as Ogg/Opus 32 kbit/s (lossy)")
     ex = summary.export_summary(Path("/d/runs/r/merged"), {"dtype": "fp16", "verify": {
         "clips": 8, "identical": 7, "wer_vs_reference": 0.02}})

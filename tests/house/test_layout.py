@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,39 @@ def test_readme_layout_names_every_module():
     for name in re.findall(r"^  ([a-z_, ]+?)(?:\s{2,}|$)", listed, re.M):
         for mod in (n.strip() for n in name.split(",") if n.strip()):
             assert mod in modules, f"README Layout names lib/{mod}.py, which does not exist"
+
+
+# Dataset names: one spelling, the Makefile's default cv_$(LANG) (prepare's name=, train's data=).
+DASHED_DATASET = re.compile(r"\bcv-[a-z]{2,3}\b")  # cv-hi, cv-hi-small; not cv-corpus-17.0
+
+
+def dashed_dataset_names(paths) -> list[str]:
+    found = []
+    for path in paths:
+        try:
+            text = (ROOT / path).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, IsADirectoryError, FileNotFoundError):
+            continue
+        found += [f"{path}:{n}: {line.strip()}" for n, line in enumerate(text.splitlines(), 1)
+                  if DASHED_DATASET.search(line)]
+    return found
+
+
+def tracked_files() -> list[str]:
+    import subprocess
+
+    return subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+
+
+def test_dataset_names_have_one_spelling():
+    here = str(Path(__file__).relative_to(ROOT))  # names the spelling it looks for
+    found = dashed_dataset_names(p for p in tracked_files() if p not in ("README.md", here))
+    assert not found, "write cv_hi (the Makefile's cv_$(LANG)), not cv-hi:\n" + "\n".join(found)
+
+
+@pytest.mark.xfail(strict=True, reason="README.md is rewritten on another branch; its cv-hi lines are listed for it. "
+                                       "When this passes, drop the marker (strict: it fails until then)")
+def test_readme_dataset_names_have_one_spelling():
+    found = dashed_dataset_names(["README.md"])
+    assert not found, "write cv_hi (the Makefile's cv_$(LANG)), not cv-hi:\n" + "\n".join(found)

@@ -109,11 +109,11 @@ def test_local_runner_command_line(target, env_file, tmp_path):
 
 
 def test_train_defaults_to_the_1gpu_recipe_and_passes_run_data_args():
-    argv = job_line(make("-n", "train", "RUN=hi-1", "DATA=cv-hi", "ARGS=lora.r=16 train.max_steps=10").stdout)
+    argv = job_line(make("-n", "train", "RUN=hi-1", "DATA=cv_hi", "ARGS=lora.r=16 train.max_steps=10").stdout)
     recipe = argv[argv.index("--recipe") + 1]
     assert recipe == "jobs/recipes/whisper-large-v2_lora-int8_1gpu.yaml"
     assert (ROOT / recipe).is_file()
-    for kv in ("run=hi-1", "data=cv-hi", "lora.r=16", "train.max_steps=10"):
+    for kv in ("run=hi-1", "data=cv_hi", "lora.r=16", "train.max_steps=10"):
         assert kv in argv
     argv = job_line(make("-n", "train", "RECIPE=jobs/recipes/other.yaml").stdout)
     assert argv[argv.index("--recipe") + 1] == "jobs/recipes/other.yaml"
@@ -154,8 +154,8 @@ def test_gpus_zero_runs_without_gpus_flag():
 
 
 def test_prepare_names_the_dataset():
-    argv = job_line(make("-n", "prepare", "DATA=cv-hi", "LANG=hi", "ARGS=source.kind=cv").stdout)
-    assert "name=cv-hi" in argv and "language=hi" in argv and "source.kind=cv" in argv
+    argv = job_line(make("-n", "prepare", "DATA=cv_hi", "LANG=hi", "ARGS=source.kind=cv").stdout)
+    assert "name=cv_hi" in argv and "language=hi" in argv and "source.kind=cv" in argv
 
 
 def test_lang_alone_names_the_dataset_and_the_run():
