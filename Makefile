@@ -117,14 +117,34 @@ run_arg = $(if $(RUN_NAME),run=$(RUN_NAME))
 data_arg = $(if $(DATA_NAME),data=$(DATA_NAME))
 
 .PHONY: help
-help: ## list the targets and the variables they read
-	@echo "usage: make TARGET [VAR=value ...]   e.g. make train LANG=hi RUN=hi-1 GPUS=2"
-	@echo "targets:"
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "variables (now):"
-	@awk '/^# / {if (c == "") c = substr($$0, 3); next} /^[A-Z_]+ \?=/ {printf "  %-15s %s\n", $$1, c} {c = ""}' $(MAKEFILE_LIST)
-	@echo "  LANG            on the command line only: the target language (language=LANG)"
-	@echo "  image: $(IMAGE)"
+# Each variable: its name, its value in this make (after the command line and the environment),
+# and the first line of the comment above its `VAR ?=`. Colour only on a terminal.
+help: ## list the targets and the variables they read, with their values now
+	@if [ -t 1 ]; then on=$$'\033[36m' off=$$'\033[0m'; else on= off=; fi; \
+	echo "usage: make TARGET [VAR=value ...]   e.g. make train LANG=hi RUN=hi-1 GPUS=2"; \
+	echo "targets:"; \
+	awk -v on="$$on" -v off="$$off" 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %s%-12s%s %s\n", on, $$1, off, $$2}' $(MAKEFILE_LIST); \
+	echo "variables (name, value now, what it sets):"; \
+	$(HELP_VALUES) awk '/^# / {if (c == "") c = substr($$0, 3); next} \
+	  /^[A-Z_]+ \?=/ {v = ENVIRON["HELP_" $$1]; if (v == "") v = "(empty)"; \
+	    if (length(v) > 16) printf "  %-15s %s\n  %-15s %-16s %s\n", $$1, v, "", "", c; \
+	    else printf "  %-15s %-16s %s\n", $$1, v, c} {c = ""}' $(MAKEFILE_LIST); \
+	printf "  %-15s %-16s %s\n" LANG "$(or $(JOB_LANGUAGE),(not given))" \
+	  "the target language (language=LANG), on the command line only; from the environment it is the locale"
+# HELP_x='value' for each `VAR ?=` of this Makefile, single quotes inside a value escaped.
+HELP_VARS = $(shell awk '/^[A-Z_]+ \?=/ {print $$1}' $(MAKEFILE_LIST))
+HELP_VALUES = $(foreach v,$(HELP_VARS),HELP_$(v)='$(subst ','\'',$($(v)))')
+
+# RUNNER=docker needs a Docker engine that answers (or podman behind the docker command). Without
+# one, the targets that run jobs stop here (docker/runner-check.sh), saying what to do, instead of
+# in docker's own "Cannot connect to the Docker daemon" (exit 125).
+RUNNER_TARGETS := prepare train eval export transcribe serve bench bench-data demo shell
+$(RUNNER_TARGETS): runner-check
+GOAL = $(or $(firstword $(filter-out runner-check,$(MAKECMDGOALS))),demo)
+
+.PHONY: runner-check
+runner-check: ## check that RUNNER can run jobs here (docker: an engine answers `docker info`)
+	$(if $(filter docker,$(RUNNER)),@$(SHELL) docker/runner-check.sh $(GOAL))
 
 .PHONY: setup
 setup: ## create .venv with the exact versions of requirements.lock (hash-checked)

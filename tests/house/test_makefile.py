@@ -15,7 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 MAKEFILE = ROOT / "Makefile"
 JOB_TARGETS = ["prepare", "train", "eval", "export", "transcribe", "serve", "bench"]
-ALL_TARGETS = ["help", "setup", "browser", "test", "lint", "build", "push", *JOB_TARGETS, "demo", "shell"]
+ALL_TARGETS = ["help", "setup", "browser", "test", "lint", "build", "push", *JOB_TARGETS, "demo", "shell",
+               "runner-check"]
 TOKEN = "hf_TESTsecretVALUE0123456789"
 
 
@@ -71,6 +72,49 @@ def test_every_target_is_phony_and_documented(target):
     assert re.search(rf"^{target}: .*## \S", text, re.M), f"{target} has no '## what it does'"
 
 
+def help_variables(out: str) -> dict[str, str]:
+    """`make help`'s variable lines: name -> the rest of its line (value now, then what it sets)."""
+    rows = out.split("variables (name, value now, what it sets):\n", 1)[1].splitlines()
+    return {m.group(1): m.group(2) for m in (re.match(r"^  ([A-Z_]+) +(.*)$", r) for r in rows) if m}
+
+
+def test_help_shows_each_variable_with_its_value_and_what_it_sets():
+    out = make().stdout
+    assert "variables (now)" not in out
+    shown = help_variables(out)
+    for name in re.findall(r"^([A-Z_]+) \?=", MAKEFILE.read_text(), re.M):
+        assert name in shown, f"`make help` does not list {name}"
+    # RUNNER's default, docker, is there to see, beside what it means
+    assert re.fullmatch(r"docker +How jobs run: docker \(in the image\) or local .*", shown["RUNNER"])
+    assert shown["RECIPE"].startswith("(empty) ") and shown["LANG"].startswith("(not given) ")
+    shown = help_variables(make("RUNNER=local", "DATA=cv_hi", "LANG=hi", "ARGS=lora.r=16 x='y z'").stdout)
+    assert shown["RUNNER"].startswith("local ") and shown["DATA"].startswith("cv_hi ")
+    assert shown["LANG"].startswith("hi ") and shown["ARGS"] == "lora.r=16 x='y z'"  # long: what it sets below
+
+
+def test_help_has_colour_on_a_terminal_only():
+    import pty
+
+    assert "\x1b[" not in make().stdout  # a pipe (CI, | less, > file): plain text
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
+    proc = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT)], stdout=follower,
+                          stderr=subprocess.PIPE, env=env, timeout=60)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: everything is read
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.returncode == 0
+    assert "\x1b[36mtrain" in b"".join(chunks).decode()
+
+
 def test_variable_comments_are_on_their_own_line():
     # A trailing comment on `VAR ?= value  # ...` puts the spaces into the value.
     for line in MAKEFILE.read_text().splitlines():
@@ -106,6 +150,58 @@ def test_local_runner_command_line(target, env_file, tmp_path):
     i = argv.index("-m")
     assert argv[i - 1] == "python" and argv[i + 1] == ("lib.tools.bench" if target == "bench" else f"jobs.{target}")
     assert argv[argv.index("--env-file") + 1] == str(env_file)
+
+
+@pytest.fixture
+def fake_docker(tmp_path):
+    """A PATH whose docker answers `docker info` with exit code INFO_RC and writes down any other call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+
+    def install(info_rc: int) -> Path:
+        calls = tmp_path / "docker.log"
+        (bin_dir / "docker").write_text(f'#!/bin/sh\nif [ "$1" = info ]; then exit {info_rc}; fi\n'
+                                        f'echo "$@" >> {calls}\n')
+        (bin_dir / "docker").chmod(0o755)
+        return calls
+
+    return bin_dir, install
+
+
+def run_make(path: str, *args: str) -> subprocess.CompletedProcess:
+    import shutil
+
+    env = {"PATH": path, "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
+    return subprocess.run([shutil.which("make"), "--no-print-directory", "-C", str(ROOT), *args],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize("docker", ["missing", "no engine"])
+@pytest.mark.parametrize("target", ["demo", "train", "shell"])
+def test_docker_runner_without_an_engine_says_runner_local(fake_docker, tmp_path, docker, target):
+    bin_dir, install = fake_docker
+    calls = install(info_rc=1)
+    path = str(bin_dir) if docker == "no engine" else str(tmp_path / "empty")  # "missing": nothing on PATH
+    proc = run_make(path, target, f"DATA_DIR={tmp_path / 'vol'}")
+    assert proc.returncode == 2
+    said = proc.stderr
+    assert "Cannot connect" not in said and not calls.exists()  # stopped before `docker run`
+    assert f"make {target} RUNNER=local" in said and "podman-docker" in said
+    assert ("no docker command" if docker == "missing" else "no Docker engine answers") in said
+    assert not (tmp_path / "vol").exists()
+
+
+def test_docker_runner_with_an_engine_runs_the_job(fake_docker, tmp_path):
+    bin_dir, install = fake_docker
+    calls = install(info_rc=0)
+    proc = run_make(f"{bin_dir}:{os.environ['PATH']}", "eval", "RUN=r", f"DATA_DIR={tmp_path / 'vol'}")
+    assert proc.returncode == 0, proc.stderr
+    assert calls.read_text().startswith("run --rm ") and " eval run=r" in calls.read_text()
+    # RUNNER=local needs no engine at all
+    calls.unlink()
+    install(info_rc=1)
+    proc = run_make(f"{bin_dir}:{os.environ['PATH']}", "-n", "eval", "RUN=r", "RUNNER=local")
+    assert proc.returncode == 0 and "runner-check" not in proc.stdout and "python -m jobs.eval" in proc.stdout
 
 
 def test_train_defaults_to_the_1gpu_recipe_and_passes_run_data_args():
