@@ -86,7 +86,8 @@ DOCKER_RUN = docker run --rm $(DOCKER_TTY)$(DOCKER_PORTS)--user $(DOCKER_USER) -
 DOCKER_TTY =
 DOCKER_PORTS =
 # The same facts for a job in .venv: the environment wins over the env file (lib/env.py).
-LOCAL_ENV = DATA_DIR=$(DATA_ABS) HF_HOME=$(DATA_ABS)/hf-cache PATH=$(abspath $(VENV))/bin:$$PATH
+# WHISPER_FT_RUNNER=local: the commands a job suggests next then say RUNNER=local too.
+LOCAL_ENV = DATA_DIR=$(DATA_ABS) HF_HOME=$(DATA_ABS)/hf-cache WHISPER_FT_RUNNER=local PATH=$(abspath $(VENV))/bin:$$PATH
 LOCAL_ENV_FILE = $(if $(HAVE_ENV_FILE),--env-file $(ENV_FILE))
 
 # The Python module behind each target: jobs.NAME for the user's jobs, lib.tools.NAME for the

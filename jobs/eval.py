@@ -136,7 +136,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     from lib.inference import decode_budget, speed_compare, transcribe_dataset
     from lib.language import job_language, task_setting
     from lib.metrics import score
-    from lib.model import load_model, resolve_source
+    from lib.model import load_model, random_weights_note, resolve_source
     from lib.train.tracking import log_eval
     from lib.whisper import PROMPT_TOKENS
 
@@ -231,6 +231,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         if plot_training_curves(source.run_dir / "log_history.json", out / "training_curves.png"):
             curves = "training_curves.png"
     seconds = hyps[label][1]
+    random_note = random_weights_note(model)
     report = {
         "model": source.base,
         "adapter": source.adapter,
@@ -239,6 +240,8 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         "split": cfg.split,
         "language": language,
         "task": task,
+        # the demo's and the bench's bases (lib/tools/models.py): report.md and the summary say the WER means nothing
+        "random_weights": random_note is not None,
         "device": device_description(),
         "precision": info["dtype"],
         "quantization": info["quantization"],
@@ -306,8 +309,17 @@ def main(cfg: EvalConfig, env: Env) -> dict:
                           **{name: f"normalized WER {summary.percent(m['normalized_wer'], 100)}, WER "
                                    f"{summary.percent(m['wer'], 100)}, CER {summary.percent(m['cer'], 100)}"
                              for name, m in results.items()},
-                          "tracking": where})
+                          "note": random_note,
+                          "tracking": where, **next_steps(cfg, env)})
     return report
+
+
+def next_steps(cfg: EvalConfig, env: Env) -> dict[str, str]:
+    """The summary's commands to copy after evaluating a run: its page, then its merged model."""
+    if not cfg.run:
+        return {}
+    return {"next": summary.make_hint("serve", f"RUN={cfg.run}", env=env) + "   # base vs fine-tune on your clips",
+            "then": summary.make_hint("export", f"RUN={cfg.run}", env=env) + "   # one merged model to deploy"}
 
 
 def no_speech_section(cfg: EvalConfig, model, processor, label: str, has_adapter: bool, gen: dict) -> dict:

@@ -195,7 +195,7 @@ def main(cfg: ExportConfig, env: Env) -> dict:
         log.info("export: pushed to %s", manifest["hub"])
 
     # 7. Where the models are, and how closely they match base + adapter.
-    summary.done("export", summary.export_summary(out, manifest))
+    summary.done("export", summary.export_summary(out, manifest, env))
     return manifest
 
 

@@ -218,7 +218,7 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
         with contextlib.suppress(OSError):
             work.rmdir()  # made (empty) by a Hub download above
         log.info("%s: %s is up to date (fingerprint %s); pass force=true to redo", who, out, fp)
-        summary.done("prepare (up to date)", summary.prepare_summary(out, old))
+        summary.done("prepare (up to date)", summary.prepare_summary(out, old, env))
         return old
 
     # 4. This index's chunks of the plan: reuse every finished shard, decode the rest on num_proc
@@ -241,7 +241,7 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
     sides = [staging.read_sidecar(work, c, fp) for c in plan]
     missing = [c for c, side in zip(plan, sides, strict=True) if side is None]
     if missing:
-        return _not_last(who, out, work, fp, plan, missing, len(ours), len(todo))
+        return _not_last(who, out, work, fp, plan, missing, len(ours), len(todo), env)
 
     # 6. Finish under the lock (one writer, also when two indexes finish at once; a finalizer
     #    killed half-way leaves a lock that the rerun takes over): speaking-rate check, stale
@@ -274,16 +274,16 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
     if len(skipped) > 20:
         log.warning("%s: ... and %d more skipped rows, all listed in %s", who, len(skipped) - 20, out / MANIFEST)
     log.info("%s: wrote %s in %.1f s", who, out, time.time() - started)
-    summary.done("prepare", summary.prepare_summary(out, manifest))
+    summary.done("prepare", summary.prepare_summary(out, manifest, env))
     return manifest
 
 
-def _not_last(who, out, work, fp, plan, missing, ours, did) -> dict:
+def _not_last(who, out, work, fp, plan, missing, ours, did, env: Env) -> dict:
     """An index whose chunks are done while others still work: say so, exit 0."""
     old = _finished(out)
     if old is not None and old.get("fingerprint") == fp:
         log.info("%s: %s was finished meanwhile by another index", who, out)
-        summary.done(who, summary.prepare_summary(out, old))
+        summary.done(who, summary.prepare_summary(out, old, env))
         return old
     log.info("%s: this index's %d chunks are done (%d prepared now); %d of the dataset's %d chunks are not "
              "done yet (first: %s); the index that finishes last writes the manifest and moves %s into place",

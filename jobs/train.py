@@ -67,7 +67,9 @@ def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
         changed_on_resume = T.check_same_run(run_dir, cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, run_dir / "config.yaml")
-    log.info("config:\n%s", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip())
+    for line in T.config_lines(cfg, precision, run_dir / "config.yaml", recipe):
+        log.info("%s", line)
+    log.debug("config:\n%s", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip())
 
     # 3. Data: the train stream (shards, shuffled by position, corpora mixed by weight, train.*
     #    sample options applied) and validation per corpus; audio is decoded and log-mel computed
@@ -102,8 +104,8 @@ def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
                             changed_on_resume)
     T.write_json(run_dir / "metrics.json", metrics)
     log.info("done: %d steps, best normalized WER %s (exact-text %s), adapter %.1f MB in %s", metrics["global_step"],
-             metrics["best_eval_normalized_wer"], metrics["best_eval_wer"], metrics["adapter_size_bytes"] / 1e6,
-             run_dir / "adapter")
+             summary.percent(metrics["best_eval_normalized_wer"]), summary.percent(metrics["best_eval_wer"]),
+             metrics["adapter_size_bytes"] / 1e6, run_dir / "adapter")
     if cfg.hub.push:
         card = hub.model_card(kind="adapter", repo_id=cfg.hub.repo_id, base=cfg.model.base, data=cfg.data,
                               language=cfg.language, task=cfg.task, recipe=recipe.name if recipe else None,
@@ -111,17 +113,20 @@ def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
         hub.push_folder(run_dir / "adapter", cfg.hub, env.hf_token, card, "LoRA adapter")
 
     # 9. Where everything is, and the numbers that matter.
+    from lib.model import random_weights_note
+
     summary.done("train", {
         "outputs": f"{run_dir} (adapter/, checkpoints/, metrics.json, log_history.json, tb/)",
         "best WER": f"{summary.percent(metrics['best_eval_normalized_wer'])} normalized, "
                     f"{summary.percent(metrics['best_eval_wer'])} exact text ({metrics['best_checkpoint']})",
+        "note": random_weights_note(base),
         **({"WER per corpus": ", ".join(f"{c} {summary.percent(m['at_best_normalized_wer'])}"
                                          for c, m in metrics["per_corpus"].items()) + " normalized, at the best step"}
            if metrics.get("per_corpus") else {}),
         "steps": f"{metrics['global_step']}, {metrics['train_samples_per_second'] or 0:.2f} samples/s",
         "adapter": f"{metrics['adapter_size_bytes'] / 1e6:.1f} MB, {metrics['trainable_params']:,} trainable params",
         "tracking": tracking.describe(run_dir) or f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}",
-        "next": f"make eval RUN={cfg.run}",
+        "next": summary.make_hint("eval", f"RUN={cfg.run}", env=env),
     })
     return metrics
 

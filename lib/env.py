@@ -9,6 +9,7 @@ and `describe()` show only whether each one is set.
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,9 @@ class Env:
     wandb_mode: str | None = None
     job_completion_index: int | None = None
     """JOB_COMPLETION_INDEX: this pod's index in a Kubernetes Indexed Job (prepare's shard_index)"""
+    runner: str | None = None
+    """WHISPER_FT_RUNNER: `local` when `make ... RUNNER=local` started the job (the Makefile's LOCAL_ENV
+    sets it); unset in the image, under Kubernetes and for `python -m jobs...`"""
 
     def describe(self) -> dict[str, str]:
         """A loggable view: paths as they are, secrets only as set / not set."""
@@ -53,6 +57,18 @@ class Env:
     def run_dir(self, run: str) -> Path:
         """Where `make train` writes run RUN and `make eval` / `make export` find it."""
         return self.data_dir / "runs" / run
+
+    def make_flags(self) -> list[str]:
+        """What a `make` command a job suggests needs to run where this job ran: RUNNER=local for a
+        job of `make ... RUNNER=local` (the Makefile's default is docker), with DATA_DIR= when it is
+        not the Makefile's default (`data` in the repository, where make starts the job); nothing
+        for a job in the image, whose make runs on the host with the defaults."""
+        if self.runner != "local":
+            return []
+        flags = ["RUNNER=local"]
+        if self.data_dir != Path("data").resolve():
+            flags.append(f"DATA_DIR={shlex.quote(str(self.data_dir))}")
+        return flags
 
     def secrets(self) -> list[str]:
         """The secret values, so that log filters can mask them."""
@@ -102,4 +118,6 @@ def load_env(env_file: str | Path | None = None) -> Env:
         wandb_api_key=merged.get("WANDB_API_KEY"),
         wandb_mode=merged.get("WANDB_MODE"),
         job_completion_index=int(index) if index else None,
+        # set by the Makefile on the command line of a local job, never in the env file
+        runner=os.environ.get("WHISPER_FT_RUNNER", "").strip() or None,
     )

@@ -32,6 +32,23 @@ log = logging.getLogger("whisper_ft")
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
+RANDOM_WEIGHTS = "random_weights"
+"""The config.json key lib/tools/models.py save_random_whisper sets on the models it builds (the
+demo's tiny one, the bench's): weights never trained, so every transcript is noise and a WER
+measured on them means nothing. It travels with save_pretrained (an export's merged model keeps it)."""
+
+
+def has_random_weights(model) -> bool:
+    """Whether `model` (a Whisper, or a PeftModel on one) has random weights (RANDOM_WEIGHTS)."""
+    return bool(getattr(getattr(model, "config", None), RANDOM_WEIGHTS, False))
+
+
+def random_weights_note(model) -> str | None:
+    """The summary's line for a model with random weights (train's and eval's), else None."""
+    if not has_random_weights(model):
+        return None
+    return "the base has random weights (built by lib/tools/models.py, as the demo does): these WERs mean nothing"
+
 
 def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]

@@ -3,10 +3,13 @@
     == train done in 2 min 13 s
        outputs     data/runs/hi-1 (adapter/, checkpoints/, metrics.json, tb/)
        best WER    23.40 % normalized (checkpoint-1200), 31.02 % exact text
+       next        make eval RUN=hi-1 RUNNER=local
 
 Printed to stderr after the logs (transcribe's stdout stays the transcript alone), without the
 log's timestamps, so that the last lines on the screen answer "what did it do, where is it".
-run_job marks the start (mark_start); a job calls done() as its last step.
+run_job marks the start (mark_start); a job calls done() as its last step. A `next` line is a
+command to copy: make_hint() adds RUNNER=local (and DATA_DIR=) when the job itself was started by
+`make ... RUNNER=local` (lib/env.py Env.make_flags), so that the copy runs where this job ran.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ def percent(x: float | None, scale: float = 1.0) -> str:
     return "n/a" if x is None else f"{scale * x:.2f} %"
 
 
+def make_hint(target: str, *args: str, env=None) -> str:
+    """`make TARGET ARGS...` as the next command to type, with env.make_flags() (RUNNER=local ...)."""
+    return " ".join(["make", target, *args, *(env.make_flags() if env is not None else [])])
+
+
 def format_summary(job: str, lines: dict[str, Any], seconds: float | None = None) -> str:
     """The block: a title line, then one `name  value` line each (a Path is shown as given)."""
     head = f"== {job} done" + (f" in {elapsed(seconds)}" if seconds is not None else "")
@@ -55,9 +63,9 @@ def done(job: str, lines: dict[str, Any], stream=None) -> str:
     return text
 
 
-def prepare_summary(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def prepare_summary(out: Path, manifest: dict[str, Any], env=None) -> dict[str, Any]:
     """prepare's lines: the folder, rows and hours per split, the storage (MB per audio hour, the
-    PCM codec), what was skipped."""
+    PCM codec), what was skipped, and the train command (make_hint: `env` says where the job ran)."""
     lines: dict[str, Any] = {"outputs": f"{out} (manifest.json lists every skipped row and why)"}
     for split, info in manifest.get("splits", {}).items():
         lines[split] = (f"{info['rows']} rows, {info['hours']:.3f} h"
@@ -69,12 +77,13 @@ def prepare_summary(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
                             + (f", PCM sources as {st['pcm_storage']}" if st.get("pcm_storage") else ""))
     reasons = manifest.get("skipped_by_reason") or {}
     lines["skipped"] = ", ".join(f"{n} {why}" for why, n in reasons.items()) or "none"
-    lines["next"] = f"make train DATA={manifest.get('name', out.name)} RUN=<name>"
+    lines["next"] = make_hint("train", f"DATA={manifest.get('name', out.name)}", "RUN=<name>", env=env)
     return lines
 
 
-def export_summary(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """export's lines: the merged model (and CTranslate2 copy), and how it compares with base + adapter."""
+def export_summary(out: Path, manifest: dict[str, Any], env=None) -> dict[str, Any]:
+    """export's lines: the merged model (and CTranslate2 copy), how it compares with base + adapter,
+    and the command that transcribes with it (make_hint: `env` says where the job ran)."""
     v, ct2 = manifest.get("verify"), manifest.get("ctranslate2")
     return {
         "merged": f"{out} ({manifest.get('dtype')})",
@@ -82,4 +91,5 @@ def export_summary(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
                   f"WER between them {percent(v['wer_vs_reference'], 100)}") if v else "not checked (verify_clips=0)",
         "ctranslate2": ct2["path"] if ct2 else None,
         "hub": manifest.get("hub"),
+        "next": make_hint("transcribe", f'ARGS="model={out} audio=FILE"', env=env),
     }

@@ -88,6 +88,11 @@ def write_predictions(path: Path, utts: Sequence[Utterance], durations: Sequence
             w.writerow(row)
 
 
+RANDOM_WEIGHTS_NOTE = ("The base model has random weights (built by lib/tools/models.py, as `make demo` and "
+                       "`make bench` do): every transcript is noise, so the WERs below mean nothing; they show "
+                       "that the pipeline runs, not how well a model transcribes.")
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.2f} %"
 
@@ -115,7 +120,8 @@ def render_summary(report: dict[str, Any]) -> list[str]:
     `make serve` shows these same lines under its transcripts."""
     models = report["results"]
     names = list(models)
-    lines = [
+    lines = [f"> **{RANDOM_WEIGHTS_NOTE}**", ""] if report.get("random_weights") else []
+    lines += [
         f"- data: `{report['data']}` split `{report['split']}`, {report['counts']['utterances']} clips, "
         f"{report['counts']['audio_hours']:.3f} h",
         f"- language `{report['language']}`, task `{report['task']}`",

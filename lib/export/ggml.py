@@ -345,8 +345,8 @@ def verify_ggml(path: Path, merged, processor, clips: Sequence[np.ndarray], lang
     if not result["passed"]:
         i = next((k for k, (a, b) in enumerate(zip(ref, got, strict=True)) if a != b), 0)
         raise UserError(
-            f"whisper.cpp verification FAILED for {path}: WER vs the merged model {100 * w:.1f} % > "
-            f"{100 * max_wer:.1f} % allowed (clip {i}: merged {ref[i]!r}, whisper.cpp {got[i]!r}). "
+            f"whisper.cpp verification FAILED for {path}: WER vs the merged model {100 * w:.2f} % > "
+            f"{100 * max_wer:.2f} % allowed (clip {i}: merged {ref[i]!r}, whisper.cpp {got[i]!r}). "
             f"The file was NOT moved into place; try ggml=f16 (quantization drifts more), "
             f"or raise ggml_max_wer= if the drift is acceptable"
         )

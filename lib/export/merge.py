@@ -170,8 +170,8 @@ def verify_merged(source: ModelSource, merged_dir: Path, clips: Sequence[np.ndar
                                                         strict=True)) if a != b), 0)
         raise UserError(
             f"export verification FAILED: the merged model in {merged_dir} does not behave like "
-            f"base + adapter (WER between them {100 * result['wer_vs_reference']:.1f} % > "
-            f"{100 * max_wer:.1f} % allowed, or logit diff {result['max_relative_logit_diff']:.2e} > {tol:.0e}). "
+            f"base + adapter (WER between them {100 * result['wer_vs_reference']:.2f} % > "
+            f"{100 * max_wer:.2f} % allowed, or logit diff {result['max_relative_logit_diff']:.2e} > {tol:.0e}). "
             f"Clip {first}: adapter said {result['reference_texts'][first]!r}, merged said "
             f"{result['candidate_texts'][first]!r}. The model was NOT moved into place; try dtype=fp32, "
             f"and check that model= is the base the adapter was trained on"
@@ -259,8 +259,8 @@ def verify_ct2(ct2_dir: Path, merged, processor, clips: Sequence[np.ndarray], la
     if not result["passed"]:
         i = next((k for k, (a, b) in enumerate(zip(ref, got, strict=True)) if a != b), 0)
         raise UserError(
-            f"CTranslate2 verification FAILED for {ct2_dir}: WER vs the merged model {100 * w:.1f} % > "
-            f"{100 * max_wer:.1f} % allowed (clip {i}: merged {ref[i]!r}, ct2 {got[i]!r}); "
+            f"CTranslate2 verification FAILED for {ct2_dir}: WER vs the merged model {100 * w:.2f} % > "
+            f"{100 * max_wer:.2f} % allowed (clip {i}: merged {ref[i]!r}, ct2 {got[i]!r}); "
             f"try ctranslate2=float16, or raise ct2_max_wer= if int8 drift is acceptable"
         )
     return result

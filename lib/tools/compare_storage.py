@@ -106,7 +106,7 @@ def main(cfg: CompareStorageConfig, env: Env) -> list[dict]:
     print("| data | stored | MB/h | identical transcripts | WER / CER | SNR median (min) | |d log-mel| mean (p99) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        scores = f"{100 * r['wer']:.1f} % / {100 * r['cer']:.1f} %" if r["wer"] is not None else "-"
+        scores = f"{100 * r['wer']:.2f} % / {100 * r['cer']:.2f} %" if r["wer"] is not None else "-"
         same = f"{r['identical']} / {len(ref_hyps)}" if r["identical"] is not None else "-"
         print(f"| {r['data']} | {r['formats']} | {r['mb_per_hour']:.1f} | {same} | {scores} | "
               f"{r['snr_median']:.1f} dB ({r['snr_min']:.1f}) | {r['logmel_mean']:.4f} ({r['logmel_p99']:.3f}) |")

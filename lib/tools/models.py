@@ -49,7 +49,9 @@ def whisper_config(arch: str):
 def save_random_whisper(config, out, tokenizer_dir, seed: int = 0, device: str = "cpu", dtype=None):
     """A Whisper with random weights at `config`, saved with save_pretrained together with the
     real multilingual tokenizer and generation config from `tokenizer_dir`, so that it loads
-    through the real from_pretrained path (tests' tiny model, `make bench`'s large ones)."""
+    through the real from_pretrained path (tests' tiny model, `make bench`'s large ones). Its
+    config.json says random_weights: true (lib.model.RANDOM_WEIGHTS), so that eval and train can say
+    that its WERs mean nothing."""
     import json
     from pathlib import Path
 
@@ -62,6 +64,8 @@ def save_random_whisper(config, out, tokenizer_dir, seed: int = 0, device: str =
         WhisperTokenizer,
     )
 
+    from lib.model import RANDOM_WEIGHTS
+
     tokenizer_dir, out = Path(tokenizer_dir), Path(out)
     torch.manual_seed(seed)
     with torch.device(device):  # 1.5 B parameters initialise in seconds on a GPU, minutes on a CPU
@@ -72,6 +76,7 @@ def save_random_whisper(config, out, tokenizer_dir, seed: int = 0, device: str =
     for k in ("transformers_version", "alignment_heads"):
         gen.pop(k, None)
     model.generation_config = GenerationConfig(**gen)
+    setattr(model.config, RANDOM_WEIGHTS, True)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     WhisperProcessor(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 from transformers import TrainerCallback
 
-from lib import files
+from lib import files, summary
 
 log = logging.getLogger("whisper_ft")
 
@@ -89,6 +90,75 @@ class LogHistoryWriter(TrainerCallback):
             write_json(self.path, state.log_history)
 
 
+def format_log(logs: dict[str, Any], step: int, max_steps: int, elapsed: float | None = None,
+               left: float | None = None) -> str:
+    """One readable line for a Trainer log dict (what LogLines logs in place of the dict itself):
+
+        step 2/4  loss 10.87  lr 1.00e-03  grad norm 0.613  epoch 0.50  elapsed 9.2 s, about 9.2 s left
+        eval at step 2/4: normalized WER 355.56 %, exact-text WER 355.56 %, loss 10.86 (6.9 s)
+        training done: 4 steps in 37.8 s, 0.21 samples/s, mean loss 10.88
+
+    WERs are compute_metrics' percents; an eval of one corpus of several (eval_<corpus>_*) names it."""
+    where = f"{step}/{max_steps}" if max_steps and max_steps > 0 else str(step)
+    clock = "" if elapsed is None else f"  elapsed {summary.elapsed(elapsed)}" + (
+        f", about {summary.elapsed(left)} left" if left is not None else "")
+    if "train_runtime" in logs:
+        return (f"training done: {step} steps in {summary.elapsed(float(logs['train_runtime']))}, "
+                f"{float(logs.get('train_samples_per_second') or 0):.2f} samples/s, mean loss "
+                f"{float(logs.get('train_loss') or 0):.4g}")
+    if "loss" in logs:
+        parts = [f"step {where}", f"loss {float(logs['loss']):.4g}"]
+        if logs.get("learning_rate") is not None:
+            parts.append(f"lr {float(logs['learning_rate']):.2e}")
+        if logs.get("grad_norm") is not None:
+            parts.append(f"grad norm {float(logs['grad_norm']):.3g}")
+        if logs.get("epoch") is not None:
+            parts.append(f"epoch {float(logs['epoch']):.2f}")
+        return "  ".join(parts) + clock
+    wer_keys = [k for k in logs if k.startswith("eval_") and k.endswith(BEST_METRIC)]
+    if wer_keys:
+        prefix = wer_keys[0][: -len(BEST_METRIC)]  # eval_ or eval_<corpus>_
+        corpus = prefix[len("eval_"):].rstrip("_")
+        parts = [f"normalized WER {summary.percent(logs[prefix + BEST_METRIC])}"]
+        if logs.get(prefix + "wer") is not None:
+            parts.append(f"exact-text WER {summary.percent(logs[prefix + 'wer'])}")
+        if logs.get(prefix + "loss") is not None:
+            parts.append(f"loss {float(logs[prefix + 'loss']):.4g}")
+        if logs.get(prefix + "truncated"):
+            parts.append(f"{int(logs[prefix + 'truncated'])} hypotheses cut at the generation budget")
+        runtime = logs.get(prefix + "runtime")
+        return (f"eval{' of ' + corpus if corpus else ''} at step {where}: " + ", ".join(parts)
+                + (f" ({summary.elapsed(float(runtime))})" if runtime is not None else ""))
+    shown = {k: v for k, v in logs.items() if k != "total_flos"}
+    return f"step {where}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in shown.items()) + clock
+
+
+class LogLines(TrainerCallback):
+    """Trainer's logs as format_log lines through our logger, on rank 0. Why: Trainer prints each
+    log dict raw ({'loss': '10.9', 'grad_norm': '0.5054', ...}) through its progress bar, or through
+    PrinterCallback with disable_tqdm; training_arguments turns the bar off and build_trainer removes
+    PrinterCallback, so these lines are the only ones."""
+
+    def __init__(self):
+        self.started: float | None = None
+        self.first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step = time.monotonic(), state.global_step  # a resumed run starts later
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        elapsed = left = None
+        if self.started is not None:
+            elapsed = time.monotonic() - self.started
+            done = state.global_step - self.first_step
+            if done > 0 and state.max_steps > state.global_step:
+                left = elapsed / done * (state.max_steps - state.global_step)
+        log.info("%s", format_log(logs, state.global_step, state.max_steps, elapsed, left))
+
+
 def training_arguments(cfg, output_dir: Path, precision: str, has_eval: bool,
                        generation_max_length: int | None = None, steps: int | None = None,
                        best: str = BEST_METRIC):
@@ -141,7 +211,8 @@ def training_arguments(cfg, output_dir: Path, precision: str, has_eval: bool,
         data_seed=t.seed,
         use_cpu=on_cpu,
         ddp_find_unused_parameters=False,  # frozen base + checkpointing: DDP's search would fail
-        disable_tqdm=False,
+        # no progress bar: it prints each log dict raw; LogLines writes one line per logging step instead
+        disable_tqdm=True,
         torch_compile=t.compile == "model",
     )
 
@@ -214,6 +285,25 @@ def check_setup(cfg, env, corpora):
         lora.check_compiler(cfg.train.compile)
     tracking.check(cfg.train.report_to)
     return processor, precision
+
+
+def config_lines(cfg, precision: str, config_path: Path, recipe=None) -> list[str]:
+    """The resolved config in a few log lines (what the run is, the model, the schedule) and where
+    all of it is: config.yaml, which the job logs whole only at DEBUG (about 60 lines)."""
+    m, lo, t = cfg.model, cfg.lora, cfg.train
+    length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
+    quant = "" if m.quantization == "none" else f"{m.quantization}, "
+    return [
+        f"config: run {cfg.run}, data {cfg.data}, language {cfg.language}, {cfg.task}"
+        + (f"; recipe {recipe.name}" if recipe is not None and recipe.name else "; no recipe (defaults + flags)"),
+        f"config: base {m.base} ({quant}{precision}, gradient checkpointing "
+        f"{'on' if m.gradient_checkpointing else 'off'}); LoRA r {lo.r}, alpha {lo.alpha} on "
+        f"{', '.join(lo.target_modules)}",
+        f"config: batch {t.batch_size} x {t.grad_accum} accumulated, lr {t.lr:g} after {t.warmup_steps} warm-up "
+        f"steps, {length}; steps between evals {t.eval_steps}, saves {t.save_steps}, logs {t.logging_steps}"
+        + ("; train.* sample options on (augmentation)" if t.samples_changed() else ""),
+        f"config: every setting in {config_path}",
+    ]
 
 
 def training_samples(t, train_ds, tokenizer, total: int, segment_rows: tuple[int, int] = (0, 0)):
@@ -426,8 +516,12 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
             cb.stopper,
             cb.timer,
             *([profiler] if profiler else []),
+            LogLines(),
         ],
     )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # disable_tqdm's raw dicts; LogLines says the same, readably
     return trainer, cb
 
 

@@ -235,3 +235,15 @@ def test_int8_layers_get_half_inputs_and_the_same_gradients(tiny_model_dir):
     for n in grads[0]:
         a, b = grads[0][n], grads[1][n]
         assert ((a - b).norm() / a.norm()).item() < 0.05, n
+
+
+def test_random_weight_models_say_so_in_their_config(tiny_model_dir):
+    """lib/tools/models.py marks what it builds; eval and train read the mark (lib.model.has_random_weights)."""
+    from transformers import AutoConfig
+
+    assert json.loads((tiny_model_dir / "config.json").read_text())[M.RANDOM_WEIGHTS] is True
+    cfg = AutoConfig.from_pretrained(tiny_model_dir)
+    holder = type("Model", (), {"config": cfg})()
+    assert M.has_random_weights(holder) and "mean nothing" in M.random_weights_note(holder)
+    del cfg.random_weights  # a released (trained) Whisper's config has no such key
+    assert not M.has_random_weights(holder) and M.random_weights_note(holder) is None

@@ -1,5 +1,5 @@
-"""lib/summary.py: the block every job ends with (train and eval print it in tests/train/test_tracking.py,
-every job of the demo in tests/house/test_makefile.py::test_demo_runs_end_to_end)."""
+"""lib/summary.py: the block every job ends with, and its `next` commands (train and eval print it in
+tests/train/test_tracking.py, every job of the demo in tests/house/test_makefile.py::test_demo_runs_end_to_end)."""
 
 from __future__ import annotations
 
@@ -39,3 +39,25 @@ def test_prepare_and_export_lines():
         "clips": 8, "identical": 7, "wer_vs_reference": 0.02}})
     assert ex["check"] == "7 of 8 transcripts identical to base + adapter, WER between them 2.00 %"
     assert summary.export_summary(Path("m"), {"dtype": "fp32"})["check"].startswith("not checked")
+
+
+def test_next_commands_say_runner_local_when_the_job_ran_locally(tmp_path, monkeypatch):
+    """A hint copied from a job of `make ... RUNNER=local` must run there again, not in Docker."""
+    from lib.env import Env, load_env
+
+    manifest = {"name": "cv_hi", "splits": {}}
+    in_image = Env(data_dir=Path("/data"))  # RUNNER=docker: make runs on the host with its defaults
+    assert summary.prepare_summary(Path("/data/prepared/cv_hi"), manifest, in_image)["next"] == (
+        "make train DATA=cv_hi RUN=<name>")
+    local = Env(data_dir=Path("data").resolve(), runner="local")  # the Makefile's DATA_DIR
+    assert summary.prepare_summary(Path("p"), manifest, local)["next"] == "make train DATA=cv_hi RUN=<name> RUNNER=local"
+    elsewhere = Env(data_dir=tmp_path / "my data", runner="local")
+    assert summary.make_hint("eval", "RUN=r", env=elsewhere) == f"make eval RUN=r RUNNER=local DATA_DIR='{tmp_path}/my data'"
+    assert summary.export_summary(Path("/d/m"), {"dtype": "fp32"}, local)["next"] == (
+        'make transcribe ARGS="model=/d/m audio=FILE" RUNNER=local')
+    # the Makefile's LOCAL_ENV says it (tests/house/test_makefile.py); lib/env.py reads it
+    monkeypatch.setenv("WHISPER_FT_RUNNER", "local")
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    assert load_env().make_flags() == ["RUNNER=local", f"DATA_DIR={tmp_path}"]
+    monkeypatch.delenv("WHISPER_FT_RUNNER")
+    assert load_env().make_flags() == []

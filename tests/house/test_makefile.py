@@ -152,6 +152,14 @@ def test_local_runner_command_line(target, env_file, tmp_path):
     assert argv[argv.index("--env-file") + 1] == str(env_file)
 
 
+def test_local_jobs_know_they_run_locally():
+    """lib/env.py reads WHISPER_FT_RUNNER so that the commands a job suggests say RUNNER=local."""
+    for target in JOB_TARGETS:
+        assert "WHISPER_FT_RUNNER=local" in job_line(make("-n", target, "RUNNER=local").stdout)
+        assert "WHISPER_FT_RUNNER" not in make("-n", target).stdout
+    assert "WHISPER_FT_RUNNER=local" in make("-n", "demo", "RUNNER=local").stdout
+
+
 @pytest.fixture
 def fake_docker(tmp_path):
     """A PATH whose docker answers `docker info` with exit code INFO_RC and writes down any other call."""

@@ -1,5 +1,6 @@
 """Experiment tracking (lib/train/tracking.py): train.report_to=mlflow into a local MLflow file store, read
-back with MLflow's own client; eval logs its report to the same run; wandb's wiring without wandb."""
+back with MLflow's own client; eval logs its report to the same run; wandb's wiring without wandb. And
+what train and eval say on the screen: their log lines and closing summaries (lib/summary.py)."""
 
 from __future__ import annotations
 
@@ -177,3 +178,58 @@ def test_wandb_key_is_a_secret(tmp_path, monkeypatch):
     assert env.describe()["WANDB_API_KEY"] == "set" and "wandb_secret_0123456789" in env.secrets()
     assert tracking.mlflow_uri(env) == "http://mlflow:5000"
     assert tracking.wandb_settings(env)["WANDB_MODE"] == "online"
+
+
+def test_trainer_logs_read_as_lines():
+    from lib.train.trainer import format_log
+
+    assert format_log({"loss": 10.87, "grad_norm": 0.6126, "learning_rate": 0.001, "epoch": 0.5}, 2, 4, 9.2, 9.2) == (
+        "step 2/4  loss 10.87  lr 1.00e-03  grad norm 0.613  epoch 0.50  elapsed 9.2 s, about 9.2 s left")
+    assert format_log({"eval_loss": 10.86, "eval_wer": 355.5555, "eval_normalized_wer": 355.5555, "eval_truncated": 0,
+                       "eval_runtime": 6.936, "epoch": 0.5}, 2, 4) == (
+        "eval at step 2/4: normalized WER 355.56 %, exact-text WER 355.56 %, loss 10.86 (6.9 s)")
+    assert format_log({"eval_en_normalized_wer": 12.345, "eval_en_wer": 20.0, "eval_en_truncated": 3}, 200, 1000) == (
+        "eval of en at step 200/1000: normalized WER 12.35 %, exact-text WER 20.00 %, 3 hypotheses cut at the "
+        "generation budget")
+    assert format_log({"train_runtime": 37.82, "train_samples_per_second": 0.212, "train_loss": 10.88, "epoch": 1.0},
+                      4, 4) == "training done: 4 steps in 37.8 s, 0.21 samples/s, mean loss 10.88"
+
+
+def test_train_and_eval_say_what_happened_readably(data_dir, tiny_model_dir, capsys, caplog):
+    """What a newcomer reads: one line per logging step (no Trainer dicts), the config in a few lines
+    and where the rest is, WERs as percents, that the base has random weights, and next commands
+    that run where the job ran (a job of `make ... RUNNER=local`)."""
+    import logging
+    import re
+
+    from jobs.eval import EvalConfig
+    from jobs.eval import main as eval_main
+    from lib.evaluate.longform import LongformConfig
+
+    caplog.set_level(logging.INFO, logger="whisper_ft")
+    env = Env(data_dir=data_dir, runner="local")
+    train_main(_train_cfg(tiny_model_dir, "readable"), env)
+    said = capsys.readouterr()
+    logged = [r.getMessage() for r in caplog.records]
+    assert "{'loss'" not in said.out + said.err and "'eval_wer'" not in said.out + said.err
+    assert [m for m in logged if re.fullmatch(r"step 1/2  loss [\d.]+  lr \S+  grad norm \S+  epoch 0\.50  "
+                                              r"elapsed [\d.]+ s, about [\d.]+ s left", m)]
+    assert [m for m in logged if re.fullmatch(r"eval at step 2/2: normalized WER \d+\.\d\d %, exact-text WER "
+                                              r"\d+\.\d\d %, loss \S+ \([\d.]+ s\)", m)]
+    assert [m for m in logged if m.startswith("training done: 2 steps in ")]
+    config = [m for m in logged if m.startswith("config:")]
+    assert len(config) == 4 and config[-1] == f"config: every setting in {data_dir / 'runs' / 'readable' / 'config.yaml'}"
+    assert re.search(r"best normalized WER \d+\.\d\d % \(exact-text \d+\.\d\d %\)",
+                     next(m for m in logged if m.startswith("done: ")))
+    assert re.search(r"   note +the base has random weights .*: these WERs mean nothing\n", said.err)
+    assert f"   next      make eval RUN=readable RUNNER=local DATA_DIR={data_dir}\n" in said.err
+
+    report = eval_main(EvalConfig(run="readable", split="test", batch_size=2, no_speech_clips=0,
+                                  longform=LongformConfig(recordings=0)), env)
+    said = capsys.readouterr().err
+    assert report["random_weights"] is True
+    md = (data_dir / "runs" / "readable" / "eval" / "report.md").read_text()
+    assert "The base model has random weights" in md and "the WERs below mean nothing" in md
+    assert re.search(r"   note +the base has random weights .*: these WERs mean nothing\n", said)
+    assert f"make serve RUN=readable RUNNER=local DATA_DIR={data_dir}" in said
+    assert f"make export RUN=readable RUNNER=local DATA_DIR={data_dir}" in said
