@@ -9,6 +9,7 @@ exits 3 (retry: the job resumes); anything else is a crash with a traceback (ret
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import logging
 import sys
@@ -98,6 +99,21 @@ def build_config(cfg_cls: type[T], recipe: str | None, flags: list[str],
     return load_config(cfg_cls, recipe, flags), Recipe(recipe, Path(recipe) if recipe else None)
 
 
+def check_language_flag(cfg_cls: type, flags: list[str]) -> None:
+    """A language= flag no Whisper knows fails first, before the config's other checks and the
+    job's data: `make prepare LANG=xx` (no source.path) and `make train LANG=xx` (no cv_xx
+    prepared) are told that xx is not a language (lib.language.check_language)."""
+    if "language" not in {f.name for f in dataclasses.fields(cfg_cls)}:
+        return
+    from lib.config import parse_override
+    from lib.language import check_language
+
+    for flag in flags:
+        value = parse_override(flag).get("language") if "=" in flag else None
+        if isinstance(value, (str, int, float)) and str(value).lower() not in ("none", "null", ""):
+            check_language(str(value))
+
+
 def run_job(
     name: str, doc: str, cfg_cls: type[T], main: Callable[..., Any], argv: list[str] | None = None,
     computed: dict[str, Computed] | None = None,
@@ -122,6 +138,7 @@ def run_job(
         env = load_env(env_file)
         setup_logging(env)
         summary.mark_start()
+        check_language_flag(cfg_cls, args.overrides)
         cfg, recipe = build_config(cfg_cls, args.recipe, args.overrides, computed, env)
         log.info("%s: environment %s", name, env.describe())
         report_exit("started")

@@ -11,6 +11,7 @@ silently falls back to a default. Values are checked against the field's type
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -93,20 +94,33 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _merge(cls: type, current: dict[str, Any], data: dict[str, Any], where: str) -> None:
-    """Merge `data` (a YAML mapping) into `current` (field values of `cls`), checking keys."""
+def _did_you_mean(cls: type, key: str, prefix: str) -> str:
+    """'; did you mean lora.r?' for a misspelt key: a key of this section close to it, or a key of
+    the same name one section down (`max_steps=` for train.max_steps=); '' when nothing is close."""
+    types_ = _field_types(cls)
+    below = [f"{prefix}{name}.{sub}" for name, tp in types_.items() if dataclasses.is_dataclass(tp)
+             for sub in _field_types(tp) if sub == key]
+    close = below or [f"{prefix}{m}" for m in difflib.get_close_matches(key, list(types_), n=1)]
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _merge(cls: type, current: dict[str, Any], data: dict[str, Any], where: str, prefix: str = "") -> None:
+    """Merge `data` (a YAML mapping) into `current` (field values of `cls`), checking keys.
+    `where` names the layer (`recipe FILE`, `flag 'k=v'`), `prefix` the section (`lora.`)."""
     types_ = _field_types(cls)
     for key, value in data.items():
         if key not in types_:
             known = ", ".join(sorted(types_))
-            raise UserError(f"{where}: unknown key '{key}' (known keys here: {known})")
+            section = f" in {prefix.rstrip('.')}" if prefix else ""
+            raise UserError(f"{where}: unknown key '{key}'{section} (known keys{section or ' here'}: {known})"
+                            f"{_did_you_mean(cls, key, prefix)}")
         tp = types_[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise UserError(f"{where}: '{key}' is a section; give it keys, e.g. {key}.<name>=...")
-            _merge(tp, current.setdefault(key, {}), value, f"{where} {key}.")
+                raise UserError(f"{where}: '{prefix}{key}' is a section; give it keys, e.g. {prefix}{key}.<name>=...")
+            _merge(tp, current.setdefault(key, {}), value, where, f"{prefix}{key}.")
         else:
-            current[key] = _coerce(value, tp, f"{where}{key}")
+            current[key] = _coerce(value, tp, f"{where}: {prefix}{key}")
 
 
 def _build(cls: type[T], values: dict[str, Any]) -> T:
@@ -158,9 +172,9 @@ def load_config(cls: type[T], recipe: str | Path | None = None, overrides: list[
             raise UserError(f"recipe {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise UserError(f"recipe {path}: the top level must be a mapping of keys")
-        _merge(cls, values, data, f"recipe {path}:")
+        _merge(cls, values, data, f"recipe {path}")
     for flag in overrides:
-        _merge(cls, values, parse_override(flag), f"flag '{flag}':")
+        _merge(cls, values, parse_override(flag), f"flag '{flag}'")
     return _build(cls, values)
 
 

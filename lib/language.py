@@ -8,12 +8,15 @@ Every job asks the same two questions:
        the prepared dataset's manifest.json (what its labels carry)
        the model's generation_config (a merged or plain model)
   2. is it a language this Whisper knows: `resolve_language()` turns a code or a name
-     ("hi", "Hindi") into the code, or fails naming the flag and the known codes.
+     ("hi", "Hindi") into the code, or fails naming the flag, the nearest language and the known
+     codes. A language= flag is checked once before that, against Whisper's table, by run_job
+     (`check_language()`): before any job reads data.
 Prepare, train, eval, export and transcribe all go through both.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -38,15 +41,39 @@ def language_code(value) -> str:
     return TO_LANGUAGE_CODE.get(code, code)
 
 
+def _unknown(value, known: dict[str, str], flag: str, said: str, what: str) -> UserError:
+    """The error for a language `known` (code -> name) lacks: the nearest code or name first
+    (difflib: "hindu" -> hi, "eng" -> en), then every known code."""
+    by_name = {name.lower(): code for code, name in known.items()}
+    close = difflib.get_close_matches(language_code(value), [*known, *by_name], n=1)
+    hint = "."
+    if close:
+        code = by_name.get(close[0], close[0])
+        hint = f"; did you mean {flag}={code} ({known[code]})?"
+    make = " (with make: LANG=hi)" if flag == "language" else ""
+    return UserError(f"{flag}={value!r}{said} is not a language {what}{hint} Use an ISO code such as {flag}=hi"
+                     f"{make}. Known codes: {', '.join(sorted(known))}")
+
+
+def check_language(value, flag: str = "language") -> None:
+    """Refuse a language no Whisper knows, by Whisper's own table (no tokenizer needed): run_job
+    checks a language= flag this way before the job looks at data or models, so that
+    `make train LANG=xx` is told about the language, not that cv_xx was never prepared.
+    resolve_language still checks it against the base's tokenizer (yue is only in v3's)."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    if value in (None, "") or language_code(value) in LANGUAGES:
+        return
+    raise _unknown(value, LANGUAGES, flag, "", "Whisper knows")
+
+
 def resolve_language(value: str, tokenizer, flag: str = "language", where: str = "") -> str:
-    """'hi', 'Hindi' or 'hindi' -> 'hi'; anything else is a UserError listing the valid codes
-    (`where`: the file the value came from, when it was not the flag)."""
+    """'hi', 'Hindi' or 'hindi' -> 'hi'; anything else is a UserError naming the nearest known
+    language and listing the valid codes (`where`: the file the value came from, when it was not the flag)."""
     langs = known_languages(tokenizer)
     code = language_code(value)
     if code not in langs:
-        said = f" (from {where})" if where else ""
-        raise UserError(f"{flag}={value!r}{said} is not a language this Whisper tokenizer knows; use an ISO code such "
-                        f"as {flag}=hi. Known codes: {', '.join(sorted(langs))}")
+        raise _unknown(value, langs, flag, f" (from {where})" if where else "", "this Whisper tokenizer knows")
     return code
 
 

@@ -63,6 +63,26 @@ def test_recipe_unknown_key_names_file(tmp_path):
         load_config(_Cfg, recipe, [])
 
 
+def test_unknown_key_names_the_nearest_key_and_says_where_once(tmp_path):
+    def said(*flags: str, recipe=None) -> str:
+        with pytest.raises(UserError) as e:
+            load_config(_Cfg, recipe, list(flags))
+        return str(e.value)
+
+    assert said("bogus.flag=1") == "flag 'bogus.flag=1': unknown key 'bogus' (known keys here: lora, lr, quantization)"
+    assert said("quantisation=nf4").endswith("; did you mean quantization?")
+    assert said("lora.rr=8") == ("flag 'lora.rr=8': unknown key 'rr' in lora (known keys in lora: r, targets); "
+                                 "did you mean lora.r?")
+    assert said("targets=q_proj").endswith("; did you mean lora.targets?")  # a section's key given at the top
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("lora:\n  targts: [q_proj]\n")
+    assert said(recipe=recipe) == (f"recipe {recipe}: unknown key 'targts' in lora (known keys in lora: r, targets); "
+                                   f"did you mean lora.targets?")
+    assert said("lora.r=big") == "flag 'lora.r=big': lora.r: expected a whole number, got 'big'"
+    assert said("lora=8") == "flag 'lora=8': 'lora' is a section; give it keys, e.g. lora.<name>=..."
+    assert "::" not in said("bogus=1") + said("lr=x")
+
+
 def test_env_file_secrets_never_shown(tmp_path, monkeypatch):
     for k in ("HF_TOKEN", "MDC_API_KEY", "DATA_DIR", "HF_HOME"):
         monkeypatch.delenv(k, raising=False)

@@ -75,6 +75,24 @@ def test_language_codes_and_names(tiny_model_dir):
         resolve_language("klingon", tok)
 
 
+def test_unknown_language_names_the_nearest_one(tiny_model_dir):
+    from transformers import WhisperTokenizer
+
+    from lib.language import check_language
+
+    tok = WhisperTokenizer.from_pretrained(tiny_model_dir)
+    with pytest.raises(UserError, match=r"language='hindu' is not a language .*; did you mean language=hi \(hindi\)\? "
+                                        r"Use an ISO code"):
+        resolve_language("hindu", tok)
+    # before any tokenizer is loaded (lib/cli.py run_job checks a language= flag this way)
+    check_language("Hindi")
+    check_language("hi")
+    with pytest.raises(UserError, match=r"did you mean language=en \(english\)\?"):
+        check_language("eng")
+    with pytest.raises(UserError, match=r"language='xx' is not a language Whisper knows\. Use .* Known codes: af, "):
+        check_language("xx")  # nothing close: no guess
+
+
 def test_precision_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert M.resolve_precision("auto") == "fp32"

@@ -151,6 +151,29 @@ def test_readme_layout_names_every_module():
             assert mod in modules, f"README Layout names lib/{mod}.py, which does not exist"
 
 
+@pytest.mark.parametrize("job, flags", [
+    ("train", ["--recipe", "jobs/recipes/whisper-large-v2_lora-int8_1gpu.yaml", "run=whisper-large-v2-lora-xx",
+               "data=cv_xx"]),
+    ("prepare", ["name=cv_xx"]),
+    ("eval", ["run=whisper-large-v2-lora-xx", "data=cv_xx"]),
+])
+def test_an_unknown_language_is_named_before_missing_data(job, flags, tmp_path, monkeypatch, capsys):
+    """`make train LANG=xx` with nothing prepared (the flags `make JOB LANG=xx` passes): the error is the
+    language, not the missing cv_xx, source.path or run."""
+    import importlib
+
+    from lib.cli import run_job
+
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    module = importlib.import_module(f"jobs.{job}")
+    cfg_cls = getattr(module, {"train": "TrainConfig", "prepare": "PrepareConfig", "eval": "EvalConfig"}[job])
+    code = run_job(job, "", cfg_cls, module.main, [*flags, "language=xx"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error: language='xx' is not a language Whisper knows" in err, err
+    assert "with make: LANG=hi" in err and "prepared" not in err and "source.path" not in err
+
+
 # Dataset names: one spelling, the Makefile's default cv_$(LANG) (prepare's name=, train's data=).
 DASHED_DATASET = re.compile(r"\bcv-[a-z]{2,3}\b")  # cv-hi, cv-hi-small; not cv-corpus-17.0
 
