@@ -234,6 +234,22 @@ def training_samples(t, train_ds, tokenizer, total: int, segment_rows: tuple[int
     return Interleave(samples, total, t.seed) if samples.n_no_speech else samples
 
 
+def packed_samples(t, train_ds, tokenizer, total: int, prefix: list[int]):
+    """train.pack: raw windows (lib/train/packing.py) -> training samples, no-speech windows
+    interleaved by position (lib.train.augment.Interleave: train.no_speech_fraction of the windows)."""
+    from lib.train.augment import Interleave
+    from lib.train.packing import PackedSamples
+
+    samples = PackedSamples(train_ds, tokenizer, t, prefix)
+    log.info("train samples: %d windows + %d no-speech windows (train.no_speech_fraction=%g, %s, label %s); "
+             "previous-text prompt on %.0f %% of windows; audio per clip: speed +-%g, gain +-%g dB; per window: "
+             "noise %s", samples.n, samples.n_no_speech, t.no_speech_fraction,
+             f"{len(samples.files)} files of {t.no_speech_dir}" if samples.files else "generated", t.no_speech_label,
+             100 * t.prompt_probability, t.speed_perturb, t.gain_db,
+             "off" if t.noise_snr_db is None else f"SNR {t.noise_snr_db:g}-{t.noise_snr_db + 20:g} dB")
+    return Interleave(samples, total, t.seed) if samples.n_no_speech else samples
+
+
 def segment_counts(corpora) -> tuple[int, int]:
     """(train clips with segments, train clips) over `corpora` (open_data), from their manifests:
     a manifest's `segments` column became those rows' ts_labels; folders prepared before that
@@ -254,7 +270,9 @@ def training_splits(cfg, corpora, tokenizer=None):
     """(train stream, validation (one dataset, {corpus: dataset} for several, or None), optimizer
     steps) of `corpora` (open_data), logged. The train stream (lib/train/stream.py) holds exactly the
     samples the run reads, steps x batch x grad_accum x processes; train.* sample options wrap it
-    in TrainingSamples; validation stays as prepared, so eval WER is comparable."""
+    in TrainingSamples. With train.pack a sample is a window of clips (lib/train/packing.py: each
+    corpus packed on its own, then mixed), so steps count windows. Validation stays as prepared,
+    one clip per sample, so eval WER is comparable."""
     import math
 
     from lib.dataset.prepared import has_split, load_split
@@ -265,25 +283,40 @@ def training_splits(cfg, corpora, tokenizer=None):
     streams = [(c.label, ShardStream(root, manifest, "train", t.seed, t.shuffle_buffer, name=c.label))
                for c, root, manifest in corpora]
     rows = sum(s.n for _, s in streams)
+    if rows == 0:
+        raise UserError(f"data={cfg.data}: the train split is empty; prepare more data")
+    # what the run reads by position: clips, or with train.pack windows of clips (s.n: per epoch)
+    parts, unit = streams, "clips"
+    if t.pack:
+        from lib.train.packing import packed_streams
+
+        parts, unit = packed_streams(streams, t, tokenizer), "windows"
+        if len(parts) > 1:
+            n_windows = sum(p.n for _, p in parts)
+            log.info("data: %d clips -> %d windows (mean %.2f clips, %.1f s of audio per window)", rows, n_windows,
+                     rows / n_windows, sum(float(p.seconds.sum(dtype=np.float64)) for _, p in parts) / n_windows)
+    units = sum(s.n for _, s in parts)
     world = world_size()
     eff = t.batch_size * t.grad_accum * world
     f = t.no_speech_fraction if t.samples_changed() else 0.0
-    per_epoch = math.ceil(rows / (1 - f)) if f else rows
+    per_epoch = math.ceil(units / (1 - f)) if f else units
     steps = optimizer_steps(per_epoch, t.batch_size, t.grad_accum, world, t.epochs, t.max_steps)
     total = steps * eff
     data_len = total - round(total * f)
-    if len(streams) == 1:
-        train_ds = streams[0][1]
+    if len(parts) == 1:
+        train_ds = parts[0][1]
         train_ds.length = data_len
     else:
-        weights = [c.weight if c.weight is not None else s.n for (c, _, _), (_, s) in zip(corpora, streams, strict=True)]
-        train_ds = Mixture(streams, weights, t.seed, length=data_len)
+        weights = [c.weight if c.weight is not None else s.n for (c, _, _), (_, s) in zip(corpora, parts, strict=True)]
+        train_ds = Mixture(parts, weights, t.seed, length=data_len)
         share = np.asarray(train_ds.counts) / sum(train_ds.counts)
         log.info("data: mixing %s", ", ".join(
-            f"{name} {100 * w:.1f} % ({s.n} clips, {data_len * w / s.n:.2f} passes)"
-            for (name, s), w in zip(streams, share, strict=True)))
+            f"{name} {100 * w:.1f} % ({s.n} {unit}, {data_len * w / s.n:.2f} passes)"
+            for (name, s), w in zip(parts, share, strict=True)))
     segments = segment_counts(corpora)
-    if t.samples_changed():
+    if t.pack:
+        train_ds = packed_samples(t, train_ds, tokenizer, total, parts[0][1].prefix)
+    elif t.samples_changed():
         train_ds = training_samples(t, train_ds, tokenizer, total, segments)
     if segments[0] and not t.timestamp_probability:
         log.info("data: %d of %d train clips have segments (ts_labels), unused with train.timestamp_probability=0; "
@@ -307,13 +340,11 @@ def training_splits(cfg, corpora, tokenizer=None):
     else:
         eval_ds = EvalSets(evals)
         eval_ds.languages = {c.label: m.get("language") for c, _, m in corpora if c.label in evals and m.get("language")}
-    if rows == 0:
-        raise UserError(f"data={cfg.data}: the train split is empty; prepare more data")
     n_eval = sum(len(d) for d in evals.values())
     log.info(
-        "data: %d train clips in %d shards, %d validation clips; %d x %d x %d processes = %d clips per optimizer "
+        "data: %d train clips in %d shards, %d validation clips; %d x %d x %d processes = %d %s per optimizer "
         "step -> %d steps = %d samples (%.2f passes), shuffle buffer %d", rows,
-        sum(len(s.shards) for _, s in streams), n_eval, t.batch_size, t.grad_accum, world, eff, steps, total,
+        sum(len(s.shards) for _, s in streams), n_eval, t.batch_size, t.grad_accum, world, eff, unit, steps, total,
         total / max(per_epoch, 1), t.shuffle_buffer,
     )
     return train_ds, eval_ds, steps
@@ -525,15 +556,16 @@ def wer_summary(state, corpora: list[str] | None = None) -> dict[str, Any]:
     return out
 
 
-def optimizer_steps(n_clips: int, batch_size: int, grad_accum: int, world_size: int,
+def optimizer_steps(n_samples: int, batch_size: int, grad_accum: int, world_size: int,
                     epochs: float, max_steps: int | None) -> int:
     """The optimizer steps Trainer will run, as it counts them: each of `world_size` processes
-    reads ceil(n / world) clips (the distributed sampler pads) in ceil(that / batch) batches;
+    reads ceil(n / world) samples (the distributed sampler pads) in ceil(that / batch) batches;
     an epoch is ceil(batches / grad_accum) steps. 1000 clips, batch 8, 2 GPUs: 63 steps an
-    epoch, not the 125 of one process."""
+    epoch, not the 125 of one process. A sample is a clip, or with train.pack a window of clips
+    (n = the first epoch's windows: later epochs, packed from another order, differ by a few)."""
     import math
 
     if max_steps:
         return max_steps
-    batches = math.ceil(math.ceil(n_clips / world_size) / batch_size)
+    batches = math.ceil(math.ceil(n_samples / world_size) / batch_size)
     return math.ceil(epochs * max(math.ceil(batches / grad_accum), 1))
