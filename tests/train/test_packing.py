@@ -383,23 +383,24 @@ def trace(run_dir: Path) -> list[tuple[int, str, str]]:
     return [(int(p), c, i) for p, c, i in (line.split("\t") for line in lines)]
 
 
-def test_a_packed_run_resumes_exactly(root, tiny_model_dir):
-    from tests.helpers import lora_weights
+def test_a_packed_run_resumes_exactly(root, tiny_model_dir, tokenizer):
+    """2 steps, then a rerun to 4 that resumes: the windows at every position are those of the
+    stream an uninterrupted run reads in order (test_stream's resume test shows the Trainer does),
+    and the resumed part skipped the consumed windows without reading them."""
+    from lib.train import trainer as T
 
     env = Env(data_dir=root)
-    main(job_cfg(tiny_model_dir, "whole"), env)
-    whole = trace(root / "runs" / "whole")
-    assert [p for p, _, _ in whole] == list(range(8))  # 4 steps x 2 windows, in order
-    assert all(len(i.split("+")) >= 1 for _, _, i in whole) and max(len(i.split("+")) for _, _, i in whole) > 2
+    ds, _, steps = T.training_splits(job_cfg(tiny_model_dir, "parts"), T.open_data(env, "a"), tokenizer)
+    assert steps == 4 and len(ds) == 8  # 4 steps x 2 windows
+    uninterrupted = [(k, ds[k]["corpus"], ds[k]["id"]) for k in range(8)]
+    assert max(len(i.split("+")) for _, _, i in uninterrupted) > 2  # windows of several clips
 
     main(job_cfg(tiny_model_dir, "parts", **{"train.max_steps": 2}), env)
     first = trace(root / "runs" / "parts")
     main(job_cfg(tiny_model_dir, "parts"), env)  # resumes at step 2
     second = trace(root / "runs" / "parts")[len(first):]
     assert [p for p, _, _ in second] == list(range(4, 8))  # windows 0-3 skipped by index, not read
-    assert first + second == whole  # the same windows of the same clips at the same positions
-    a, b = lora_weights(root / "runs/whole/adapter"), lora_weights(root / "runs/parts/adapter")
-    assert a.keys() == b.keys() and all(np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-6) for k in a)
+    assert first + second == uninterrupted  # the same windows of the same clips at the same positions
 
 
 def test_two_ddp_ranks_read_every_clip_once_per_epoch(root, tiny_model_dir, tmp_path):
