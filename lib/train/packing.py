@@ -152,9 +152,10 @@ def plan_windows(seconds: np.ndarray, tokens: np.ndarray, limits: PackLimits,
     np.cumsum(cost, out=cum[1:])
     del cost
     # clips i..j-1 fit when cum[j] - cum[i] - gap <= window: the last clip has no pause after it
-    end = (np.searchsorted(cum, cum[:-1] + (limits.window + limits.gap), side="right") - 1).astype(index)
+    end = np.empty(n, dtype=index)
+    _furthest(cum, limits.window + limits.gap, end)
     np.cumsum(tokens, out=cum[1:])
-    np.minimum(end, (np.searchsorted(cum, cum[:-1] + limits.tokens, side="right") - 1).astype(index), out=end)
+    _furthest(cum, limits.tokens, end, np.minimum)
     del cum
     after = np.arange(1, n + 1, dtype=index)
     np.maximum(end, after, out=end)  # a clip that alone exceeds a limit is a window of its own
@@ -171,6 +172,18 @@ def plan_windows(seconds: np.ndarray, tokens: np.ndarray, limits: PackLimits,
     starts = starts[:w + 1].copy()
     flags = single[starts[:-1]] if single is not None else np.zeros(w, dtype=bool)
     return starts, flags
+
+
+PLAN_CHUNK = 1 << 20
+"""clips searched at a time: the search's int64 temporaries stay 8 MB instead of 56 MB each at 7 million"""
+
+
+def _furthest(cum: np.ndarray, limit: int, out: np.ndarray, combine=None) -> None:
+    """out[i] = the largest j with cum[j] <= cum[i] + limit (or combine(out[i], that)), in chunks."""
+    for a in range(0, len(out), PLAN_CHUNK):
+        b = min(a + PLAN_CHUNK, len(out))
+        j = np.searchsorted(cum, cum[a:b] + limit, side="right") - 1
+        out[a:b] = j if combine is None else combine(out[a:b], j)
 
 
 def plan_columns(stream, tok: SpecialTokens) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -205,20 +218,32 @@ class PackedStream(Dataset):
     module docstring); the item is the raw window {"rows", "single", "key", "id", ...}, which
     PackedSamples turns into a training sample."""
 
-    def __init__(self, stream, tok: SpecialTokens, t, part: int = 0, length: int | None = None):
+    def __init__(self, stream, t, columns: tuple[np.ndarray, np.ndarray, list[int]], part: int = 0,
+                 length: int | None = None):
         """stream: the corpus's lib.train.stream.ShardStream; t: lib.train.config.TrainSection;
-        part: the corpus's place in data= (its draws differ from the other corpora's)."""
+        columns: plan_columns(stream, ...) (PackedStream.read reads them); part: the corpus's place
+        in data= (its draws differ from the other corpora's). Plans nothing yet: `n` plans epoch 0."""
         self.stream, self.part, self.seed, self.name = stream, int(part), stream.seed, stream.name
-        self.seconds, self.tokens, self.prefix = plan_columns(stream, tok)
+        self.seconds, self.tokens, self.prefix = columns
+        if len(self.seconds) != stream.n or len(self.tokens) != stream.n:
+            raise ValueError(f"plan columns of {len(self.seconds)} clips for a split of {stream.n}")
         self.limits = PackLimits.of(t, len(self.prefix))
         self._counts: list[int] = []  # windows of epochs 0, 1, ... planned so far: a few ints
         self._plans: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self.n = self.windows_of(0)
-        """windows of the first epoch: the unit of steps per epoch and of an unweighted mixture"""
-        self.length = self.n if length is None else int(length)
+        self.length = length
+
+    @classmethod
+    def read(cls, stream, tok: SpecialTokens, t, part: int = 0) -> PackedStream:
+        """The corpus's windows, planned from its shards' columns (plan_columns: no audio)."""
+        return cls(stream, t, plan_columns(stream, tok), part)
+
+    @property
+    def n(self) -> int:
+        """Windows of the first epoch: the unit of steps per epoch and of an unweighted mixture."""
+        return self.windows_of(0)
 
     def __len__(self) -> int:
-        return self.length
+        return self.n if self.length is None else self.length
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(starts, single flags) of an epoch's windows, offsets within the epoch (plan_windows); the
@@ -227,12 +252,15 @@ class PackedStream(Dataset):
             self._plans.move_to_end(epoch)
             return self._plans[epoch]
         order = self.stream.epoch_rows(epoch)
+        seconds, tokens = self.seconds[order], self.tokens[order]
+        del order
         single = None
         if self.limits.single_fraction:
-            draws = np.random.default_rng([self.seed, epoch, SINGLE_DRAWS, self.part]).random(len(order), np.float32)
+            draws = np.random.default_rng([self.seed, epoch, SINGLE_DRAWS, self.part]).random(len(seconds), np.float32)
             single = draws < self.limits.single_fraction
             del draws
-        plan = plan_windows(self.seconds[order], self.tokens[order], self.limits, single)
+        plan = plan_windows(seconds, tokens, self.limits, single)
+        del seconds, tokens
         self._plans[epoch] = plan
         while len(self._plans) > 2:
             self._plans.popitem(last=False)
@@ -354,7 +382,7 @@ def packed_streams(streams: list[tuple[str, Any]], t, tokenizer) -> list[tuple[s
     """[(name, PackedStream)] of [(name, ShardStream)], each corpus planned on its own (one
     language and task per window); logs what packing did, per corpus."""
     tok = SpecialTokens.of(tokenizer)
-    out = [(name, PackedStream(s, tok, t, part=j)) for j, (name, s) in enumerate(streams)]
+    out = [(name, PackedStream.read(s, tok, t, part=j)) for j, (name, s) in enumerate(streams)]
     for name, p in out:
         log.info("data: %s%s (train.pack: pauses %g-%g s, %.0f %% single-clip windows, budget for speed x%.3f)",
                  f"{name}: " if len(out) > 1 else "", p.describe(), *t.pack_gap, 100 * t.pack_single_fraction,

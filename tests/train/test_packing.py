@@ -86,12 +86,12 @@ def stream(root, name, seed=0, buffer=8) -> ShardStream:
 
 
 def packed(root, name, tok, seed=0, **flags) -> PackedStream:
-    return PackedStream(stream(root, name, seed), tok, TrainSection(pack=True, **flags))
+    return PackedStream.read(stream(root, name, seed), tok, TrainSection(pack=True, **flags))
 
 
 def samples(root, name, tokenizer, seed=0, **flags) -> PackedSamples:
     t = TrainSection(pack=True, seed=seed, **flags)
-    ps = PackedStream(stream(root, name, seed), SpecialTokens.of(tokenizer), t)
+    ps = PackedStream.read(stream(root, name, seed), SpecialTokens.of(tokenizer), t)
     ps.length = ps.windows_of(0) + ps.windows_of(1)
     return PackedSamples(ps, tokenizer, t, ps.prefix)
 
@@ -359,8 +359,8 @@ def test_a_corpus_of_two_languages_is_refused(tmp_path, tiny_model_dir, tokenize
     col = table.schema.get_field_index("labels")
     pq.write_table(table.set_column(col, table.schema.field(col), pa.array(labels, table.schema.field(col).type)), shard)
     with pytest.raises(UserError, match="one language and task"):
-        PackedStream(ShardStream(out, json.loads((out / "manifest.json").read_text()), name="two"), tok,
-                     TrainSection(pack=True))
+        PackedStream.read(ShardStream(out, json.loads((out / "manifest.json").read_text()), name="two"), tok,
+                          TrainSection(pack=True))
 
 
 # ---------------------------------------------------------------- the train job: resume, DDP
