@@ -318,7 +318,7 @@ def training_splits(cfg, corpora, tokenizer=None):
         train_ds = packed_samples(t, train_ds, tokenizer, total, parts[0][1].prefix)
     elif t.samples_changed():
         train_ds = training_samples(t, train_ds, tokenizer, total, segments)
-    if segments[0] and not t.timestamp_probability:
+    if segments[0] and not t.timestamp_probability and not t.pack:  # packed windows use them
         log.info("data: %d of %d train clips have segments (ts_labels), unused with train.timestamp_probability=0; "
                  "set it (e.g. 0.5) to train that share of samples on them", *segments)
 
