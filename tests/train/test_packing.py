@@ -132,12 +132,12 @@ def test_windows_partition_every_epoch_in_a_seeded_order(root, tok):
 
 
 def test_the_plan_reads_no_audio(root, tok, monkeypatch):
-    columns = []
+    read = []
     real = shards.read_shard
 
-    def spy(url, columns_=None, **kw):
-        columns.append(kw.get("columns", columns_))
-        return real(url, columns=columns[-1])
+    def spy(url, columns=None):
+        read.append(columns)
+        return real(url, columns=columns)
 
     monkeypatch.setattr(shards, "read_shard", spy)
 
@@ -148,7 +148,7 @@ def test_the_plan_reads_no_audio(root, tok, monkeypatch):
     s = packed(root, "a", tok, speed_perturb=0.1)
     s.plan(1)
     s.locate(s.windows_of(0) + s.windows_of(1) + 1)  # epoch 2 planned too
-    assert columns and all("audio" not in c for c in columns)
+    assert read and all("audio" not in c for c in read)
     with pytest.raises(AssertionError, match="audio decoded"):  # the patch is live: a window's rows decode
         s[0]
 
@@ -179,7 +179,10 @@ def test_windows_fit_30_s_with_the_longest_pauses_and_the_slowest_speed():
 def test_labels_fit_448_positions(root, tokenizer, tok):
     limits = PackLimits.of(TrainSection(pack=True), prefix_tokens=3)
     assert limits.tokens == MAX_POSITIONS - 3  # label = 3 + segments + <|eot|>; the decoder reads all but <|sot|>
-    plan = lambda toks: windows(plan_windows(np.ones(len(toks), np.float32), np.asarray(toks, np.int16), limits)[0])  # noqa: E731
+
+    def plan(toks):
+        return windows(plan_windows(np.ones(len(toks), np.float32), np.asarray(toks, np.int16), limits)[0])
+
     assert plan([148, 148, 149] * 2) == [3, 3]  # 445 segment tokens: a 449-token label, 448 read
     assert plan([148, 148, 150] * 2) == [2, 2, 2]  # 446 > 445: the third clip starts the next window, and so on
     # the built labels: as long as the plan counted, within 448, and full
