@@ -300,10 +300,10 @@ class PackedStream(Dataset):
 
 class PackedSamples(TrainingSamples):
     """Raw windows (a PackedStream, or a Mixture of them) -> training samples {audio, labels, prompt,
-    id, corpus, clips, audio_seconds}; rows n.. are no-speech clips, as in TrainingSamples (with
+    id, corpus, clips, audio_seconds, clip_seconds}; rows n.. are no-speech clips, as in TrainingSamples (with
     Interleave spreading them, train.no_speech_fraction is their share of windows). `id` joins the
-    window's clip ids with '+'; `clips` (0 for no speech) and `audio_seconds` (the window's
-    length, pauses included) are for metrics: the collator reads only audio, labels and prompt."""
+    window's clip ids with '+'; `clips` (0 for no speech), `audio_seconds` (the window's
+    length, pauses included) and `clip_seconds` (its clips alone) are for metrics: the collator reads only audio, labels and prompt."""
 
     def __init__(self, ds, tokenizer, t, prefix: list[int], seed: int | None = None):
         super().__init__(ds, tokenizer, t, seed=seed, prefix=prefix)
@@ -311,7 +311,8 @@ class PackedSamples(TrainingSamples):
     def __getitem__(self, i: int) -> dict[str, Any]:
         if i >= self.n:
             row = super().__getitem__(i)
-            return {**row, "clips": 0, "audio_seconds": len(row["audio"]) / SAMPLING_RATE}
+            seconds = len(row["audio"]) / SAMPLING_RATE
+            return {**row, "clips": 0, "audio_seconds": seconds, "clip_seconds": seconds}
         win = self.ds[int(i)]
         rows, t = win["rows"], self.t
         rng = np.random.default_rng([self.seed, WINDOW_DRAWS, *win["key"]])
@@ -320,8 +321,9 @@ class PackedSamples(TrainingSamples):
         if packed is None:  # a chosen single-clip window, or one clip that alone exceeds a limit
             audio, _ = self.augment_audio(np.asarray(rows[0]["audio"], dtype=np.float32), rng)
             labels = list(map(int, rows[0]["labels"]))
+            clip_samples = len(audio)
         else:
-            audio, labels = packed
+            audio, labels, clip_samples = packed
         prompt = []
         if use_prompt and len(rows[0]["prev_labels"]):
             prev = split_label(list(map(int, rows[0]["prev_labels"])), self.tok)[1]
@@ -329,10 +331,11 @@ class PackedSamples(TrainingSamples):
             room = MAX_POSITIONS - len(labels)
             prompt = prev[-min(MAX_PROMPT, room):] if room > 0 and prev else []
         return {"audio": audio, "labels": labels, "prompt": prompt, "id": win["id"], "corpus": win.get("corpus", ""),
-                "clips": len(rows), "audio_seconds": len(audio) / SAMPLING_RATE}
+                "clips": len(rows), "audio_seconds": len(audio) / SAMPLING_RATE,
+                "clip_seconds": clip_samples / SAMPLING_RATE}
 
-    def pack(self, rows: list[dict[str, Any]], rng: np.random.Generator) -> tuple[np.ndarray, list[int]] | None:
-        """(audio, timestamped label) of a window's clips, or None for one clip that alone does not
+    def pack(self, rows: list[dict[str, Any]], rng: np.random.Generator) -> tuple[np.ndarray, list[int], int] | None:
+        """(audio, timestamped label, samples of clip audio without the pauses) of a window's clips, or None for one clip that alone does not
         fit 30 s or 448 positions. Per clip three draws (speed, gain, pause), then two for the
         window's noise, whatever is on: turning one option on keeps the other choices."""
         t, tok = self.t, self.tok
@@ -376,7 +379,7 @@ class PackedSamples(TrainingSamples):
             audio[start:start + len(piece)] = piece
         if snr is not None:
             audio = add_noise(audio, snr, noise_rng)
-        return audio, labels
+        return audio, labels, sum(len(piece) for _, piece in pieces)
 
 
 def packed_streams(streams: list[tuple[str, Any]], t, tokenizer) -> list[tuple[str, PackedStream]]:

@@ -396,9 +396,27 @@ def corpus_trainer():
     from transformers import Seq2SeqTrainer
 
     class CorpusTrainer(Seq2SeqTrainer):
-        def __init__(self, *args, eval_languages: dict[str, str] | None = None, **kwargs):
+        def __init__(self, *args, eval_languages: dict[str, str] | None = None, counted: dict | None = None,
+                     **kwargs):
             super().__init__(*args, **kwargs)
             self.eval_languages = eval_languages or {}
+            self.counted = counted if counted is not None else {}
+            """running totals of the collator's COUNT_KEYS over this process's training batches"""
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            from lib.train.collator import COUNT_KEYS
+
+            for k in COUNT_KEYS:  # what the batch holds, for the speed metrics; never the model's input
+                if k in inputs:
+                    self.counted[k] = self.counted.get(k, 0) + inputs.pop(k)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+            from lib.train.collator import COUNT_KEYS
+
+            for k in COUNT_KEYS:
+                inputs.pop(k, None)
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval", **gen_kwargs):
             corpus = metric_key_prefix[len("eval_"):] if metric_key_prefix.startswith("eval_") else None
@@ -429,13 +447,16 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
     if cfg.train.profile_steps:
         # the last steps of the run (after warm-up and compilation), left out of the timing
         profiler = ProfileSteps(steps - cfg.train.profile_steps, cfg.train.profile_steps, run_dir / "profile.txt")
+    counted: dict[str, float] = {}
     cb = Callbacks(stopper=checkpoint.StopOnSigterm(),
-                   timer=StepTimer(warmup=cfg.train.timing_warmup, until=profiler.start if profiler else None),
+                   timer=StepTimer(warmup=cfg.train.timing_warmup, until=profiler.start if profiler else None,
+                                   counted=counted),
                    profiler=profiler)
     processor.tokenizer.set_prefix_tokens(language=cfg.language, task=cfg.task)
     languages = getattr(eval_ds, "languages", None) or {}
     trainer = corpus_trainer()(
         eval_languages=languages,
+        counted=counted,
         model=model,
         args=training_arguments(cfg, ckpt_root, precision, has_eval=eval_ds is not None,
                                 generation_max_length=eval_budget(cfg, eval_ds, processor.tokenizer), steps=steps,
@@ -444,7 +465,8 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
                                       start_of_prev=processor.tokenizer.convert_tokens_to_ids("<|startofprev|>"),
                                       # prefix_tokens = <|sot|> <|lang|> <|task|> <|notimestamps|>, set just above
                                       mask_language=(processor.tokenizer.prefix_tokens[1]
-                                                     if cfg.train.mask_language_token else None)),
+                                                     if cfg.train.mask_language_token else None),
+                                      count=True),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=processor,
@@ -512,7 +534,8 @@ def run_metrics(trainer, result, cb: Callbacks, cfg, model, run_dir: Path, preci
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         # steady state (after train.timing_warmup steps, without eval and saves), all processes
-        **cb.timer.summary(cfg.train.batch_size * cfg.train.grad_accum * trainer.args.world_size),
+        **cb.timer.summary(cfg.train.batch_size * cfg.train.grad_accum * trainer.args.world_size,
+                           trainer.args.world_size),
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "profile": cb.profiler.summary if cb.profiler else None,
         "adapter_size_bytes": checkpoint.dir_size(run_dir / "adapter", "adapter_model*"),

@@ -433,3 +433,31 @@ def test_two_ddp_ranks_read_every_clip_once_per_epoch(root, tiny_model_dir, tmp_
     assert sorted(p for p, _, _ in read) == list(range(2 * steps))  # each window once, by one of the ranks
     first_epoch = sum((i.split("+") for p, _, i in read if p < windows_0), [])
     assert sorted(first_epoch) == sorted(f"train-{i}" for i in range(40))  # every clip once in the epoch
+
+
+def test_batch_counts_are_clips_their_audio_and_label_tokens():
+    from lib.train.collator import batch_counts
+
+    rows = [{"audio": np.zeros(SR * 20), "labels": [1] * 50, "clips": 3, "clip_seconds": 17.5},  # a window
+            {"audio": np.zeros(SR * 4), "labels": [1] * 12, "corpus": "a"},  # one clip, as prepared
+            {"audio": np.zeros(SR * 8), "labels": [1, 2, 3], "corpus": "no-speech"}]  # no speech: no clip
+    assert batch_counts(rows) == {"count_samples": 3, "count_clips": 4, "count_clip_seconds": 17.5 + 4 + 8,
+                                  "count_label_tokens": 49 + 11 + 2}
+
+
+def test_metrics_count_clips_label_tokens_and_audio_hours_beside_samples(root, tiny_model_dir):
+    """A packed window is one sample of several clips: metrics.json says how many clips, label tokens
+    and seconds of clip audio the timed steps learnt from, per second; unpacked, a sample is a clip."""
+    env = Env(data_dir=root)
+    rates = {}
+    for pack in ("true", "false"):
+        m = main(job_cfg(tiny_model_dir, f"count-{pack}", **{"train.pack": pack, "train.max_steps": 3,
+                                                              "train.timing_warmup": 1, "train.data_trace": "false"}),
+                 env)
+        assert m["steady_steps"] == 2
+        per_sample = m["steady_clips_per_second"] / m["steady_samples_per_second"]
+        assert m["audio_hours_per_gpu_hour"] == pytest.approx(m["steady_audio_seconds_per_second"])
+        assert m["steady_label_tokens_per_second"] > m["steady_samples_per_second"]
+        rates[pack] = (per_sample, m["steady_audio_seconds_per_second"] / m["steady_samples_per_second"])
+    assert rates["false"][0] == pytest.approx(1.0) and rates["true"][0] > 2  # several clips a window
+    assert rates["true"][1] > 2 * rates["false"][1]  # more seconds of speech per sample, never the padding
