@@ -127,3 +127,24 @@ def rescaled(labels: list[int], speed: float, tok: SpecialTokens) -> list[int]:
     last = tok.timestamp(MAX_SECONDS)
     return [tok.timestamp((i - tok.timestamp_begin) * TIME_STEP / speed) if tok.timestamp_begin <= i <= last else i
             for i in labels]
+
+
+def segments_of(labels: list[int], tok: SpecialTokens) -> list[tuple[float, float, list[int]]]:
+    """A timestamped label row `<|sot|> <|hi|> <|transcribe|> <|0.00|> one <|2.40|> <|2.60|> two
+    <|5.10|> <|eot|>` -> [(0.0, 2.4, one), (2.6, 5.1, two)]: segmented's input, read back (times
+    in seconds on the 0.02-s grid). A row without timestamps has no segments: []."""
+    last = tok.timestamp(MAX_SECONDS)
+    out: list[tuple[float, float, list[int]]] = []
+    start: float | None = None
+    text: list[int] = []
+    for i in labels:
+        if tok.timestamp_begin <= i <= last:
+            t = (i - tok.timestamp_begin) * TIME_STEP
+            if start is None:
+                start, text = t, []
+            else:
+                out.append((start, t, text))
+                start = None
+        elif start is not None and i != tok.eot:
+            text.append(int(i))
+    return out

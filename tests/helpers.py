@@ -55,9 +55,11 @@ def tone(seconds: float, freq: float = 440.0, sr: int = 16_000) -> np.ndarray:
 
 def write_prepared(out: Path, model_dir: Path, rows: dict[str, list[tuple[str, np.ndarray]]],
                    language: str = "hi", name: str | None = None, shard_rows: int = 2000,
-                   speakers: dict[str, list[str]] | None = None) -> Path:
+                   speakers: dict[str, list[str]] | None = None,
+                   ts_labels: dict[str, list[list[int]]] | None = None) -> Path:
     """Write a prepared dataset in the lib.dataset.prepared contract (format 2: FLAC in Parquet shards):
-    rows = {split: [(text, audio16k), ...]}; speakers = {split: [speaker id per row]}."""
+    rows = {split: [(text, audio16k), ...]}; speakers = {split: [speaker id per row]}; ts_labels =
+    {split: [a manifest's timestamped label per row, [] for none]}."""
     from transformers import WhisperTokenizer
 
     from lib.dataset import shards
@@ -70,9 +72,11 @@ def write_prepared(out: Path, model_dir: Path, rows: dict[str, list[tuple[str, n
         if (out / split).exists():
             shutil.rmtree(out / split)
         spk = (speakers or {}).get(split) or [""] * len(items)
+        ts = (ts_labels or {}).get(split) or [[]] * len(items)
         splits[split] = write_rows(out, split, (
             {"id": f"{split}-{i}", "audio": a, "text": t, "labels": tok(t).input_ids, "language": language,
-             "speaker": spk[i], "where": f"test row {i}"} for i, (t, a) in enumerate(items)), shard_rows=shard_rows)
+             "speaker": spk[i], "where": f"test row {i}", "ts_labels": ts[i]} for i, (t, a) in enumerate(items)),
+            shard_rows=shard_rows)
     write_manifest(out, {
         "format": shards.FORMAT, "name": name or out.name, "source": {"kind": "test"}, "language": language,
         "task": "transcribe", "tokenizer": str(model_dir), "sampling_rate": 16_000,

@@ -33,6 +33,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -75,6 +76,8 @@ MODES: dict[str, list[str]] = {
     "bf16-ckpt75-half-compile": [*_HALF, *_CKPT, "model.checkpoint_fraction=0.75", *_COMPILE],
     "bf16-half-compile": [*_HALF, *_NOCKPT, *_COMPILE],
     "bf16-half-compile-b16": [*_HALF, *_NOCKPT, *_COMPILE, "train.batch_size=16"],
+    # the fastest recipe where labels are long (packed windows: ~5 clips' text, 250-300 tokens)
+    "bf16-half-compile-b24": [*_HALF, *_NOCKPT, *_COMPILE, "train.batch_size=24"],
     "bf16-half-compile-b32": [*_HALF, *_NOCKPT, *_COMPILE, "train.batch_size=32"],
     "bf16-compile-model-b32": [*_BF16, *_NOCKPT, "train.batch_size=32", "train.compile=model"],
     # what `make train RECIPE=auto` picks on this machine (the walkthrough recipe + lib/train/auto.py's
@@ -92,6 +95,17 @@ MODES: dict[str, list[str]] = {
 # (target 4, against the plain loop, below), the low-memory recipe (<= 8 GiB, target 3), the
 # fastest (32 clips a step, target 1), and what RECIPE=auto picks here for 32 clips a step
 # (target 2: against the fastest at the same effective batch).
+PACK = "-pack"
+"""a mode's name + PACK: the same mode on packed windows (train.pack=true, lib/train/packing.py)"""
+
+
+def mode_flags(mode: str) -> list[str]:
+    """The train-job flags of a mode: MODES' own, and train.pack=true for a name ending in -pack."""
+    if mode.endswith(PACK) and mode[: -len(PACK)] in MODES:
+        return [*MODES[mode[: -len(PACK)]], "train.pack=true"]
+    return MODES[mode]
+
+
 GPU_MODES = ["int8-ckpt", "bf16-ckpt-half-compile-b24", "bf16-half-compile-b32", "auto-e32"]
 LEGS = ("train", "plain", "eval", "quality")
 AUTO_MODES = ("auto", "auto-e32")
@@ -113,7 +127,18 @@ class BenchConfig:
     warmup: int = 3
     """first steps not timed (allocation, autotuning)"""
     label_tokens: int = 40
-    """decoder positions per sample (the walkthrough's Hindi labels are ~40 tokens)"""
+    """decoder positions per sample (the walkthrough's Hindi labels are ~40 tokens), with clips=30s"""
+    clips: Literal["30s", "cv"] = "30s"
+    """the random train clips: 30s = every clip 30 s with label_tokens-long labels (the walkthrough's
+    shapes: what one padded window costs); cv = Common Voice-like lengths, log-normal around
+    clip_median seconds, labels of label_tokens_per_second tokens a second (what packing is for)"""
+    clip_median: float = 5.0
+    """with clips=cv: the median clip, seconds (Common Voice clips last about 3-8 s)"""
+    clip_spread: float = 0.4
+    """with clips=cv: sigma of log(duration); 0.4 puts 90 % of clips within 0.5x-1.9x the median"""
+    label_tokens_per_second: float = 10.0
+    """with clips=cv: text tokens per second of speech (Hindi in Whisper's tokenizer: five 5-s clips
+    ~ 256 tokens with their timestamps)"""
     lora_r: int = 32
     """LoRA rank for every mode"""
     eval_clips: int = 512
@@ -157,9 +182,12 @@ class BenchConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise UserError(f"arch={self.arch}: choose one of {', '.join(ARCHS)}")
-        unknown = [r for r in self.modes if r not in MODES]
+        unknown = [r for r in self.modes if r.removesuffix(PACK) not in MODES]
         if unknown:
-            raise UserError(f"modes: unknown {unknown}; choose from {', '.join(MODES)}")
+            raise UserError(f"modes: unknown {unknown}; choose from {', '.join(MODES)} (each also as NAME{PACK})")
+        if not (0.5 <= self.clip_median <= 25 and 0 <= self.clip_spread <= 1.5 and 0 < self.label_tokens_per_second <= 40):
+            raise UserError(f"clip_median={self.clip_median} (0.5..25 s), clip_spread={self.clip_spread} (0..1.5), "
+                            f"label_tokens_per_second={self.label_tokens_per_second} (0..40): out of range")
         for v in self.eval_variants:
             parse_eval_variant(v)
         bad = [leg for leg in self.legs if leg not in LEGS]
@@ -195,9 +223,11 @@ def build_model(arch: str, out: Path) -> Path:
     return out
 
 
-def build_data(env: Env, name: str, n: int, label_tokens: int, eval_clips: int) -> str:
-    """n train clips of 30 s (quiet noise) with label_tokens-long labels, plus a test split, in the
-    prepared format (lib/dataset/shards.py: FLAC in Parquet shards, written row by row, never all in memory)."""
+def build_data(env: Env, name: str, n: int, label_tokens: int, eval_clips: int, cfg: BenchConfig | None = None) -> str:
+    """n train clips (quiet noise) with random labels, plus a test split, in the prepared format
+    (lib/dataset/shards.py: FLAC in Parquet shards, written row by row, never all in memory): 30 s
+    with label_tokens-long labels, or with cfg.clips=cv train clips of Common Voice-like lengths
+    (BenchConfig.clips) whose labels grow with them."""
     from lib.dataset import shards
     from lib.dataset.prepared import write_manifest, write_rows
 
@@ -208,11 +238,17 @@ def build_data(env: Env, name: str, n: int, label_tokens: int, eval_clips: int) 
     prefix = [SOT_ID, 50276, 50359, 50363]  # <|startoftranscript|><|hi|><|transcribe|><|notimestamps|>
     out.mkdir(parents=True, exist_ok=True)
 
+    cv = cfg is not None and cfg.clips == "cv"
+
     def rows(split: str, count: int):
         for i in range(count):
-            yield {"id": f"{split}-{i}", "audio": (0.05 * rng.standard_normal(WINDOW_SECONDS * SAMPLING_RATE)).astype(np.float32),
-                   "text": "x", "language": "hi",
-                   "labels": prefix + rng.integers(0, 50_000, label_tokens - len(prefix) - 1).tolist() + [EOT_ID]}
+            seconds, tokens = float(WINDOW_SECONDS), label_tokens - len(prefix) - 1
+            if cv and split == "train":  # log-normal around the median, within 1..20 s
+                seconds = float(np.clip(cfg.clip_median * np.exp(cfg.clip_spread * rng.standard_normal()), 1.0, 20.0))
+                tokens = max(1, round(seconds * cfg.label_tokens_per_second))
+            yield {"id": f"{split}-{i}", "text": "x", "language": "hi",
+                   "audio": (0.05 * rng.standard_normal(round(seconds * SAMPLING_RATE))).astype(np.float32),
+                   "labels": prefix + rng.integers(0, 50_000, tokens).tolist() + [EOT_ID]}
 
     # validation: a few clips so that `make train` can show WER-while-training on the bench model
     splits = {split: write_rows(out, split, rows(split, count), shard_rows=256)
@@ -260,7 +296,7 @@ def run_mode(cfg: BenchConfig, env: Env, mode: str, model_dir: Path, data: str) 
         # Trainer evaluates (generates) once after the last step: 27-55 s a mode on the H100 with
         # 8 clips x 225 tokens of random-weight output; 2 clips x 8 tokens keep the check, not the wait
         "train.max_eval_samples=2", "train.generation_max_length=8",
-        *MODES[mode], *cfg.extra,  # later flags win: a mode may set its own batch
+        *mode_flags(mode), *cfg.extra,  # later flags win: a mode may set its own batch
     ]
     log.info("bench %s: jobs.train %s", mode, " ".join(args))
     t0 = time.time()
@@ -280,7 +316,10 @@ def run_mode(cfg: BenchConfig, env: Env, mode: str, model_dir: Path, data: str) 
         return row
     m = json.loads(mfile.read_text())
     row.update({k: m.get(k) for k in ("steady_samples_per_second", "steady_step_seconds",
-                                      "peak_gpu_memory_bytes", "adapter_size_bytes", "trainable_params", "profile")})
+                                      "peak_gpu_memory_bytes", "adapter_size_bytes", "trainable_params", "profile",
+                                      "steady_clips_per_second", "steady_label_tokens_per_second",
+                                      "steady_audio_seconds_per_second", "audio_hours_per_gpu_hour",
+                                      "steady_clips_per_sample")})
     if mode in AUTO_MODES:  # what it chose (metrics.json) and what the run then used (config.yaml)
         import yaml
 
@@ -298,7 +337,7 @@ def run_mode(cfg: BenchConfig, env: Env, mode: str, model_dir: Path, data: str) 
 
 def _names(mode: str, key: str) -> bool:
     """Whether a mode's own flags set `key`."""
-    return any(f.startswith(key + "=") for f in MODES[mode])
+    return any(f.startswith(key + "=") for f in mode_flags(mode))
 
 
 def _split(mode: str, cfg: BenchConfig) -> tuple[int, int]:
@@ -314,7 +353,7 @@ def _batch_text(batch: int, accum: int) -> int | str:
 
 def _flag(mode: str, cfg: BenchConfig, key: str, default, cast):
     """The value a mode's flags (then extra=) give `key`; the last one wins, as in the job."""
-    vals = [f.split("=", 1)[1] for f in [*MODES[mode], *cfg.extra] if f.startswith(key + "=")]
+    vals = [f.split("=", 1)[1] for f in [*mode_flags(mode), *cfg.extra] if f.startswith(key + "=")]
     return cast(vals[-1]) if vals else default
 
 
@@ -355,7 +394,8 @@ def eval_speed(cfg: BenchConfig, model_dir: Path, data_dir: Path) -> list[dict]:
 
 
 COLUMNS = ["mode", "batch", "samples/s", "x int8-ckpt", "tokens/s", "peak GiB", "adapter MB",
-           "% of bf16 peak", "GPU busy %", "GPU time: matmul / attention / other %"]
+           "% of bf16 peak", "GPU busy %", "GPU time: matmul / attention / other %", "clips/s",
+           "audio h per GPU-h"]
 
 
 def logmel_speed(model_dir: Path, data_dir: Path, clips: int = 16) -> float:
@@ -388,9 +428,12 @@ def table(rows: list[dict], peak: float | None, flops) -> list[str]:
         frac = f"{100 * sps * flops.train(r['checkpointing']) / (peak * 1e12):.1f}" if peak and sps else "n/a"
         mem = f"{r['peak_gpu_memory_bytes'] / 2**30:.2f}" if r.get("peak_gpu_memory_bytes") else "n/a"
         busy, split = _gpu_shares(r)
+        tokens = r.get("steady_label_tokens_per_second") or sps * flops_tokens(r)
+        clips = f"{r['steady_clips_per_second']:.2f}" if r.get("steady_clips_per_second") else "n/a"
+        hours = f"{r['audio_hours_per_gpu_hour']:.0f}" if r.get("audio_hours_per_gpu_hour") else "n/a"
         lines.append(f"| {name} | {r['batch']} | {sps:.2f} | {f'{sps / ref:.2f}' if ref and sps else 'n/a'} | "
-                     f"{sps * flops_tokens(r):.0f} | {mem} | {(r['adapter_size_bytes'] or 0) / 1e6:.1f} | {frac} | "
-                     f"{busy} | {split} |")
+                     f"{tokens:.0f} | {mem} | {(r['adapter_size_bytes'] or 0) / 1e6:.1f} | {frac} | "
+                     f"{busy} | {split} | {clips} | {hours} |")
     return lines
 
 
@@ -461,7 +504,8 @@ def main(cfg: BenchConfig, env: Env) -> dict:
     model_dir = build_model(cfg.arch, root / "model")
     # enough clips that no mode starts a second epoch (a restart of the loader workers) while timed
     n = cfg.train_clips or max(16, cfg.steps * max(b * a for b, a in (_split(r, cfg) for r in cfg.modes)))
-    data = build_data(env, f"bench-{cfg.arch}-{n}", n, cfg.label_tokens, cfg.eval_clips)
+    kind = "" if cfg.clips == "30s" else f"-cv{cfg.clip_median:g}-{cfg.clip_spread:g}-{cfg.label_tokens_per_second:g}"
+    data = build_data(env, f"bench-{cfg.arch}-{n}{kind}", n, cfg.label_tokens, cfg.eval_clips, cfg)
 
     # What an earlier command of this run measured (resume=true), kept unless it failed.
     results_file = root / "results.json"

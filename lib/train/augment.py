@@ -140,9 +140,10 @@ class TrainingSamples(Dataset):
     like prepared ones; prompt is the previous text (empty = none), which the collator places.
     """
 
-    def __init__(self, ds, tokenizer, t, seed: int | None = None):
+    def __init__(self, ds, tokenizer, t, seed: int | None = None, prefix: list[int] | None = None):
         """ds: the train split (audio, labels columns, optionally ts_labels: a row's segments);
-        t: lib.train.config.TrainSection."""
+        t: lib.train.config.TrainSection; prefix: <|sot|> <|hi|> <|transcribe|> of the data when the
+        caller knows it (lib/train/packing.py), else read from the first row."""
         self.ds, self.t = ds, t
         self.seed = t.seed if seed is None else seed
         self.n = len(ds)
@@ -158,7 +159,9 @@ class TrainingSamples(Dataset):
                       if t.prompt_probability > 0 and not self.streamed else [])
         # The prefix of the data (<|sot|> <|hi|> <|transcribe|>), checked here rather than in a
         # dataloader worker mid-run; "empty" no-speech labels reuse it.
-        self.prefix = split_label(list(map(int, rows[0]["labels"])), self.tok)[0] if self.n else []
+        if prefix is None:
+            prefix = split_label(list(map(int, rows[0]["labels"])), self.tok)[0] if self.n else []
+        self.prefix = list(prefix)
 
     def __len__(self) -> int:
         return self.n + self.n_no_speech

@@ -35,19 +35,42 @@ class WhisperCollator:
     """train.mask_language_token: this language token's id (e.g. <|hi|>) is left out of the loss
     where it is a row's first target; None = trained, as the walkthrough does"""
 
+    count: bool = False
+    """add what the batch holds (COUNT_KEYS: clips, seconds of clip audio, label tokens) for the
+    speed metrics; the Trainer takes them out before the model sees the batch (lib/train/trainer.py)"""
+
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         audio = [np.asarray(r["audio"], dtype=np.float32) for r in rows]
         feats = log_mel(self.feature_extractor, audio, self.sampling_rate)
+        counts = batch_counts(rows, self.sampling_rate) if self.count else {}
         if any(len(r.get("prompt", ())) for r in rows):
             decoder_input_ids, labels = with_prompts(
                 [list(map(int, r["labels"])) for r in rows], [list(map(int, r.get("prompt", ()))) for r in rows],
                 self.decoder_start_token_id, self.start_of_prev)
             return {"input_features": feats, "labels": mask_language_target(labels, self.mask_language),
-                    "decoder_input_ids": decoder_input_ids}
+                    "decoder_input_ids": decoder_input_ids, **counts}
         labels = strip_decoder_start(
             [list(map(int, r["labels"])) for r in rows], self.decoder_start_token_id
         )
-        return {"input_features": feats, "labels": mask_language_target(pad_labels(labels), self.mask_language)}
+        return {"input_features": feats, "labels": mask_language_target(pad_labels(labels), self.mask_language),
+                **counts}
+
+
+COUNT_KEYS = ("count_samples", "count_clips", "count_clip_seconds", "count_label_tokens")
+"""what a training batch holds beside its tensors, for windows/s, clips/s, label tokens/s and audio-hours
+per GPU-hour: a packed window (lib/train/packing.py) is one sample of several clips"""
+
+
+def batch_counts(rows: list[dict[str, Any]], sampling_rate: int = SAMPLING_RATE) -> dict[str, float]:
+    """COUNT_KEYS of a batch. A row's clips: its `clips` (a packed window's count, 0 for no speech),
+    else 1 (0 for a no-speech clip); its clip seconds: `clip_seconds` (a window's clips without the
+    pauses between them), else its audio's length (one clip: speech as prepared, never the padding
+    up to 30 s); its label tokens: what the decoder is trained to write (all but <|sot|>)."""
+    clips = sum(int(r["clips"]) if "clips" in r else int(r.get("corpus") != "no-speech") for r in rows)
+    seconds = sum(float(r["clip_seconds"]) if "clip_seconds" in r else len(r["audio"]) / sampling_rate
+                  for r in rows)
+    tokens = sum(max(len(r["labels"]) - 1, 0) for r in rows)
+    return dict(zip(COUNT_KEYS, (len(rows), clips, seconds, tokens), strict=True))
 
 
 def strip_decoder_start(labels: list[list[int]], decoder_start_token_id: int) -> list[list[int]]:

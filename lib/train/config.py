@@ -12,7 +12,7 @@ from typing import Literal
 
 from lib.errors import UserError
 from lib.hub import HubConfig
-from lib.whisper import MAX_NEW_TOKENS
+from lib.whisper import MAX_NEW_TOKENS, MAX_SECONDS, TIME_STEP
 
 
 @dataclass
@@ -148,6 +148,16 @@ class TrainSection:
     """raw-audio gain drawn from +-this many dB per clip (clipped to [-1, 1]); 0 = off"""
     noise_snr_db: float | None = None
     """add white noise at an SNR drawn from [this, this + 20] dB per clip; unset = off"""
+    pack: bool = False
+    """pack consecutive clips of the shuffled stream into one 30-s window per sample, labelled with one
+    timestamped segment per clip (lib/train/packing.py): a 5-s clip alone is 5/6 padding; steps count
+    windows, not clips. Needs train.timestamp_probability=0 (windows carry their own timestamps)"""
+    pack_gap: list[float] = field(default_factory=lambda: [0.3, 0.8])
+    """with pack: pause between two clips of a window, drawn from [min, max] seconds per gap (a
+    speaker's pause); the plan budgets max + 0.02 s for each (clips start on the timestamp grid)"""
+    pack_single_fraction: float = 0.2
+    """with pack: share of windows that hold one clip with its prepared <|notimestamps|> label, the
+    form clip eval decodes (drawn per window from train.seed)"""
     report_to: Literal["tensorboard", "mlflow", "wandb"] = "tensorboard"
     """experiment tracking besides RUN/tb (always written): mlflow (MLFLOW_TRACKING_URI, default the
     file store DATA_DIR/mlruns) or wandb (offline unless WANDB_API_KEY is set); see lib/train/tracking.py"""
@@ -192,6 +202,17 @@ class TrainSection:
             raise UserError(f"train.speed_perturb={self.speed_perturb}: must be in [0, 0.5) (e.g. 0.1)")
         if self.gain_db < 0:
             raise UserError(f"train.gain_db={self.gain_db}: must be >= 0 (e.g. 6)")
+        if len(self.pack_gap) != 2 or not TIME_STEP <= self.pack_gap[0] <= self.pack_gap[1] <= MAX_SECONDS / 3:
+            # a gap under one timestamp step would give a segment's end and the next one's start one
+            # timestamp; a third of the window as a pause leaves room for hardly two clips
+            raise UserError(f"train.pack_gap={','.join(map(str, self.pack_gap))}: give min,max seconds with "
+                            f"{TIME_STEP} <= min <= max <= {MAX_SECONDS / 3:g} (e.g. train.pack_gap=0.3,0.8)")
+        if not 0 <= self.pack_single_fraction <= 1:
+            raise UserError(f"train.pack_single_fraction={self.pack_single_fraction}: must be in [0, 1] (e.g. 0.2)")
+        if self.pack and self.timestamp_probability:
+            raise UserError(f"train.timestamp_probability={self.timestamp_probability} with train.pack=true: packed "
+                            f"windows always carry timestamps and single-clip windows never do (their share is "
+                            f"train.pack_single_fraction); set train.timestamp_probability=0")
 
     def samples_changed(self) -> bool:
         """Whether any option of lib/train/augment.py is on (the train split is then wrapped)."""

@@ -1,6 +1,8 @@
 """Timing and profiling callbacks that real training runs use (`make train`, and so `make bench`).
 
-StepTimer gives metrics.json its steady samples/s (warm-up, evaluation and saves left out);
+StepTimer gives metrics.json its steady samples/s (warm-up, evaluation and saves left out), and
+beside it clips/s, label tokens/s and audio-hours per GPU-hour from what the batches held (a
+packed window is one sample of several clips, so samples/s alone says little);
 ProfileSteps writes RUN/profile.txt (where the GPU time goes) for train.profile_steps.
 Random-weight models and FLOP arithmetic are the bench's, in lib/tools/models.py.
 """
@@ -17,13 +19,19 @@ class StepTimer(TrainerCallback):
     autotuning, compilation), then sums step-to-step times with the GPU synchronized at each
     step end. Time spent in evaluation and checkpoint saves is left out."""
 
-    def __init__(self, warmup: int = 3, until: int | None = None):
+    def __init__(self, warmup: int = 3, until: int | None = None, counted: dict[str, float] | None = None):
         self.warmup = warmup
         self.until = until
         """last step timed (the profiled steps after it are slower and left out)"""
         self.last: float | None = None
         self.steps = 0
         self.seconds = 0.0
+        self.counted = counted if counted is not None else {}
+        """the Trainer's running totals of what its batches held (lib.train.collator.COUNT_KEYS)"""
+        self.seen: dict[str, float] = {}
+        """those totals at the last step end"""
+        self.timed: dict[str, float] = {}
+        """what the timed steps held, this process's batches"""
 
     @staticmethod
     def _now() -> float:
@@ -40,6 +48,9 @@ class StepTimer(TrainerCallback):
         if state.global_step > self.warmup and self.last is not None:
             self.steps += 1
             self.seconds += now - self.last
+            for k, v in self.counted.items():
+                self.timed[k] = self.timed.get(k, 0) + v - self.seen.get(k, 0)
+        self.seen = dict(self.counted)
         self.last = now if state.global_step >= self.warmup else None
 
     def _restart(self, args, state, control, **kwargs):
@@ -49,14 +60,30 @@ class StepTimer(TrainerCallback):
     on_evaluate = _restart
     on_save = _restart
 
-    def summary(self, samples_per_step: int) -> dict[str, float | int | None]:
+    def summary(self, samples_per_step: int, processes: int = 1) -> dict[str, float | int | None]:
+        """Steady rates of all processes: samples (a packed window is one sample of several clips),
+        clips, label tokens and seconds of clip audio per second; and audio-hours per GPU-hour, the
+        clip audio one process (one GPU) learns from per second of its time: seconds per second =
+        hours per hour. Each process counts its own batches; the others are taken to match it."""
+        keys = ("steady_samples_per_second", "steady_clips_per_second", "steady_label_tokens_per_second",
+                "steady_audio_seconds_per_second", "audio_hours_per_gpu_hour")
         if not self.steps:
-            return {"steady_steps": 0, "steady_step_seconds": None, "steady_samples_per_second": None}
-        return {
+            return {"steady_steps": 0, "steady_step_seconds": None, **dict.fromkeys(keys)}
+        out = {
             "steady_steps": self.steps,
             "steady_step_seconds": self.seconds / self.steps,
             "steady_samples_per_second": samples_per_step * self.steps / self.seconds,
         }
+        if self.timed.get("count_samples"):
+            rate = {k: v / self.seconds for k, v in self.timed.items()}
+            out.update({
+                "steady_clips_per_second": rate["count_clips"] * processes,
+                "steady_label_tokens_per_second": rate["count_label_tokens"] * processes,
+                "steady_audio_seconds_per_second": rate["count_clip_seconds"] * processes,
+                "audio_hours_per_gpu_hour": rate["count_clip_seconds"],
+                "steady_clips_per_sample": self.timed["count_clips"] / self.timed["count_samples"],
+            })
+        return {**dict.fromkeys(keys), **out}
 
 
 # Kernel (GPU) or operator (CPU) names -> what they compute. Matrix products: cuBLAS

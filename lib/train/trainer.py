@@ -324,6 +324,22 @@ def training_samples(t, train_ds, tokenizer, total: int, segment_rows: tuple[int
     return Interleave(samples, total, t.seed) if samples.n_no_speech else samples
 
 
+def packed_samples(t, train_ds, tokenizer, total: int, prefix: list[int]):
+    """train.pack: raw windows (lib/train/packing.py) -> training samples, no-speech windows
+    interleaved by position (lib.train.augment.Interleave: train.no_speech_fraction of the windows)."""
+    from lib.train.augment import Interleave
+    from lib.train.packing import PackedSamples
+
+    samples = PackedSamples(train_ds, tokenizer, t, prefix)
+    log.info("train samples: %d windows + %d no-speech windows (train.no_speech_fraction=%g, %s, label %s); "
+             "previous-text prompt on %.0f %% of windows; audio per clip: speed +-%g, gain +-%g dB; per window: "
+             "noise %s", samples.n, samples.n_no_speech, t.no_speech_fraction,
+             f"{len(samples.files)} files of {t.no_speech_dir}" if samples.files else "generated", t.no_speech_label,
+             100 * t.prompt_probability, t.speed_perturb, t.gain_db,
+             "off" if t.noise_snr_db is None else f"SNR {t.noise_snr_db:g}-{t.noise_snr_db + 20:g} dB")
+    return Interleave(samples, total, t.seed) if samples.n_no_speech else samples
+
+
 def segment_counts(corpora) -> tuple[int, int]:
     """(train clips with segments, train clips) over `corpora` (open_data), from their manifests:
     a manifest's `segments` column became those rows' ts_labels; folders prepared before that
@@ -344,7 +360,9 @@ def training_splits(cfg, corpora, tokenizer=None):
     """(train stream, validation (one dataset, {corpus: dataset} for several, or None), optimizer
     steps) of `corpora` (open_data), logged. The train stream (lib/train/stream.py) holds exactly the
     samples the run reads, steps x batch x grad_accum x processes; train.* sample options wrap it
-    in TrainingSamples; validation stays as prepared, so eval WER is comparable."""
+    in TrainingSamples. With train.pack a sample is a window of clips (lib/train/packing.py: each
+    corpus packed on its own, then mixed), so steps count windows. Validation stays as prepared,
+    one clip per sample, so eval WER is comparable."""
     import math
 
     from lib.dataset.prepared import has_split, load_split
@@ -355,27 +373,42 @@ def training_splits(cfg, corpora, tokenizer=None):
     streams = [(c.label, ShardStream(root, manifest, "train", t.seed, t.shuffle_buffer, name=c.label))
                for c, root, manifest in corpora]
     rows = sum(s.n for _, s in streams)
+    if rows == 0:
+        raise UserError(f"data={cfg.data}: the train split is empty; prepare more data")
+    # what the run reads by position: clips, or with train.pack windows of clips (s.n: per epoch)
+    parts, unit = streams, "clips"
+    if t.pack:
+        from lib.train.packing import packed_streams
+
+        parts, unit = packed_streams(streams, t, tokenizer), "windows"
+        if len(parts) > 1:
+            n_windows = sum(p.n for _, p in parts)
+            log.info("data: %d clips -> %d windows (mean %.2f clips, %.1f s of audio per window)", rows, n_windows,
+                     rows / n_windows, sum(float(p.seconds.sum(dtype=np.float64)) for _, p in parts) / n_windows)
+    units = sum(s.n for _, s in parts)
     world = world_size()
     eff = t.batch_size * t.grad_accum * world
     f = t.no_speech_fraction if t.samples_changed() else 0.0
-    per_epoch = math.ceil(rows / (1 - f)) if f else rows
+    per_epoch = math.ceil(units / (1 - f)) if f else units
     steps = optimizer_steps(per_epoch, t.batch_size, t.grad_accum, world, t.epochs, t.max_steps)
     total = steps * eff
     data_len = total - round(total * f)
-    if len(streams) == 1:
-        train_ds = streams[0][1]
+    if len(parts) == 1:
+        train_ds = parts[0][1]
         train_ds.length = data_len
     else:
-        weights = [c.weight if c.weight is not None else s.n for (c, _, _), (_, s) in zip(corpora, streams, strict=True)]
-        train_ds = Mixture(streams, weights, t.seed, length=data_len)
+        weights = [c.weight if c.weight is not None else s.n for (c, _, _), (_, s) in zip(corpora, parts, strict=True)]
+        train_ds = Mixture(parts, weights, t.seed, length=data_len)
         share = np.asarray(train_ds.counts) / sum(train_ds.counts)
         log.info("data: mixing %s", ", ".join(
-            f"{name} {100 * w:.1f} % ({s.n} clips, {data_len * w / s.n:.2f} passes)"
-            for (name, s), w in zip(streams, share, strict=True)))
+            f"{name} {100 * w:.1f} % ({s.n} {unit}, {data_len * w / s.n:.2f} passes)"
+            for (name, s), w in zip(parts, share, strict=True)))
     segments = segment_counts(corpora)
-    if t.samples_changed():
+    if t.pack:
+        train_ds = packed_samples(t, train_ds, tokenizer, total, parts[0][1].prefix)
+    elif t.samples_changed():
         train_ds = training_samples(t, train_ds, tokenizer, total, segments)
-    if segments[0] and not t.timestamp_probability:
+    if segments[0] and not t.timestamp_probability and not t.pack:  # packed windows use them
         log.info("data: %d of %d train clips have segments (ts_labels), unused with train.timestamp_probability=0; "
                  "set it (e.g. 0.5) to train that share of samples on them", *segments)
 
@@ -397,13 +430,11 @@ def training_splits(cfg, corpora, tokenizer=None):
     else:
         eval_ds = EvalSets(evals)
         eval_ds.languages = {c.label: m.get("language") for c, _, m in corpora if c.label in evals and m.get("language")}
-    if rows == 0:
-        raise UserError(f"data={cfg.data}: the train split is empty; prepare more data")
     n_eval = sum(len(d) for d in evals.values())
     log.info(
-        "data: %d train clips in %d shards, %d validation clips; %d x %d x %d processes = %d clips per optimizer "
+        "data: %d train clips in %d shards, %d validation clips; %d x %d x %d processes = %d %s per optimizer "
         "step -> %d steps = %d samples (%.2f passes), shuffle buffer %d", rows,
-        sum(len(s.shards) for _, s in streams), n_eval, t.batch_size, t.grad_accum, world, eff, steps, total,
+        sum(len(s.shards) for _, s in streams), n_eval, t.batch_size, t.grad_accum, world, eff, unit, steps, total,
         total / max(per_epoch, 1), t.shuffle_buffer,
     )
     return train_ds, eval_ds, steps
@@ -455,9 +486,27 @@ def corpus_trainer():
     from transformers import Seq2SeqTrainer
 
     class CorpusTrainer(Seq2SeqTrainer):
-        def __init__(self, *args, eval_languages: dict[str, str] | None = None, **kwargs):
+        def __init__(self, *args, eval_languages: dict[str, str] | None = None, counted: dict | None = None,
+                     **kwargs):
             super().__init__(*args, **kwargs)
             self.eval_languages = eval_languages or {}
+            self.counted = counted if counted is not None else {}
+            """running totals of the collator's COUNT_KEYS over this process's training batches"""
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            from lib.train.collator import COUNT_KEYS
+
+            for k in COUNT_KEYS:  # what the batch holds, for the speed metrics; never the model's input
+                if k in inputs:
+                    self.counted[k] = self.counted.get(k, 0) + inputs.pop(k)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+            from lib.train.collator import COUNT_KEYS
+
+            for k in COUNT_KEYS:
+                inputs.pop(k, None)
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval", **gen_kwargs):
             corpus = metric_key_prefix[len("eval_"):] if metric_key_prefix.startswith("eval_") else None
@@ -488,13 +537,16 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
     if cfg.train.profile_steps:
         # the last steps of the run (after warm-up and compilation), left out of the timing
         profiler = ProfileSteps(steps - cfg.train.profile_steps, cfg.train.profile_steps, run_dir / "profile.txt")
+    counted: dict[str, float] = {}
     cb = Callbacks(stopper=checkpoint.StopOnSigterm(),
-                   timer=StepTimer(warmup=cfg.train.timing_warmup, until=profiler.start if profiler else None),
+                   timer=StepTimer(warmup=cfg.train.timing_warmup, until=profiler.start if profiler else None,
+                                   counted=counted),
                    profiler=profiler)
     processor.tokenizer.set_prefix_tokens(language=cfg.language, task=cfg.task)
     languages = getattr(eval_ds, "languages", None) or {}
     trainer = corpus_trainer()(
         eval_languages=languages,
+        counted=counted,
         model=model,
         args=training_arguments(cfg, ckpt_root, precision, has_eval=eval_ds is not None,
                                 generation_max_length=eval_budget(cfg, eval_ds, processor.tokenizer), steps=steps,
@@ -503,7 +555,8 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
                                       start_of_prev=processor.tokenizer.convert_tokens_to_ids("<|startofprev|>"),
                                       # prefix_tokens = <|sot|> <|lang|> <|task|> <|notimestamps|>, set just above
                                       mask_language=(processor.tokenizer.prefix_tokens[1]
-                                                     if cfg.train.mask_language_token else None)),
+                                                     if cfg.train.mask_language_token else None),
+                                      count=True),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=processor,
@@ -575,7 +628,8 @@ def run_metrics(trainer, result, cb: Callbacks, cfg, model, run_dir: Path, preci
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         # steady state (after train.timing_warmup steps, without eval and saves), all processes
-        **cb.timer.summary(cfg.train.batch_size * cfg.train.grad_accum * trainer.args.world_size),
+        **cb.timer.summary(cfg.train.batch_size * cfg.train.grad_accum * trainer.args.world_size,
+                           trainer.args.world_size),
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "profile": cb.profiler.summary if cb.profiler else None,
         "adapter_size_bytes": checkpoint.dir_size(run_dir / "adapter", "adapter_model*"),
@@ -619,15 +673,16 @@ def wer_summary(state, corpora: list[str] | None = None) -> dict[str, Any]:
     return out
 
 
-def optimizer_steps(n_clips: int, batch_size: int, grad_accum: int, world_size: int,
+def optimizer_steps(n_samples: int, batch_size: int, grad_accum: int, world_size: int,
                     epochs: float, max_steps: int | None) -> int:
     """The optimizer steps Trainer will run, as it counts them: each of `world_size` processes
-    reads ceil(n / world) clips (the distributed sampler pads) in ceil(that / batch) batches;
+    reads ceil(n / world) samples (the distributed sampler pads) in ceil(that / batch) batches;
     an epoch is ceil(batches / grad_accum) steps. 1000 clips, batch 8, 2 GPUs: 63 steps an
-    epoch, not the 125 of one process."""
+    epoch, not the 125 of one process. A sample is a clip, or with train.pack a window of clips
+    (n = the first epoch's windows: later epochs, packed from another order, differ by a few)."""
     import math
 
     if max_steps:
         return max_steps
-    batches = math.ceil(math.ceil(n_clips / world_size) / batch_size)
+    batches = math.ceil(math.ceil(n_samples / world_size) / batch_size)
     return math.ceil(epochs * max(math.ceil(batches / grad_accum), 1))

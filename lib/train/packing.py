@@ -1,0 +1,394 @@
+"""Packing (train.pack): several consecutive clips of the shuffled stream in one 30-s window.
+
+Why: Whisper's encoder always sees 30 s. A 5-s Common Voice clip padded to the window is 500 of
+3000 mel frames of audio, so about 5/6 of the encoder's work on such a corpus is padding; and a
+fine-tune that only ever sees one short sentence per window, labelled <|notimestamps|>, forgets
+long-form transcription (several timestamped segments per window: what Whisper was trained on
+and what sequential long-form decoding asks for). A packed window holds clips k, k+1, ..., k+m-1
+of one corpus's stream with a seeded pause between two clips (train.pack_gap), and is labelled in
+Whisper's multi-segment format, one segment per clip, every clip starting on the 0.02-s grid:
+
+    <|sot|> <|hi|> <|transcribe|> <|0.00|> text 1 <|4.12|> <|4.80|> text 2 <|9.36|> ... <|eot|>
+
+A clip whose manifest gave segments (its `ts_labels`) keeps them, shifted by its start in the
+window. train.pack_single_fraction of the windows hold one clip with its prepared
+<|notimestamps|> label instead: the form clip eval decodes.
+
+Positions -> windows (PackedStream, one corpus). Epoch e of a corpus's ShardStream is its positions
+e*N .. e*N+N-1 (N clips, lib/train/stream.py). The plan of epoch e cuts them, in that order, into
+W_e runs of consecutive positions, greedily: a window takes the next clip while its worst case
+still fits both limits,
+  - audio: every clip at the slowest train.speed_perturb (1/(1-p) longer: 0.1 -> x1.111) plus
+    1 ms of rounding, every pause at the longest train.pack_gap plus one grid step (a clip starts
+    on the grid), all within 30 s: the window is never cut, whatever the draws;
+  - tokens: prefix + every clip's segment tokens + <|eot|> within 448 + 1 (the decoder reads all
+    but the first, <|sot|>), from the label lengths (text + 2 timestamps; a manifest's segments
+    as they are). A prompt (train.prompt_probability) takes only the room that is left.
+A clip that does not fit starts the next window; one that alone exceeds a limit is a window of
+its own (labelled as today: its prepared label when the timestamped one does not fit). Window w
+of the corpus is window w - (W_0 + ... + W_{e-1}) of the first epoch e where that is < W_e. So
+the windows of an epoch partition its positions: every clip is read once per epoch, under DDP
+too (ranks read disjoint windows), and what sits at window w is a pure function of (train.seed,
+the manifests, train.shuffle_buffer, the pack flags, train.speed_perturb): a resumed run skips
+the consumed windows by index as before, without reading one. Several corpora (data=a:0.7,b:0.3)
+are packed one by one and lib.train.stream.Mixture mixes their windows, so a window never mixes
+languages or tasks; weights are shares of windows (without weights: each corpus's windows of an
+epoch, one pass over each).
+
+What is planned from, and what is held: the plan reads each train shard's `duration`, `labels`
+and `ts_labels` columns once at start-up (lib.dataset.shards.read_shard with those columns: no
+audio is read or decoded) and keeps 6 bytes a clip (duration float32, token cost int16). An
+epoch's plan is its positions' rows (ShardStream.epoch_rows, int32), gathered costs, integer
+cumulative sums in samples and tokens, two chunked searchsorted passes (each clip's furthest
+window end) and a tight walk from window to window; it keeps one int32 start and one flag per
+window, for at most 2 epochs. 7 million 4.6-s clips: 1.3 s of CPU and a 189 MB peak an epoch,
+1.73 million windows, 42 MB of per-clip arrays + 8.6 MB a planned epoch (README, "Packing";
+`python -m lib.tools.bench_packing`). A DataLoader worker holds those arrays (numpy: shared
+pages after fork, one copy under spawn; no per-clip Python lists), plans a later epoch itself
+when it gets there, and reads only its own windows' rows through ShardStream's bounded cache.
+
+Augmentation, per window: train.speed_perturb and train.gain_db are drawn per clip before
+packing (a clip is one speaker's recording; its segment times are divided by its speed);
+train.noise_snr_db is added once to the whole window, pauses included (the room, not the
+speaker: pure digital silence between noisy clips would mark the boundaries);
+train.no_speech_fraction is the share of windows that are no-speech clips
+(lib.train.augment.Interleave); train.prompt_probability prompts a window with its first clip's
+previous text; SpecAugment masks the window's log-mel as it masks a clip's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from lib.dataset import shards
+from lib.errors import UserError
+from lib.train.augment import TrainingSamples, add_noise, change_speed
+from lib.whisper import (
+    MAX_POSITIONS,
+    MAX_PROMPT,
+    MAX_SECONDS,
+    SAMPLING_RATE,
+    TIME_STEP,
+    SpecialTokens,
+    rescaled,
+    segmented,
+    segments_of,
+    split_label,
+)
+
+log = logging.getLogger("whisper_ft")
+
+PLAN_COLUMNS = ["duration", "labels", "ts_labels"]
+"""what the plan reads of a shard: never `audio`"""
+
+GRID = round(SAMPLING_RATE * TIME_STEP)
+"""samples per timestamp step: 16,000 x 0.02 = 320; every clip of a window starts on a multiple"""
+
+CLIP_MARGIN = SAMPLING_RATE // 1000
+"""samples budgeted per clip beyond duration x stretch: 1 ms (16 samples) covers the float32
+duration column and the resampler's output length rounding (a sample or two)"""
+
+SINGLE_DRAWS, WINDOW_DRAWS = 3, 4
+"""generator streams of the plan's single-clip choice and of a window's draws; ShardStream uses
+0 and 1, Mixture 2, so no two draw the same numbers"""
+
+
+@dataclass(frozen=True)
+class PackLimits:
+    """What a window may hold, in the plan's units (samples and label tokens)."""
+
+    window: int
+    """audio samples of a window: 30 s x 16 kHz = 480,000"""
+    gap: int
+    """samples budgeted per pause: the longest train.pack_gap, plus one grid step of alignment"""
+    stretch: float
+    """the longest a clip can become: 1 / (1 - train.speed_perturb), 1 without speed change"""
+    tokens: int
+    """segment tokens of all clips together: 448 decoder positions - the prefix (<|sot|> <|hi|>
+    <|transcribe|>: 3), as the window's label is prefix + segments + <|eot|> and the decoder reads
+    all but its first token"""
+    single_fraction: float
+    """train.pack_single_fraction"""
+    margin: int = CLIP_MARGIN
+
+    @classmethod
+    def of(cls, t, prefix_tokens: int) -> PackLimits:
+        """From lib.train.config.TrainSection `t` and the length of the data's label prefix."""
+        return cls(window=round(MAX_SECONDS * SAMPLING_RATE), gap=math.ceil(t.pack_gap[1] * SAMPLING_RATE) + GRID,
+                   stretch=1 / (1 - t.speed_perturb), tokens=MAX_POSITIONS - prefix_tokens,
+                   single_fraction=t.pack_single_fraction)
+
+
+def clip_tokens(label_lengths: np.ndarray, ts_lengths: np.ndarray, prefix_tokens: int) -> np.ndarray:
+    """Each clip's tokens in a packed label, int16: `<|start|> text <|end|>` = its prepared label
+    (prefix + <|notimestamps|> + text + <|eot|>) - prefix; a clip with a manifest's segments, those
+    segments = its ts_labels (prefix + segments + <|eot|>) - prefix - 1."""
+    cost = np.where(ts_lengths > 0, ts_lengths - prefix_tokens - 1, label_lengths - prefix_tokens)
+    return np.clip(cost, 0, np.iinfo(np.int16).max).astype(np.int16)
+
+
+def plan_windows(seconds: np.ndarray, tokens: np.ndarray, limits: PackLimits,
+                 single: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, single flags) of the windows of clips in this order: window j is clips
+    starts[j] .. starts[j+1]-1 (starts[-1] = len(seconds)); flag j = it is a chosen single-clip
+    window (`single`: per clip, whether a window starting at it holds it alone).
+
+    Greedy: a window from clip i takes clips while its worst case fits (PackLimits). With S the
+    cumulative worst-case samples (clip + pause each) and K the cumulative tokens, the furthest
+    end from every i is one searchsorted each; only the walk from window to window is a loop (one
+    step per window: 1.4 million for 7 million 5-s clips)."""
+    n = len(seconds)
+    index = np.int32 if n < 2**31 - 1 else np.int64
+    # Samples as integers: exact sums (a float64 sum over 7 million clips drifts by microseconds).
+    cost = np.ceil(seconds.astype(np.float64) * (limits.stretch * SAMPLING_RATE)).astype(np.int64)
+    cost += limits.margin + limits.gap
+    cum = np.zeros(n + 1, np.int64)
+    np.cumsum(cost, out=cum[1:])
+    del cost
+    # clips i..j-1 fit when cum[j] - cum[i] - gap <= window: the last clip has no pause after it
+    end = np.empty(n, dtype=index)
+    _furthest(cum, limits.window + limits.gap, end)
+    np.cumsum(tokens, out=cum[1:])
+    _furthest(cum, limits.tokens, end, np.minimum)
+    del cum
+    after = np.arange(1, n + 1, dtype=index)
+    np.maximum(end, after, out=end)  # a clip that alone exceeds a limit is a window of its own
+    if single is not None:
+        end[single] = after[single]
+    del after
+    starts = np.empty(n + 1, dtype=index)  # at most n windows; trimmed below
+    step, w, i = end.item, 0, 0
+    while i < n:
+        starts[w] = i
+        w += 1
+        i = step(i)
+    starts[w] = n
+    starts = starts[:w + 1].copy()
+    flags = single[starts[:-1]] if single is not None else np.zeros(w, dtype=bool)
+    return starts, flags
+
+
+PLAN_CHUNK = 1 << 20
+"""clips searched at a time: the search's int64 temporaries stay 8 MB instead of 56 MB each at 7 million"""
+
+
+def _furthest(cum: np.ndarray, limit: int, out: np.ndarray, combine=None) -> None:
+    """out[i] = the largest j with cum[j] <= cum[i] + limit (or combine(out[i], that)), in chunks."""
+    for a in range(0, len(out), PLAN_CHUNK):
+        b = min(a + PLAN_CHUNK, len(out))
+        j = np.searchsorted(cum, cum[a:b] + limit, side="right") - 1
+        out[a:b] = j if combine is None else combine(out[a:b], j)
+
+
+def plan_columns(stream, tok: SpecialTokens) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(seconds float32, label tokens int16 (clip_tokens), prefix) of every row of a ShardStream's
+    split in source order, from each shard's duration/labels/ts_labels columns: no audio is read.
+    Every row must carry the first row's prefix (<|sot|> <|lang|> <|task|>): a window holds one."""
+    import pyarrow.compute as pc
+
+    seconds, tokens, prefix = [], [], None
+    for shard in stream.shards:
+        t = shards.read_shard(shard["url"], columns=PLAN_COLUMNS)
+        if t.num_rows != int(shard["rows"]):
+            raise UserError(f"{shard['url']}: {t.num_rows} rows, but its manifest.json says {shard['rows']}: the "
+                            f"dataset was changed after prepare; prepare it again")
+        labels = t["labels"]
+        if prefix is None:
+            prefix = split_label(list(map(int, labels[0].as_py())), tok)[0]
+        heads = pc.list_flatten(pc.list_slice(labels, 0, len(prefix))).to_numpy()
+        lengths = pc.list_value_length(labels).to_numpy()
+        if len(heads) != len(prefix) * t.num_rows or (heads.reshape(-1, len(prefix)) != prefix).any():
+            raise UserError(f"data={stream.name}: rows of {shard['url']} start with another language or task token "
+                            f"than the split's first row ({prefix}): train.pack puts consecutive rows in one window, "
+                            f"so a corpus must be one language and task; prepare one corpus per language and mix "
+                            f"them with data=a:0.7,b:0.3, or set train.pack=false")
+        seconds.append(t["duration"].to_numpy().astype(np.float32))
+        tokens.append(clip_tokens(lengths, pc.list_value_length(t["ts_labels"]).to_numpy(), len(prefix)))
+    return np.concatenate(seconds), np.concatenate(tokens), prefix or []
+
+
+class PackedStream(Dataset):
+    """Window position w of one corpus -> the consecutive ShardStream positions it holds (see the
+    module docstring); the item is the raw window {"rows", "single", "key", "id", ...}, which
+    PackedSamples turns into a training sample."""
+
+    def __init__(self, stream, t, columns: tuple[np.ndarray, np.ndarray, list[int]], part: int = 0,
+                 length: int | None = None):
+        """stream: the corpus's lib.train.stream.ShardStream; t: lib.train.config.TrainSection;
+        columns: plan_columns(stream, ...) (PackedStream.read reads them); part: the corpus's place
+        in data= (its draws differ from the other corpora's). Plans nothing yet: `n` plans epoch 0."""
+        self.stream, self.part, self.seed, self.name = stream, int(part), stream.seed, stream.name
+        self.seconds, self.tokens, self.prefix = columns
+        if len(self.seconds) != stream.n or len(self.tokens) != stream.n:
+            raise ValueError(f"plan columns of {len(self.seconds)} clips for a split of {stream.n}")
+        self.limits = PackLimits.of(t, len(self.prefix))
+        self._counts: list[int] = []  # windows of epochs 0, 1, ... planned so far: a few ints
+        self._plans: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.length = length
+
+    @classmethod
+    def read(cls, stream, tok: SpecialTokens, t, part: int = 0) -> PackedStream:
+        """The corpus's windows, planned from its shards' columns (plan_columns: no audio)."""
+        return cls(stream, t, plan_columns(stream, tok), part)
+
+    @property
+    def n(self) -> int:
+        """Windows of the first epoch: the unit of steps per epoch and of an unweighted mixture."""
+        return self.windows_of(0)
+
+    def __len__(self) -> int:
+        return self.n if self.length is None else self.length
+
+    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, single flags) of an epoch's windows, offsets within the epoch (plan_windows); the
+        last 2 epochs' are kept."""
+        if epoch in self._plans:
+            self._plans.move_to_end(epoch)
+            return self._plans[epoch]
+        order = self.stream.epoch_rows(epoch)
+        seconds, tokens = self.seconds[order], self.tokens[order]
+        del order
+        single = None
+        if self.limits.single_fraction:
+            draws = np.random.default_rng([self.seed, epoch, SINGLE_DRAWS, self.part]).random(len(seconds), np.float32)
+            single = draws < self.limits.single_fraction
+            del draws
+        plan = plan_windows(seconds, tokens, self.limits, single)
+        del seconds, tokens
+        self._plans[epoch] = plan
+        while len(self._plans) > 2:
+            self._plans.popitem(last=False)
+        return plan
+
+    def windows_of(self, epoch: int) -> int:
+        """W_epoch; planning the epochs before it first (their counts place its windows)."""
+        while len(self._counts) <= epoch:
+            self._counts.append(len(self.plan(len(self._counts))[1]))
+        return self._counts[epoch]
+
+    def locate(self, w: int) -> tuple[int, int, int, bool]:
+        """(epoch, first position, end position, chosen single) of window w, from the plan alone."""
+        if w < 0:
+            raise IndexError(w)
+        epoch, before = 0, 0
+        while w >= before + self.windows_of(epoch):
+            before += self._counts[epoch]
+            epoch += 1
+        starts, flags = self.plan(epoch)
+        j, first = w - before, epoch * self.stream.n
+        return epoch, first + int(starts[j]), first + int(starts[j + 1]), bool(flags[j])
+
+    def __getitem__(self, w: int) -> dict[str, Any]:
+        _, a, b, single = self.locate(int(w))
+        rows = [self.stream[k] for k in range(a, b)]
+        return {"rows": rows, "single": single, "key": (self.part, int(w)), "id": "+".join(r["id"] for r in rows),
+                "corpus": self.name, "position": int(w)}
+
+    def describe(self) -> str:
+        """'N clips -> W windows (mean X clips, Y s of audio per window)' of the first epoch."""
+        n, w = len(self.seconds), self.n
+        return (f"{n} clips -> {w} windows (mean {n / max(w, 1):.2f} clips, "
+                f"{float(self.seconds.sum(dtype=np.float64)) / max(w, 1):.1f} s of audio per window)")
+
+
+class PackedSamples(TrainingSamples):
+    """Raw windows (a PackedStream, or a Mixture of them) -> training samples {audio, labels, prompt,
+    id, corpus, clips, audio_seconds, clip_seconds}; rows n.. are no-speech clips, as in TrainingSamples (with
+    Interleave spreading them, train.no_speech_fraction is their share of windows). `id` joins the
+    window's clip ids with '+'; `clips` (0 for no speech), `audio_seconds` (the window's
+    length, pauses included) and `clip_seconds` (its clips alone) are for metrics: the collator reads only audio, labels and prompt."""
+
+    def __init__(self, ds, tokenizer, t, prefix: list[int], seed: int | None = None):
+        super().__init__(ds, tokenizer, t, seed=seed, prefix=prefix)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i >= self.n:
+            row = super().__getitem__(i)
+            seconds = len(row["audio"]) / SAMPLING_RATE
+            return {**row, "clips": 0, "audio_seconds": seconds, "clip_seconds": seconds}
+        win = self.ds[int(i)]
+        rows, t = win["rows"], self.t
+        rng = np.random.default_rng([self.seed, WINDOW_DRAWS, *win["key"]])
+        use_prompt = rng.random() < t.prompt_probability
+        packed = None if win["single"] else self.pack(rows, rng)
+        if packed is None:  # a chosen single-clip window, or one clip that alone exceeds a limit
+            audio, _ = self.augment_audio(np.asarray(rows[0]["audio"], dtype=np.float32), rng)
+            labels = list(map(int, rows[0]["labels"]))
+            clip_samples = len(audio)
+        else:
+            audio, labels, clip_samples = packed
+        prompt = []
+        if use_prompt and len(rows[0]["prev_labels"]):
+            prev = split_label(list(map(int, rows[0]["prev_labels"])), self.tok)[1]
+            # [<|startofprev|>] + prompt + labels[:-1] must fit the decoder's positions too
+            room = MAX_POSITIONS - len(labels)
+            prompt = prev[-min(MAX_PROMPT, room):] if room > 0 and prev else []
+        return {"audio": audio, "labels": labels, "prompt": prompt, "id": win["id"], "corpus": win.get("corpus", ""),
+                "clips": len(rows), "audio_seconds": len(audio) / SAMPLING_RATE,
+                "clip_seconds": clip_samples / SAMPLING_RATE}
+
+    def pack(self, rows: list[dict[str, Any]], rng: np.random.Generator) -> tuple[np.ndarray, list[int], int] | None:
+        """(audio, timestamped label, samples of clip audio without the pauses) of a window's clips, or None for one clip that alone does not
+        fit 30 s or 448 positions. Per clip three draws (speed, gain, pause), then two for the
+        window's noise, whatever is on: turning one option on keeps the other choices."""
+        t, tok = self.t, self.tok
+        lo, hi = t.pack_gap
+        pieces, segments, cursor = [], [], 0
+        for row in rows:
+            speed = 1 + t.speed_perturb * (2 * rng.random() - 1)
+            gain_db = t.gain_db * (2 * rng.random() - 1)
+            pause = round(rng.uniform(lo, hi) * SAMPLING_RATE)
+            audio = np.asarray(row["audio"], dtype=np.float32)
+            if t.speed_perturb and len(audio):
+                speed = max(speed, len(audio) / (MAX_SECONDS * SAMPLING_RATE))  # as augment_audio: never past 30 s
+                audio = change_speed(audio, speed)
+            else:
+                speed = 1.0
+            if t.gain_db:
+                audio = np.clip(audio * 10 ** (gain_db / 20), -1.0, 1.0).astype(np.float32)
+            seconds, offset = len(audio) / SAMPLING_RATE, cursor / SAMPLING_RATE
+            ts = list(map(int, row.get("ts_labels") or ()))
+            if ts:  # the manifest's segments, in the clip's time (after its speed), within the clip
+                own = segments_of(rescaled(ts, speed, tok) if speed != 1 else ts, tok)
+                own = [(min(s, seconds), min(e, seconds), text) for s, e, text in own]
+            else:
+                own = [(0.0, seconds, split_label(list(map(int, row["labels"])), tok)[1])]
+            segments += [(offset + s, offset + e, text) for s, e, text in own]
+            pieces.append((cursor, audio))
+            # the next clip starts on the grid, so its <|start|> is exact and its segments shift by whole steps
+            cursor = -(-(cursor + len(audio) + pause) // GRID) * GRID
+        snr = (t.noise_snr_db + 20 * rng.random()) if t.noise_snr_db is not None else None
+        noise_rng = np.random.default_rng(rng.integers(2 ** 63))
+        length = pieces[-1][0] + len(pieces[-1][1])
+        labels = segmented(list(map(int, rows[0]["labels"])), segments, tok)
+        if len(rows) == 1 and (length > round(MAX_SECONDS * SAMPLING_RATE) or len(labels) - 1 > MAX_POSITIONS):
+            return None
+        if length > round(MAX_SECONDS * SAMPLING_RATE) or len(labels) - 1 > MAX_POSITIONS:
+            raise UserError(f"packed window of clips {'+'.join(str(r['id']) for r in rows)}: {length / SAMPLING_RATE:.3f} "
+                            f"s and {len(labels)} label tokens, beyond what its plan allowed from the shards' duration "
+                            f"and labels columns: those columns disagree with the clips; prepare the data again")
+        audio = np.zeros(length, dtype=np.float32)
+        for start, piece in pieces:
+            audio[start:start + len(piece)] = piece
+        if snr is not None:
+            audio = add_noise(audio, snr, noise_rng)
+        return audio, labels, sum(len(piece) for _, piece in pieces)
+
+
+def packed_streams(streams: list[tuple[str, Any]], t, tokenizer) -> list[tuple[str, PackedStream]]:
+    """[(name, PackedStream)] of [(name, ShardStream)], each corpus planned on its own (one
+    language and task per window); logs what packing did, per corpus."""
+    tok = SpecialTokens.of(tokenizer)
+    out = [(name, PackedStream.read(s, tok, t, part=j)) for j, (name, s) in enumerate(streams)]
+    for name, p in out:
+        log.info("data: %s%s (train.pack: pauses %g-%g s, %.0f %% single-clip windows, budget for speed x%.3f)",
+                 f"{name}: " if len(out) > 1 else "", p.describe(), *t.pack_gap, 100 * t.pack_single_fraction,
+                 p.limits.stretch)
+    return out
