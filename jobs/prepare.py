@@ -204,11 +204,10 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
     # 1. Check the language against the tokenizer before any work.
     tokenizer = load_tokenizer(cfg.model)
     resolved = Resolved(language=resolve_language(cfg.language, tokenizer))
-    language = resolved.language
     known = sorted(known_languages(tokenizer))
     limits = Limits(cfg.min_duration, cfg.max_duration, max_target_positions(cfg.model))
     log.info("%s: %s -> %s, language=%s task=%s, tokenizer %s, clips %.1f-%.0f s, labels <= %d tokens, "
-             "PCM sources as %s", who, cfg.source.kind, out, language, cfg.task, cfg.model, cfg.min_duration,
+             "PCM sources as %s", who, cfg.source.kind, out, resolved.language, cfg.task, cfg.model, cfg.min_duration,
              cfg.max_duration, limits.max_label_tokens, pcm_storage(cfg))
 
     # 2. Read the source rows (downloading for mdc; a hub source into the work folder, never
@@ -216,7 +215,7 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
     #    sentence is held out; where the source has no validation, hold some of train out (by
     #    speaker) and drop the train rows that share a sentence with it.
     hub_cache = work / f"{staging.HUB_CACHE}{index}"
-    rows = read_source(cfg.source, language, env, cache_dir=hub_cache if cfg.source.kind == "hub" else None)
+    rows = read_source(cfg.source, resolved.language, env, cache_dir=hub_cache if cfg.source.kind == "hub" else None)
     overlaps = drop_overlaps(rows)
     validation = carve_validation(rows, cfg.validation_fraction)
     if validation["made"] == "held out of train":

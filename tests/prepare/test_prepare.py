@@ -190,11 +190,11 @@ def test_data_names_the_dataset_and_name_is_its_deprecated_alias(tiny_model_dir,
     assert again["fingerprint"] == m["fingerprint"] and again["created"] == m["created"]  # up to date: the same
     assert any("name=j is deprecated: write data=j" in r.getMessage() for r in caplog.records)
     with pytest.raises(UserError, match="data=k and name=j: name= is the old name of data="):
-        load_config(PrepareConfig, None, ["data=k", "name=j"])
-    assert load_config(PrepareConfig, None, ["data=j", "name=j"]).dataset() == "j"
-    assert load_config(PrepareConfig, None, []).dataset() == "dataset"
+        load_config(PrepareConfig, None, ["data=k", "name=j", *flags])
+    assert load_config(PrepareConfig, None, ["data=j", "name=j", *flags]).dataset() == "j"
+    assert load_config(PrepareConfig, None, [*flags]).dataset() == "dataset"
     with pytest.raises(UserError, match="name='a/b': give a plain folder name"):
-        load_config(PrepareConfig, None, ["name=a/b"])
+        load_config(PrepareConfig, None, ["name=a/b", *flags])
 
 
 def test_audiofolder_layout_with_split_folders(tiny_model_dir, tmp_path):
@@ -373,7 +373,7 @@ def test_every_prepare_recipe_loads():
     for r in recipes:
         cfg = load_config(PrepareConfig, r)
         assert cfg.source.kind in ("cv", "mdc", "hub", "manifest", "audiofolder")
-        assert cfg.name and cfg.language
+        assert cfg.data and cfg.name is None and cfg.language  # recipes name the dataset with data=, not name=
 
 
 def test_shards_hold_encoded_audio_that_decodes_to_float32_16k(cv_prepared):
