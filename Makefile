@@ -228,7 +228,7 @@ push: ## push the image to its registry (set IMAGE_NAME=registry/path first)
 .PHONY: prepare
 prepare: ## prepare a dataset into DATA_DIR/prepared/DATA (LANG, DATA, RECIPE, ARGS)
 	mkdir -p $(DATA_ABS)
-	$(call job,prepare,$(recipe_arg) $(if $(DATA_NAME),name=$(DATA_NAME)) $(language_arg) $(ARGS))
+	$(call job,prepare,$(recipe_arg) $(data_arg) $(language_arg) $(ARGS))
 
 .PHONY: train
 train: recipe_arg = --recipe $(or $(RECIPE),$(TRAIN_RECIPE))

@@ -33,11 +33,11 @@ python -c 'import sys; from pathlib import Path; from tests.helpers import build
   "$model_dir"
 
 step "2/5 prepare tests/fixtures/cv_release -> $data_dir/prepared/demo-hi"
-python -m jobs.prepare name=demo-hi language=hi model="$model_dir" \
+python -m jobs.prepare data=demo-hi language=hi model="$model_dir" \
   source.kind=cv source.path=tests/fixtures/cv_release num_proc=1
 # English clips for eval's forgetting / language-ID section (the fixture's en rows; its
 # Hindi rows land in train, which eval does not read; a truncated clip is skipped and reported).
-python -m jobs.prepare name=demo-en language=en model="$model_dir" \
+python -m jobs.prepare data=demo-en language=en model="$model_dir" \
   source.kind=manifest source.path=tests/fixtures/manifest/manifest.csv num_proc=1
 
 step "3/5 train a few LoRA steps -> $data_dir/runs/demo"

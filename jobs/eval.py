@@ -23,39 +23,29 @@ from typing import Literal
 from lib import summary
 from lib.cli import run_job
 from lib.config import dump_yaml, to_dict
+from lib.dataset.corpora import DataFlag
+from lib.decoding import DecodeConfig, ModelChoice, load_for_decoding
 from lib.env import Env
 from lib.errors import UserError
 from lib.evaluate.longform import LongformConfig
-from lib.whisper import MAX_NEW_TOKENS, MAX_POSITIONS, PROMPT_TOKENS
 
 log = logging.getLogger("whisper_ft")
 
 
 @dataclass
-class EvalConfig:
-    run: str | None = None
-    """run name: evaluates DATA_DIR/runs/RUN/adapter on its base, and the base zero-shot"""
-    model: str | None = None
-    """a base model (folder or Hub id) for adapter=, or a plain/merged model to evaluate alone"""
-    adapter: str | None = None
-    """a LoRA adapter folder or Hub id (instead of run=)"""
+class EvalConfig(DecodeConfig, ModelChoice, DataFlag):
+    """`make eval`: run= / model= / adapter= (lib.decoding.ModelChoice), language=, task=, precision=,
+    quantization=, max_new_tokens= and the no-speech gate (lib.decoding.DecodeConfig), then these."""
+
+    max_new_tokens: int | None = None
+    """tokens per transcript; default: the split's longest label + 25 % + 8 (lib.inference.decode_budget),
+    at most 444 (448 positions minus the 4-token prompt); a hypothesis that hits it is flagged truncated"""
     data: str | None = None
     """prepared dataset name under DATA_DIR/prepared (default: the run's config.yaml data)"""
     split: str = "test"
     """which prepared split to score"""
-    language: str | None = None
-    """ISO code forced at generation (default: the run's, else the dataset manifest's)"""
-    task: Literal["transcribe", "translate"] | None = None
-    """default: the run's task, else transcribe"""
     batch_size: int = 16
     """clips per generate() call; 16 x 30-s clips of whisper-small fit in ~6 GB fp16"""
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    """auto: bf16/fp16 on a GPU, fp32 on the CPU"""
-    quantization: Literal["none", "int8"] = "none"
-    """int8 (bitsandbytes) only when asked: it is slower to generate and can shift WER"""
-    max_new_tokens: int | None = None
-    """tokens per transcript; default: the split's longest label + 25 % + 8 (lib.inference.decode_budget),
-    at most 444 (448 positions minus the 4-token prompt); a hypothesis that hits it is flagged truncated"""
     num_beams: int = 1
     """1 = greedy (what the walkthrough reports); 5 is slower and usually a little better"""
     cache: Literal["dynamic", "static"] = "dynamic"
@@ -87,14 +77,6 @@ class EvalConfig:
     """silence/noise clips scored for hallucination (the share that produce text), model and base; 0 = off"""
     no_speech_dir: str | None = None
     """a folder of audio without speech to cut those clips from; default: generated silence, white/pink noise"""
-    no_speech_threshold: float | None = 0.6
-    """the no-speech gate (lib.inference.NoSpeechGate), as transcribe applies it: a clip whose
-    no-speech probability is above this comes out empty (with logprob_threshold, only if its
-    transcript's mean log-probability is also below that); none = off. Clips only: long-form
-    decoding is not gated (README: it skipped speech windows)"""
-    logprob_threshold: float = 0.0
-    """0 = the no-speech probability alone decides (every mean log-probability is below 0); -1.0 =
-    Whisper's own rule, which let 32 of 32 confident loops on silence through (README)"""
     track: bool = True
     """with run=: log the WERs and the report to the run's tracking run (RUN/tracking.json, written
     by train.report_to=mlflow or wandb); nothing to do for a run tracked by TensorBoard only"""
@@ -104,8 +86,6 @@ class EvalConfig:
             raise UserError("batch_size must be >= 1: set batch_size=16")
         if self.limit is not None and self.limit < 1:
             raise UserError("limit must be >= 1 (or leave it unset for the whole split)")
-        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            raise UserError(f"max_new_tokens must be 1..{MAX_NEW_TOKENS} ({MAX_POSITIONS} positions minus the {PROMPT_TOKENS}-token prompt)")
         if self.speed_clips < 1:
             raise UserError("speed_clips must be >= 1")
         if not 0 <= self.forgetting_max_drop <= 1 or not 0 <= self.forgetting_max_wer_rise:
@@ -113,14 +93,44 @@ class EvalConfig:
                             "e.g. forgetting_max_drop=0.02 for 2 points)")
         if self.no_speech_clips < 0:
             raise UserError("no_speech_clips must be >= 0 (0 turns the hallucination check off)")
-        from lib.inference import NoSpeechGate
+        if self.data:
+            self.corpora()  # a malformed list or weight fails here, before anything loads
+        super().__post_init__()  # max_new_tokens and the no-speech gate (lib.decoding.DecodeConfig)
 
-        NoSpeechGate.of(self.no_speech_threshold, self.logprob_threshold)  # its checks name the flags
 
-    def gate(self):
-        from lib.inference import NoSpeechGate
+@dataclass
+class Resolved:
+    """What eval scores, resolved from data= (else the run's) and also=; the EvalConfig stays as given."""
 
-        return NoSpeechGate.of(self.no_speech_threshold, self.logprob_threshold)
+    data: str
+    """the dataset whose split is scored: data=, else the run's; a run on several corpora: the first"""
+    also: list[str]
+    """also=, after a run's other corpora that have also_split (scored as also= datasets)"""
+
+    def record(self, cfg: EvalConfig) -> dict:
+        """The config as eval records it (eval_config.yaml, report.json's config): yours, with also= as scored."""
+        return {**to_dict(cfg), "also": self.also}
+
+
+def resolve_data(cfg: EvalConfig, env: Env, source) -> Resolved:
+    """The dataset to score and the also= list: a run on several corpora (data=a:0.7,b:0.3) scores
+    the first as the main split and the others, where they have also_split, as also= datasets."""
+    from lib.dataset.prepared import has_split, open_prepared
+
+    data = cfg.data or source.run_config.get("data")
+    if not data:
+        raise UserError("which dataset? set data=<prepared name> (see DATA_DIR/prepared)")
+    corpora = [c.name for c in cfg.corpora(default=source.run_config.get("data"))]
+    if len(corpora) == 1:
+        return Resolved(data, list(cfg.also))
+    scored = [c for c in corpora[1:] if has_split(open_prepared(env, c)[1], cfg.also_split)]
+    for c in corpora[1:]:
+        if c not in scored:
+            log.warning("eval: %s (a corpus of the run) has no '%s' split: not scored (also_split= picks "
+                        "another split)", c, cfg.also_split)
+    log.info("eval: data=%s: %s is the main dataset; %s scored with also= (WER and language ID each)", data,
+             corpora[0], ", ".join(scored) or "no other corpus")
+    return Resolved(corpora[0], [*scored, *[a for a in cfg.also if a not in corpora]])
 
 
 def main(cfg: EvalConfig, env: Env) -> dict:
@@ -134,32 +144,16 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         write_report,
     )
     from lib.inference import decode_budget, speed_compare, transcribe_dataset
-    from lib.language import job_language, task_setting
     from lib.metrics import score
-    from lib.model import load_model, random_weights_note, resolve_source
+    from lib.model import random_weights_note
     from lib.train.tracking import log_eval
     from lib.whisper import PROMPT_TOKENS
 
-    # 1. What to evaluate, on what, and where the report goes.
-    source = resolve_source(env, cfg.run, cfg.model, cfg.adapter)
-    data = cfg.data or source.run_config.get("data")
-    if not data:
-        raise UserError("which dataset? set data=<prepared name> (see DATA_DIR/prepared)")
-    from lib.dataset.corpora import parse_data
-
-    corpora = [c.name for c in parse_data(data)]
-    if len(corpora) > 1:  # a run on several corpora: the first is the main split, the others are scored as also=
-        from lib.dataset.prepared import has_split
-
-        scored = [c for c in corpora[1:] if has_split(open_prepared(env, c)[1], cfg.also_split)]
-        for c in corpora[1:]:
-            if c not in scored:
-                log.warning("eval: %s (a corpus of the run) has no '%s' split: not scored (also_split= picks "
-                            "another split)", c, cfg.also_split)
-        log.info("eval: data=%s: %s is the main dataset; %s scored with also= (WER and language ID each)", data,
-                 corpora[0], ", ".join(scored) or "no other corpus")
-        cfg.also = [*scored, *[a for a in cfg.also if a not in corpora]]
-        data = corpora[0]
+    # 1. What to evaluate, on what (a run on several corpora: the first is the main split, the
+    #    others are scored as also=), and where the report goes.
+    source = cfg.source(env)
+    resolved = resolve_data(cfg, env, source)
+    data = resolved.data
     data_path, manifest = open_prepared(env, data)
     if cfg.out:
         out = Path(cfg.out)
@@ -169,7 +163,6 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         out = env.data_dir / "evals" / f"{Path(source.base).name}-{Path(str(data_path)).name}-{cfg.split}"
     if (out / "report.json").exists() and not cfg.force:
         raise UserError(f"{out} already holds an evaluation report: set force=true to replace it, or out=")
-    task = task_setting(cfg.task, run_config=source.run_config, adapter=source.adapter, manifest=manifest)
     log.info("eval: %s on %s/%s -> %s", source.describe(), data_path, cfg.split, out)
 
     # 2. The split (first `limit` clips when asked).
@@ -185,12 +178,10 @@ def main(cfg: EvalConfig, env: Env) -> dict:
     from lib.evaluate import forgetting, longform
 
     recordings, lf_source = longform.recordings_for(cfg.longform, ds, cfg.split) if cfg.longform.recordings else ([], "")
-    also_sets = forgetting.open_also(env, cfg.also)
+    also_sets = forgetting.open_also(env, resolved.also)
 
-    # 3. The model (adapter attached, base reachable through disable_adapter()).
-    model, processor, info = load_model(source, cfg.precision, cfg.quantization, token=env.hf_token)
-    language = job_language(processor.tokenizer, cfg.language, run_config=source.run_config,
-                            adapter=source.adapter, manifest=manifest, model=model)
+    # 3. The model (adapter attached, base reachable through disable_adapter()), its language and task.
+    model, processor, info, language, task = load_for_decoding(cfg, source, env.hf_token, manifest)
     check_tokenizer(manifest, processor.tokenizer, data, source.base, "model")
     log.info("eval: language %s, task %s, %s", language, task, info)
 
@@ -257,7 +248,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         "worst": [vars(u) for u in worst(utts[label])],
         "training_curves": curves,
         "versions": package_versions(),
-        "config": to_dict(cfg),
+        "config": resolved.record(cfg),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -290,7 +281,7 @@ def main(cfg: EvalConfig, env: Env) -> dict:
         log.info("eval: speed_compare %s", report["speed_compare"])
 
     write_report(out, report)
-    dump_yaml(cfg, out / "eval_config.yaml")
+    dump_yaml(resolved.record(cfg), out / "eval_config.yaml")
     for name, m in results.items():
         log.info("eval: %-7s normalized WER %.2f %%  WER %.2f %%  CER %.2f %%  (empty %d, loops %d)",
                  name, 100 * m["normalized_wer"], 100 * m["wer"], 100 * m["cer"], m["empty"], m["repetition"])

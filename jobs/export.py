@@ -23,6 +23,8 @@ from typing import Literal
 from lib import summary
 from lib.cli import run_job
 from lib.config import to_dict
+from lib.dataset.corpora import DataFlag
+from lib.decoding import ModelChoice
 from lib.env import Env
 from lib.errors import UserError
 from lib.hub import HubConfig
@@ -32,13 +34,9 @@ log = logging.getLogger("whisper_ft")
 
 
 @dataclass
-class ExportConfig:
-    run: str | None = None
-    """run name: merges DATA_DIR/runs/RUN/adapter into its base"""
-    adapter: str | None = None
-    """an adapter folder or Hub id (instead of run=)"""
-    model: str | None = None
-    """the base (default: the adapter's base_model_name_or_path)"""
+class ExportConfig(ModelChoice, DataFlag):
+    """`make export`: run= / adapter= / model= (the base; lib.decoding.ModelChoice), then these."""
+
     out: str | None = None
     """output folder (default DATA_DIR/runs/RUN/merged, or ADAPTER-merged)"""
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
@@ -77,6 +75,8 @@ class ExportConfig:
             raise UserError(f"verify_tokens must be 1..{MAX_NEW_TOKENS}")
         if not all(0 <= w <= 1 for w in (self.verify_max_wer, self.ct2_max_wer, self.ggml_max_wer)):
             raise UserError("verify_max_wer, ct2_max_wer and ggml_max_wer are fractions in 0..1 (0.05 = 5 %)")
+        if self.data:
+            self.corpora()  # a malformed list or weight fails here, before anything loads
 
 
 def main(cfg: ExportConfig, env: Env) -> dict:
@@ -86,11 +86,11 @@ def main(cfg: ExportConfig, env: Env) -> dict:
     from lib.evaluate.report import package_versions
     from lib.export import merge as ex
     from lib.language import job_language, task_setting
-    from lib.model import load_base, load_processor, resolve_source
+    from lib.model import load_base, load_processor
 
     # 1. What to merge, where to; a push without a token fails here, before any work.
     hub.require_token(cfg.hub, env.hf_token)
-    source = resolve_source(env, cfg.run, cfg.model, cfg.adapter)
+    source = cfg.source(env)
     if not source.adapter:
         raise UserError("export merges an adapter: give run=NAME or adapter=DIR (model= is only the base)")
     out = Path(cfg.out) if cfg.out else (
@@ -109,13 +109,12 @@ def main(cfg: ExportConfig, env: Env) -> dict:
     # 2. Verification clips from the prepared split (first verify_clips rows).
     clips: list = []
     if cfg.verify_clips:
-        data = cfg.data or source.run_config.get("data")
-        if not data:
+        if not (cfg.data or source.run_config.get("data")):
             raise UserError("verification needs clips: set data=<prepared name> (or verify_clips=0 to skip)")
-        from lib.dataset.corpora import parse_data
         from lib.dataset.prepared import audio_arrays
 
-        data_path, manifest = open_prepared(env, parse_data(data)[0].name)  # a run's first corpus
+        first = cfg.corpora(default=source.run_config.get("data"))[0]  # a run's first corpus
+        data_path, manifest = open_prepared(env, first.name)
         clips = audio_arrays(load_split(data_path, cfg.split, manifest), 0, cfg.verify_clips)
     else:
         log.warning("export: verify_clips=0: the merged model is NOT checked against base + adapter")

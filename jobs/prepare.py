@@ -1,8 +1,8 @@
-"""Prepare a speech dataset for Whisper fine-tuning: DATA_DIR/prepared/NAME (format 2, lib/dataset/shards.py).
+"""Prepare a speech dataset for Whisper fine-tuning: DATA_DIR/prepared/DATA (format 2, lib/dataset/shards.py).
 
     python -m jobs.prepare --recipe jobs/recipes/prepare_cv_hi.yaml [--env-file .env] [key=value ...]
-    python -m jobs.prepare name=cv_hi language=hi source.kind=cv source.path=/data/cv-corpus-17.0/hi
-    python -m jobs.prepare name=fleurs_hi language=hi source.kind=hub source.hub_id=google/fleurs \
+    python -m jobs.prepare data=cv_hi language=hi source.kind=cv source.path=/data/cv-corpus-17.0/hi
+    python -m jobs.prepare data=fleurs_hi language=hi source.kind=hub source.hub_id=google/fleurs \
         source.hub_config=hi_in source.hub_revision=refs/convert/parquet source.text_column=raw_transcription
     make prepare DATA=cv_hi ARGS="shard_count=4 shard_index=0"     # one of 4 machines (an Indexed Job's pod)
 
@@ -17,10 +17,11 @@ empty transcripts, clips outside [min_duration, max_duration], labels over
 max_target_positions, speech impossibly fast for the audio, duplicate clips, and train
 (validation) rows whose clip or sentence is in validation or test. A source without a
 validation split gets a speaker-disjoint slice of train (validation_fraction). Chunks of
-chunk_rows rows are written as Parquet shards straight into DATA_DIR/prepared/.NAME.partial,
+chunk_rows rows are written as Parquet shards straight into DATA_DIR/prepared/.DATA.partial,
 the manifest last, then the folder is swapped into place. Re-running with the same inputs and
 config does nothing; a killed run reuses every finished shard. With shard_count=N each index
 prepares every N-th chunk, and the one that finds every chunk done writes the manifest.
+`data=` is the dataset train's and eval's data= read (name= is its old, deprecated name).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from lib import summary
 from lib.cli import run_job
@@ -69,8 +70,11 @@ log = logging.getLogger("whisper_ft")
 class PrepareConfig:
     """`make prepare`: which source, which language, which filters."""
 
-    name: str = "dataset"
-    """Output folder name: DATA_DIR/prepared/NAME; `make train DATA=NAME` (data=NAME) reads it."""
+    data: str | None = None
+    """The prepared dataset it writes: DATA_DIR/prepared/DATA, the one `make train DATA=...` and
+    `make eval DATA=...` (data=) read; a plain folder name (default: dataset)."""
+    name: str | None = None
+    """Deprecated: the old name of data= (still read, with a warning)."""
     language: str = "hi"
     """ISO code of the speech (hi, en, ...) or its English name; must be a Whisper language."""
     task: Literal["transcribe", "translate"] = "transcribe"
@@ -102,12 +106,19 @@ class PrepareConfig:
     opus_kbps: int = 32
     """Opus bitrate in kbit/s for pcm_codec=opus (6..256): 32 is about 12-15 MB per audio hour, FLAC 65-90."""
     force: bool = False
-    """Redo the work even if DATA_DIR/prepared/NAME is up to date."""
+    """Redo the work even if DATA_DIR/prepared/DATA is up to date."""
     source: SourceConfig = field(default_factory=SourceConfig)
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise UserError(f"name={self.name!r}: give a plain folder name such as name=cv_hi")
+        if self.name is not None:
+            if self.data is not None and self.data != self.name:
+                raise UserError(f"data={self.data} and name={self.name}: name= is the old name of data=; give "
+                                f"data= alone (data={self.data} or data={self.name})")
+            log.warning("prepare: name=%s is deprecated: write data=%s (the same dataset, DATA_DIR/prepared/%s)",
+                        self.name, self.name, self.name)
+        target, flag = self.dataset(), "name" if self.data is None and self.name is not None else "data"
+        if not target or "/" in target or target.startswith("."):
+            raise UserError(f"{flag}={target!r}: give a plain folder name such as data=cv_hi")
         if self.num_proc < 1:
             raise UserError(f"num_proc={self.num_proc}: must be at least 1")
         if not 0 <= self.min_duration < self.max_duration <= WINDOW_SECONDS:
@@ -133,7 +144,14 @@ class PrepareConfig:
         if self.force and self.shard_count > 1:
             raise UserError("force=true with shard_count > 1: indexes that start after another one finished "
                             "would redo their chunks with nobody left to write the manifest; delete "
-                            "DATA_DIR/prepared/NAME instead, then run every index")
+                            "DATA_DIR/prepared/DATA instead, then run every index")
+
+    def dataset(self) -> str:
+        """The dataset's folder name under DATA_DIR/prepared: data=, else the deprecated name=, else dataset."""
+        for given in (self.data, self.name):
+            if given is not None:
+                return given
+        return "dataset"
 
     def index(self, env: Env) -> int:
         """This process's shard index: shard_index, else JOB_COMPLETION_INDEX, for shard_count > 1."""
@@ -147,6 +165,20 @@ class PrepareConfig:
             raise UserError(f"JOB_COMPLETION_INDEX={index} is not below shard_count={self.shard_count}: make "
                             f"the Job's completions equal to shard_count")
         return index
+
+
+@dataclass
+class Resolved:
+    """What prepare resolved from its config with the tokenizer; the PrepareConfig stays as given."""
+
+    language: str
+    """the language code the tokenizer knows (language=hindi -> hi): labels, manifest and fingerprint"""
+
+    def record(self, cfg: PrepareConfig) -> dict[str, Any]:
+        """The config as manifest.json records it (and its fingerprint reads it): the dataset under
+        `name` (data= or the deprecated name=), the resolved language; the same keys as before data=."""
+        rest = {k: v for k, v in to_dict(cfg).items() if k not in ("data", "name")}
+        return {"name": cfg.dataset(), **rest, "language": self.language}
 
 
 def pcm_storage(cfg: PrepareConfig) -> str:
@@ -165,17 +197,17 @@ def _finished(out) -> dict | None:
 
 def main(cfg: PrepareConfig, env: Env) -> dict:
     started = time.time()
-    out = env.prepared_dir(cfg.name)
-    work = out.parent / f".{cfg.name}.partial"  # the staging folder: shards land here, then it becomes `out`
+    out = env.prepared_dir(cfg.dataset())
+    work = out.parent / f".{cfg.dataset()}.partial"  # the staging folder: shards land here, then it becomes `out`
     index, count = cfg.index(env), cfg.shard_count
     who = "prepare" if count == 1 else f"prepare [index {index} of {count}]"
     # 1. Check the language against the tokenizer before any work.
     tokenizer = load_tokenizer(cfg.model)
-    cfg.language = resolve_language(cfg.language, tokenizer)
+    resolved = Resolved(language=resolve_language(cfg.language, tokenizer))
     known = sorted(known_languages(tokenizer))
     limits = Limits(cfg.min_duration, cfg.max_duration, max_target_positions(cfg.model))
     log.info("%s: %s -> %s, language=%s task=%s, tokenizer %s, clips %.1f-%.0f s, labels <= %d tokens, "
-             "PCM sources as %s", who, cfg.source.kind, out, cfg.language, cfg.task, cfg.model, cfg.min_duration,
+             "PCM sources as %s", who, cfg.source.kind, out, resolved.language, cfg.task, cfg.model, cfg.min_duration,
              cfg.max_duration, limits.max_label_tokens, pcm_storage(cfg))
 
     # 2. Read the source rows (downloading for mdc; a hub source into the work folder, never
@@ -183,7 +215,7 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
     #    sentence is held out; where the source has no validation, hold some of train out (by
     #    speaker) and drop the train rows that share a sentence with it.
     hub_cache = work / f"{staging.HUB_CACHE}{index}"
-    rows = read_source(cfg.source, cfg.language, env, cache_dir=hub_cache if cfg.source.kind == "hub" else None)
+    rows = read_source(cfg.source, resolved.language, env, cache_dir=hub_cache if cfg.source.kind == "hub" else None)
     overlaps = drop_overlaps(rows)
     validation = carve_validation(rows, cfg.validation_fraction)
     if validation["made"] == "held out of train":
@@ -202,7 +234,7 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
     # 3. Skip everything if a finished dataset was made from the same inputs and config.
     #    The PCM codec is a part of its own, present only for opus: a flac dataset keeps the
     #    fingerprint it had before the flag existed (not redone), an opus one never matches it.
-    settings = {k: v for k, v in to_dict(cfg).items()
+    settings = {k: v for k, v in resolved.record(cfg).items()
                 if k not in ("num_proc", "force", "chunk_rows", "name", "shard_count", "shard_index", "pcm_codec",
                              "opus_kbps")}
     fp = fingerprint(PROCESS_VERSION, settings, rows.signature, limits.max_label_tokens,
@@ -246,7 +278,7 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
     # 6. Finish under the lock (one writer, also when two indexes finish at once; a finalizer
     #    killed half-way leaves a lock that the rerun takes over): speaking-rate check, stale
     #    files out, manifest last, swap into place.
-    lock = RunLock(out.parent / f".{cfg.name}.lock")
+    lock = RunLock(out.parent / f".{cfg.dataset()}.lock")
     try:
         lock.acquire()
     except UserError as e:  # a live process holds it: it is writing the manifest
@@ -254,8 +286,8 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
         summary.done(who, {"outputs": f"{out} (being finished by another index)"})
         return {}
     try:
-        manifest = _finish(cfg, index, who, out, work, fp, plan, rows, counts_in, overlaps, validation, tokenizer,
-                           limits, started)
+        manifest = _finish(cfg, resolved, index, who, out, work, fp, plan, rows, counts_in, overlaps, validation,
+                           tokenizer, limits, started)
     finally:
         lock.release()
 
@@ -294,8 +326,8 @@ def _not_last(who, out, work, fp, plan, missing, ours, did, env: Env) -> dict:
     return {"index_done": True, "chunks_missing": len(missing)}
 
 
-def _finish(cfg, index, who, out, work, fp, plan, rows, counts_in, overlaps, validation, tokenizer, limits,
-            started) -> dict:
+def _finish(cfg, resolved, index, who, out, work, fp, plan, rows, counts_in, overlaps, validation, tokenizer,
+            limits, started) -> dict:
     """Under the lock: rate check on the sidecars, stale files out, manifest, swap. Each step can
     run again after a kill: rewritten shards are recognised, the manifest is recomputed."""
     old = _finished(out)
@@ -304,7 +336,7 @@ def _finish(cfg, index, who, out, work, fp, plan, rows, counts_in, overlaps, val
     sides = [staging.read_sidecar(work, c, fp) for c in plan]
     if any(side is None for side in sides):
         raise UserError(f"{work}: chunks went missing while this process was finishing: another prepare of "
-                        f"name={cfg.name} with other settings is writing there; run one at a time")
+                        f"data={cfg.dataset()} with other settings is writing there; run one at a time")
     disk = staging.DiskWatch(work)
     disk.peak = max([side.get("staging_bytes") or 0 for side in sides])
     skipped = list(rows.skipped) + [s for side in sides for s in side["skipped"]]
@@ -338,14 +370,14 @@ def _finish(cfg, index, who, out, work, fp, plan, rows, counts_in, overlaps, val
         "pcm_storage": pcm_storage(cfg),
     }
     manifest = {
-        "name": cfg.name,
+        "name": cfg.dataset(),
         "format": shards.FORMAT,
         "fingerprint": fp,
         "source": rows.describe,
-        "language": cfg.language,
+        "language": resolved.language,
         "task": cfg.task,
         "tokenizer": cfg.model,
-        "tokenizer_signature": tokenizer_signature(tokenizer, cfg.language, cfg.task),
+        "tokenizer_signature": tokenizer_signature(tokenizer, resolved.language, cfg.task),
         "sampling_rate": SAMPLING_RATE,
         "max_target_positions": limits.max_label_tokens,
         "columns": list(shards.COLUMNS),
@@ -358,7 +390,7 @@ def _finish(cfg, index, who, out, work, fp, plan, rows, counts_in, overlaps, val
         "dropped_overlaps": overlaps,
         "skipped": skipped,
         "versions": versions(),
-        "config": to_dict(cfg),
+        "config": resolved.record(cfg),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "elapsed_s": round(time.time() - started, 1),
     }

@@ -17,19 +17,21 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from lib import summary
 from lib.cli import run_job
+from lib.decoding import DecodeConfig, load_for_decoding
 from lib.env import Env
 from lib.errors import UserError
-from lib.whisper import MAX_NEW_TOKENS
 
 log = logging.getLogger("whisper_ft")
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(DecodeConfig):
+    """`make serve`: language=, task=, precision=, quantization=, max_new_tokens= and the no-speech
+    gate as transcribe applies them (lib.decoding.DecodeConfig), then these."""
+
     run: str | None = None
     """run name: DATA_DIR/runs/RUN (its adapter/, eval/report.json and log_history.json)"""
     base: str | None = None
@@ -39,50 +41,23 @@ class ServeConfig:
     a container needs; `make serve` publishes it on the host's 127.0.0.1 only)"""
     port: int = 7860
     """TCP port of the page (7860: Gradio's usual)"""
-    language: str | None = None
-    """ISO code forced at generation (default: the run's, else the adapter's, else the model's)"""
-    task: Literal["transcribe", "translate"] | None = None
-    """default: the run's task, else transcribe"""
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    """auto: bf16/fp16 on a GPU, fp32 on the CPU"""
-    quantization: Literal["none", "int8"] = "none"
-    """int8 through bitsandbytes, only when asked (less GPU memory for large-v2, slower decoding)"""
-    max_new_tokens: int = MAX_NEW_TOKENS
-    """tokens per 30-s window, as transcribe: 444 = 448 positions minus the 4-token prompt"""
-    no_speech_threshold: float | None = 0.6
-    """the no-speech gate, as transcribe applies it (lib.inference.NoSpeechGate); none = off"""
-    logprob_threshold: float = 0.0
-    """0 = the no-speech probability alone decides; -1.0 = Whisper's rule (also a mean log-probability
-    below -1): see eval's flag of the same name"""
 
     def __post_init__(self):
         if not self.run:
             raise UserError("which run? set run=NAME (a folder under DATA_DIR/runs, as `make train RUN=NAME` wrote)")
         if not 1 <= self.port <= 65535:
             raise UserError(f"port={self.port}: use a TCP port 1..65535 (default 7860)")
-        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            raise UserError(f"max_new_tokens must be 1..{MAX_NEW_TOKENS}")
-        self.gate()  # its checks name the flags
-
-    def gate(self):
-        from lib.inference import NoSpeechGate
-
-        return NoSpeechGate.of(self.no_speech_threshold, self.logprob_threshold)
+        super().__post_init__()  # max_new_tokens and the no-speech gate (lib.decoding.DecodeConfig)
 
 
 def main(cfg: ServeConfig, env: Env) -> None:
-    from lib.language import job_language, task_setting
-    from lib.model import load_model
     from lib.serve import page as serve
 
     # 1. The run, its base and its adapter (or why it has none yet), before any weights load.
     source, note = serve.resolve_run(env, cfg.run, cfg.base)
 
     # 2. The base and the adapter, loaded once; language and task resolved as transcribe does.
-    model, processor, info = load_model(source, cfg.precision, cfg.quantization, token=env.hf_token)
-    where = dict(run_config=source.run_config, adapter=source.adapter, model=model)
-    language = job_language(processor.tokenizer, cfg.language, **where)
-    task = task_setting(cfg.task, **where)
+    model, processor, info, language, task = load_for_decoding(cfg, source, env.hf_token)
     served = serve.Served(model, processor, language, task, cfg.max_new_tokens, source.base, cfg.run,
                           has_adapter=source.adapter is not None, note=note, gate=cfg.gate())
     log.info("serve: run %s with %s, language %s, task %s, %s", cfg.run, source.describe(), language, task, info)

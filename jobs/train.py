@@ -55,21 +55,22 @@ def main(cfg: TrainConfig, env: Env, recipe: Recipe | None = None) -> dict:
 def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
     # 1. Inputs: the prepared dataset, the hub token, the run folder (only rank 0 writes to it
     #    under torchrun: a second writer could hand the first a half-written config.yaml).
-    corpora = T.open_data(env, cfg.data)  # [(corpus, folder or URL, manifest)]
+    corpora = T.open_data(env, cfg.corpora())  # [(corpus, folder or URL, manifest)]
     hub.require_token(cfg.hub, env.hf_token)
     run_dir = env.run_dir(cfg.run)
     rank0 = int(os.environ.get("RANK", "0")) == 0
 
-    # 2. Checks that cost seconds, before any weights are loaded or GPU time is spent.
-    processor, precision = T.check_setup(cfg, env, corpora)
+    # 2. Checks that cost seconds, before any weights are loaded or GPU time is spent; what they
+    #    resolve (language, precision) is the plan, and config.yaml records it with the config.
+    processor, plan = T.check_setup(cfg, env, corpora)
     changed_on_resume = []
     if rank0:
-        changed_on_resume = T.check_same_run(run_dir, cfg)
+        changed_on_resume = T.check_same_run(run_dir, cfg, plan)
         run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, run_dir / "config.yaml")
-    for line in T.config_lines(cfg, precision, run_dir / "config.yaml", recipe):
+        dump_yaml(plan.record(cfg), run_dir / "config.yaml")
+    for line in T.config_lines(cfg, plan, run_dir / "config.yaml", recipe):
         log.info("%s", line)
-    log.debug("config:\n%s", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).rstrip())
+    log.debug("config:\n%s", yaml.safe_dump(plan.record(cfg), sort_keys=False, allow_unicode=True).rstrip())
 
     # 3. Data: the train stream (shards, shuffled by position, corpora mixed by weight, train.*
     #    sample options applied) and validation per corpus; audio is decoded and log-mel computed
@@ -82,10 +83,10 @@ def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
         train_ds = Traced(train_ds, run_dir / "data_order.tsv")
 
     # 4. Model: base (quantized per model.quantization), frozen, LoRA on top.
-    model, base = build_training_model(cfg, precision, env.hf_token)
+    model, base = build_training_model(cfg, plan, env.hf_token)
 
     # 5. Trainer, and where to resume from (the newest COMPLETE checkpoint, never a half-written one).
-    trainer, callbacks = T.build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir, precision, steps,
+    trainer, callbacks = T.build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir, plan, steps,
                                          env=env)
     resume_from, moved = checkpoint.find_resumable(run_dir / "checkpoints", move=rank0)
     if resume_from:
@@ -100,7 +101,7 @@ def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
     checkpoint.save_adapter(trainer.model, processor, base.generation_config, run_dir / "adapter")
 
     # 8. Metrics, and the Hub if asked.
-    metrics = T.run_metrics(trainer, result, callbacks, cfg, model, run_dir, precision, resume_from, moved, recipe,
+    metrics = T.run_metrics(trainer, result, callbacks, cfg, model, run_dir, plan, resume_from, moved, recipe,
                             changed_on_resume)
     T.write_json(run_dir / "metrics.json", metrics)
     log.info("done: %d steps, best normalized WER %s (exact-text %s), adapter %.1f MB in %s", metrics["global_step"],
@@ -108,7 +109,7 @@ def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
              metrics["adapter_size_bytes"] / 1e6, run_dir / "adapter")
     if cfg.hub.push:
         card = hub.model_card(kind="adapter", repo_id=cfg.hub.repo_id, base=cfg.model.base, data=cfg.data,
-                              language=cfg.language, task=cfg.task, recipe=recipe.name if recipe else None,
+                              language=plan.language, task=cfg.task, recipe=recipe.name if recipe else None,
                               metrics=metrics, lora=to_dict(cfg.lora))
         hub.push_folder(run_dir / "adapter", cfg.hub, env.hf_token, card, "LoRA adapter")
 

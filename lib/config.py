@@ -194,5 +194,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config; it holds no secrets because configs never hold any."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+    """Write the resolved config (a config, or the plain dict a job records: to_dict's, with what the
+    job resolved, e.g. lib.train.config.TrainPlan.record); it holds no secrets because configs never hold any."""
+    data = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))

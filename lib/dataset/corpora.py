@@ -5,7 +5,9 @@
     data=cv_hi,fleurs_hi                a mixture in proportion to their rows
     data=s3://bucket/prepared/cv_hi     a URL or a folder instead of a prepared name
 
-Nothing here imports torch: a config check parses `data=` for free.
+A config with a `data=` field (train's, eval's, export's) inherits DataFlag: its corpora() is the
+one place `data=` becomes a list of Corpus, and every job reads that. Nothing here imports torch:
+a config check parses `data=` for free.
 """
 
 from __future__ import annotations
@@ -56,3 +58,13 @@ def parse_data(data: str) -> list[Corpus]:
     if any(given) and not all(given):
         raise UserError(f"data={data}: give every corpus a weight (a:0.7,b:0.3) or none (a,b)")
     return out
+
+
+class DataFlag:
+    """What a config with a `data=` field (TrainConfig, EvalConfig, ExportConfig) knows of it: its
+    corpora, parsed here, the one place `data=` is parsed (tests/house/test_structure.py checks it)."""
+
+    def corpora(self, default: str | None = None) -> list[Corpus]:
+        """`data=` as typed corpora (parse_data); `default`: what data= means when it is unset
+        (eval and export: the run's config.yaml data)."""
+        return parse_data(self.data or default or "")

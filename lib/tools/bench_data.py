@@ -168,7 +168,7 @@ def prepare(work: Path, n: int, kind: str, num_proc: int, model: str, chunk_rows
     label = f"{kind}-{n}" + (f"-{pcm_codec}" if pcm_codec else "")
     data = work / f"data-{label}"
     (data / "prepared").mkdir(parents=True)
-    cmd = [sys.executable, "-m", "jobs.prepare", f"model={model}", "name=bench", "language=hi", "source.kind=cv",
+    cmd = [sys.executable, "-m", "jobs.prepare", f"model={model}", "data=bench", "language=hi", "source.kind=cv",
            f"source.path={release}", "source.validation=", "source.test=", "validation_fraction=0",
            f"num_proc={num_proc}", "max_rate_vs_median=0", f"chunk_rows={chunk_rows}", *codec_flags]
     log = work / f"prepare-{label}.log"

@@ -1,7 +1,7 @@
 """Synthesize short English clips with espeak-ng: the other-language set of eval's also= check.
 
     DATA_DIR=data python -m lib.tools.make_english_clips            # -> data/corpora/synth-en
-    DATA_DIR=data python -m jobs.prepare name=synth-en language=en source.kind=manifest \
+    DATA_DIR=data python -m jobs.prepare data=synth-en language=en source.kind=manifest \
         source.path=data/corpora/synth-en/manifest.csv model=openai/whisper-base   # or a local copy
     python -m jobs.eval run=RUN also=synth-en      # English WER and language-ID accuracy, base and fine-tune
 

@@ -3,7 +3,7 @@
     apt-get install -y espeak-ng ffmpeg
     DATA_DIR=data python -m lib.tools.make_synthetic_corpus            # -> data/corpora/synth-hi
     python -m lib.tools.make_synthetic_corpus out=/tmp/synth-hi sentences=300 seed=1
-    DATA_DIR=data python -m jobs.prepare name=synth-hi language=hi source.kind=manifest \
+    DATA_DIR=data python -m jobs.prepare data=synth-hi language=hi source.kind=manifest \
         source.path=data/corpora/synth-hi/manifest.csv model=openai/whisper-base   # or a local copy
 
 Builds SENTENCES distinct short Hindi sentences (3-8 words, Devanagari) from a small

@@ -435,7 +435,7 @@ def train_label_tokens(cfg, env) -> tuple[int, str]:
 
     t0 = time.time()
     longest = clips = 0
-    for _, root, manifest in open_data(env, cfg.data):
+    for _, root, manifest in open_data(env, cfg.corpora()):
         lengths = label_lengths(root, manifest, "train")
         clips += len(lengths)
         longest = max(longest, int(lengths.max()) if len(lengths) else 0)

@@ -2,14 +2,17 @@
 
 Defaults are the walkthrough's recipe: whisper-large-v2 in 8-bit, LoRA r=32 / alpha=64 on
 q_proj and v_proj, lr 1e-3 with 50 warm-up steps, batch 8, fp16. The resolved config is
-written to DATA_DIR/runs/RUN/config.yaml; `make eval` and `make export` read it there.
+written to DATA_DIR/runs/RUN/config.yaml (TrainPlan.record: with the language the run resolved);
+`make eval` and `make export` read it there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from lib.config import to_dict
+from lib.dataset.corpora import DataFlag
 from lib.errors import UserError
 from lib.hub import HubConfig
 from lib.whisper import MAX_NEW_TOKENS, MAX_SECONDS, TIME_STEP
@@ -221,7 +224,7 @@ class TrainSection:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DataFlag):
     run: str = ""
     """run name: outputs go to DATA_DIR/runs/RUN; a rerun with the same name resumes"""
     data: str = ""
@@ -240,10 +243,24 @@ class TrainConfig:
     def __post_init__(self):
         if not self.data:
             raise UserError("no dataset: set data=NAME (a folder under DATA_DIR/prepared from `make prepare`)")
-        from lib.dataset.corpora import parse_data
-
-        parse_data(self.data)  # a malformed list or weight fails here, before anything loads
+        self.corpora()  # a malformed list or weight fails here, before anything loads
         if not self.run:
             raise UserError("no run name: set run=NAME (outputs go to DATA_DIR/runs/NAME)")
         if "/" in self.run or self.run.startswith("."):
             raise UserError(f"run={self.run!r}: use a plain folder name, no '/'")
+
+
+@dataclass
+class TrainPlan:
+    """What `make train` resolved from its config, the data and the machine (lib.train.trainer.check_setup),
+    kept apart from the TrainConfig you gave: the later steps read it from here."""
+
+    language: str
+    """the language code the run trains for: language=, else the first corpus's manifest"""
+    precision: str
+    """the compute precision model.precision resolved to on this machine (fp16, bf16 or fp32)"""
+
+    def record(self, cfg: TrainConfig) -> dict[str, Any]:
+        """The config as the run records it (RUN/config.yaml, the resume check, the tracker's
+        parameters): yours, with the resolved language (`make eval` and `make export` read it)."""
+        return {**to_dict(cfg), "language": self.language}

@@ -1,6 +1,6 @@
 """Make a loaded Whisper base trainable with LoRA: freeze it, checkpoint, compile, wrap with PEFT.
 
-    model, base = build_training_model(cfg, precision, token)   # what `make train` trains
+    model, base = build_training_model(cfg, plan, token)   # what `make train` trains
 
 Loading (the base, its quantization and dtype) is lib/model.py's, shared with every job;
 what is here only training needs. The Whisper, PEFT and bitsandbytes subtleties of training
@@ -22,9 +22,10 @@ from lib.errors import UserError
 log = logging.getLogger("whisper_ft")
 
 
-def build_training_model(cfg, precision: str, token: str | None = None):
-    """(model, base): cfg.model.base loaded per cfg.model (lib.model.load_base), language and
-    task set for generation, frozen, checkpointed and compiled per cfg, LoRA per cfg.lora.
+def build_training_model(cfg, plan, token: str | None = None):
+    """(model, base): cfg.model.base loaded per cfg.model (lib.model.load_base) in plan.precision,
+    plan.language and cfg.task set for generation, frozen, checkpointed and compiled per cfg, LoRA
+    per cfg.lora. plan: lib.train.config.TrainPlan (lib.train.trainer.check_setup's).
 
     Seeded first: lora_A's random init must not depend on whatever ran before in this process.
     `base` is the underlying WhisperForConditionalGeneration (its generation config is saved
@@ -34,11 +35,12 @@ def build_training_model(cfg, precision: str, token: str | None = None):
 
     from lib import model as M
 
+    precision = plan.precision
     set_seed(cfg.train.seed)
     t0 = time.time()
     base = M.load_base(cfg.model.base, cfg.model.quantization, precision, cfg.model.base_dtype,
                        token=token, flag="model.base")
-    M.set_generation_language(base, cfg.language, cfg.task)
+    M.set_generation_language(base, plan.language, cfg.task)
     half = precision in ("fp16", "bf16") and cfg.model.int8_half_inputs
     M.set_spec_augment(base, cfg.train.spec_augment, cfg.train.mask_time_prob, cfg.train.mask_feature_prob)
     base = prepare_for_training(base, cfg.model.quantization, cfg.model.gradient_checkpointing,

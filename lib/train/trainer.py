@@ -1,8 +1,10 @@
 """Seq2SeqTrainer wiring for Whisper + LoRA: the checks before loading, the data, the Trainer and
 its callbacks, WER while training, run-folder logs, the metrics a finished run writes.
 
-`make train` (jobs/train.py) is these steps in order: check_setup, training_splits,
-lib.train.lora.build_training_model, build_trainer, train, lib.train.checkpoint.save_adapter, run_metrics.
+`make train` (jobs/train.py) is these steps in order: open_data, check_setup (what it resolves, the
+language and the precision, is a lib.train.config.TrainPlan, passed along; the TrainConfig stays as
+given), training_splits, lib.train.lora.build_training_model, build_trainer, train,
+lib.train.checkpoint.save_adapter, run_metrics.
 
 Evaluation generates with the language and task forced (generation config), decodes, and
 scores two WERs with jiwer: eval_normalized_wer (lib.metrics.normalize, the number `make eval`
@@ -227,18 +229,18 @@ def oom_message(cfg) -> str:
     )
 
 
-def check_same_run(run_dir: Path, cfg) -> list[str]:
+def check_same_run(run_dir: Path, cfg, plan) -> list[str]:
     """A rerun resumes; it must not silently mix checkpoints of a different model, LoRA or data
-    (lib.train.checkpoint.check_resume refuses those); returns the other settings that changed, logged."""
+    (lib.train.checkpoint.check_resume refuses those); returns the other settings that changed, logged.
+    The config compared is the one config.yaml records (plan.record: the resolved language)."""
     import yaml
 
-    from lib.config import to_dict
     from lib.train import checkpoint
 
     old_path = run_dir / "config.yaml"
     if not old_path.is_file():
         return []
-    return checkpoint.check_resume(yaml.safe_load(old_path.read_text()) or {}, to_dict(cfg), cfg.run, old_path,
+    return checkpoint.check_resume(yaml.safe_load(old_path.read_text()) or {}, plan.record(cfg), cfg.run, old_path,
                                    run_dir / "checkpoints", world_size())
 
 
@@ -251,12 +253,14 @@ def check_setup(cfg, env, corpora):
     """Checks that cost seconds, before any weights are loaded or GPU time is spent: the base is
     Whisper, the language is one it knows and the one every corpus of `corpora` (open_data) was
     prepared for, each corpus's labels fit the base's tokenizer, the precision, quantization and
-    compiler work here. Sets cfg.language to the resolved code; returns (processor, precision)."""
+    compiler work here. Returns (processor, lib.train.config.TrainPlan: the resolved language code
+    and precision); cfg is left as given."""
     from lib import model as M
     from lib.dataset.prepared import check_tokenizer
     from lib.errors import UserError
     from lib.language import job_language, resolve_language
     from lib.train import lora, tracking
+    from lib.train.config import TrainPlan
 
     M.load_base_config(cfg.model.base, env.hf_token)
     processor = M.load_processor(cfg.model.base, token=env.hf_token)
@@ -278,25 +282,24 @@ def check_setup(cfg, env, corpora):
     if others:
         log.info("data: mixing languages: %s (%s) with %s; each corpus's validation decodes in its own language",
                  first_corpus.label, language, ", ".join(f"{k} ({v})" for k, v in others.items()))
-    cfg.language = language
     precision = M.resolve_precision(cfg.model.precision)
     M.check_quantization(cfg.model.quantization)
     if cfg.train.compile != "none":
         lora.check_compiler(cfg.train.compile)
     tracking.check(cfg.train.report_to)
-    return processor, precision
+    return processor, TrainPlan(language=language, precision=precision)
 
 
-def config_lines(cfg, precision: str, config_path: Path, recipe=None) -> list[str]:
-    """The resolved config in a few log lines (what the run is, the model, the schedule) and where
+def config_lines(cfg, plan, config_path: Path, recipe=None) -> list[str]:
+    """The resolved config (cfg with the plan's language and precision) in a few log lines (what the run is, the model, the schedule) and where
     all of it is: config.yaml, which the job logs whole only at DEBUG (about 60 lines)."""
     m, lo, t = cfg.model, cfg.lora, cfg.train
     length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
     quant = "" if m.quantization == "none" else f"{m.quantization}, "
     return [
-        f"config: run {cfg.run}, data {cfg.data}, language {cfg.language}, {cfg.task}"
+        f"config: run {cfg.run}, data {cfg.data}, language {plan.language}, {cfg.task}"
         + (f"; recipe {recipe.name}" if recipe is not None and recipe.name else "; no recipe (defaults + flags)"),
-        f"config: base {m.base} ({quant}{precision}, gradient checkpointing "
+        f"config: base {m.base} ({quant}{plan.precision}, gradient checkpointing "
         f"{'on' if m.gradient_checkpointing else 'off'}); LoRA r {lo.r}, alpha {lo.alpha} on "
         f"{', '.join(lo.target_modules)}",
         f"config: batch {t.batch_size} x {t.grad_accum} accumulated, lr {t.lr:g} after {t.warmup_steps} warm-up "
@@ -348,12 +351,12 @@ def segment_counts(corpora) -> tuple[int, int]:
     return sum(int(i.get("segment_rows") or 0) for i in info), sum(int(i.get("rows") or 0) for i in info)
 
 
-def open_data(env, data: str) -> list[tuple[Any, Any, dict[str, Any]]]:
-    """[(lib.dataset.corpora.Corpus, folder or URL, manifest)] of `data=` (one corpus or a weighted list)."""
-    from lib.dataset.corpora import parse_data
+def open_data(env, corpora) -> list[tuple[Any, Any, dict[str, Any]]]:
+    """[(lib.dataset.corpora.Corpus, folder or URL, manifest)] of `corpora` (the config's corpora():
+    `data=`, one corpus or a weighted list)."""
     from lib.dataset.prepared import open_prepared
 
-    return [(c, *open_prepared(env, c.name)) for c in parse_data(data)]
+    return [(c, *open_prepared(env, c.name)) for c in corpora]
 
 
 def training_splits(cfg, corpora, tokenizer=None):
@@ -518,15 +521,15 @@ def corpus_trainer():
     return CorpusTrainer
 
 
-def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path, precision: str, steps: int,
+def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path, plan, steps: int,
                   env=None):
     """(Seq2SeqTrainer, Callbacks): the run's arguments, collator, WER metric and callbacks (the
     COMPLETE marker and rotation, log_history.json, TensorBoard and train.report_to's tracker on
-    rank 0 (lib/train/tracking.py; needs env), SIGTERM, timing, profiling of the last train.profile_steps steps)."""
+    rank 0 (lib/train/tracking.py; needs env), SIGTERM, timing, profiling of the last train.profile_steps steps).
+    plan: check_setup's lib.train.config.TrainPlan (the language and precision to train in)."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    from lib.config import to_dict
     from lib.train import checkpoint, tracking
     from lib.train.collator import WhisperCollator
     from lib.train.timing import ProfileSteps, StepTimer
@@ -542,13 +545,13 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
                    timer=StepTimer(warmup=cfg.train.timing_warmup, until=profiler.start if profiler else None,
                                    counted=counted),
                    profiler=profiler)
-    processor.tokenizer.set_prefix_tokens(language=cfg.language, task=cfg.task)
+    processor.tokenizer.set_prefix_tokens(language=plan.language, task=cfg.task)
     languages = getattr(eval_ds, "languages", None) or {}
     trainer = corpus_trainer()(
         eval_languages=languages,
         counted=counted,
         model=model,
-        args=training_arguments(cfg, ckpt_root, precision, has_eval=eval_ds is not None,
+        args=training_arguments(cfg, ckpt_root, plan.precision, has_eval=eval_ds is not None,
                                 generation_max_length=eval_budget(cfg, eval_ds, processor.tokenizer), steps=steps,
                                 best=best_metric(eval_ds)),
         data_collator=WhisperCollator(processor.feature_extractor, base.config.decoder_start_token_id,
@@ -565,7 +568,7 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
             checkpoint.CompleteMarker(ckpt_root, cfg.train.keep_checkpoints),
             LogHistoryWriter(run_dir / "log_history.json"),
             *([TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tb")))] if rank0 else []),
-            *(tracking.callbacks(cfg.train.report_to, cfg.run, to_dict(cfg), env, run_dir) if rank0 else []),
+            *(tracking.callbacks(cfg.train.report_to, cfg.run, plan.record(cfg), env, run_dir) if rank0 else []),
             cb.stopper,
             cb.timer,
             *([profiler] if profiler else []),
@@ -609,7 +612,7 @@ def train(trainer, cb: Callbacks, cfg, run_dir: Path, resume_from: Path | None):
     return result
 
 
-def run_metrics(trainer, result, cb: Callbacks, cfg, model, run_dir: Path, precision: str,
+def run_metrics(trainer, result, cb: Callbacks, cfg, model, run_dir: Path, plan,
                 resume_from: Path | None, moved: list[Path], recipe=None,
                 changed_on_resume: list[str] | None = None) -> dict[str, Any]:
     """metrics.json of a finished run: WER (best by normalized WER, lib/train/trainer.py BEST_METRIC,
@@ -635,7 +638,7 @@ def run_metrics(trainer, result, cb: Callbacks, cfg, model, run_dir: Path, preci
         "adapter_size_bytes": checkpoint.dir_size(run_dir / "adapter", "adapter_model*"),
         "trainable_params": trainable,
         "total_params": total,
-        "precision": precision,
+        "precision": plan.precision,
         "quantization": cfg.model.quantization,
         "recipe": recipe.describe() if recipe is not None else None,
         "resumed_from": resume_from.name if resume_from else None,

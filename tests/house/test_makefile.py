@@ -259,14 +259,22 @@ def test_gpus_zero_runs_without_gpus_flag():
 
 def test_prepare_names_the_dataset():
     argv = job_line(make("-n", "prepare", "DATA=cv_hi", "LANG=hi", "ARGS=source.kind=cv").stdout)
-    assert "name=cv_hi" in argv and "language=hi" in argv and "source.kind=cv" in argv
+    assert "data=cv_hi" in argv and "language=hi" in argv and "source.kind=cv" in argv
+
+
+@pytest.mark.parametrize("target", ["prepare", "train", "eval"])
+def test_data_is_passed_as_data_to_every_target(target):
+    """DATA means one thing, the prepared dataset DATA_DIR/prepared/DATA: prepare writes it as
+    data=, train and eval read it as data= (never prepare's deprecated name=)."""
+    argv = job_line(make("-n", target, "DATA=cv_hi", "RUN=r").stdout)
+    assert "data=cv_hi" in argv and not any(a.startswith("name=") for a in argv)
 
 
 def test_lang_alone_names_the_dataset_and_the_run():
     """`make prepare LANG=hi` then `make train LANG=hi`: both agree on cv_hi with no names given."""
     prep = job_line(make("-n", "prepare", "LANG=hi").stdout)
     train = job_line(make("-n", "train", "LANG=hi").stdout)
-    assert "name=cv_hi" in prep
+    assert "data=cv_hi" in prep
     assert "data=cv_hi" in train and "run=whisper-large-v2-lora-hi" in train
     # explicit names win, and without LANG no name is invented
     assert "data=x" in job_line(make("-n", "train", "LANG=hi", "DATA=x").stdout)

@@ -9,8 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 LIB = ROOT / "lib"
 
-FOUNDATIONS = {"audio", "cli", "config", "env", "errors", "files", "hub", "inference", "language", "launch",
-               "metrics", "model", "quiet", "runlock", "summary", "whisper"}
+FOUNDATIONS = {"audio", "cli", "config", "decoding", "env", "errors", "files", "hub", "inference", "language",
+               "launch", "metrics", "model", "quiet", "runlock", "summary", "whisper"}
 """lib/*.py: what every wing stands on"""
 SHARED = {"dataset"}
 """lib/dataset/: the prepared-data contract (manifest, shards, `data=`), a foundation in a folder"""
@@ -113,6 +113,21 @@ def test_foundations_import_no_wing_and_wings_look_only_back():
 WHISPER_NUMBERS = {448, 444, 1500, 3000, 16_000, 480_000, 50257, 50258, 223, 220, 0.02}
 
 
+def test_data_is_parsed_in_one_place():
+    """`data=` becomes typed corpora in one place, lib.dataset.corpora.DataFlag.corpora(), which
+    every config with a `data=` field inherits and every job reads: parse_data is called nowhere else."""
+    calls = []
+    for py in project_modules().values():
+        for node in ast.walk(ast.parse(py.read_text())):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+                if name == "parse_data":
+                    calls.append(f"{py.relative_to(ROOT)}:{node.lineno}")
+    assert len(calls) == 1 and calls[0].startswith("lib/dataset/corpora.py:"), \
+        "data= parsed in more than one place (read the config's corpora()):\n" + "\n".join(calls)
+
+
 def test_whisper_facts_live_in_lib_whisper():
     found = []
     for mod, py in project_modules().items():
@@ -130,6 +145,8 @@ LIGHT_CHECKS = {
     "a train config with a mixture": "from lib.config import load_config\nfrom lib.train.config import TrainConfig\n"
                                      "load_config(TrainConfig, None, ['run=r', 'data=a:0.7,b:0.3'])",
     "the prepare sources": "import lib.prepare.sources",
+    "the shared decoding flags (eval, export, transcribe, serve)": "from lib.decoding import DecodeConfig, ModelChoice\n"
+                                                                   "DecodeConfig(), ModelChoice()",
 }
 
 

@@ -42,7 +42,7 @@ def tsv_rows(name: str) -> int:
 @pytest.fixture(scope="module")
 def cv_prepared(tiny_model_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
-    manifest = prepare(data, tiny_model_dir, "name=cv_hi", "language=hi", "source.kind=cv", f"source.path={CV}",
+    manifest = prepare(data, tiny_model_dir, "data=cv_hi", "language=hi", "source.kind=cv", f"source.path={CV}",
                        "num_proc=2")
     return data / "prepared" / "cv_hi", manifest
 
@@ -103,7 +103,7 @@ def test_rerun_reuses_and_a_changed_input_redoes(tiny_model_dir, tmp_path):
     src = tmp_path / "cv"
     shutil.copytree(CV, src)
     data = tmp_path / "data"
-    flags = ("name=x", "source.kind=cv", f"source.path={src}", "source.train=", "source.validation=")
+    flags = ("data=x", "source.kind=cv", f"source.path={src}", "source.train=", "source.validation=")
     first = prepare(data, tiny_model_dir, *flags)
     mtime = (data / "prepared" / "x" / "manifest.json").stat().st_mtime_ns
     again = prepare(data, tiny_model_dir, *flags)
@@ -124,7 +124,7 @@ def test_killed_run_keeps_old_dataset_and_resumes_finished_shards(tiny_model_dir
     from lib.prepare import workers as data_mod
 
     data = tmp_path / "data"
-    flags = ("name=k", "source.kind=cv", f"source.path={CV}", "source.validation=", "source.test=", "chunk_rows=6",
+    flags = ("data=k", "source.kind=cv", f"source.path={CV}", "source.validation=", "source.test=", "chunk_rows=6",
              "validation_fraction=0")
     before = prepare(data, tiny_model_dir, *flags, "source.train=dev")
     real_row = data_mod.Processor.row
@@ -158,7 +158,7 @@ def test_manifest_csv_and_jsonl_with_per_row_language(tiny_model_dir, tmp_path):
     from transformers import WhisperTokenizer
 
     data = tmp_path / "data"
-    m = prepare(data, tiny_model_dir, "name=m", "language=en", "source.kind=manifest",
+    m = prepare(data, tiny_model_dir, "data=m", "language=en", "source.kind=manifest",
                 f"source.path={MANIFEST_DIR / 'manifest.csv'}", "validation_fraction=0")
     assert m["splits"]["train"]["rows"] == 6 and m["splits"]["test"]["rows"] == 2
     assert [(s["where"], s["reason"].split(":")[0]) for s in m["skipped"]] == [("manifest.csv line 10", "truncated")]
@@ -166,10 +166,35 @@ def test_manifest_csv_and_jsonl_with_per_row_language(tiny_model_dir, tmp_path):
     tok = WhisperTokenizer.from_pretrained(tiny_model_dir)
     langs = {r["id"]: (r["language"], tok.convert_ids_to_tokens(r["labels"][1])) for r in ds}
     assert langs["clips/hi_0.mp3"] == ("hi", "<|hi|>") and langs["clips/en_0.wav"] == ("en", "<|en|>")
-    j = prepare(data, tiny_model_dir, "name=j", "language=english", "source.kind=manifest",
+    j = prepare(data, tiny_model_dir, "data=j", "language=english", "source.kind=manifest",
                 f"source.path={MANIFEST_DIR / 'manifest.jsonl'}", "validation_fraction=0")
     assert j["language"] == "en" and list(j["splits"]) == ["train"]  # no split column: all train
     assert j["splits"]["train"]["rows"] == 8 and len(j["skipped"]) == 1
+
+
+def test_data_names_the_dataset_and_name_is_its_deprecated_alias(tiny_model_dir, tmp_path, caplog):
+    """data= is the dataset prepare writes, the one train's and eval's data= read; name= (its old
+    name) still works with a warning and is the same dataset; a name= that contradicts data= is an error."""
+    import logging
+
+    data = tmp_path / "data"
+    flags = ("language=english", "source.kind=manifest", f"source.path={MANIFEST_DIR / 'manifest.jsonl'}",
+             "validation_fraction=0")
+    m = prepare(data, tiny_model_dir, "data=j", *flags)
+    assert m["name"] == "j" and read_manifest(data / "prepared" / "j")["fingerprint"] == m["fingerprint"]
+    # manifest.json records the config as before data= existed: the dataset under `name`, the resolved language
+    assert list(m["config"])[:3] == ["name", "language", "task"] and "data" not in m["config"]
+    assert m["config"]["name"] == "j" and m["config"]["language"] == "en"
+    with caplog.at_level(logging.WARNING, logger="whisper_ft"):
+        again = prepare(data, tiny_model_dir, "name=j", *flags)
+    assert again["fingerprint"] == m["fingerprint"] and again["created"] == m["created"]  # up to date: the same
+    assert any("name=j is deprecated: write data=j" in r.getMessage() for r in caplog.records)
+    with pytest.raises(UserError, match="data=k and name=j: name= is the old name of data="):
+        load_config(PrepareConfig, None, ["data=k", "name=j", *flags])
+    assert load_config(PrepareConfig, None, ["data=j", "name=j", *flags]).dataset() == "j"
+    assert load_config(PrepareConfig, None, [*flags]).dataset() == "dataset"
+    with pytest.raises(UserError, match="name='a/b': give a plain folder name"):
+        load_config(PrepareConfig, None, ["name=a/b", *flags])
 
 
 def test_audiofolder_layout_with_split_folders(tiny_model_dir, tmp_path):
@@ -182,7 +207,7 @@ def test_audiofolder_layout_with_split_folders(tiny_model_dir, tmp_path):
             for n in names:
                 shutil.copy(MANIFEST_DIR / "clips" / f"{n}.wav", root / split / f"{n}.wav")
                 w.writerow([f"{n}.wav", f"sentence {n}"])
-    m = prepare(tmp_path / "data", tiny_model_dir, "name=af", "language=en", "source.kind=audiofolder",
+    m = prepare(tmp_path / "data", tiny_model_dir, "data=af", "language=en", "source.kind=audiofolder",
                 f"source.path={root}", "validation_fraction=0")
     assert {k: v["rows"] for k, v in m["splits"].items()} == {"train": 3, "test": 1}
     assert split_rows(tmp_path / "data" / "prepared" / "af", "test")[0]["text"] == "sentence en_4"
@@ -196,7 +221,7 @@ def test_duration_and_label_length_filters(tiny_model_dir, tmp_path):
             {"audio": str(clips / "en_2.wav"), "text": long_text}]       # 1.49 s
     mf = tmp_path / "rows.jsonl"
     mf.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    m = prepare(tmp_path / "data", tiny_model_dir, "name=f", "language=en", "source.kind=manifest",
+    m = prepare(tmp_path / "data", tiny_model_dir, "data=f", "language=en", "source.kind=manifest",
                 f"source.path={mf}", "min_duration=1.4", "source.allow_outside_paths=true",  # absolute clips
                 "validation_fraction=0")
     reasons = [s["reason"] for s in m["skipped"]]
@@ -213,7 +238,7 @@ def test_tsv_missing_column_is_fatal_and_names_tsv_and_column(tiny_model_dir, tm
     (src / "train.tsv").write_text("\n".join(line.replace("\tsentence\t", "\ttext\t") for line in lines[:1])
                                    + "\n" + "\n".join(lines[1:]) + "\n", encoding="utf-8")
     code = run_job("prepare", "", PrepareConfig, main,
-                   [f"model={tiny_model_dir}", "source.kind=cv", f"source.path={src}", "name=bad"])
+                   [f"model={tiny_model_dir}", "source.kind=cv", f"source.path={src}", "data=bad"])
     err = capsys.readouterr().err
     assert code == 2
     assert f"{src / 'train.tsv'}: column 'sentence' missing" in err
@@ -253,7 +278,7 @@ def test_hub_source_split_expressions_and_token(tiny_model_dir, tmp_path, monkey
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     env = Env(data_dir=tmp_path / "data", hf_token="hf_secret")
-    m = prepare(tmp_path / "data", tiny_model_dir, "name=h", "language=en", "source.kind=hub",
+    m = prepare(tmp_path / "data", tiny_model_dir, "data=h", "language=en", "source.kind=hub",
                 "source.hub_id=org/cv", "source.hub_config=en", "source.train=train+validation",
                 "source.validation=", "validation_fraction=0", env=env)
     assert [c[2] for c in calls] == ["train+validation", "test"]
@@ -273,7 +298,7 @@ def test_hub_gated_without_token_names_hf_token(tiny_model_dir, tmp_path, monkey
 
     monkeypatch.setattr(datasets, "load_dataset", gated)
     with pytest.raises(UserError, match=r"org/gated is gated: set HF_TOKEN=.* env file"):
-        prepare(tmp_path / "data", tiny_model_dir, "name=g", "source.kind=hub", "source.hub_id=org/gated")
+        prepare(tmp_path / "data", tiny_model_dir, "data=g", "source.kind=hub", "source.hub_id=org/gated")
 
 
 # ---------------------------------------------------------------- MDC, faked at the HTTP boundary
@@ -327,9 +352,9 @@ def test_mdc_download_extract_and_prepare(tiny_model_dir, tmp_path, monkeypatch)
     monkeypatch.setattr(requests, "request", fake_request)
     monkeypatch.delenv("MDC_API_KEY", raising=False)
     with pytest.raises(UserError, match="MDC_API_KEY"):
-        prepare(tmp_path / "data", tiny_model_dir, "name=mdc", "source.kind=mdc", "source.mdc_id=mdc-hi-1")
+        prepare(tmp_path / "data", tiny_model_dir, "data=mdc", "source.kind=mdc", "source.mdc_id=mdc-hi-1")
     env = Env(data_dir=tmp_path / "data", mdc_api_key="mdc_key")
-    m = prepare(tmp_path / "data", tiny_model_dir, "name=mdc", "source.kind=mdc", "source.mdc_id=mdc-hi-1",
+    m = prepare(tmp_path / "data", tiny_model_dir, "data=mdc", "source.kind=mdc", "source.mdc_id=mdc-hi-1",
                 "source.train=", env=env)
     assert (tmp_path / "data" / "downloads" / "mdc" / "cv-corpus-test-hi.tar.gz").is_file()
     assert ("POST", "https://mozilladatacollective.com/api/datasets/mdc-hi-1/download", "Bearer mdc_key") in seen
@@ -348,7 +373,7 @@ def test_every_prepare_recipe_loads():
     for r in recipes:
         cfg = load_config(PrepareConfig, r)
         assert cfg.source.kind in ("cv", "mdc", "hub", "manifest", "audiofolder")
-        assert cfg.name and cfg.language
+        assert cfg.data and cfg.name is None and cfg.language  # recipes name the dataset with data=, not name=
 
 
 def test_shards_hold_encoded_audio_that_decodes_to_float32_16k(cv_prepared):

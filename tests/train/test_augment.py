@@ -203,14 +203,14 @@ def test_no_speech_dir_without_fraction_is_refused():
 def test_spec_augment_masks_the_encoder_input_in_training_only(tiny_model_dir, on):
     """Whisper configs ship apply_spec_augment=false: mask_time_prob alone masked nothing."""
     from lib.config import load_config
-    from lib.train.config import TrainConfig
+    from lib.train.config import TrainConfig, TrainPlan
     from lib.train.lora import build_training_model
 
     cfg = load_config(TrainConfig, None, [
         "run=r", "data=d", "language=hi", f"model.base={tiny_model_dir}", "model.quantization=none",
         "model.precision=fp32", "model.gradient_checkpointing=false", "lora.r=2", f"train.spec_augment={on}",
         "train.mask_time_prob=0.2", "train.mask_feature_prob=0.2"])
-    model, base = build_training_model(cfg, "fp32")
+    model, base = build_training_model(cfg, TrainPlan(language="hi", precision="fp32"))
     seen = []
     hook = base.model.encoder.conv1.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
     feats = torch.rand(2, 80, 3000) + 0.5  # no zeros of its own
