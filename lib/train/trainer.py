@@ -291,7 +291,8 @@ def check_setup(cfg, env, corpora):
 
 
 def config_lines(cfg, plan, config_path: Path, recipe=None) -> list[str]:
-    """The resolved config (cfg with the plan's language and precision) in a few log lines (what the run is, the model, the schedule) and where
+    """The resolved config (cfg with the plan's language and precision) in a few log lines (what the
+    run is, the model, the schedule) and where
     all of it is: config.yaml, which the job logs whole only at DEBUG (about 60 lines)."""
     m, lo, t = cfg.model, cfg.lora, cfg.train
     length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"

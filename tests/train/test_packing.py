@@ -19,6 +19,7 @@ from transformers import WhisperFeatureExtractor, WhisperTokenizer
 from jobs.train import main
 from lib.config import load_config
 from lib.dataset import shards
+from lib.dataset.corpora import parse_data
 from lib.dataset.prepared import open_prepared
 from lib.env import Env
 from lib.errors import UserError
@@ -286,7 +287,7 @@ def test_corpora_are_packed_apart_and_steps_count_windows(root, tokenizer, tok, 
     from lib.train import trainer as T
 
     caplog.set_level("INFO", logger="whisper_ft")
-    corpora = T.open_data(Env(data_dir=root), "a:0.5,en:0.5")
+    corpora = T.open_data(Env(data_dir=root), parse_data("a:0.5,en:0.5"))
     ds, _, steps = T.training_splits(cfg("mix", "a:0.5,en:0.5", **{"train.pack_single_fraction": 0}), corpora,
                                      tokenizer)
     per = {m.group(1): (int(m.group(2)), int(m.group(3)))
@@ -313,7 +314,7 @@ def test_no_speech_prompts_and_audio_options_work_on_windows(root, tokenizer, to
 
     flags = {"train.no_speech_fraction": 0.25, "train.prompt_probability": 1.0, "train.speed_perturb": 0.2,
              "train.gain_db": 6, "train.noise_snr_db": 10, "train.max_steps": 500, "train.pack_single_fraction": 0}
-    ds, _, steps = T.training_splits(cfg("opts", "a", **flags), T.open_data(Env(data_dir=root), "a"), tokenizer)
+    ds, _, steps = T.training_splits(cfg("opts", "a", **flags), T.open_data(Env(data_dir=root), parse_data("a")), tokenizer)
     assert len(ds) == steps * 2 == 1000
     assert sum(ds.mix.locate(k)[0] for k in range(1000)) == 250  # a quarter of the windows are no speech
     rows = [ds[k] for k in range(24)]
@@ -393,7 +394,7 @@ def test_a_packed_run_resumes_exactly(root, tiny_model_dir, tokenizer):
     from lib.train import trainer as T
 
     env = Env(data_dir=root)
-    ds, _, steps = T.training_splits(job_cfg(tiny_model_dir, "parts"), T.open_data(env, "a"), tokenizer)
+    ds, _, steps = T.training_splits(job_cfg(tiny_model_dir, "parts"), T.open_data(env, parse_data("a")), tokenizer)
     assert steps == 4 and len(ds) == 8  # 4 steps x 2 windows
     uninterrupted = [(k, ds[k]["corpus"], ds[k]["id"]) for k in range(8)]
     assert max(len(i.split("+")) for _, _, i in uninterrupted) > 2  # windows of several clips
