@@ -60,7 +60,7 @@ class EvalConfig:
     """1 = greedy (what the walkthrough reports); 5 is slower and usually a little better"""
     cache: Literal["dynamic", "static"] = "dynamic"
     """the decoder's key/value cache for the split: static lets generate() compile the decoding step
-    (a compilation per batch shape first; see README "GPU benchmarks" for what it gains)"""
+    (a compilation per batch shape first; see docs/results.md "Eval speed" for what it gains)"""
     limit: int | None = None
     """score only the first N clips (quick checks)"""
     compare_base: bool = True
@@ -91,10 +91,10 @@ class EvalConfig:
     """the no-speech gate (lib.inference.NoSpeechGate), as transcribe applies it: a clip whose
     no-speech probability is above this comes out empty (with logprob_threshold, only if its
     transcript's mean log-probability is also below that); none = off. Clips only: long-form
-    decoding is not gated (README: it skipped speech windows)"""
+    decoding is not gated (docs/results.md: it skipped speech windows)"""
     logprob_threshold: float = 0.0
     """0 = the no-speech probability alone decides (every mean log-probability is below 0); -1.0 =
-    Whisper's own rule, which let 32 of 32 confident loops on silence through (README)"""
+    Whisper's own rule, which let 32 of 32 confident loops on silence through (docs/results.md)"""
     track: bool = True
     """with run=: log the WERs and the report to the run's tracking run (RUN/tracking.json, written
     by train.report_to=mlflow or wandb); nothing to do for a run tracked by TensorBoard only"""
