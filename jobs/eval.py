@@ -50,7 +50,7 @@ class EvalConfig(DecodeConfig, ModelChoice, DataFlag):
     """1 = greedy (what the walkthrough reports); 5 is slower and usually a little better"""
     cache: Literal["dynamic", "static"] = "dynamic"
     """the decoder's key/value cache for the split: static lets generate() compile the decoding step
-    (a compilation per batch shape first; see README "GPU benchmarks" for what it gains)"""
+    (a compilation per batch shape first; see docs/results.md "Eval speed" for what it gains)"""
     limit: int | None = None
     """score only the first N clips (quick checks)"""
     compare_base: bool = True

@@ -64,11 +64,11 @@ class DecodeConfig:
     """the no-speech gate (lib.inference.NoSpeechGate): a clip (transcribe and serve: a 30-s window)
     whose no-speech probability is above this and whose transcript's mean log-probability is below
     logprob_threshold comes out empty (logged); none = off. Eval gates clips only: long-form
-    decoding is not gated (README: it skipped speech windows)"""
+    decoding is not gated (docs/results.md: it skipped speech windows)"""
     logprob_threshold: float = 0.0
     """0 = the no-speech probability alone decides (every mean log-probability is below 0); -1.0 =
     Whisper's own rule (also a mean log-probability below -1), which let 32 of 32 confident loops
-    on silence through (README)"""
+    on silence through (docs/results.md)"""
 
     def __post_init__(self):
         if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:

@@ -1,6 +1,6 @@
 """Exit codes every job shares, and the error that carries a user-facing message.
 
-Documented contract (README, Kubernetes podFailurePolicy, cloud batch retry rules):
+Documented contract (docs/running.md, Kubernetes podFailurePolicy, cloud batch retry rules):
   0  the job finished;
   2  a config or data error: retrying will not help, fix what the message names;
   3  stopped on SIGTERM after saving a checkpoint: retry, it resumes;

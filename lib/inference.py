@@ -78,7 +78,7 @@ class NoSpeechGate:
     The no-speech probability is P(<|nospeech|>) (<|nocaptions|> in older v2 files) at the first
     decoder position, right after <|startoftranscript|>, where Whisper was trained to name the
     language or say "no speech"; forced-language decoding never reads it, so without a gate a
-    silent clip always gets a transcript (32 of 32 on whisper-base, README). A clip is judged
+    silent clip always gets a transcript (32 of 32 on whisper-base, docs/results.md). A clip is judged
     silent when that probability is above `no_speech_threshold` and its transcript's mean
     log-probability per token is below `logprob_threshold`.
 
@@ -87,7 +87,7 @@ class NoSpeechGate:
     a transcript the model is sure of; measured on whisper-base it kept all 32 hallucinations of
     every model, because a loop on silence ("आप लग़ लग़ लग़ ...") is a confident one. Fine-tuning
     on labels that all start <|sot|> <|hi|> lowers the probability on silence (0.80 -> 0.40 mean);
-    train.no_speech_fraction (label "token") raises it (0.96-0.99), README.
+    train.no_speech_fraction (label "token") raises it (0.96-0.99), docs/results.md.
     """
 
     no_speech_threshold: float = 0.6

@@ -199,7 +199,7 @@ def load_base(name: str, quantization: str = "none", precision: str = "fp32", ba
     """WhisperForConditionalGeneration `name`, quantized per `quantization`; precision already resolved.
 
     base_dtype (quantization=none only): "fp32" keeps fp32 weights with AMP casting per op,
-    the configuration measured in the README's GPU table for training; "compute" stores the
+    the configuration measured in docs/results.md for training; "compute" stores the
     weights in the compute dtype, half the memory (large-v2: 6.2 -> 3.1 GB) and no per-op
     weight cast: what inference and merging use, and train's model.base_dtype=compute.
     The trainable LoRA weights stay fp32 either way (PEFT's autocast_adapter_dtype).

@@ -2,15 +2,15 @@
 
     python -m lib.tools.bench                                   # large-v2, the default run below
     python -m lib.tools.bench arch=tiny modes=fp32,auto steps=6   # quick look on any machine
-    make bench ARGS="extra=train.num_workers=8 readme=README.md"   # the README's H100 run
-    make bench ARGS="train_clips=320 extra=train.num_workers=8 quality_data=synth-hi quality_model=..."  # issue 14
+    make bench ARGS="extra=train.num_workers=8"                 # the default run (docs/results.md)
+    make bench ARGS="train_clips=320 extra=train.num_workers=8 quality_data=synth-hi quality_model=..."  # + quality
 
 Random weights need no Hub: the model is built from the architecture's published config,
 the inputs are 30 s clips with 40-token labels (the walkthrough's shapes). Each mode runs
 the real train job (`python -m jobs.train`: Trainer, collator, log-mel, LoRA, quantization,
 compilation) in a fresh process for `steps` optimizer steps: the first `warmup` are not
 timed, the last `profile_steps` are profiled (not timed) to show where the GPU time goes.
-The default run on a GPU (issue 14's six targets, `targets()`): the walkthrough's 8-bit recipe,
+The default run on a GPU (the six goals of `targets()`): the walkthrough's 8-bit recipe,
 the low-memory recipe (<= 8 GiB), the fastest recipe (batch 32), and what `--recipe auto` picks on
 this machine at 32 clips per optimizer step (`auto-e32`: its row's batch is the split it chose);
 the walkthrough as a plain training loop (lib/tools/plain_loop.py, target 4's reference); eval
@@ -19,9 +19,9 @@ quality table on real weights (lib/tools/bench_quality_table.py, target 6). `leg
 runs and `resume=true` keeps what results.json already holds, so one run can span several
 commands (each prints the report of all of it). Prints a table (samples/s, speed over the 8-bit
 mode, tokens/s, peak GPU memory, adapter size, fraction of the GPU's measured bf16 peak,
-GPU busy, GPU time by kind), writes DATA_DIR/bench/ARCH/results.json after every mode,
-and appends the rows to the benchmarks table in README.md (above `<!-- bench:rows -->`)
-when `readme=` names it.
+GPU busy, GPU time by kind), writes DATA_DIR/bench/ARCH/results.json after every mode and
+targets.md at the end, and ends by naming both. It edits no other file: copy what you want to
+keep into docs/results.md yourself, with the date, the machine and the command.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Literal
 
 import numpy as np
 
+from lib import summary
 from lib.cli import run_job
 from lib.env import Env
 from lib.errors import UserError
@@ -152,8 +153,6 @@ class BenchConfig:
     (generate compiles the decoder step); each row gets its speedup over the walkthrough loop"""
     eval_walkthrough_clips: int = 32
     """clips the walkthrough loop is timed on (it is the slow leg: ~1 clip/s on large-v2)"""
-    readme: str = ""
-    """README.md to append the rows to (between <!-- bench:rows --> markers); empty: don't"""
     extra: list[str] = field(default_factory=list)
     """extra train-job overrides for every mode, e.g. extra=train.num_workers=4"""
     profile_steps: int = 2
@@ -556,7 +555,7 @@ def main(cfg: BenchConfig, env: Env) -> dict:
         res["quality"] = quality(cfg, env)
         save()
 
-    # 7. Report: table, targets, JSON, README rows.
+    # 7. Report: the table and the targets, then where the results are.
     rows = res["train"] + ([res["plain"]] if res["plain"] else [])
     lines = table(rows, peak, flops)
     header = (f"{cfg.arch}, {gpu}, bf16 peak {peak:.0f} TFLOP/s measured, " if peak else f"{cfg.arch}, {gpu}, ") + \
@@ -570,8 +569,8 @@ def main(cfg: BenchConfig, env: Env) -> dict:
     goals = targets(res, flops)
     print("\n" + "\n".join(goals))
     (root / "targets.md").write_text("\n".join(goals) + "\n")
-    if cfg.readme:
-        _append_readme(Path(cfg.readme), header, lines[2:], res["eval"])
+    summary.done("bench", {"results": results_file, "targets": root / "targets.md",
+                           "modes": ", ".join(r["mode"] for r in res["train"]) or "none"})
     return res
 
 
@@ -718,19 +717,6 @@ def _version(name: str) -> str:
         return version(name)
     except Exception:
         return "not installed"
-
-
-def _append_readme(path: Path, header: str, rows: list[str], evals: list[dict]) -> None:
-    marker = "<!-- bench:rows -->"
-    text = path.read_text()
-    if marker not in text:
-        raise UserError(f"readme={path}: no '{marker}' line to append under; add it below the benchmarks table")
-    stamp = time.strftime("%Y-%m-%d")
-    pad = " |" * (len(COLUMNS) - 1)
-    add = [f"| {stamp} {header} |{pad}"] + rows
-    add += [f"| eval: {e['setting']} | | {e['clips_per_s']:.2f} clips/s |" + " |" * (len(COLUMNS) - 3)
-            for e in evals]
-    path.write_text(text.replace(marker, "\n".join(add) + "\n" + marker))
 
 
 if __name__ == "__main__":

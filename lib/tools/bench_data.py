@@ -45,7 +45,7 @@ from lib.whisper import SAMPLING_RATE, SOT_ID
 
 SECONDS = 5.0
 VOICES = 200
-# The targets (README, data benchmark)
+# The goals the data benchmark marks (docs/speed.md)
 MAX_RATIO_COMPRESSED = 1.2
 MAX_MB_PER_HOUR_PCM = 60
 MAX_PEAK_OVER_FINAL = 1.3

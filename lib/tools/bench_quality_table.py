@@ -1,7 +1,7 @@
 """Quality table: test WER/CER of every mode `--recipe auto` can pick, against the walkthrough recipe's seed noise.
 
     python -m lib.tools.bench_quality_table data=synth-hi model=openai/whisper-base   # or a local copy; on a GPU
-    python -m lib.tools.bench_quality_table data=synth-hi model=... seeds=5 repeat=nf4/bf16   # the README table
+    python -m lib.tools.bench_quality_table data=synth-hi model=... seeds=5 repeat=nf4/bf16   # the table in docs/results.md
     python -m lib.tools.bench_quality_table data=synth-hi model=... seeds=1 parallel=1 modes=walkthrough,auto
 
 Each row is a fresh `jobs.train` run on the same prepared data (`steps` optimizer steps of

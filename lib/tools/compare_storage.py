@@ -9,8 +9,8 @@ per dataset: the split's stored MB per audio hour, the waveform SNR against the 
 decoded audio (median and worst clip), the mean (and 99th percentile) absolute difference of
 the log-mel features the model sees, and, where `evals`/NAME/predictions.tsv exists (written by
 `python -m jobs.eval ... out=EVALS/NAME`), how many transcripts are identical to the
-reference's and the WER / CER of that eval. Used for the README's pcm_codec=opus quality check
-(README "Storage, measured"): zero-shot transcripts of a model that is wrong on the language
+reference's and the WER / CER of that eval. Used for the pcm_codec=opus quality check
+(docs/results.md "Storage of prepared data"): zero-shot transcripts of a model that is wrong on the language
 still move when its input moves, which makes their equality a sensitive test of the input.
 """
 

@@ -70,7 +70,7 @@ def logits_gib(label_tokens: int) -> float:
 
 # How the speed depends on the per-device batch. At batch 8 a step is partly host-bound: the GPU
 # is busy 37-62 % of it, waiting on Python to launch the next kernels; at batch 32, compiled, 88-89 %
-# (README "GPU benchmarks"). The step time t(b) is then about max(host, b x GPU time a clip), a
+# (docs/results.md). The step time t(b) is then about max(host, b x GPU time a clip), a
 # convex curve. Each mode holds the samples/s measured at each batch it ran (`speeds()`):
 #  - at a measured batch: that number;
 #  - between two measured batches: the step time on the straight line between them (a convex
@@ -176,7 +176,7 @@ class Mode:
 #   nf4:  1.468 B x 0.5 B + 75 M x 4 B         + 0.23 = 1.2 GiB
 FIXED_GIB = {"none": 6.0, "half": 3.1, "int8": 1.9, "nf4": 1.2}
 
-# Measured on one H100 80GB through the real train job (`make bench`, README "GPU benchmarks"):
+# Measured on one H100 80GB through the real train job (`make bench`, docs/results.md):
 # whisper-large-v2 with random weights, batch 8, 30 s clips, 40-token labels, LoRA r=32 on
 # q_proj/v_proj; peak = max_memory_allocated. The numbers are for large-v2 (large-v3 has the
 # same size). For smaller bases (medium, small, base) nothing is scaled down: the rule is
@@ -188,7 +188,7 @@ MEASURED_BATCH = 8
 _HALF = dict(base_dtype="compute")
 MEASURED = (
     Mode("int8", "fp16", True, 5.0, 6.2, FIXED_GIB["int8"]),  # the walkthrough's recipe
-    # nf4 learnt worse than int8 beyond seed noise (README "Quality of every mode auto can pick":
+    # nf4 learnt worse than int8 beyond seed noise (docs/results.md "Quality of every mode auto can pick":
     # whisper-base, H200, 60 steps: normalized WER 8.1-8.4 % over 3 seeds vs int8's 3.5-5.9 % over 5),
     # so auto never picks it; model.quantization=nf4 or the QLoRA recipe still run it.
     Mode("nf4", "bf16", True, 8.0, 4.3, FIXED_GIB["nf4"], auto=False),
@@ -201,7 +201,7 @@ MEASURED = (
     Mode("none", "bf16", True, 17.3, 5.3, FIXED_GIB["half"], **_HALF, compile="layers"),
     Mode("none", "bf16", True, 23.2, 6.4, FIXED_GIB["half"], **_HALF, compile="layers", checkpoint_fraction=0.9),
     # batch 8: run 2 (28.6; run 3's slower host CPU: 25.6); batch 32 (bf16-half-compile-b32): run 3,
-    # 49.7 samples/s at 67.71 GiB (run 1: 49.58; batch 32 does not move with the host: README).
+    # 49.7 samples/s at 67.71 GiB (run 1: 49.58; batch 32 does not move with the host: docs/results.md).
     Mode("none", "bf16", False, 28.6, 19.5, FIXED_GIB["half"], **_HALF, compile="layers",
          measured_at=((32, 49.7, 67.71),)),
 )
@@ -375,7 +375,7 @@ def choose(gpu: GpuInfo | None, batch_size: int, grad_accum: int = 1, label_toke
     else:
         advice = "use a bigger GPU or a smaller model.base"
     # Smaller modes auto does not pick (they learnt worse), for whoever prefers memory to quality.
-    worse = [f"model.quantization={m.quantization} (~{m.peak_at(b, tokens):.1f} GiB, learnt worse: README)"
+    worse = [f"model.quantization={m.quantization} (~{m.peak_at(b, tokens):.1f} GiB, learnt worse: docs/results.md)"
              for m in MEASURED if not m.auto and m.peak_at(b, tokens) < need]
     if worse:
         advice += f"; or {', '.join(worse)}"

@@ -120,7 +120,7 @@ def mask_language_target(labels: torch.Tensor, language_id: int | None) -> torch
     Why: every training label starts <|sot|> <|hi|>, so the loss at that position teaches the model
     that any audio is Hindi, and language detection (the likeliest token after <|sot|>) says hi for
     English speech too: measured on real whisper-base, English language-ID accuracy fell from 100 %
-    to 0 % in 60 LoRA steps (README, "Timestamps, no-speech and forgetting on real weights"). The
+    to 0 % in 60 LoRA steps (docs/results.md, "Timestamps, no-speech and forgetting"). The
     decoder still reads <|hi|> as input, so forced-language training and decoding are unchanged.
     Rows whose first target is another token (<|nospeech|> no-speech rows) keep it."""
     if language_id is None or labels.numel() == 0:

@@ -28,7 +28,7 @@ class ModelConfig:
     """compute precision; auto = bf16 where the GPU supports it, else fp16 on a GPU, fp32 on CPU"""
     base_dtype: Literal["fp32", "compute"] = "fp32"
     """frozen base weights with quantization=none: fp32 masters (measured default) or the
-    compute dtype (half the weight memory; not yet measured on a GPU, see README benchmarks)"""
+    compute dtype (half the weight memory, no per-op casts; measured in docs/results.md)"""
     gradient_checkpointing: bool = True
     """recompute activations in the backward pass: ~30% slower, far less activation memory"""
     checkpoint_fraction: float = 1.0
@@ -103,7 +103,7 @@ class TrainSection:
     """seeds weights of the LoRA init, dropout and data order"""
     num_workers: int = 2
     """dataloader worker processes reading shards, decoding audio and computing log-mel; 0 = in
-    the main process. One worker decodes ~60+ clips/s of 5-s mp3 (README, data benchmark)"""
+    the main process. One worker decodes ~60+ clips/s of 5-s mp3 (docs/results.md, data benchmark)"""
     shuffle_buffer: int = 4096
     """rows shuffled together: consecutive shards (in a seeded order) are read in windows of at
     least this many rows, each window in a seeded random order (lib/train/stream.py). Memory per worker
@@ -113,7 +113,7 @@ class TrainSection:
     loss spike saw; that a resumed run continued the order)"""
     compile: Literal["none", "layers", "model"] | None = "none"
     """torch.compile: layers = each encoder/decoder layer (one graph per stack, about a minute
-    to compile), model = the whole model through Trainer; see README benchmarks"""
+    to compile), model = the whole model through Trainer; see docs/speed.md"""
     timing_warmup: int = 3
     """first optimizer steps left out of the steady samples/s in metrics.json"""
     profile_steps: int = 0

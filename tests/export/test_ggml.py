@@ -165,7 +165,7 @@ def test_export_refuses_a_whisper_cpp_file_that_transcribes_differently(tmp_path
 @pytest.mark.parametrize("kind", ["f16", "q8_0", "q5_0"])
 def test_real_whisper_base_transcribes_the_same_in_whisper_cpp(tmp_path, kind):
     """Real weights on the committed English speech clips: whisper.cpp's transcripts of our
-    file against transformers'. Prints the numbers the README quotes."""
+    file against transformers'. Prints the numbers docs/results.md quotes."""
     from pathlib import Path
 
     from lib.audio import decode

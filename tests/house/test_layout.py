@@ -131,24 +131,17 @@ def test_train_eval_export_transcribe_and_serve_load_through_lib_model(tiny_mode
         assert {caller for _, caller in loads} == {"lib.model"}, (name, loads)
 
 
-def test_readme_layout_names_every_module():
-    """The README's Layout section matches the tree: every job, lib module and tool is named there,
-    and it names none that is gone."""
+def test_layout_page_names_every_module():
+    """docs/layout.md matches the tree: every job, every module of lib/ (foundations, every wing, the
+    tools) is named there by its path, and it names none that is gone."""
     import re
 
-    readme = (ROOT / "README.md").read_text()
-    layout = readme[readme.index("## Layout"):]
-    layout = layout[:layout.index("```", layout.index("```") + 3)]
-    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", layout))
-    for folder in ("jobs", "lib", "lib/tools"):
-        for py in (ROOT / folder).glob("*.py"):
-            if py.stem != "__init__":
-                assert py.stem in words, f"README Layout does not name {folder}/{py.name}"
-    listed = re.search(r"^lib/ .*?^  tools/", layout, re.M | re.S).group(0)
-    modules = {p.stem for p in (ROOT / "lib").glob("*.py")}
-    for name in re.findall(r"^  ([a-z_, ]+?)(?:\s{2,}|$)", listed, re.M):
-        for mod in (n.strip() for n in name.split(",") if n.strip()):
-            assert mod in modules, f"README Layout names lib/{mod}.py, which does not exist"
+    page = ROOT / "docs" / "layout.md"
+    named = set(re.findall(r"`((?:jobs|lib)/[\w/]+\.py)`", page.read_text()))
+    actual = {str(py.relative_to(ROOT)) for folder in ("jobs", "lib") for py in (ROOT / folder).rglob("*.py")
+              if py.name != "__init__.py" and "__pycache__" not in py.parts}
+    assert not actual - named, f"docs/layout.md does not name {sorted(actual - named)}"
+    assert not named - actual, f"docs/layout.md names {sorted(named - actual)}, which do not exist"
 
 
 @pytest.mark.parametrize("job, flags", [
@@ -203,8 +196,6 @@ def test_dataset_names_have_one_spelling():
     assert not found, "write cv_hi (the Makefile's cv_$(LANG)), not cv-hi:\n" + "\n".join(found)
 
 
-@pytest.mark.xfail(strict=True, reason="README.md is rewritten on another branch; its cv-hi lines are listed for it. "
-                                       "When this passes, drop the marker (strict: it fails until then)")
 def test_readme_dataset_names_have_one_spelling():
     found = dashed_dataset_names(["README.md"])
     assert not found, "write cv_hi (the Makefile's cv_$(LANG)), not cv-hi:\n" + "\n".join(found)

@@ -247,7 +247,7 @@ def test_data_benchmark_prepares_the_pcm_corpus_with_each_codec_and_tables_both(
 
 
 def test_compare_storage_measures_what_a_codec_changes_against_the_reference(tmp_path, capsys):
-    """The README's quality check: the same clips stored as FLAC and as Opus (lib.dataset.prepared.write_rows
+    """The quality check of docs/results.md: the same clips stored as FLAC and as Opus (lib.dataset.prepared.write_rows
     takes prepare's pcm_codec too), their SNR, log-mel difference and transcript equality."""
     from lib.dataset.prepared import write_manifest, write_rows
     from lib.tools import compare_storage

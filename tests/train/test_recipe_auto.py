@@ -96,7 +96,7 @@ def test_the_speed_model_interpolates_the_step_time_and_never_extrapolates_a_gai
         assert speeds == sorted(speeds)
 
 
-# card -> (label tokens, effective batch) -> (mode, batch x accum, predicted GiB): README's auto table.
+# card -> (label tokens, effective batch) -> (mode, batch x accum, predicted GiB): the table in docs/speed.md.
 BF16, FP16 = "none/bf16/half-precision base/compiled layers", "none/fp16/half-precision base/compiled layers"
 NOCKPT, CKPT90 = "/no checkpointing", "/checkpointing 90%"
 EXPECTED = {
@@ -201,7 +201,7 @@ def test_a_card_too_small_gets_the_smallest_mode_at_batch_1():
 
 
 def test_nf4_is_never_picked_int8_only_where_it_is_predicted_fastest():
-    """README "Quality of every mode auto can pick": nf4 lost quality on the H200 (whisper-base),
+    """docs/results.md "Quality of every mode auto can pick": nf4 lost quality on the H200 (whisper-base),
     so choose() never returns it; int8 (the walkthrough's) only where the unquantized modes fit a
     batch so small that int8 at a larger one is predicted faster (tiny cards, long labels)."""
     assert [m for m in MEASURED if not m.auto] == [m for m in MEASURED if m.quantization == "nf4"]
