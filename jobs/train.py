@@ -7,8 +7,9 @@
 `--recipe auto` is the recipe above with model.quantization, model.precision,
 model.gradient_checkpointing (and the base dtype, compilation, checkpointed share) and the split
 of the effective batch into train.batch_size x train.grad_accum chosen from this GPU's memory,
-the longest train label and measured speeds (lib/train/auto.py); the effective batch stays what you
-asked. It logs the choice and why; key=value flags still win over it (naming both
+the longest train label and measured speeds (lib/train/auto.py; the figures: lib/train/measured.json,
+or on the GPU it measured, DATA_DIR/bench/large-v2/measured.json from `make bench`); the effective
+batch stays what you asked. It logs the choice and why; key=value flags still win over it (naming both
 train.batch_size and train.grad_accum keeps that split).
 
 Reads DATA_DIR/prepared/DATA (from `make prepare`), writes DATA_DIR/runs/RUN/:

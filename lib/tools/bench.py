@@ -22,6 +22,12 @@ mode, tokens/s, peak GPU memory, adapter size, fraction of the GPU's measured bf
 GPU busy, GPU time by kind), writes DATA_DIR/bench/ARCH/results.json after every mode and
 targets.md at the end, and ends by naming both. It edits no other file: copy what you want to
 keep into docs/results.md yourself, with the date, the machine and the command.
+
+Beside results.json it writes measured.json: the train rows as the figures `--recipe auto`
+chooses by (lib/train/measured.py's format, the shipped table's: per mode and per-device batch,
+samples/s and peak GiB, each naming the GPU, its memory, the date and this command). The
+default arch's, DATA_DIR/bench/large-v2/measured.json, is what `make train RECIPE=auto` reads:
+on the GPU it was measured on, its modes replace the shipped ones. Nobody copies a number.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import yaml
 
 from lib import summary
 from lib.cli import run_job
@@ -43,6 +50,7 @@ from lib.env import Env
 from lib.errors import UserError
 from lib.tools.models import ARCHS, flops_per_sample, save_random_whisper, whisper_config
 from lib.tools.runner import ROOT, last_error, run_job_process
+from lib.train import measured
 from lib.whisper import EOT_ID, SAMPLING_RATE, SOT_ID, WINDOW_SECONDS
 
 log = logging.getLogger("whisper_ft")
@@ -113,6 +121,9 @@ AUTO_MODES = ("auto", "auto-e32")
 RECIPE_BATCH = 8
 """train.batch_size of jobs/recipes/whisper-large-v2_lora-int8_1gpu.yaml, what --recipe auto starts
 from (lib/ does not import jobs/; a test checks the two agree)"""
+SETTING_KEYS = ("quantization", "precision", "gradient_checkpointing", "checkpoint_fraction", "base_dtype",
+                "int8_half_inputs")
+"""model.* keys a row records from its run's config.yaml (with train.compile and the batch split)"""
 
 
 @dataclass
@@ -319,16 +330,18 @@ def run_mode(cfg: BenchConfig, env: Env, mode: str, model_dir: Path, data: str) 
                                       "steady_clips_per_second", "steady_label_tokens_per_second",
                                       "steady_audio_seconds_per_second", "audio_hours_per_gpu_hour",
                                       "steady_clips_per_sample")})
-    if mode in AUTO_MODES:  # what it chose (metrics.json) and what the run then used (config.yaml)
-        import yaml
-
+    # what the run used (config.yaml): auto's choice, and every mode's settings for auto's figures
+    used = yaml.safe_load((env.run_dir(run) / "config.yaml").read_text()) or {}
+    model, train = used.get("model", {}), used.get("train", {})
+    row["settings"] = {**{k: model.get(k) for k in SETTING_KEYS}, "compile": train.get("compile"),
+                       "batch_size": train.get("batch_size", batch), "grad_accum": train.get("grad_accum", accum),
+                       "pack": bool(train.get("pack"))}
+    if mode in AUTO_MODES:  # what it chose (metrics.json) and the split the run then used
         choice = (m.get("recipe") or {}).get("choice") or {}
         flags = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
                          for k, v in (choice.get("settings") or {}).items())
         row["chosen"] = f"{flags} because {choice.get('why', '?')}"
         row["predicted"] = choice.get("predicted")
-        used = yaml.safe_load((env.run_dir(run) / "config.yaml").read_text()) or {}
-        model, train = used.get("model", {}), used.get("train", {})
         row["checkpointing"] = bool(model.get("gradient_checkpointing")) and float(model.get("checkpoint_fraction", 1))
         row["batch"] = f"{train.get('batch_size', batch)} x {train.get('grad_accum', accum)}"  # auto's split
     return row
@@ -483,10 +496,12 @@ def main(cfg: BenchConfig, env: Env) -> dict:
     import transformers
 
     # 1. The machine and the arithmetic: measured bf16 peak, FLOP per training sample.
+    command = command_line(cfg)  # before the defaults below fill cfg in
     peak = gpu_peak_tflops()
     flops = flops_per_sample(cfg.arch, cfg.label_tokens)
     cuda = torch.cuda.is_available()
     gpu = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
+    gpu_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if cuda else None
     log.info("bench: %s, %s; forward %.2f TFLOP/sample, train %.2f (%.2f with checkpointing); bf16 peak %s TFLOP/s",
              cfg.arch, gpu, flops.forward / 1e12, flops.train(False) / 1e12, flops.train(True) / 1e12,
              f"{peak:.0f}" if peak else "n/a")
@@ -514,7 +529,7 @@ def main(cfg: BenchConfig, env: Env) -> dict:
                 "peft": _version("peft"), "bitsandbytes": _version("bitsandbytes")}
     logmel = before.get("logmel_clips_per_s_per_worker") or logmel_speed(model_dir, env.prepared_dir(data))
     log.info("log-mel on the CPU: %.1f clips/s per dataloader worker", logmel)
-    res = {"arch": cfg.arch, "gpu": gpu, "bf16_peak_tflops": peak, "versions": versions,
+    res = {"arch": cfg.arch, "gpu": gpu, "gpu_memory_bytes": gpu_memory, "bf16_peak_tflops": peak, "versions": versions,
            "flop_per_sample": {"forward": flops.forward, "train": flops.train(False),
                                "train_checkpointing": flops.train(True)},
            "logmel_clips_per_s_per_worker": logmel,
@@ -526,6 +541,7 @@ def main(cfg: BenchConfig, env: Env) -> dict:
 
     def save():  # after every leg and mode: a stopped bench keeps what it measured
         results_file.write_text(json.dumps(res, indent=2, ensure_ascii=False))
+        write_figures(res, cfg, root / "measured.json", say=False)
 
     # 3. Train modes, each a fresh train-job process.
     if "train" in cfg.legs:
@@ -535,6 +551,9 @@ def main(cfg: BenchConfig, env: Env) -> dict:
                 continue
             row = run_mode(cfg, env, mode, model_dir, data)
             row["label_tokens"] = cfg.label_tokens
+            # what measured it, for auto's figures (a resumed run's rows may come from several machines)
+            row["measured"] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command, "gpu": gpu,
+                               "gpu_memory_bytes": gpu_memory, "versions": versions}
             res["train"] = [r for r in res["train"] if r["mode"] != mode] + [row]
             log.info("bench %s: %s", mode, {k: v for k, v in row.items() if k != "profile"})
             save()
@@ -569,9 +588,110 @@ def main(cfg: BenchConfig, env: Env) -> dict:
     goals = targets(res, flops)
     print("\n" + "\n".join(goals))
     (root / "targets.md").write_text("\n".join(goals) + "\n")
+    write_figures(res, cfg, root / "measured.json", say=True)
     summary.done("bench", {"results": results_file, "targets": root / "targets.md",
                            "modes": ", ".join(r["mode"] for r in res["train"]) or "none"})
     return res
+
+
+def command_line(cfg: BenchConfig) -> str:
+    """The command that runs `cfg`: the bench with the keys that differ from their defaults."""
+    import shlex
+    from dataclasses import MISSING, fields
+
+    parts = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if value != (f.default_factory() if f.default_factory is not MISSING else f.default):
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value).lower() \
+                if isinstance(value, bool) else str(value)
+            parts.append(shlex.quote(f"{f.name}={text}"))
+    return " ".join(["python -m lib.tools.bench", *parts])
+
+
+def figures(res: dict, cfg: BenchConfig, path: Path) -> tuple[measured.Measured | None, list[str]]:
+    """The train rows of a results.json as --recipe auto's figures (lib/train/measured.py): one
+    point per mode (the settings the run used) and per-device batch, each naming the machine,
+    date and command that measured it; and what was left out, and why."""
+    runs: dict[tuple, str] = {}
+    versions: dict[tuple, dict] = {}
+    modes: dict[tuple, dict] = {}
+    left = []
+    for r in res.get("train", []):
+        s, prov, sps = r.get("settings"), r.get("measured") or {}, r.get("steady_samples_per_second")
+        if "error" in r or not sps:
+            continue
+        if not s or not prov:
+            left.append(f"{r['mode']}: its settings or machine were not recorded (measured by an older bench)")
+            continue
+        if s.get("pack") or cfg.clips != "30s":
+            left.append(f"{r['mode']}: packed windows or clips={cfg.clips}: auto's figures are 30-s samples "
+                        f"with {cfg.label_tokens}-token labels")
+            continue
+        if r.get("label_tokens", cfg.label_tokens) != cfg.label_tokens:
+            left.append(f"{r['mode']}: measured at {r['label_tokens']}-token labels, not {cfg.label_tokens}")
+            continue
+        if s["precision"] not in ("fp32", "fp16", "bf16"):
+            left.append(f"{r['mode']}: model.precision={s['precision']}, not resolved to one auto sets")
+            continue
+        if s["quantization"] == "int8" and s.get("int8_half_inputs") is False:
+            left.append(f"{r['mode']}: model.int8_half_inputs=false, a setting auto does not choose")
+            continue
+        mem = prov.get("gpu_memory_bytes")
+        run = (prov["at"][:10], prov["command"], prov["gpu"], mem)
+        runs.setdefault(run, f"bench-{len(runs) + 1}")
+        versions.setdefault(run, dict(prov.get("versions") or {}))
+        setting = {"quantization": s["quantization"] or "none", "precision": s["precision"],
+                   "gradient_checkpointing": bool(s["gradient_checkpointing"]),
+                   "checkpoint_fraction": float(s["checkpoint_fraction"]), "base_dtype": s["base_dtype"],
+                   "compile": s["compile"] or "none"}
+        key = tuple(setting.values())
+        entry = modes.setdefault(key, {**setting, "points": {}})
+        peak = r.get("peak_gpu_memory_bytes")
+        point = {"batch": s["batch_size"], "samples_per_s": round(sps, 3),
+                 "peak_gib": round(peak / 2**30, 3) if peak else None, "run": runs[run], "bench_mode": r["mode"]}
+        if point["batch"] in entry["points"]:  # e.g. auto-e32 running bf16-half-compile-b32's settings
+            kept = entry["points"][point["batch"]]
+            kept["notes"] = (kept.get("notes", "") + f"; {r['mode']} ran the same settings and batch: "
+                             f"{sps:.2f} samples/s" + (f" at {peak / 2**30:.2f} GiB" if peak else "")).lstrip("; ")
+            continue
+        entry["points"][point["batch"]] = point
+    if not modes:
+        return None, left
+    run_objs = {}
+    for key, name in runs.items():
+        date, command, gpu, mem = key
+        run_objs[name] = measured.Run(gpu=gpu, gpu_memory_gib=round(mem / 2**30, 2) if mem else None, date=date,
+                                      command=command, versions=versions[key])
+    settings = tuple(measured.Setting(**{**{k: v for k, v in e.items() if k != "points"},
+                                         "points": tuple(measured.Point(**p) for p in e["points"].values())})
+                     for e in modes.values())
+    gpus = ", ".join(dict.fromkeys(r.gpu for r in run_objs.values()))
+    about = (f"Written by lib/tools/bench.py from results.json beside it: whisper-{cfg.arch} with random weights "
+             f"through the real train job (each mode a fresh `python -m jobs.train`), 30 s clips, "
+             f"{cfg.label_tokens}-token labels, LoRA r={cfg.lora_r} on q_proj and v_proj; samples_per_s = steady "
+             f"samples/s, peak_gib = torch.cuda.max_memory_allocated (null without a GPU). --recipe auto uses "
+             f"DATA_DIR/bench/{measured.MODEL}/measured.json on the GPU it was measured on (lib/train/measured.py).")
+    return measured.Measured(path=path, model=cfg.arch, label_tokens=cfg.label_tokens,
+                             summary=f"{gpus}, whisper-{cfg.arch}, {cfg.label_tokens}-token labels (make bench)",
+                             about=about, runs=run_objs, modes=settings), left
+
+
+def write_figures(res: dict, cfg: BenchConfig, path: Path, say: bool) -> None:
+    """measured.json beside results.json (see `figures`), none when no row can be used; `say`: log
+    what was left out and where auto looks for it."""
+    table, left = figures(res, cfg, path)
+    if table is None:
+        path.unlink(missing_ok=True)
+    else:
+        measured.write(table)
+    if say:
+        for why in left:
+            log.info("bench: not in %s: %s", path.name, why)
+        if table is not None:
+            log.info("bench: auto's figures in %s (%s)", path, "--recipe auto uses them on this GPU"
+                     if cfg.arch == measured.MODEL else
+                     f"--recipe auto reads bench/{measured.MODEL}/measured.json: its figures are arch={measured.MODEL}'s")
 
 
 def _sps(r: dict | None) -> float:

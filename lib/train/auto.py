@@ -13,6 +13,11 @@ run's longest label, fits in 85% of the card. The effective batch (train.batch_s
 train.grad_accum) is what you asked for, so the optimization is the same; when your flags name
 both train.batch_size and train.grad_accum, that split is kept too. Other key=value flags still
 win over the choice. `choose` is pure (tests give it a made-up GpuInfo); `detect` asks torch.
+
+The measured figures are data (lib/train/measured.py reads them): lib/train/measured.json, shipped,
+and DATA_DIR/bench/large-v2/measured.json, which `make bench` writes on your GPU and which takes
+the shipped figures' place, mode by mode, on that GPU. This module holds the rule: what the
+figures predict at another batch and label length, and which mode and batch to pick.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import pairwise
 
+from lib.train import measured
 from lib.whisper import MAX_POSITIONS
 
 log = logging.getLogger("whisper_ft")
@@ -30,12 +36,12 @@ log = logging.getLogger("whisper_ft")
 AUTO = "auto"
 GIB = 2**30
 
-# Share of the card's memory a predicted peak may use. The peaks below are
+# Share of the card's memory a predicted peak may use. The measured peaks are
 # torch.cuda.max_memory_allocated (tensors only): the CUDA context (~0.5 GiB), the caching
 # allocator's fragmentation and a different clip mix need the other 15%.
 USABLE_FRACTION = 0.85
 
-# How the peak grows with the label length. The peaks below were measured with 40-token labels
+# How the peak grows with the label length. The peaks were measured with 40-token labels
 # (label rows of 40 tokens, <|startoftranscript|> included: 39 decoder positions). Two parts grow
 # with the label length T, per clip:
 #  - the loss: logits are T x 51,865 (vocab). Whisper's loss is CrossEntropyLoss on the bf16/fp16
@@ -71,7 +77,8 @@ def logits_gib(label_tokens: int) -> float:
 # How the speed depends on the per-device batch. At batch 8 a step is partly host-bound: the GPU
 # is busy 37-62 % of it, waiting on Python to launch the next kernels; at batch 32, compiled, 88-89 %
 # (docs/results.md). The step time t(b) is then about max(host, b x GPU time a clip), a
-# convex curve. Each mode holds the samples/s measured at each batch it ran (`speeds()`):
+# convex curve. Each mode holds the samples/s measured at each batch it ran (`speeds()`; the
+# figures: lib/train/measured.json):
 #  - at a measured batch: that number;
 #  - between two measured batches: the step time on the straight line between them (a convex
 #    curve lies below its chord, so this never predicts more than the truth);
@@ -99,15 +106,16 @@ class GpuInfo:
 
 @dataclass(frozen=True)
 class Mode:
-    """One measured training mode of whisper-large-v2 + LoRA."""
+    """One measured training mode of whisper-large-v2 + LoRA, as `choose` predicts from it (`modes`
+    builds them from lib/train/measured.py's figures)."""
 
     quantization: str
     precision: str
     gradient_checkpointing: bool
     samples_per_s: float
-    """measured at MEASURED_BATCH"""
+    """measured at `batch`"""
     peak_gib: float
-    """peak GPU memory at MEASURED_BATCH, MEASURED_LABELS-token labels"""
+    """peak GPU memory at `batch`, MEASURED_LABELS-token labels"""
     weights_gib: float
     """the part of the peak that does not grow with the batch (estimated, see FIXED_GIB)"""
     base_dtype: str = "fp32"
@@ -117,9 +125,13 @@ class Mode:
     checkpoint_fraction: float = 1.0
     """model.checkpoint_fraction (with gradient_checkpointing)"""
     auto: bool = True
-    """False: measured, but `choose` never picks it (it learnt worse: see the row's comment)"""
-    measured_at: tuple[tuple[int, float, float], ...] = ()
+    """False: measured, but `choose` never picks it (it learnt worse: NEVER_PICKED)"""
+    measured_at: tuple[tuple[int, float, float | None], ...] = ()
     """(batch, samples/s, peak GiB) measured at other batch sizes, same card and labels"""
+    batch: int = 8
+    """the batch samples_per_s and peak_gib were measured at: MEASURED_BATCH where measured there"""
+    source: str = ""
+    """where the figures come from: file, GPU, date, run (lib/train/measured.py)"""
 
     def label(self, precision: str | None = None) -> str:
         ckpt = "no checkpointing" if not self.gradient_checkpointing else (
@@ -137,7 +149,7 @@ class Mode:
 
     def speeds(self) -> list[tuple[int, float]]:
         """(batch, samples/s) measured, by batch."""
-        return sorted({MEASURED_BATCH: self.samples_per_s, **{b: s for b, s, _ in self.measured_at}}.items())
+        return sorted({self.batch: self.samples_per_s, **{b: s for b, s, _ in self.measured_at}}.items())
 
     def speed_at(self, batch: int) -> tuple[float, str]:
         """Predicted samples/s at `batch`, and whether it was measured or how it is estimated (see above)."""
@@ -158,12 +170,12 @@ class Mode:
     def clip_gib(self, label_tokens: int = MEASURED_LABELS) -> float:
         """Predicted memory a clip adds at `label_tokens`-token labels (see DECODER_SHARE_PER_TOKEN)."""
         tokens = max(label_tokens, MEASURED_LABELS)
-        at_40 = (self.peak_gib - self.weights_gib) / MEASURED_BATCH
+        at_40 = (self.peak_gib - self.weights_gib) / self.batch
         rest = at_40 - logits_gib(MEASURED_LABELS)
         return rest * (1 + DECODER_SHARE_PER_TOKEN * (tokens - MEASURED_LABELS)) + logits_gib(tokens)
 
     def peak_at(self, batch_size: int, label_tokens: int = MEASURED_LABELS) -> float:
-        """Predicted peak GiB: fixed part + batch x what a clip adds (the measured peak at batch 8, 40 tokens)."""
+        """Predicted peak GiB: fixed part + batch x what a clip adds (from the peak measured at `batch`, 40 tokens)."""
         return self.weights_gib + batch_size * self.clip_gib(label_tokens)
 
 
@@ -176,36 +188,75 @@ class Mode:
 #   nf4:  1.468 B x 0.5 B + 75 M x 4 B         + 0.23 = 1.2 GiB
 FIXED_GIB = {"none": 6.0, "half": 3.1, "int8": 1.9, "nf4": 1.2}
 
-# Measured on one H100 80GB through the real train job (`make bench`, docs/results.md):
-# whisper-large-v2 with random weights, batch 8, 30 s clips, 40-token labels, LoRA r=32 on
-# q_proj/v_proj; peak = max_memory_allocated. The numbers are for large-v2 (large-v3 has the
-# same size). For smaller bases (medium, small, base) nothing is scaled down: the rule is
-# conservative there (the same mode needs less). nf4 is never picked (it learnt worse, below);
-# int8 with checkpointing, the walkthrough's, only on cards too small for every other mode at
-# that batch (its fixed part, 1.9 GiB, is the smallest left); int8 without checkpointing never.
-MEASURED_ON = "H100 80GB, whisper-large-v2, batch 8 (and 32, the fastest mode), 40-token labels"
+# The shipped figures (lib/train/measured.json) are for large-v2 (large-v3 has the same size). For
+# smaller bases (medium, small, base) nothing is scaled down: the rule is conservative
+# there (the same mode needs less). int8 with checkpointing, the walkthrough's, is picked only on
+# cards too small for every other mode at that batch (its fixed part, 1.9 GiB, is the smallest
+# left); int8 without checkpointing never.
 MEASURED_BATCH = 8
-_HALF = dict(base_dtype="compute")
-MEASURED = (
-    Mode("int8", "fp16", True, 5.0, 6.2, FIXED_GIB["int8"]),  # the walkthrough's recipe
+"""the batch every shipped mode was measured at; a mode's figures at this batch are its reference"""
+NEVER_PICKED = {
     # nf4 learnt worse than int8 beyond seed noise (docs/results.md "Quality of every mode auto can pick":
     # whisper-base, H200, 60 steps: normalized WER 8.1-8.4 % over 3 seeds vs int8's 3.5-5.9 % over 5),
     # so auto never picks it; model.quantization=nf4 or the QLoRA recipe still run it.
-    Mode("nf4", "bf16", True, 8.0, 4.3, FIXED_GIB["nf4"], auto=False),
-    Mode("none", "bf16", True, 10.3, 8.9, FIXED_GIB["none"]),
-    Mode("none", "bf16", False, 16.7, 27.1, FIXED_GIB["none"]),
-    Mode("none", "fp16", False, 16.7, 27.1, FIXED_GIB["none"]),
-    Mode("int8", "fp16", False, 6.9, 36.1, FIXED_GIB["int8"]),
-    Mode("none", "bf16", True, 11.7, 5.3, FIXED_GIB["half"], **_HALF),
-    Mode("none", "bf16", False, 18.7, 21.2, FIXED_GIB["half"], **_HALF),
-    Mode("none", "bf16", True, 17.3, 5.3, FIXED_GIB["half"], **_HALF, compile="layers"),
-    Mode("none", "bf16", True, 23.2, 6.4, FIXED_GIB["half"], **_HALF, compile="layers", checkpoint_fraction=0.9),
-    # batch 8: run 2 (28.6; run 3's slower host CPU: 25.6); batch 32 (bf16-half-compile-b32): run 3,
-    # 49.7 samples/s at 67.71 GiB (run 1: 49.58; batch 32 does not move with the host: docs/results.md).
-    Mode("none", "bf16", False, 28.6, 19.5, FIXED_GIB["half"], **_HALF, compile="layers",
-         measured_at=((32, 49.7, 67.71),)),
-)
-WALKTHROUGH = MEASURED[0]
+    "nf4": "learnt worse: docs/results.md",
+}
+"""quantization -> why `choose` never returns it (a verdict on quality, not a measurement)"""
+
+
+def _fixed_gib(quantization: str, base_dtype: str) -> float:
+    return FIXED_GIB["half" if quantization == "none" and base_dtype == "compute" else quantization]
+
+
+def to_mode(setting: measured.Setting, figures: measured.Measured) -> Mode | None:
+    """A measured mode as `choose` predicts from it: the reference figures at MEASURED_BATCH (else
+    the smallest batch with a peak), the other batches' in measured_at; None without a peak."""
+    points = sorted(setting.points, key=lambda p: p.batch)
+    peaked = [p for p in points if p.peak_gib is not None]
+    if not peaked:
+        return None
+    ref = next((p for p in peaked if p.batch == MEASURED_BATCH), peaked[0])
+    return Mode(setting.quantization, setting.precision, setting.gradient_checkpointing, ref.samples_per_s,
+                ref.peak_gib, _fixed_gib(setting.quantization, setting.base_dtype), base_dtype=setting.base_dtype,
+                compile=setting.compile, checkpoint_fraction=setting.checkpoint_fraction,
+                auto=setting.quantization not in NEVER_PICKED,
+                measured_at=tuple((p.batch, p.samples_per_s, p.peak_gib) for p in points if p is not ref),
+                batch=ref.batch, source=figures.origin(points))
+
+
+@dataclass(frozen=True)
+class Table:
+    """The modes `choose` picks among, and one line on where their figures come from."""
+
+    modes: tuple[Mode, ...]
+    source: str
+    notes: tuple[str, ...] = ()
+    """what of a bench's file was left out, and why (logged)"""
+
+    def walkthrough(self) -> Mode:
+        """The walkthrough recipe's mode: int8, fp16, every layer checkpointed."""
+        return next(m for m in self.modes if m.key() == ("int8", True, "fp32", "none", 1.0) and m.precision == "fp16")
+
+
+def table(figures: measured.Figures) -> Table:
+    """The figures that apply on one GPU (lib.train.measured.for_gpu) as modes, and their source line."""
+    modes = tuple(m for m in (to_mode(s, f) for s, f in figures.modes) if m is not None)
+    shipped, *own = figures.files
+    source = f"measured on {shipped.summary}"
+    if own:
+        mine = [s for s, f in figures.modes if f is own[0]]
+        source = (f"measured on {own[0].summary} for {len(mine)} mode(s) ({measured.shown(own[0].path)}), "
+                  f"the rest on {shipped.summary} ({measured.shown(shipped.path)})")
+    return Table(modes, f"{source}; conservative for smaller bases", figures.notes)
+
+
+SHIPPED = table(measured.for_gpu(None, None))
+"""the shipped figures: what `choose` uses unless given another table"""
+if measured.shipped().label_tokens != MEASURED_LABELS or measured.shipped().model != measured.MODEL:
+    raise RuntimeError(f"{measured.SHIPPED}: the memory rule here starts from {MEASURED_LABELS}-token labels on "
+                       f"whisper-{measured.MODEL}")
+MEASURED = SHIPPED.modes
+WALKTHROUGH = SHIPPED.walkthrough()
 BATCH_KEYS = ("train.batch_size", "train.grad_accum")
 # The mode settings a flag may fix, in the order they narrow `choose`'s modes (memory first).
 FIXED_ORDER = ("model.quantization", "model.gradient_checkpointing", "model.checkpoint_fraction", "model.base_dtype",
@@ -260,7 +311,7 @@ class Choice:
         return " ".join(self.flags())
 
 
-def _candidates(bf16: bool) -> list[tuple[Mode, str]]:
+def _candidates(bf16: bool, modes: tuple[Mode, ...] = MEASURED) -> list[tuple[Mode, str]]:
     """(mode, precision to run it in), one per quantization x checkpointing, fastest first.
 
     The half precision is bf16 where the card has it (no fp16 overflow), else fp16: a row measured
@@ -268,7 +319,7 @@ def _candidates(bf16: bool) -> list[tuple[Mode, str]]:
     """
     half = "bf16" if bf16 else "fp16"
     out: dict[tuple, tuple[Mode, str]] = {}
-    for m in MEASURED:
+    for m in modes:
         if not m.auto:
             continue
         prec = "fp16" if m.precision == "bf16" and not bf16 else m.precision
@@ -296,14 +347,15 @@ def divisors(n: int) -> list[int]:
 
 
 def choose(gpu: GpuInfo | None, batch_size: int, grad_accum: int = 1, label_tokens: int = MEASURED_LABELS,
-           keep_split: bool = False, fixed: dict | None = None) -> Choice:
+           keep_split: bool = False, fixed: dict | None = None, figures: Table = SHIPPED) -> Choice:
     """The (mode, per-device batch) with the best predicted samples/s whose predicted peak fits in
     USABLE_FRACTION of the card; batch_size x grad_accum, the effective batch, is kept.
 
     Per-device batches are the divisors of the effective batch (`keep_split`: batch_size only);
     ties go to the smaller peak. label_tokens: the longest label row (the peak is set by the batch
     that holds it). fixed: settings your flags fixed (settings() keys): only modes that agree are
-    considered (all of them when none does, and the why-line says so).
+    considered (all of them when none does, and the why-line says so). figures: the measured modes
+    (default the shipped ones; apply_auto passes this GPU's, `table(measured.for_gpu(...))`).
     """
     if batch_size < 1 or grad_accum < 1:
         raise ValueError(f"batch_size={batch_size} grad_accum={grad_accum}: both must be >= 1")
@@ -323,8 +375,9 @@ def choose(gpu: GpuInfo | None, batch_size: int, grad_accum: int = 1, label_toke
         f"{effective} clips per optimizer step ({batch_size} x {grad_accum} asked"
         f"{': both named, kept' if keep_split else ''})"
     )
-    source = f"measured on {MEASURED_ON}; conservative for smaller bases"
-    cands = _candidates(gpu.bf16)
+    source = figures.source
+    walk = figures.walkthrough()
+    cands = _candidates(gpu.bf16, figures.modes)
     # Your flags' settings narrow the modes, the ones that move memory most first; one no
     # measured mode has (model.precision=bf16 with int8, say) is left out of the narrowing.
     unmatched = []
@@ -354,12 +407,12 @@ def choose(gpu: GpuInfo | None, batch_size: int, grad_accum: int = 1, label_toke
         why = (
             f"{card}; best predicted that fits: train.batch_size={b} train.grad_accum={effective // b}, "
             f"{mode.label(prec)}{stand_in}, {best.speed:.1f} samples/s ({best.basis}), ~{best.peak:.1f} GiB "
-            f"({mode.peak_gib} GiB measured at batch {MEASURED_BATCH}, {MEASURED_LABELS}-token labels)"
+            f"({mode.peak_gib} GiB measured at batch {mode.batch}, {MEASURED_LABELS}-token labels; {mode.source})"
             + (f"; faster but too big: {', '.join(o.describe() for o in faster.values())}" if faster else "")
             + (f"; the per-device batch is capped by the effective batch ({effective} clips per optimizer step): "
                f"a larger one would change the optimization" if capped else "")
-            + (f"; the walkthrough's {WALKTHROUGH.label()} does {WALKTHROUGH.samples_per_s} samples/s "
-               f"at {WALKTHROUGH.peak_gib} GiB (batch {MEASURED_BATCH})" if mode is not WALKTHROUGH else "")
+            + (f"; the walkthrough's {walk.label()} does {walk.samples_per_s} samples/s "
+               f"at {walk.peak_gib} GiB (batch {walk.batch})" if mode is not walk else "")
             + f" ({source})"
         )
         return Choice(mode, prec, why, b, effective // b, best.speed, best.peak, tokens)
@@ -375,13 +428,13 @@ def choose(gpu: GpuInfo | None, batch_size: int, grad_accum: int = 1, label_toke
     else:
         advice = "use a bigger GPU or a smaller model.base"
     # Smaller modes auto does not pick (they learnt worse), for whoever prefers memory to quality.
-    worse = [f"model.quantization={m.quantization} (~{m.peak_at(b, tokens):.1f} GiB, learnt worse: docs/results.md)"
-             for m in MEASURED if not m.auto and m.peak_at(b, tokens) < need]
+    worse = [f"model.quantization={m.quantization} (~{m.peak_at(b, tokens):.1f} GiB, {NEVER_PICKED[m.quantization]})"
+             for m in figures.modes if not m.auto and m.peak_at(b, tokens) < need]
     if worse:
         advice += f"; or {', '.join(worse)}"
     why = (
         f"{card}; no measured mode fits at batch {b}: the smallest, {mode.label(prec)} "
-        f"({mode.samples_per_s} samples/s, peak {mode.peak_gib} GiB at batch {MEASURED_BATCH}), needs "
+        f"({mode.samples_per_s} samples/s, peak {mode.peak_gib} GiB at batch {mode.batch}; {mode.source}), needs "
         f"~{need:.1f} GiB; {advice} ({source})"
     )
     speed = mode.speed_at(b)[0]
@@ -429,14 +482,13 @@ def train_label_tokens(cfg, env) -> tuple[int, str]:
     lengthen what the decoder sees are added: timestamps one token, previous-text prompts up to
     lib.train.augment.MAX_PROMPT + 1; at most MAX_LABEL_TOKENS.
     """
-    from lib.dataset.prepared import label_lengths
-    from lib.train.trainer import open_data
+    from lib.dataset.prepared import label_lengths, open_prepared
     from lib.whisper import MAX_PROMPT
 
     t0 = time.time()
     longest = clips = 0
-    for _, root, manifest in open_data(env, cfg.corpora()):
-        lengths = label_lengths(root, manifest, "train")
+    for corpus in cfg.corpora():
+        lengths = label_lengths(*open_prepared(env, corpus.name), "train")
         clips += len(lengths)
         longest = max(longest, int(lengths.max()) if len(lengths) else 0)
     tokens, added = longest, []
@@ -471,6 +523,8 @@ def apply_auto(cfg, flags: list[str], env=None, probe: Callable[[], GpuInfo | No
     The batch is the exception: train.batch_size x train.grad_accum (flags or recipe) is the
     effective batch, which auto keeps and re-splits, unless your flags name both (then that split
     is kept). label_tokens: the longest label (default: read from the train data, through `env`).
+    The figures: the shipped ones, and where `env` is given, the bench's file for this GPU
+    (lib.train.measured.for_gpu); the log line says which file each figure came from.
     """
     import dataclasses
 
@@ -484,7 +538,13 @@ def apply_auto(cfg, flags: list[str], env=None, probe: Callable[[], GpuInfo | No
     sections = {"model": cfg.model, "train": cfg.train}
     fixed = {k: getattr(sections[k.split(".")[0]], k.split(".", 1)[1]) for k in sorted(mode_keys & named)}
     t = cfg.train
-    choice = choose(gpu, t.batch_size, t.grad_accum, label_tokens or MEASURED_LABELS, keep_split=keep, fixed=fixed)
+    figures = SHIPPED
+    if gpu is not None and env is not None:
+        figures = table(measured.for_gpu(gpu.name, env.data_dir))
+        for note in figures.notes:
+            log.warning("recipe auto: %s", note)
+    choice = choose(gpu, t.batch_size, t.grad_accum, label_tokens or MEASURED_LABELS, keep_split=keep, fixed=fixed,
+                    figures=figures)
     settings = choice.settings()
     won = [f for f in flags if _flag_keys([f]) & mode_keys]
     split = ""
@@ -502,5 +562,5 @@ def apply_auto(cfg, flags: list[str], env=None, probe: Callable[[], GpuInfo | No
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **section["model"]),
                               train=dataclasses.replace(cfg.train, **section["train"]))
     return cfg, {"settings": settings, "why": choice.why, "your_flags_won": won,
-                 "label_tokens": choice.label_tokens, "label_source": source,
+                 "figures": choice.mode.source or None, "label_tokens": choice.label_tokens, "label_source": source,
                  "predicted": {"samples_per_s": choice.samples_per_s, "peak_gib": choice.peak_gib}}

@@ -1,6 +1,8 @@
 """`make bench` and `lib.tools.bench_quality` end to end on the CPU, at the smallest sizes."""
 
 import json
+import logging
+import time
 
 import pytest
 import yaml
@@ -9,6 +11,7 @@ from lib.env import Env
 from lib.errors import UserError
 from lib.tools import bench, bench_quality
 from lib.tools.runner import ROOT
+from lib.train import auto, measured
 from tests.helpers import SHARED_WHISPER_BASE
 
 
@@ -32,6 +35,23 @@ def test_bench_runs_modes_through_the_train_job_and_names_its_results_file(tmp_p
     assert "== bench done" in err
     tail = err.rsplit("== bench done", 1)[-1]
     assert str(results) in tail and str(results.with_name("targets.md")) in tail
+    # measured.json beside results.json: the rows as auto's figures, in the shipped table's format
+    figures = measured.load(tmp_path / "data" / "bench" / "tiny" / "measured.json")
+    assert (figures.model, figures.label_tokens) == ("tiny", 40)
+    [run] = figures.runs.values()
+    assert run.gpu == saved["gpu"] and run.gpu_memory_gib is None and run.date == time.strftime("%Y-%m-%d")
+    assert run.command == ("python -m lib.tools.bench arch=tiny modes=fp32,auto batch_size=2 steps=4 warmup=1 "
+                           "eval_clips=0 profile_steps=1")
+    assert run.versions == saved["versions"]
+    # auto chose fp32 here too: one mode, one point (the CPU has no GPU peak: auto cannot use it)
+    [mode] = figures.modes
+    assert mode.identity() == ("none", "fp32", False, 1.0, "fp32", "none")
+    [point] = mode.points
+    assert (point.batch, point.bench_mode, point.peak_gib) == (2, "fp32", None)
+    assert point.samples_per_s == round(rows[0]["steady_samples_per_second"], 3)
+    assert point.notes.startswith("auto ran the same settings and batch: ")
+    # a tiny bench is not what auto reads (its figures are large-v2's)
+    assert measured.for_gpu(saved["gpu"], tmp_path / "data").files == (measured.shipped(),)
 
 
 def test_auto_e32_asks_for_32_clips_a_step_without_naming_the_batch(tmp_path, monkeypatch):
@@ -155,6 +175,77 @@ def test_bench_resume_keeps_what_an_earlier_command_measured(tmp_path, monkeypat
     calls.clear()
     bench.main(bench.BenchConfig(modes=["fp32"], legs=["train"], **common), env)
     assert calls == ["fp32"]
+
+
+H200 = "NVIDIA H200"
+
+
+def _gpu_row(mode, settings, batch, sps, gib, at="2026-12-02 10:00:00", half_inputs=True):
+    """A train row as a GPU bench saves it (run_mode's, then main's provenance)."""
+    q, prec, ckpt, frac, base, comp = settings
+    return {"mode": mode, "batch": batch, "steady_samples_per_second": sps, "peak_gpu_memory_bytes": gib * 2**30,
+            "label_tokens": 40,
+            "settings": {"quantization": q, "precision": prec, "gradient_checkpointing": ckpt,
+                         "checkpoint_fraction": frac, "base_dtype": base, "int8_half_inputs": half_inputs,
+                         "compile": comp, "batch_size": batch, "grad_accum": 1},
+            "measured": {"at": at, "command": "python -m lib.tools.bench legs=train", "gpu": H200,
+                         "gpu_memory_bytes": int(139.8 * 2**30), "versions": {"torch": "2.11.0+cu130"}}}
+
+
+def test_the_bench_writes_the_figures_auto_then_chooses_by_on_that_gpu(tmp_path, caplog):
+    """A GPU run's rows (README's H200 run, 2026-12-02) -> DATA_DIR/bench/large-v2/measured.json ->
+    `--recipe auto` on the H200 picks by them and says which file each figure came from; another
+    GPU keeps the shipped figures."""
+    from jobs.train import DEFAULT_RECIPE
+    from lib.config import load_config
+    from lib.train.config import TrainConfig
+
+    env = Env(data_dir=tmp_path)
+    fastest = ("none", "bf16", False, 1.0, "compute", "layers")
+    res = {"versions": {"torch": "2.11.0+cu130"}, "train": [
+        _gpu_row("int8-ckpt", ("int8", "fp16", True, 1.0, "fp32", "none"), 8, 8.01, 4.92),
+        _gpu_row("int8-ckpt-fp32in", ("int8", "fp16", True, 1.0, "fp32", "none"), 8, 6.0, 5.36, half_inputs=False),
+        _gpu_row("bf16-ckpt-half-compile-b24", ("none", "bf16", True, 1.0, "compute", "layers"), 24, 35.14, 7.91,
+                 at="2026-12-03 09:00:00"),
+        _gpu_row("bf16-half-compile-b32", fastest, 32, 54.25, 67.69),
+        _gpu_row("auto-e32", fastest, 32, 50.34, 67.69),
+        {"mode": "bf16", "batch": 8, "error": "exit 1: boom"}]}
+    cfg = bench.BenchConfig()  # arch large-v2: the file auto reads
+    path = env.data_dir / "bench" / "large-v2" / "measured.json"
+    with caplog.at_level(logging.INFO, logger="whisper_ft"):
+        bench.write_figures(res, cfg, path, say=True)
+    assert path == measured.user_file(env.data_dir)
+    own = measured.load(path)
+    assert [r.date for r in own.runs.values()] == ["2026-12-02", "2026-12-03"]  # one run per command and day
+    assert {r.gpu for r in own.runs.values()} == {H200} and own.runs["bench-1"].gpu_memory_gib == 139.8
+    assert [m.points[0].bench_mode for m in own.modes] == ["int8-ckpt", "bf16-ckpt-half-compile-b24",
+                                                            "bf16-half-compile-b32"]
+    assert "auto-e32 ran the same settings and batch: 50.34 samples/s at 67.69 GiB" in own.modes[2].points[0].notes
+    assert "int8-ckpt-fp32in: model.int8_half_inputs=false" in caplog.text
+
+    # --recipe auto on the H200, 32 clips a step (the recipe's 8 x train.grad_accum=4): the fastest
+    # mode's figures are now the H200's own (54.25 samples/s at batch 32), not the H100's 49.7
+    gpu = auto.GpuInfo(H200, int(139.8 * 2**30), True, (9, 0))
+    train_cfg = load_config(TrainConfig, DEFAULT_RECIPE, ["run=r", "data=d", "train.grad_accum=4"])
+    with caplog.at_level(logging.INFO, logger="whisper_ft"):
+        _, choice = auto.apply_auto(train_cfg, ["train.grad_accum=4"], env, probe=lambda: gpu, label_tokens=40)
+    assert choice["settings"]["train.batch_size"] == 32 and choice["predicted"]["samples_per_s"] == 54.25
+    assert f"figures: {path}, batch 32 on {H200} 2026-12-02 (bench-1)" in choice["why"]
+    assert f"measured on {H200}, whisper-large-v2, 40-token labels (make bench) for 3 mode(s) ({path})" in caplog.text
+    assert "the walkthrough's int8/fp16/checkpointing does 8.01 samples/s at 4.92 GiB" in choice["why"]
+    # a smaller card of the same name: the all-checkpointed mode the H200 timed at batch 24 (7.91 GiB)
+    # beats the shipped 90 % mode (23.2 at batch 8) for 24 clips in 8.5 GiB
+    small = auto.GpuInfo(H200, 10 * 2**30, True, (9, 0))
+    c = auto.choose(small, 8, 3, figures=auto.table(measured.for_gpu(H200, env.data_dir)))
+    assert (c.mode.checkpoint_fraction, c.gradient_checkpointing, c.batch_size, c.samples_per_s) == (1.0, True, 24, 35.14)
+    assert auto.choose(small, 8, 3).mode.checkpoint_fraction == 0.9  # the shipped figures alone
+    # another GPU: the file is not its figures
+    h100 = auto.GpuInfo("NVIDIA H100 80GB HBM3", 85_520_809_984, True, (9, 0))
+    with caplog.at_level(logging.INFO, logger="whisper_ft"):
+        _, choice = auto.apply_auto(train_cfg, ["train.grad_accum=4"], env, probe=lambda: h100, label_tokens=40)
+    assert "lib/train/measured.json" in choice["why"] and str(path) not in choice["why"]
+    assert f"{path} holds figures of {H200}, none with a peak on {h100.name}: the shipped figures stand" in caplog.text
+    assert (choice["settings"]["train.batch_size"], choice["predicted"]["samples_per_s"]) == (16, pytest.approx(39.89, abs=0.01))
 
 
 def test_bench_refuses_unknown_legs_and_half_a_quality_leg():

@@ -4,6 +4,7 @@ your flags) and the real train job on the CPU picking fp32 / no quantization and
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import subprocess
 from pathlib import Path
@@ -15,7 +16,7 @@ from jobs.train import DEFAULT_RECIPE, cli
 from lib.cli import Recipe, build_config
 from lib.config import load_config
 from lib.errors import UserError
-from lib.train import auto
+from lib.train import auto, measured
 from lib.train.auto import MEASURED, USABLE_FRACTION, GpuInfo, apply_auto, choose, logits_gib
 from lib.train.config import TrainConfig
 from tests.helpers import tone, write_prepared
@@ -249,6 +250,54 @@ def test_the_large_v2_count_matches_the_constants():
     share = (b["activations"] - a["activations"]) / 360 / a["activations"]
     assert share == pytest.approx(auto.DECODER_SHARE_PER_TOKEN, rel=0.01)
     assert (b["peak"] - b["activations"]) / (399 * 51865) == pytest.approx(auto.LOGIT_BYTES, rel=0.02)
+
+
+# ---- the figures: data, checked --------------------------------------------------------------------
+
+
+def test_every_shipped_measured_file_loads_and_names_where_each_figure_came_from():
+    files = sorted((ROOT / "lib").rglob("measured.json"))
+    assert files == [ROOT / "lib" / "train" / "measured.json"]
+    for path in files:
+        m = measured.load(path)
+        assert m.modes and all(p.run in m.runs for s in m.modes for p in s.points)
+        for run in m.runs.values():
+            assert run.gpu and run.date and run.command and run.notes  # the machine, the date, the command, the source
+    # the table choose() uses is the file's, each mode citing its run
+    assert len(MEASURED) == len(measured.shipped().modes) == 11
+    assert FASTEST.source == ("figures: lib/train/measured.json, batch 8 on NVIDIA H100 80GB HBM3 2026-11-25 "
+                              "(h100-2026-11-25-run2), batch 32 on NVIDIA H100 80GB HBM3 2026-11-25 (h100-2026-11-25-run3)")
+    assert "figures: lib/train/measured.json, batch 8 on NVIDIA H100 80GB HBM3" in choose(H100, 8).why
+
+
+def test_a_measured_file_auto_cannot_trust_is_refused_naming_the_file_and_entry(tmp_path):
+    good = json.loads(measured.SHIPPED.read_text())
+    path = tmp_path / "measured.json"
+
+    def refused(change, match):
+        data = json.loads(json.dumps(good))
+        change(data)
+        path.write_text(json.dumps(data))
+        with pytest.raises(UserError, match=match):
+            measured.load(path)
+
+    refused(lambda d: d.update(format=2), rf"{path}: format: expected 1, got 2")
+    refused(lambda d: d["modes"][0].update(quantisation="int8"), r"modes\[0\]: unknown key\(s\) quantisation")
+    refused(lambda d: d["modes"][1].update(precision="bf17"), r"modes\[1\]\.precision: 'bf17': choose one of fp16, bf16, fp32")
+    refused(lambda d: d["modes"][2]["points"][0].update(run="h100-2099"), r"modes\[2\]\.points\[0\]\.run: 'h100-2099' is not in runs")
+    refused(lambda d: d["modes"][2]["points"][0].update(samples_per_s="10.3"), r"samples_per_s: '10.3' is not a number")
+    refused(lambda d: d["modes"][2]["points"].append(d["modes"][2]["points"][0]), r"a second point at batch 8")
+    refused(lambda d: d["modes"].append(d["modes"][0]), r"modes\[11\]: the same mode as modes\[0\]")
+    refused(lambda d: d["runs"]["h100-2026-11-24"].update(date="24.11.2026"), r"date: '24.11.2026' is not YYYY-MM-DD")
+    refused(lambda d: d["runs"]["h100-2026-11-24"].pop("gpu"), r"runs\['h100-2026-11-24'\]: missing gpu")
+
+
+def test_auto_reads_label_lengths_through_the_dataset_wing_not_the_trainer():
+    import ast
+
+    tree = ast.parse((ROOT / "lib" / "train" / "auto.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "lib.train.trainer" not in imported and {"lib.dataset.corpora", "lib.dataset.prepared"} <= imported
 
 
 # ---- layering: walkthrough recipe < auto choice < your flags --------------------------------------
