@@ -324,7 +324,7 @@ def test_shipped_hub_recipe_reads_a_parquet_fleurs_shaped_dataset(tiny_model_dir
     m = main(cfg, Env(data_dir=tmp_path / "data"))
     assert {c[:2] for c in calls} == {(cfg.source.hub_id, cfg.source.hub_config)}
     assert {k: v["rows"] for k, v in m["splits"].items()} == {"train": 2, "validation": 1, "test": 1}
-    row = split_rows(tmp_path / "data" / "prepared" / cfg.name, "test")[0]
+    row = split_rows(tmp_path / "data" / "prepared" / cfg.dataset(), "test")[0]
     assert row["text"] == "Raw hi_1।" and row["language"] == "hi"
 
 

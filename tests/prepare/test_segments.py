@@ -14,6 +14,7 @@ from transformers import WhisperFeatureExtractor, WhisperTokenizer
 
 from jobs.prepare import PrepareConfig
 from jobs.prepare import main as prepare_main
+from lib import whisper as W
 from lib.config import load_config
 from lib.dataset import shards
 from lib.dataset.prepared import load_split, open_prepared, read_manifest
@@ -175,15 +176,15 @@ def samples_split(tok, seconds: float = 4.0):
     def seg(x):
         return tok.encode(" " + x, add_special_tokens=False)
 
-    ts = [A.segmented(labels[0], [(0.0, 1.5, seg("नमस्ते")), (1.6, 3.9, seg("जी"))], t), [],
-          A.segmented(labels[2], [(0.3, 2.0, seg("हाँ धन्यवाद"))], t)]
+    ts = [W.segmented(labels[0], [(0.0, 1.5, seg("नमस्ते")), (1.6, 3.9, seg("जी"))], t), [],
+          W.segmented(labels[2], [(0.3, 2.0, seg("हाँ धन्यवाद"))], t)]
     rows = {"audio": [tone(seconds, 300 + 50 * i) for i in range(3)], "labels": labels, "ts_labels": ts}
     return Dataset.from_dict(rows).with_format("numpy"), ts
 
 
 def stamps(tok, labels) -> list[float]:
     t = A.SpecialTokens.of(tok)
-    return [round((i - t.timestamp_begin) * A.TIME_STEP, 2) for i in labels if i >= t.timestamp_begin]
+    return [round((i - t.timestamp_begin) * W.TIME_STEP, 2) for i in labels if i >= t.timestamp_begin]
 
 
 def test_timestamped_samples_use_the_segments_and_the_clip_span_elsewhere(tokenizer):
@@ -227,7 +228,7 @@ def test_segment_labels_past_448_positions_fall_back_to_the_prepared_ones(tokeni
 
     t = A.SpecialTokens.of(tokenizer)
     labels = tokenizer("नमस्ते").input_ids
-    long = A.segmented(labels, [(0.02 * k, 0.02 * k + 0.01, [400]) for k in range(150)], t)  # 3 tokens a segment
+    long = W.segmented(labels, [(0.02 * k, 0.02 * k + 0.01, [400]) for k in range(150)], t)  # 3 tokens a segment
     assert len(long) - 1 > A.MAX_POSITIONS
     ds = Dataset.from_dict({"audio": [tone(3.0)], "labels": [labels], "ts_labels": [long]}).with_format("numpy")
     assert A.TrainingSamples(ds, tokenizer, TrainSection(timestamp_probability=1.0))[0]["labels"] == labels
