@@ -14,6 +14,8 @@ machine: no analytics, no share link (lib/serve/page.py).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,15 +65,22 @@ def main(cfg: ServeConfig, env: Env) -> None:
     log.info("serve: run %s with %s, language %s, task %s, %s", cfg.run, source.describe(), language, task, info)
 
     # 3. What the page shows under the transcripts: the eval report's table, the training curves.
+    # One folder for everything the page writes (curves, and Gradio's copies of each upload, which
+    # it would otherwise leave in /tmp/gradio for good: 150 MB after an afternoon of clips),
+    # deleted when the page stops.
     workdir = Path(tempfile.mkdtemp(prefix="whisper-serve-"))
-    report_md = serve.report_section(cfg.run, source.run_dir)
-    curves, caption = serve.training_curves(source.run_dir, workdir)
+    os.environ["GRADIO_TEMP_DIR"] = str(workdir / "uploads")  # read when Gradio is imported (build_page)
+    try:
+        report_md = serve.report_section(cfg.run, source.run_dir)
+        curves, caption = serve.training_curves(source.run_dir, workdir)
 
-    # 4. The page, until Ctrl-C.
-    page = serve.build_page(served, report_md, curves, caption)
-    url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
-    log.info("serve: open %s (listening on %s:%d; Ctrl-C stops it)", url, cfg.host, cfg.port)
-    serve.launch(page, cfg.host, cfg.port)
+        # 4. The page, until Ctrl-C.
+        page = serve.build_page(served, report_md, curves, caption)
+        url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
+        log.info("serve: open %s (listening on %s:%d; Ctrl-C stops it)", url, cfg.host, cfg.port)
+        serve.launch(page, cfg.host, cfg.port)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     summary.done("serve", {"page": f"{url} (stopped)", "model": source.describe(),
                            "report": "shown" if not report_md.startswith("No eval report") else "none yet"})
 

@@ -113,6 +113,20 @@ def read_bytes(path: str | Path, name: str | None = None) -> bytes:
         raise AudioError(f"unreadable: {name} ({e.strerror})") from None
 
 
+def header_seconds(source: str | Path | bytes) -> float | None:
+    """The duration a file's header declares, read without decoding the audio (frames / rate),
+    or None when the header does not say or cannot be read (decode then tells)."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source))
+    except Exception:
+        return None
+    if info.frames <= 0 or info.samplerate <= 0:
+        return None
+    return info.frames / info.samplerate
+
+
 def decode(source: str | Path | bytes, name: str | None = None, target: int = SAMPLING_RATE) -> np.ndarray:
     """A file path or encoded bytes -> mono float32 at `target` Hz. Raises AudioError with the reason."""
     if isinstance(source, (str, Path)):

@@ -12,6 +12,7 @@ a config check parses `data=` for free.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lib.errors import UserError
@@ -44,8 +45,8 @@ def parse_data(data: str) -> list[Corpus]:
             except ValueError:
                 raise UserError(f"data={data}: '{tail}' after '{head}:' is not a weight; write name:0.7") from None
             name = head
-            if not weight > 0:
-                raise UserError(f"data={data}: the weight of {name} is {tail}; weights must be > 0")
+            if not (math.isfinite(weight) and weight > 0):  # inf, nan and 0 mix nothing sensible
+                raise UserError(f"data={data}: the weight of {name} is {tail}; weights must be > 0 and finite")
         out.append(Corpus(name, weight))
     names = [c.name for c in out]
     if len(set(names)) < len(names):

@@ -117,12 +117,7 @@ def verify(path: Path) -> str | None:
     except OSError as e:
         return f"{COMPLETE} unreadable ({e.strerror or e})"
     if text.strip() == "ok":
-        # The marker of earlier versions lists nothing: check what can be checked.
-        missing = [f for f in REQUIRED if not (path / f).is_file()]
-        if missing:
-            return f"{', '.join(missing)} missing"
-        log.warning("%s has an old-style %s marker (no file list): files not verified", path.name, COMPLETE)
-        return None
+        return _verify_unlisted(path)
     try:
         files = json.loads(text)["files"]
     except (ValueError, KeyError, TypeError):
@@ -151,6 +146,51 @@ def _set_aside(root: Path, ck: Path, prefix: str) -> Path:
         k += 1
     ck.rename(target)
     return target
+
+
+def _verify_unlisted(path: Path) -> str | None:
+    """The `ok` marker of earlier versions lists no files, sizes or hashes: check what the files
+    themselves can tell. Every file a resume reads must be there, the random-number state too
+    (without it the resumed run draws other dropout masks and samples: other weights); torch's
+    files are zip archives whose CRCs catch a truncated or corrupted optimizer.pt without
+    unpickling it; a safetensors file's header says how long it must be; JSON must parse."""
+    missing = [f for f in REQUIRED if not (path / f).is_file()]
+    if not any(path.glob("rng_state*.pth")):
+        missing.append("rng_state.pth")
+    if missing:
+        return f"{', '.join(missing)} missing (old-style {COMPLETE} marker)"
+    for f in sorted(path.iterdir()):
+        problem = _file_problem(f)
+        if problem:
+            return f"{f.name} {problem} (old-style {COMPLETE} marker, checked file by file)"
+    log.warning("%s has an old-style %s marker (no file list): resuming after checking each file's own "
+                "structure (no hashes to compare)", path.name, COMPLETE)
+    return None
+
+
+def _file_problem(f: Path) -> str | None:
+    """What is wrong with one checkpoint file judged by its format alone, or None."""
+    import zipfile
+
+    try:
+        if f.suffix in (".pt", ".pth", ".bin"):
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+            return f"is corrupted (member {bad} fails its CRC)" if bad else None
+        if f.suffix == ".safetensors":
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            size = f.stat().st_size
+            return None if size == 8 + n + end else f"is {size} bytes, its header needs {8 + n + end} (truncated?)"
+        if f.suffix == ".json":
+            json.loads(f.read_text())
+    except (zipfile.BadZipFile, EOFError) as e:
+        return f"is not a whole torch file ({e}: truncated?)"
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        return f"is unreadable ({type(e).__name__}: {e})"
+    return None
 
 
 def find_resumable(root: Path, move: bool = True) -> tuple[Path | None, list[Path]]:
@@ -186,6 +226,11 @@ def find_resumable(root: Path, move: bool = True) -> tuple[Path | None, list[Pat
         )
     if found is not None and any(p.name.startswith("damaged-") for p in moved):
         log.warning("resuming from %s, the newest checkpoint that verifies", found.name)
+    if found is None and moved:
+        log.error("none of the %d checkpoints in %s can be resumed from (%s): training starts again from step 0",
+                  len(moved), root, ", ".join(p.name for p in moved))
+    elif found is None and not move and any(checkpoints(root)):
+        log.error("no checkpoint in %s can be resumed from: training starts again from step 0", root)
     return found, moved
 
 

@@ -381,3 +381,25 @@ def test_train_job_refuses_data_prepared_for_another_tokenizer(tiny_model_dir, t
     with pytest.raises(UserError, match=r"<\|notimestamps\|> 50364 vs 50363.*Prepare the data again"):
         main(cfg, Env(data_dir=data))
     assert not (data / "runs" / "r" / "config.yaml").exists()
+
+
+def test_a_long_recording_is_skipped_from_its_header_without_decoding(tiny_model_dir, tmp_path, monkeypatch):
+    """A 2-hour WAV in a manifest of clips used to be read and decoded whole (1.56 GB peak) before
+    being skipped as too long: its header says how long it is."""
+    import soundfile as sf
+
+    from lib.prepare import workers
+
+    long_wav = tmp_path / "meeting.wav"
+    sf.write(long_wav, np.zeros(8000 * 600, dtype=np.int16), 8000, subtype="PCM_16")  # 10 min at 8 kHz
+    short_wav = tmp_path / "clip.wav"
+    sf.write(short_wav, (0.1 * np.sin(np.arange(16000) / 5)).astype(np.float32), 16000)
+    read = []
+    real_read = workers.read_bytes
+    monkeypatch.setattr(workers, "read_bytes", lambda path, name=None: (read.append(str(path)), real_read(path, name))[1])
+    proc = workers.Processor(str(tiny_model_dir), "transcribe", workers.Limits(0.1, 30.0, 448), ["en"])
+    clip, why = proc.row({"path": str(long_wav)}, "a long meeting", "en")
+    assert clip is None and why.startswith("too long: 600.0 s > max_duration=30 s") and "header" in why
+    clip, why = proc.row({"path": str(short_wav)}, "a short clip", "en")
+    assert clip is not None and why == ""
+    assert read == [str(short_wav)]  # the long file was never read, let alone decoded

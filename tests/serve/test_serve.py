@@ -255,7 +255,9 @@ def page_server(data_dir, tiny_model_dir, tmp_path_factory):
     (work / "empty.env").write_text("")
     port = free_port()
     log, net = work / "serve.log", work / "net.log"
-    env = {**os.environ, "DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "NET_LOG": str(net),
+    tmp = work / "tmp"  # the job's temporary files (and Gradio's copies of uploads) go here
+    tmp.mkdir()
+    env = {**os.environ, "DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "NET_LOG": str(net), "TMPDIR": str(tmp),
            "PYTHONPATH": str(ROOT), "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     env.pop("GRADIO_ANALYTICS_ENABLED", None)  # the job turns it off itself
     with log.open("w") as out:
@@ -404,3 +406,5 @@ def test_sigterm_stops_the_page_and_the_job_says_so(page_server):
     assert proc.wait(timeout=60) == 0
     log = page_server["log"].read_text()
     assert "== serve done in " in log and "Traceback" not in log
+    # the clips uploaded by the tests above, and the page's own files, are gone with it
+    assert not any((page_server["work"] / "tmp").rglob("*")), sorted((page_server["work"] / "tmp").rglob("*"))

@@ -31,6 +31,25 @@ def _ckpt(root, step, complete=True):
     return d
 
 
+def _real_ckpt(root, step, complete=True):
+    """A checkpoint folder with every file a resume reads, each a real file of its format (an
+    old-style marker is trusted only as far as the files' own structure says)."""
+    import torch
+    from safetensors.torch import save_file
+
+    d = root / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    for name in REQUIRED:
+        if name.endswith(".json"):
+            (d / name).write_text(json.dumps({"name": name, "step": step}))
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        torch.save({"name": name, "state": torch.arange(64, dtype=torch.float32) * step}, d / name)
+    save_file({"lora_A": torch.ones(4, 4) * step}, str(d / "adapter_model.safetensors"))
+    if complete:
+        mark_complete(d)
+    return d
+
+
 def test_newest_complete_is_resumed_and_partial_is_moved_aside(tmp_path, caplog):
     _ckpt(tmp_path, 100)
     _ckpt(tmp_path, 200)
@@ -121,11 +140,53 @@ def test_marker_without_the_optimizer_is_refused(tmp_path):
 
 
 def test_old_style_marker_is_accepted_when_the_files_are_there(tmp_path):
-    d = _ckpt(tmp_path, 1, complete=False)
+    d = _real_ckpt(tmp_path, 1, complete=False)
     (d / COMPLETE).write_text("ok\n")
     assert verify(d) is None
     (d / "scheduler.pt").unlink()
-    assert verify(d) == "scheduler.pt missing"
+    assert verify(d).startswith("scheduler.pt missing")
+
+
+def test_old_style_marker_with_a_truncated_optimizer_is_refused(tmp_path, caplog):
+    """A kill during an old version's save could leave optimizer.pt cut short beside an `ok` marker:
+    every retry crashed loading it. Now it is found, set aside, and the older checkpoint resumes."""
+    _real_ckpt(tmp_path, 1, complete=False)
+    (tmp_path / "checkpoint-1" / COMPLETE).write_text("ok\n")
+    d = _real_ckpt(tmp_path, 2, complete=False)
+    (d / COMPLETE).write_text("ok\n")
+    data = (d / "optimizer.pt").read_bytes()
+    (d / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    assert "optimizer.pt is not a whole torch file" in verify(d)
+    assert find_resumable(tmp_path)[0] == tmp_path / "checkpoint-1"
+    assert "checkpoint-2 is damaged: optimizer.pt" in caplog.text
+
+
+def test_old_style_marker_without_the_random_state_is_refused(tmp_path):
+    """Without rng_state.pth Trainer resumes with other random draws, to other weights."""
+    d = _real_ckpt(tmp_path, 1, complete=False)
+    (d / COMPLETE).write_text("ok\n")
+    (d / "rng_state.pth").unlink()
+    assert "rng_state.pth missing" in verify(d)
+
+
+@pytest.mark.parametrize("damage", ["truncate_safetensors", "bad_json"])
+def test_old_style_marker_checks_each_files_own_structure(tmp_path, damage):
+    d = _real_ckpt(tmp_path, 1, complete=False)
+    (d / COMPLETE).write_text("ok\n")
+    if damage == "truncate_safetensors":
+        f = d / "adapter_model.safetensors"
+        f.write_bytes(f.read_bytes()[:-10])
+        assert "adapter_model.safetensors is" in verify(d) and "truncated" in verify(d)
+    else:
+        (d / "trainer_state.json").write_text('{"global_step": 4')
+        assert "trainer_state.json is unreadable" in verify(d)
+
+
+def test_when_no_checkpoint_is_usable_the_log_says_so(tmp_path, caplog):
+    (_real_ckpt(tmp_path, 1) / "optimizer.pt").write_bytes(b"")
+    (_real_ckpt(tmp_path, 2) / "scheduler.pt").write_bytes(b"")
+    assert find_resumable(tmp_path) == (None, [tmp_path / "damaged-checkpoint-2", tmp_path / "damaged-checkpoint-1"])
+    assert "none of the 2 checkpoints" in caplog.text and "starts again from step 0" in caplog.text
 
 
 def test_files_and_folder_are_fsynced_before_the_marker(tmp_path, monkeypatch):

@@ -123,6 +123,7 @@ def test_data_lists(text, want):
 @pytest.mark.parametrize("text, match", [
     ("a:0.7,b", "every corpus a weight"), ("a:x", "not a weight"), ("a:0", "must be > 0"),
     ("a,a", "listed twice"), ("a,,b", "empty name"),
+    ("a:inf,b:inf", "must be > 0 and finite"), ("a:nan,b:1", "must be > 0 and finite"), ("a:-1,b:1", "must be > 0"),
 ])
 def test_bad_data_lists_name_the_problem(text, match):
     with pytest.raises(UserError, match=match):
