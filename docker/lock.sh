@@ -9,9 +9,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q "uv==0.13.8"
+# uv keeps the versions already in the output file unless pyproject.toml needs others, so adding
+# a package pins it and what it needs without moving every other pin. The CPU hash is put back below.
+cpu_hash=6746dbcbeb526eb61330b76b41ff1b4eb848951103a892eeb080dfa2b264667b
+grep -v "sha256:$cpu_hash" requirements.lock > requirements.lock.tmp || true
 python3 -m uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
   --python-platform x86_64-manylinux_2_28 --no-header -o requirements.lock.tmp
-cpu_hash=6746dbcbeb526eb61330b76b41ff1b4eb848951103a892eeb080dfa2b264667b
 awk -v h="$cpu_hash" '{print} /^torch==/{print "    --hash=sha256:" h " \\"}' \
   requirements.lock.tmp > requirements.lock
 rm requirements.lock.tmp
