@@ -35,6 +35,12 @@ class WhisperCollator:
     """train.mask_language_token: this language token's id (e.g. <|hi|>) is left out of the loss
     where it is a row's first target; None = trained, as the walkthrough does"""
 
+    label_multiple: int = 1
+    """label rows are padded to a multiple of this (with -100: nothing added to the loss). With
+    train.compile a new label width is a new input shape; 64 keeps the shapes a run can meet to
+    7 (64, 128, ..., 448) instead of one per longest label, so packed windows (labels of 150-448
+    tokens) do not recompile the decoder layers batch after batch"""
+
     count: bool = False
     """add what the batch holds (COUNT_KEYS: clips, seconds of clip audio, label tokens) for the
     speed metrics; the Trainer takes them out before the model sees the batch (lib/train/trainer.py)"""
@@ -46,13 +52,14 @@ class WhisperCollator:
         if any(len(r.get("prompt", ())) for r in rows):
             decoder_input_ids, labels = with_prompts(
                 [list(map(int, r["labels"])) for r in rows], [list(map(int, r.get("prompt", ()))) for r in rows],
-                self.decoder_start_token_id, self.start_of_prev)
+                self.decoder_start_token_id, self.start_of_prev, self.label_multiple)
             return {"input_features": feats, "labels": mask_language_target(labels, self.mask_language),
                     "decoder_input_ids": decoder_input_ids, **counts}
         labels = strip_decoder_start(
             [list(map(int, r["labels"])) for r in rows], self.decoder_start_token_id
         )
-        return {"input_features": feats, "labels": mask_language_target(pad_labels(labels), self.mask_language),
+        return {"input_features": feats,
+                "labels": mask_language_target(pad_labels(labels, multiple=self.label_multiple), self.mask_language),
                 **counts}
 
 
@@ -88,7 +95,7 @@ def strip_decoder_start(labels: list[list[int]], decoder_start_token_id: int) ->
 
 
 def with_prompts(labels: list[list[int]], prompts: list[list[int]], decoder_start_token_id: int,
-                 start_of_prev: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 start_of_prev: int | None, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(decoder_input_ids, labels) for rows conditioned on previous text, as long-form decoding does.
 
     A row is `<|startofprev|> prompt <|sot|> <|hi|> ... text <|eot|>`; the decoder reads all but
@@ -111,7 +118,7 @@ def with_prompts(labels: list[list[int]], prompts: list[list[int]], decoder_star
         targets.append([IGNORE_INDEX] * masked + full[1 + masked:])
     # Padding inputs sit after each row's last real token: causal attention never lets a real
     # position see them and their targets are -100, so any id works; <|endoftext|> (the row's last) is used.
-    return pad_labels(inputs, pad=labels[0][-1]), pad_labels(targets)
+    return pad_labels(inputs, pad=labels[0][-1], multiple=multiple), pad_labels(targets, multiple=multiple)
 
 
 def mask_language_target(labels: torch.Tensor, language_id: int | None) -> torch.Tensor:
@@ -132,9 +139,11 @@ def mask_language_target(labels: torch.Tensor, language_id: int | None) -> torch
     return labels
 
 
-def pad_labels(labels: list[list[int]], pad: int = IGNORE_INDEX) -> torch.Tensor:
-    """Right-pad with -100 so padding adds nothing to the loss (decoder inputs: with `pad`)."""
+def pad_labels(labels: list[list[int]], pad: int = IGNORE_INDEX, multiple: int = 1) -> torch.Tensor:
+    """Right-pad with -100 so padding adds nothing to the loss (decoder inputs: with `pad`), to
+    the longest row rounded up to a multiple of `multiple`."""
     width = max((len(r) for r in labels), default=0)
+    width = -(-width // multiple) * multiple
     out = torch.full((len(labels), width), pad, dtype=torch.long)
     for i, row in enumerate(labels):
         out[i, : len(row)] = torch.tensor(row, dtype=torch.long)

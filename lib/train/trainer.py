@@ -31,6 +31,8 @@ log = logging.getLogger("whisper_ft")
 
 BEST_METRIC = "normalized_wer"
 """what picks the best checkpoint (Trainer logs it as eval_normalized_wer; lower is better)"""
+COMPILED_LABEL_MULTIPLE = 64
+"""with train.compile, label rows are padded to a multiple of this (lib.train.collator.WhisperCollator.label_multiple)"""
 
 
 def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
@@ -560,7 +562,8 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
                                       # prefix_tokens = <|sot|> <|lang|> <|task|> <|notimestamps|>, set just above
                                       mask_language=(processor.tokenizer.prefix_tokens[1]
                                                      if cfg.train.mask_language_token else None),
-                                      count=True),
+                                      count=True, label_multiple=COMPILED_LABEL_MULTIPLE
+                                      if cfg.train.compile != "none" else 1),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=processor,

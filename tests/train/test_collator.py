@@ -61,6 +61,23 @@ def test_batch_has_log_mel_and_padded_labels(tokenizer):
     assert (batch["labels"][1] != IGNORE_INDEX).all()
 
 
+def test_compiled_runs_pad_labels_to_a_multiple_so_shapes_repeat(tokenizer):
+    """train.compile: label widths rounded up to 64, with -100 (no loss), prompted rows too."""
+    fe = WhisperFeatureExtractor(feature_size=80)
+    ids = tokenizer("हाँ जी नमस्ते").input_ids
+    rows = [{"audio": tone(1.0, 300), "labels": ids}]
+    plain = WhisperCollator(fe, SOT)(rows)["labels"]
+    padded = WhisperCollator(fe, SOT, label_multiple=64)(rows)["labels"]
+    assert padded.shape == (1, 64) and plain.shape == (1, len(ids) - 1)
+    assert torch.equal(padded[:, : plain.shape[1]], plain) and (padded[:, plain.shape[1]:] == IGNORE_INDEX).all()
+    prompted = [{**rows[0], "prompt": [7, 8, 9]}]
+    sop = tokenizer.convert_tokens_to_ids("<|startofprev|>")
+    b = WhisperCollator(fe, SOT, start_of_prev=sop, label_multiple=64)(prompted)
+    assert b["labels"].shape == b["decoder_input_ids"].shape == (1, 64)
+    real = len(ids) + 4 - 1  # <|startofprev|> + 3 prompt tokens + the label, less one for the shift
+    assert (b["labels"][0, real:] == IGNORE_INDEX).all() and (b["labels"][0, :real] != IGNORE_INDEX).any()
+
+
 @pytest.mark.parametrize("lengths", [[4800], [80_000, 16_000, 161], [479_990], [480_000], [500_000, 800], [1]])
 def test_log_mel_of_the_audio_only_equals_the_feature_extractors(lengths):
     """lib.audio.log_mel skips the STFT of the padding (a constant): same numbers, any length."""
