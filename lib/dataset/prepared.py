@@ -140,6 +140,20 @@ def label_lengths(root: str | Path, manifest: dict[str, Any], split: str) -> np.
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
+def clip_lengths(root: str | Path, manifest: dict[str, Any], split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(seconds float32, label tokens, timestamped-label tokens: 0 where a row has no segments) of each
+    row of a split, in source order, from the shards' duration, labels and ts_labels columns: no audio."""
+    import pyarrow.compute as pc
+
+    seconds, labels, ts = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for s in split_shards(root, manifest, split):
+        t = shards.read_shard(s["url"], columns=["duration", "labels", "ts_labels"])
+        seconds.append(t["duration"].to_numpy().astype(np.float32))
+        labels.append(pc.list_value_length(t["labels"]).to_numpy().astype(np.int64))
+        ts.append(pc.list_value_length(t["ts_labels"]).fill_null(0).to_numpy().astype(np.int64))
+    return np.concatenate(seconds), np.concatenate(labels), np.concatenate(ts)
+
+
 def decode_row(row: dict[str, Any]) -> np.ndarray:
     """A prepared row's audio as 16 kHz float32; a clip that no longer decodes names its row."""
     from lib.audio import AudioError

@@ -30,6 +30,7 @@ from itertools import pairwise
 
 from lib.train import measured
 from lib.whisper import MAX_POSITIONS
+from lib.whisper import MAX_PROMPT as MAX_PROMPT_TOKENS
 
 log = logging.getLogger("whisper_ft")
 
@@ -68,6 +69,18 @@ LOGIT_BYTES = 12
 DECODER_SHARE_PER_TOKEN = 0.000673
 MAX_LABEL_TOKENS = MAX_POSITIONS
 """Whisper's decoder positions (max_target_positions): no label row is longer (prepare drops them)"""
+
+PACK_BELOW_SECONDS = 15.0
+"""auto sets train.pack=true when the median train clip is shorter: one such clip per 30-s window is
+more than half padding (a 5-s clip: 25 of 30 s, 5/6 of the encoder's work), and a window of them
+teaches the timestamped multi-segment form that long-form decoding asks for. At 15 s and above a
+window holds one or two clips: little to gain, and the clips are long-form-like already."""
+PACK_PREFIX = 3
+"""label tokens before a clip's segments in a packed label: <|sot|> <|lang|> <|task|> (multilingual
+Whisper; an English-only base has 1, so its estimate is 2 tokens high)"""
+PACK_LABEL_MULTIPLE = 64
+"""the packed label estimate is rounded up to this: a compiled run pads its label rows so
+(lib.train.trainer.COMPILED_LABEL_MULTIPLE)"""
 
 
 def logits_gib(label_tokens: int) -> float:
@@ -501,6 +514,56 @@ def train_label_tokens(cfg, env) -> tuple[int, str]:
                     f"labels column, read in {time.time() - t0:.1f} s){''.join(f', {a}' for a in added)}")
 
 
+@dataclass(frozen=True)
+class PackChoice:
+    """What auto decided for train.pack, and why (logged, and kept in metrics.json's recipe)."""
+
+    pack: bool
+    why: str
+    label_tokens: int = 0
+    """with pack: the longest packed label the run will see (decoder positions), for the memory estimate"""
+
+
+def decide_pack(cfg, env) -> PackChoice:
+    """train.pack=true when the median train clip (every corpus of data= together) is under
+    PACK_BELOW_SECONDS, unless train.timestamp_probability is set (a packed window is always
+    timestamped: the two do not combine). Read from the shards' duration, labels and ts_labels
+    columns (no audio); the longest packed label comes from planning each corpus's windows in
+    source order, as lib.train.packing plans them in shuffled order (the same limits: 30 s at the
+    longest pause and the slowest speed, 448 positions), rounded up to PACK_LABEL_MULTIPLE."""
+    import numpy as np
+
+    from lib.dataset.prepared import clip_lengths, open_prepared
+    from lib.train.packing import PackLimits, clip_tokens, plan_windows
+
+    t = cfg.train
+    if t.timestamp_probability:
+        return PackChoice(False, f"train.timestamp_probability={t.timestamp_probability} is set, and a packed "
+                                 f"window is always timestamped: the two do not combine")
+    seconds, longest = [], 0
+    limits = PackLimits.of(t, PACK_PREFIX)
+    for corpus in cfg.corpora():
+        secs, labels, ts = clip_lengths(*open_prepared(env, corpus.name), "train")
+        if not len(secs):
+            continue
+        seconds.append(secs)
+        tokens = clip_tokens(labels, ts, PACK_PREFIX)
+        starts, _ = plan_windows(secs, tokens, limits)
+        longest = max(longest, PACK_PREFIX + int(np.add.reduceat(tokens.astype(np.int64), starts[:-1]).max()))
+    if not seconds:
+        return PackChoice(False, "the train split holds no clips")
+    median = float(np.median(np.concatenate(seconds)))
+    if median >= PACK_BELOW_SECONDS:
+        return PackChoice(False, f"the median train clip is {median:.1f} s (>= {PACK_BELOW_SECONDS:g} s: a 30-s window "
+                                 f"holds one or two)")
+    if t.prompt_probability:
+        longest += 1 + MAX_PROMPT_TOKENS
+    tokens = min(MAX_LABEL_TOKENS, -(-longest // PACK_LABEL_MULTIPLE) * PACK_LABEL_MULTIPLE)
+    return PackChoice(True, f"the median train clip is {median:.1f} s (< {PACK_BELOW_SECONDS:g} s): one a window "
+                            f"would be {100 * (1 - median / 30):.0f} % padding; packed labels up to {tokens} tokens",
+                      tokens)
+
+
 def _flag_keys(flags: list[str]) -> set[str]:
     from lib.config import parse_override
 
@@ -532,8 +595,15 @@ def apply_auto(cfg, flags: list[str], env=None, probe: Callable[[], GpuInfo | No
     named = _flag_keys(flags)
     keep = set(BATCH_KEYS) <= named
     source = None
+    packing = None
+    if env is not None and "train.pack" not in named:
+        packing = decide_pack(cfg, env)
+        log.info("recipe auto: train.pack=%s because %s (train.pack=%s on the command line decides instead)",
+                 str(packing.pack).lower(), packing.why, str(not packing.pack).lower())
     if gpu is not None and label_tokens is None:
         label_tokens, source = train_label_tokens(cfg, env)
+        if packing and packing.pack and packing.label_tokens > label_tokens:
+            label_tokens, source = packing.label_tokens, f"packed windows ({packing.why})"
     mode_keys = set(Choice(WALKTHROUGH, "fp16", "").settings(batch=False))
     sections = {"model": cfg.model, "train": cfg.train}
     fixed = {k: getattr(sections[k.split(".")[0]], k.split(".", 1)[1]) for k in sorted(mode_keys & named)}
@@ -559,8 +629,11 @@ def apply_auto(cfg, flags: list[str], env=None, probe: Callable[[], GpuInfo | No
         if key in BATCH_KEYS or key not in named:
             head, name = key.split(".", 1)
             section[head][name] = value
+    if packing:
+        section["train"]["pack"] = packing.pack
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **section["model"]),
                               train=dataclasses.replace(cfg.train, **section["train"]))
     return cfg, {"settings": settings, "why": choice.why, "your_flags_won": won,
                  "figures": choice.mode.source or None, "label_tokens": choice.label_tokens, "label_source": source,
-                 "predicted": {"samples_per_s": choice.samples_per_s, "peak_gib": choice.peak_gib}}
+                 "predicted": {"samples_per_s": choice.samples_per_s, "peak_gib": choice.peak_gib},
+                 "pack": {"pack": packing.pack, "why": packing.why} if packing else None}

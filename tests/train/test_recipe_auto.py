@@ -395,11 +395,55 @@ def test_the_train_job_reads_the_longest_label_of_the_train_shards(tmp_path, cap
     # through the job's path (build_config hands apply_auto the env): 380 tokens on the 8 GB card
     computed = {"auto": (DEFAULT_RECIPE, lambda cfg, flags, env: apply_auto(cfg, flags, env, probe=lambda: GB8))}
     with caplog.at_level(logging.INFO, logger="whisper_ft"):
-        cfg, recipe = build_config(TrainConfig, "auto", ["run=r", "data=a:0.5,b:0.5"], computed, env)
+        cfg, recipe = build_config(TrainConfig, "auto", ["run=r", "data=a:0.5,b:0.5", "train.pack=false"], computed, env)
     assert recipe.choice["label_tokens"] == 380 and "labels up to 380 tokens" in recipe.choice["why"]
     assert "labels: the longest train label of data=a:0.5,b:0.5, 380 tokens over 5 clips" in caplog.text
     assert (cfg.train.batch_size, cfg.train.grad_accum) == (4, 2)  # 8 clips; 4 x 2 fits 380 tokens in 6.6 GiB
     assert recipe.choice["predicted"]["peak_gib"] <= 7.8 * USABLE_FRACTION
+
+
+def _corpus(env, name: str, seconds: float, n: int, label_tokens: int) -> None:
+    from lib.dataset.prepared import write_manifest, write_rows
+    from lib.dataset.shards import FORMAT
+
+    out = env.prepared_dir(name)
+    label = [50258, 50276, 50359, 50363] + [400] * (label_tokens - 5) + [50257]  # sot hi transcribe notimestamps .. eot
+    rows = [{"id": f"{name}{i}", "audio": tone(seconds), "text": "x", "labels": label} for i in range(n)]
+    splits = {"train": write_rows(out, "train", iter(rows), shard_rows=16),
+              "validation": write_rows(out, "validation", iter(rows[:1]))}
+    write_manifest(out, {"format": FORMAT, "name": name, "language": "hi", "task": "transcribe", "splits": splits})
+
+
+def test_auto_packs_when_the_median_clip_is_short_and_counts_the_longer_labels(tmp_path, caplog):
+    """decide_pack: median clip < 15 s -> train.pack=true, the estimate's labels = the longest packed
+    window (planned as lib.train.packing plans); long clips, train.timestamp_probability or your
+    train.pack flag -> not packed by auto."""
+    from lib.env import Env
+    from lib.train.auto import PACK_BELOW_SECONDS, decide_pack
+
+    env = Env(data_dir=tmp_path)
+    _corpus(env, "short", 2.0, 40, 20)   # 2-s clips, 17 segment tokens each
+    _corpus(env, "long", PACK_BELOW_SECONDS + 1, 4, 20)
+    cfg = load_config(TrainConfig, DEFAULT_RECIPE, ["run=r", "data=short"])
+    got = decide_pack(cfg, env)
+    # a clip costs 2 s + 1 ms + the longest pause (0.8 s) + a 20-ms grid step in the worst case: 10 fit in
+    # 30 s (+ the last one's pause); 3 prefix tokens + 10 x 17 = 173 tokens -> 192, a multiple of 64
+    assert got.pack and got.label_tokens == 192 and "median train clip is 2.0 s" in got.why
+    assert not decide_pack(load_config(TrainConfig, DEFAULT_RECIPE, ["run=r", "data=long"]), env).pack
+    ts = decide_pack(load_config(TrainConfig, DEFAULT_RECIPE, ["run=r", "data=short", "train.timestamp_probability=0.5"]), env)
+    assert not ts.pack and "train.timestamp_probability=0.5" in ts.why
+    # the median of the corpora together: 40 short clips and 4 long ones pack
+    assert decide_pack(load_config(TrainConfig, DEFAULT_RECIPE, ["run=r", "data=short:0.5,long:0.5"]), env).pack
+    computed = {"auto": (DEFAULT_RECIPE, lambda cfg, flags, env: apply_auto(cfg, flags, env, probe=lambda: GB8))}
+    with caplog.at_level(logging.INFO, logger="whisper_ft"):
+        cfg, recipe = build_config(TrainConfig, "auto", ["run=r", "data=short"], computed, env)
+    assert cfg.train.pack and recipe.choice["pack"]["pack"] and recipe.choice["label_tokens"] == 192
+    assert "recipe auto: train.pack=true because the median train clip is 2.0 s" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="whisper_ft"):
+        cfg, recipe = build_config(TrainConfig, "auto", ["run=r", "data=short", "train.pack=false"], computed, env)
+    assert not cfg.train.pack and recipe.choice["pack"] is None and "train.pack=" not in caplog.text
+    assert recipe.choice["label_tokens"] == 20 - 1 + 1  # the prepared labels' longest, as without packing
 
 
 def json_manifest(root: Path) -> dict:
@@ -449,7 +493,8 @@ def test_train_job_with_recipe_auto_on_the_cpu(tiny_model_dir, tmp_path, monkeyp
     ])
     err = capsys.readouterr().err
     assert code == 0, err[-3000:]
-    line = next(ln for ln in err.splitlines() if "recipe auto: " in ln)
+    line = next(ln for ln in err.splitlines() if "recipe auto: model." in ln)
+    assert "recipe auto: train.pack=true because the median train clip is 1.0 s" in err  # 1-s clips: packed
     assert " INFO recipe auto: model.quantization=none model.precision=fp32 model.gradient_checkpointing=false " \
            "model.checkpoint_fraction=1.0 model.base_dtype=fp32 train.compile=none train.batch_size=2 " \
            "train.grad_accum=1 because no CUDA GPU is visible" in line
@@ -461,4 +506,5 @@ def test_train_job_with_recipe_auto_on_the_cpu(tiny_model_dir, tmp_path, monkeyp
     # everything else is the walkthrough's
     assert (saved["lora"]["r"], saved["lora"]["alpha"], saved["train"]["lr"], saved["train"]["warmup_steps"]) \
         == (32, 64, 1e-3, 50)
+    assert saved["train"]["pack"] is True
     assert (data / "runs" / "auto" / "adapter" / "adapter_model.safetensors").is_file()
