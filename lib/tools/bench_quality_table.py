@@ -14,6 +14,13 @@ once per precision in `eval_precisions` (greedy, max_new_tokens tokens). Rows:
                 seed 42 (`repeat` names those to run over `repeat_seeds` seeds)
   excluded:...  measured modes `choose` never picks because they learnt worse (nf4), bf16 and fp16
   diag:...      diagnosis rows: bf16 with an fp32 base, and with a bf16 base not compiled
+  unpacked      `--recipe auto` with train.pack=false, the same seeds (group `pack`)
+  packed        `--recipe auto` with train.pack=true, `pack_steps` steps (windows of several clips:
+                a third of the steps sees about as many clips), the same seeds (group `pack`)
+
+Each row also reports the eval's long-form WER (test clips joined into recordings, decoded with
+timestamps), the share of valid timestamped segments, how many no-speech clips got text, and
+the train job's own run time (train_runtime_s in metrics.json: the GPU time of the training).
 
 The walkthrough seeds' spread (max - min) is the noise. Runs go `parallel` at a time (one
 GPU holds several whisper-base runs). A run whose eval report exists is reused (resume after
@@ -33,6 +40,11 @@ from lib.errors import UserError
 from lib.tools.runner import last_error, run_job_process
 
 log = logging.getLogger("whisper_ft")
+
+PACK_STEP_SHARE = 0.28
+"""packed rows' steps against the others' (pack_steps=0): a window holds 3-4 clips of a 2-s corpus
+with the default share of single-clip windows, so 0.28 x the steps sees about the same clips, and a
+window's step costs about 1.1x an unpacked one: about 0.3 of the GPU time"""
 
 HALF_NOCKPT = ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=false",
                "model.base_dtype=compute"]
@@ -57,7 +69,9 @@ class QualityTableConfig:
     seeds: int = 3
     """seeds 42, 43, ... for the walkthrough and auto rows (the others: seed 42)"""
     modes: str = "walkthrough,auto,pick,excluded,diag"
-    """which row groups to run"""
+    """which row groups to run (also: pack, the unpacked and packed rows)"""
+    pack_steps: int = 0
+    """optimizer steps of the packed rows; 0 = steps x PACK_STEP_SHARE"""
     repeat: str = ""
     """pick rows whose label contains one of these (comma-separated, e.g. nf4/bf16) run over
     repeat_seeds seeds, to tell a mode's loss from seed noise"""
@@ -71,9 +85,11 @@ class QualityTableConfig:
     def __post_init__(self):
         if not self.data or not self.model:
             raise UserError("set data=NAME (a prepared dataset) and model=PATH_OR_HUB_ID (real weights)")
-        unknown = set(self.modes.split(",")) - {"walkthrough", "auto", "pick", "excluded", "diag"}
+        unknown = set(self.modes.split(",")) - {"walkthrough", "auto", "pick", "excluded", "diag", "pack"}
         if unknown:
-            raise UserError(f"modes={self.modes}: unknown {sorted(unknown)}; use walkthrough,auto,pick,excluded,diag")
+            raise UserError(f"modes={self.modes}: unknown {sorted(unknown)}; use walkthrough,auto,pick,excluded,diag,pack")
+        if self.pack_steps < 0:
+            raise UserError(f"pack_steps={self.pack_steps}: must be >= 0 (0 = steps x {PACK_STEP_SHARE})")
         if min(self.seeds, self.parallel, self.repeat_seeds) < 1:
             raise UserError("seeds, repeat_seeds and parallel must be >= 1")
 
@@ -107,6 +123,10 @@ def rows(cfg: QualityTableConfig, auto_flags: list[str]) -> list[tuple[str, list
                     add(f"excluded:{m.label(prec)}", Choice(m, prec, "").flags())
     if "diag" in groups:
         out += [(label, flags, 42) for label, flags in DIAGNOSE.items()]
+    if "pack" in groups:
+        steps = cfg.pack_steps or max(1, round(cfg.steps * PACK_STEP_SHARE))
+        out += [("unpacked", ["auto", "train.pack=false"], s) for s in seeds]
+        out += [("packed", ["auto", "train.pack=true", f"train.max_steps={steps}"], s) for s in seeds]
     return out
 
 
@@ -116,8 +136,8 @@ def run_one(cfg: QualityTableConfig, env: Env, label: str, flags: list[str], see
     run = f"qt-{slug}-s{seed}"
     run_dir = env.run_dir(run)
     logdir = env.data_dir / "bench" / "quality_table"
+    auto = flags[:1] == ["auto"]
     if not (run_dir / "adapter" / "adapter_config.json").is_file():
-        auto = flags == ["auto"]
         args = [*(["--recipe", "auto"] if auto else []),
                 f"run={run}", f"data={cfg.data}", f"model.base={cfg.model}",
                 f"train.batch_size={cfg.batch_size}", f"train.max_steps={cfg.steps}", f"train.lr={cfg.lr}",
@@ -125,7 +145,7 @@ def run_one(cfg: QualityTableConfig, env: Env, label: str, flags: list[str], see
                 f"train.eval_steps={10 * cfg.steps}", f"train.save_steps={10 * cfg.steps}",
                 # the Trainer generates once at the end: keep it short, the eval job is the measure
                 "train.max_eval_samples=8", "train.generation_max_length=48",
-                *([] if auto else flags)]
+                *(flags[1:] if auto else flags)]  # later flags win (a row's own train.max_steps)
         log.info("quality table %s: jobs.train %s", run, " ".join(args))
         code, output = run_job_process("train", args, env, logdir / f"{run}.train.log")
         if code != 0:
@@ -145,6 +165,19 @@ def run_one(cfg: QualityTableConfig, env: Env, label: str, flags: list[str], see
         m = rep["results"]["adapter"]
         result["eval"][prec] = {k: m[k] for k in ("wer", "cer", "normalized_wer", "normalized_cer",
                                                   "empty", "repetition", "too_long")}
+        lf = ((rep.get("longform") or {}).get("results") or {}).get("adapter")
+        if lf:
+            result["eval"][prec]["longform_wer"] = lf["normalized_wer"]
+            result["eval"][prec]["longform_valid"] = lf["timestamps"]["valid_share"]
+            result["eval"][prec]["longform_segments"] = lf["timestamps"]["segments"]
+        hal = ((rep.get("hallucination") or {}).get("results") or {}).get("adapter")
+        if hal:
+            result["eval"][prec]["no_speech_with_text"] = f"{hal['with_text']}/{hal['clips']}"
+    mfile = run_dir / "metrics.json"
+    if mfile.is_file():
+        m = json.loads(mfile.read_text())
+        result["train_s"] = m.get("train_runtime_s")
+        result["steps"] = m.get("global_step")
     hist = run_dir / "log_history.json"
     if hist.is_file():
         losses = [h["loss"] for h in json.loads(hist.read_text()) if "loss" in h and "eval_loss" not in h]
@@ -179,21 +212,26 @@ def main(cfg: QualityTableConfig, env: Env) -> dict:
     }
     out = env.data_dir / "bench" / "quality_table.json"
     out.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    head = " | ".join(f"{p}: WER / norm. WER / CER / norm. CER % (loops, too long)" for p in precs)
-    print(f"\n| run | seed | last loss | {head} |")
-    print("|---|---|---|" + "---|" * len(precs))
+    head = " | ".join(f"{p}: WER / norm. WER / CER / norm. CER % (loops, too long); long-form norm. WER %, "
+                      f"valid segments, no-speech clips with text" for p in precs)
+    print(f"\n| run | seed | steps | train s | last loss | {head} |")
+    print("|---|---|---|---|---|" + "---|" * len(precs))
     for r in results:
         if "error" in r:
-            print(f"| {r['label']} | {r['seed']} | {r['error']} |" + " |" * len(precs))
+            print(f"| {r['label']} | {r['seed']} | | | {r['error']} |" + " |" * len(precs))
             continue
         cells = []
         for p in precs:
             e = r["eval"].get(p, {})
             cells.append(e.get("error") or (
                 f"{100 * e['wer']:.2f} / {100 * e['normalized_wer']:.2f} / {100 * e['cer']:.2f} / "
-                f"{100 * e['normalized_cer']:.2f} ({e['repetition']}, {e['too_long']})"))
+                f"{100 * e['normalized_cer']:.2f} ({e['repetition']}, {e['too_long']})"
+                + (f"; {100 * e['longform_wer']:.2f}, {100 * e['longform_valid']:.0f} % of {e['longform_segments']}"
+                   if "longform_wer" in e else "")
+                + (f", {e['no_speech_with_text']}" if "no_speech_with_text" in e else "")))
         loss = f"{r['last_loss']:.4f}" if r.get("last_loss") is not None else ""
-        print(f"| {r['label']} | {r['seed']} | {loss} | {' | '.join(cells)} |")
+        train_s = f"{r['train_s']:.0f}" if r.get("train_s") else ""
+        print(f"| {r['label']} | {r['seed']} | {r.get('steps', '')} | {train_s} | {loss} | {' | '.join(cells)} |")
     for k, v in noise.items():
         if v:
             print(f"walkthrough {k}: {100 * v[0]:.2f} .. {100 * v[1]:.2f} % over {len(walk)} seeds")

@@ -37,6 +37,16 @@ def test_rows_cover_every_mode_auto_can_pick_plus_the_seed_noise():
         ("excluded:nf4/fp16/checkpointing", 42)]
 
 
+def test_the_pack_group_runs_auto_unpacked_and_packed_in_fewer_steps_over_the_same_seeds():
+    rows = qt.rows(qt.QualityTableConfig(data="d", model="m", modes="pack", seeds=3, steps=60), [])
+    assert [(r[0], r[2]) for r in rows] == [("unpacked", 42), ("unpacked", 43), ("unpacked", 44),
+                                            ("packed", 42), ("packed", 43), ("packed", 44)]
+    assert rows[0][1] == ["auto", "train.pack=false"]
+    assert rows[3][1] == ["auto", "train.pack=true", "train.max_steps=17"]  # 60 x 0.28
+    rows = qt.rows(qt.QualityTableConfig(data="d", model="m", modes="pack", seeds=1, pack_steps=20), [])
+    assert rows[1][1][-1] == "train.max_steps=20"
+
+
 def test_unknown_groups_and_missing_paths_are_errors():
     with pytest.raises(UserError, match="modes=walk"):
         qt.QualityTableConfig(data="d", model="m", modes="walk")
@@ -51,13 +61,17 @@ def test_main_prints_the_table_and_the_walkthrough_range(tmp_path, monkeypatch, 
         w = 0.04 + 0.01 * (seed - 42)
         return {"label": label, "seed": seed, "run": f"r{seed}", "flags": flags, "last_loss": 0.07,
                 "eval": {"bf16": {"wer": w, "cer": w / 3, "normalized_wer": w, "normalized_cer": w / 3,
-                                  "empty": 0, "repetition": 0, "too_long": 0}}}
+                                  "empty": 0, "repetition": 0, "too_long": 0,
+                                  **({"longform_wer": 0.5, "longform_valid": 1.0, "longform_segments": 9,
+                                      "no_speech_with_text": "1/16"} if seed == 43 else {})}},
+                "steps": 60, "train_s": 99.6}
 
     monkeypatch.setattr(qt, "run_one", fake)
     cfg = qt.QualityTableConfig(data="d", model="m", modes="walkthrough", seeds=3, eval_precisions="bf16")
     summary = qt.main(cfg, Env(data_dir=tmp_path))
     out = capsys.readouterr().out
-    assert "| walkthrough int8 | 44 | 0.0700 | 6.00 / 6.00 / 2.00 / 2.00 (0, 0) |" in out
+    assert "| walkthrough int8 | 44 | 60 | 100 | 0.0700 | 6.00 / 6.00 / 2.00 / 2.00 (0, 0) |" in out
+    assert "| walkthrough int8 | 43 | 60 | 100 | 0.0700 | 5.00 / 5.00 / 1.67 / 1.67 (0, 0); 50.00, 100 % of 9, 1/16 |" in out
     assert "walkthrough bf16 normalized_wer: 4.00 .. 6.00 % over 3 seeds" in out
     assert summary["walkthrough_range"]["bf16 normalized_wer"] == pytest.approx((0.04, 0.06))
     assert json.loads((tmp_path / "bench" / "quality_table.json").read_text())["results"][0]["seed"] == 42
@@ -74,7 +88,9 @@ def test_one_row_trains_and_evaluates_through_the_real_jobs(tmp_path, tiny_model
     r = qt.run_one(cfg, Env(data_dir=tmp_path), "diag:tiny", flags, 42)
     assert "error" not in r, r
     assert set(r["eval"]["fp32"]) == {"wer", "cer", "normalized_wer", "normalized_cer", "empty", "repetition",
-                                      "too_long"}
+                                      "too_long", "longform_wer", "longform_valid", "longform_segments",
+                                      "no_speech_with_text"}
+    assert r["steps"] == 2 and r["train_s"] > 0
     assert (tmp_path / "runs" / "qt-diag-tiny-s42" / "eval-fp32" / "predictions.tsv").is_file()
     # a second call reuses the adapter and the report (resume after a device time limit)
     logs = sorted((tmp_path / "bench" / "quality_table").iterdir())
