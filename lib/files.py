@@ -64,13 +64,14 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def written_path(exc: BaseException) -> str | None:
-    """The path an exception (or one it came from) was writing: writing()'s tag, else an OSError's filename."""
-    for e in _chain(exc):
-        if getattr(e, "writing", None):
-            return e.writing
+    """The path an exception (or one it came from) was writing: an OSError's filename, else
+    writing()'s tag."""
     for e in _chain(exc):
         if isinstance(e, OSError) and e.filename:
             return str(e.filename)
+    for e in _chain(exc):
+        if getattr(e, "writing", None):
+            return e.writing
     return None
 
 
@@ -136,10 +137,10 @@ def size_text(n: int | None) -> str:
 
 
 def full_message(exc: BaseException | None, fallback: str | Path, need: int | None = None, need_what: str = "",
-                 then: str = "then rerun the same command", doing: str = "while writing") -> str:
+                 then: str = "then rerun the same command", doing: str = "while writing", done: str = "") -> str:
     """What is full, where, how much is free and needed, and what to do: the DiskFull message.
     exc: the failed write (None: a check before writing); fallback: the path to report when the
-    error names none (e.g. the job's output folder)."""
+    error names none (e.g. the job's output folder); done: what the job already did about it."""
     chain = list(_chain(exc)) if exc is not None else []
     path = (written_path(exc) if exc is not None else None) or str(fallback)
     point, device, fstype = mount_of(path)
@@ -149,5 +150,5 @@ def full_message(exc: BaseException | None, fallback: str | Path, need: int | No
     needed = (f"; about {size_text(need)} is needed{' (' + need_what + ')' if need_what else ''}"
               if need else "")
     return (f"{what} is full: no space left on the {fstype} filesystem {device} mounted at {point} "
-            f"({size_text(free)} free) {doing} {path}{needed}. Free space there (or give the job a "
+            f"({size_text(free)} free) {doing} {path}{needed}{done}. Free space there (or give the job a "
             f"bigger volume or quota), {then}; retrying before that cannot help")

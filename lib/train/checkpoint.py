@@ -493,7 +493,7 @@ class DiskGuard:
         if not files.disk_full(exc, need):
             return False
         gone = self._remove_partial(files.written_path(exc))
-        raise DiskFull(files.full_message(exc, self.run_dir, need, what, then=self.resume_hint()) + gone) from exc
+        raise DiskFull(files.full_message(exc, self.run_dir, need, what, then=self.resume_hint(), done=gone)) from exc
 
     def _remove_partial(self, path: str | None) -> str:
         """Delete the checkpoint (no COMPLETE) or adapter.tmp that `path` is in; what was done, for the message."""
@@ -504,7 +504,7 @@ class DiskGuard:
             partial_ckpt = folder.parent == self.root.absolute() and _CKPT.match(folder.name) and not is_complete(folder)
             if partial_ckpt or folder == (self.run_dir / "adapter.tmp").absolute():
                 shutil.rmtree(folder, ignore_errors=True)
-                return f" (the half-written {folder.name} was deleted to give its space back)"
+                return f"; the half-written {folder.name} was deleted to give its space back"
         return ""
 
 
