@@ -75,7 +75,7 @@ def _pid_gone(pid: int) -> bool:
 
 
 class RunLock:
-    """Take with acquire(); release() on the way out (also on exit 2 and 3)."""
+    """Take with acquire(); release() on the way out (also on exit 2, 3 and 4)."""
 
     def __init__(self, run_dir: Path, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S,
                  on_lost=None):

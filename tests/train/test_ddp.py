@@ -254,6 +254,9 @@ def test_launcher_exit_code_from_the_workers_reports():
     assert outcome({"0": "3", "1": "3"}) == 3  # every worker saved and stopped: retry, it resumes
     assert outcome({"0": "3", "1": "started"}) == 1  # one was SIGKILLed before it saved
     assert outcome({"0": "2", "1": "started"}) == 2  # a config error on rank 0: do not retry
+    assert outcome({"0": "4", "1": "started"}) == 4  # a full disk: do not retry until space is freed
+    assert outcome({"0": "3", "1": "0"}) == 3  # SIGTERM while rank 0 wrote the adapter, rank 1 done
+    assert outcome({"0": "0", "1": "started"}) == 1
     assert outcome({}) == 1
 
 
@@ -318,9 +321,9 @@ def test_sigterm_during_an_evaluation_of_2_processes_ends_as_an_uninterrupted_ru
     assert first["ckpts"] == [f"checkpoint-{EVAL_STEPS}"]
     assert not [h for h in first["hist"] if "eval_normalized_wer" in h]  # the eval was abandoned
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"checkpoint-{EVAL_STEPS} was saved without its evaluation" in eval_stopped["rerun_log"]
     metrics = json.loads((runs / "stopped/metrics.json").read_text())
     assert metrics["resumed_from"] == f"checkpoint-{EVAL_STEPS}" and metrics["best_checkpoint"] == best
+    assert f"checkpoint-{EVAL_STEPS} was saved without its evaluation" in eval_stopped["rerun_log"]
 
     def evals(run):
         hist = json.loads((runs / run / "log_history.json").read_text())
