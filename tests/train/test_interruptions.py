@@ -168,6 +168,29 @@ def test_sigterm_outside_the_training_loop_exits_3_and_the_rerun_completes(data_
     assert (run / ADAPTER).read_bytes() == straight["adapter"]
 
 
+def test_sigterm_while_loading_the_best_checkpoint_exits_3_and_the_rerun_completes(data_dir, tiny_model_dir,
+                                                                                     straight, monkeypatch):
+    """After the last step's check, inside trainer.train(): the handler of the loop only notes it."""
+    from transformers import Trainer
+
+    real = Trainer._load_best_model
+
+    def load_best_after_sigterm(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+
+    env = Env(data_dir=data_dir)
+    monkeypatch.setattr(Trainer, "_load_best_model", load_best_after_sigterm)
+    with pytest.raises(Preempted, match="SIGTERM after the last step .* rerun the same command to resume"):
+        main(cfg(tiny_model_dir, "term-best", **EXTRA), env)
+    run = data_dir / "runs/term-best"
+    assert not (run / "adapter").exists() and not (run / "LOCK").exists()
+    monkeypatch.setattr(Trainer, "_load_best_model", real)
+    metrics = main(cfg(tiny_model_dir, "term-best", **EXTRA), env)
+    assert metrics["resumed_from"] == "checkpoint-6" and metrics["best_checkpoint"] == "checkpoint-3"
+    assert (run / ADAPTER).read_bytes() == straight["adapter"]
+
+
 # --- a full disk ------------------------------------------------------------------------------
 
 
@@ -194,6 +217,7 @@ def test_full_disk_at_a_checkpoint_exits_4_naming_it(data_dir, tiny_model_dir, s
     err = capfd.readouterr().err
     message = [line for line in err.splitlines() if line.startswith("error: the disk is full")]
     assert len(message) == 1, err[-3000:]
+    print(message[0])
     run = data_dir / "runs/full-injected"
     assert f"while writing {run / 'checkpoints/checkpoint-3'}/" in message[0]
     assert "filesystem" in message[0] and " free)" in message[0] and "is needed (one checkpoint" in message[0]
@@ -251,6 +275,7 @@ def test_full_disk_for_real_exits_4_until_space_is_freed(data_dir, tiny_model_di
     err = capfd.readouterr().err
     message = [line for line in err.splitlines() if line.startswith("error: the disk is full")]
     assert len(message) == 1, err[-3000:]
+    print(message[0])
     need = checkpoint.checkpoint_bytes(run / "checkpoints/checkpoint-3")
     assert f"tmpfs filesystem tmpfs mounted at {root / 'runs'}" in message[0]
     assert f"while writing {run / 'checkpoints/checkpoint-6'}" in message[0]
@@ -263,6 +288,7 @@ def test_full_disk_for_real_exits_4_until_space_is_freed(data_dir, tiny_model_di
     assert cli(argv) == EXIT_DISK_FULL  # nobody freed space: the same answer, at once
     err = capfd.readouterr().err
     assert "error: the disk is full" in err and "before writing to" in err and "Traceback" not in err
+    print(err.strip().splitlines()[-1])
     assert "tb" not in err.split("error:")[-1].split("before writing to")[1].split()[0]
     print(f"retry on the full disk stopped after {time.monotonic() - started:.1f} s")
 
