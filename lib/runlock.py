@@ -179,7 +179,8 @@ class RunLock:
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            if self._thread.is_alive():  # never started when acquire was cut short
+                self._thread.join()
             self._thread = None
         if self.lost is None and (_read(self.path) or {}).get("token") == self.token:
             self.path.unlink(missing_ok=True)
