@@ -426,7 +426,10 @@ class StopOutsideLoop:
         raise Preempted(self.message())
 
     def __enter__(self) -> StopOutsideLoop:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (a caller's own thread): its SIGTERM is not ours
+            self._previous = None
         return self
 
     def __exit__(self, *exc) -> None:

@@ -74,7 +74,16 @@ def test_sigterm_during_evaluation_ends_as_an_uninterrupted_run(data_dir, tiny_m
         main(cfg(tiny_model_dir, "eval-stopped", **EXTRA), env)
     run = data_dir / "runs/eval-stopped"
     assert evals(run) == []  # the eval at step 3 was abandoned
+    # A second SIGTERM, during that catch-up evaluation: checkpoint-3 is left as it was
+    ck3 = run / "checkpoints/checkpoint-3"
+    before = {p.name: p.read_bytes() for p in ck3.iterdir()}
+    calls.clear()
+    with pytest.raises(Preempted, match="checkpoint-3"):
+        main(cfg(tiny_model_dir, "eval-stopped", **EXTRA), env)
+    assert calls == [3] and {p.name: p.read_bytes() for p in ck3.iterdir()} == before
+    assert "checkpoint-3 is already saved: nothing to write" in caplog.text
     monkeypatch.setattr(Seq2SeqTrainer, "prediction_step", real)
+    caplog.clear()
     metrics = main(cfg(tiny_model_dir, "eval-stopped", **EXTRA), env)
     assert metrics["resumed_from"] == "checkpoint-3" and metrics["global_step"] == 6
     assert "checkpoint-3 was saved without its evaluation (the run was stopped during it): evaluating it now" in caplog.text
