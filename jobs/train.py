@@ -18,9 +18,11 @@ adapter/ (LoRA adapter of the best checkpoint by normalized WER + processor + ge
 config), log_history.json, metrics.json, tb/, and LOCK while it runs (a second writer exits 2).
 Rerunning the same RUN resumes from the newest checkpoint whose COMPLETE marker verifies.
 Exit codes: 0 done; 2 config/data error (fix the named flag, do not retry);
-3 stopped by SIGTERM after saving a checkpoint (retry: it resumes); other: crash (retry).
+3 stopped by SIGTERM, at any moment, with the work saved or resumable (retry: it resumes);
+4 out of disk space or quota (the message names the filesystem, the path, the free and needed
+bytes; retry only after freeing space); other: crash (retry).
 Several GPUs: python -m lib.launch --standalone --nproc_per_node=N -m jobs.train ... (torchrun
-that keeps exit codes 2 and 3).
+that keeps exit codes 2, 3 and 4).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from lib import hub, runlock, summary
+from lib import files, hub, runlock, summary
 from lib.cli import Recipe, run_job
 from lib.config import dump_yaml, to_dict
 from lib.env import Env
@@ -48,12 +50,21 @@ DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "whisper-large-v2
 
 def main(cfg: TrainConfig, env: Env, recipe: Recipe | None = None) -> dict:
     """The run, holding the run folder's lock (lib/runlock.py): a second writer exits 2. Under
-    torchrun rank 0 holds it for the whole job (the other ranks write no run files)."""
-    with runlock.hold(env.run_dir(cfg.run), enabled=int(os.environ.get("RANK", "0")) == 0):
-        return _train(cfg, env, recipe)
+    torchrun rank 0 holds it for the whole job (the other ranks write no run files). A full disk
+    anywhere -> exit 4 naming it (checkpoint.DiskGuard); SIGTERM outside the training loop ->
+    exit 3 at once, lock released (checkpoint.StopOutsideLoop; inside it, StopOnSigterm saves)."""
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    run_dir = env.run_dir(cfg.run)
+    with checkpoint.DiskGuard(run_dir, rank0) as disk, checkpoint.StopOutsideLoop() as stop:
+        with runlock.hold(run_dir, enabled=rank0):
+            try:
+                return _train(cfg, env, recipe, disk, stop)
+            finally:
+                stop.quiet = True  # the lock's release is not cut short; the work is done or already stopping
 
 
-def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
+def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None, disk: checkpoint.DiskGuard,
+           stop: checkpoint.StopOutsideLoop) -> dict:
     # 1. Inputs: the prepared dataset, the hub token, the run folder (only rank 0 writes to it
     #    under torchrun: a second writer could hand the first a half-written config.yaml).
     corpora = T.open_data(env, cfg.corpora())  # [(corpus, folder or URL, manifest)]
@@ -63,10 +74,12 @@ def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
 
     # 2. Checks that cost seconds, before any weights are loaded or GPU time is spent; what they
     #    resolve (language, precision) is the plan, and config.yaml records it with the config.
+    #    A volume with less free space than the last checkpoint took stops here (exit 4).
     processor, plan = T.check_setup(cfg, env, corpora)
     changed_on_resume = []
     if rank0:
         changed_on_resume = T.check_same_run(run_dir, cfg, plan)
+        disk.check()
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(plan.record(cfg), run_dir / "config.yaml")
     for line in T.config_lines(cfg, plan, run_dir / "config.yaml", recipe):
@@ -83,8 +96,10 @@ def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         train_ds = Traced(train_ds, run_dir / "data_order.tsv")
 
-    # 4. Model: base (quantized per model.quantization), frozen, LoRA on top.
+    # 4. Model: base (quantized per model.quantization), frozen, LoRA on top. A checkpoint holds
+    #    its LoRA weights and Adam's two moments (3 x 4 bytes a parameter) and the processor files.
     model, base = build_training_model(cfg, plan, env.hf_token)
+    disk.estimate = 12 * sum(p.numel() for p in model.parameters() if p.requires_grad) + 5_000_000
 
     # 5. Trainer, and where to resume from (the newest COMPLETE checkpoint, never a half-written one).
     trainer, callbacks = T.build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir, plan, steps,
@@ -93,22 +108,32 @@ def _train(cfg: TrainConfig, env: Env, recipe: Recipe | None) -> dict:
     if resume_from:
         log.info("resuming from %s", resume_from)
 
-    # 6. Train. SIGTERM -> checkpoint at the next step boundary -> exit 3 (retry resumes).
+    # 6. Train. SIGTERM -> checkpoint at the next step boundary -> exit 3 (retry resumes). A
+    #    resumed run first evaluates the checkpoints a SIGTERM left without their evaluation.
+    stop.at("the end of training", "the training is saved in its checkpoints; the rerun resumes from the newest")
     result = T.train(trainer, callbacks, cfg, run_dir, resume_from)
     if not trainer.is_world_process_zero():
         return {}
 
     # 7. The final adapter (best by normalized WER when there was a validation split), never half there.
-    checkpoint.save_adapter(trainer.model, processor, base.generation_config, run_dir / "adapter")
+    #    From here a SIGTERM stops at once: the last checkpoint holds the training, a rerun redoes this end.
+    stop.at("saving the adapter", f"the training is done and saved (checkpoint-{trainer.state.global_step}); the "
+            "rerun resumes from it and writes the adapter and metrics.json")
+    with files.writing(run_dir / "adapter"):
+        checkpoint.save_adapter(trainer.model, processor, base.generation_config, run_dir / "adapter")
 
-    # 8. Metrics, and the Hub if asked.
+    # 8. Metrics, and the Hub if asked; set-aside checkpoints are not needed any more.
+    stop.at("writing metrics.json")
     metrics = T.run_metrics(trainer, result, callbacks, cfg, model, run_dir, plan, resume_from, moved, recipe,
                             changed_on_resume)
     T.write_json(run_dir / "metrics.json", metrics)
+    checkpoint.clean_set_aside(run_dir / "checkpoints", upto=None)
     log.info("done: %d steps, best normalized WER %s (exact-text %s), adapter %.1f MB in %s", metrics["global_step"],
              summary.percent(metrics["best_eval_normalized_wer"]), summary.percent(metrics["best_eval_wer"]),
              metrics["adapter_size_bytes"] / 1e6, run_dir / "adapter")
     if cfg.hub.push:
+        stop.at("pushing the adapter to the Hub", "the adapter and metrics.json are written; the rerun resumes "
+                "from the last checkpoint, writes them again and pushes")
         card = hub.model_card(kind="adapter", repo_id=cfg.hub.repo_id, base=cfg.model.base, data=cfg.data,
                               language=plan.language, task=cfg.task, recipe=recipe.name if recipe else None,
                               metrics=metrics, lora=to_dict(cfg.lora))

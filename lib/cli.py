@@ -3,7 +3,9 @@
     python -m jobs.train [--recipe FILE] [--env-file FILE] [key=value ...]
 
 A `UserError` prints `error: <message>` and exits 2 (not worth retrying); `Preempted`
-exits 3 (retry: the job resumes); anything else is a crash with a traceback (retry).
+exits 3 (retry: the job resumes); a full disk or quota (`DiskFull`, or any error that
+lib.files.disk_full recognizes) prints where and how much, and exits 4 (retry only after
+freeing space); anything else is a crash with a traceback (retry).
 """
 
 from __future__ import annotations
@@ -18,10 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lib import summary
+from lib import files, summary
 from lib.config import load_config
 from lib.env import Env, load_env
-from lib.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
+from lib.errors import (
+    EXIT_DISK_FULL,
+    EXIT_PREEMPTED,
+    EXIT_USER_ERROR,
+    DiskFull,
+    Preempted,
+    UserError,
+)
 from lib.launch import report_exit
 
 T = TypeVar("T")
@@ -131,6 +140,7 @@ def run_job(
     parser.add_argument("--env-file", help="KEY=value file with HF_TOKEN, MDC_API_KEY, HF_HOME, DATA_DIR")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.r=16")
     args = parser.parse_args(argv)
+    env = None
     try:
         env_file = args.env_file
         if env_file is None:
@@ -156,3 +166,15 @@ def run_job(
         print(f"preempted: {e}", file=sys.stderr)
         report_exit(str(EXIT_PREEMPTED))
         return EXIT_PREEMPTED
+    except DiskFull as e:
+        print(f"error: {e}", file=sys.stderr)
+        report_exit(str(EXIT_DISK_FULL))
+        return EXIT_DISK_FULL
+    except Exception as e:
+        if not files.disk_full(e):
+            raise
+        # a job that does not describe it itself (train does: lib.train.checkpoint.disk_full_exits)
+        where = env.data_dir if env is not None else Path.cwd()
+        print(f"error: {files.full_message(e, where)}", file=sys.stderr)
+        report_exit(str(EXIT_DISK_FULL))
+        return EXIT_DISK_FULL

@@ -1,14 +1,18 @@
-"""Exit codes every job shares, and the error that carries a user-facing message.
+"""Exit codes every job shares, and the errors that carry a user-facing message.
 
 Documented contract (docs/running.md, Kubernetes podFailurePolicy, cloud batch retry rules):
   0  the job finished;
   2  a config or data error: retrying will not help, fix what the message names;
-  3  stopped on SIGTERM after saving a checkpoint: retry, it resumes;
+  3  stopped on SIGTERM with its work saved or resumable: retry, it resumes;
+  4  out of disk space (or quota): retrying will not help until someone frees space or gives
+     the job a bigger volume; the message names the filesystem, the path, the free and the
+     needed bytes;
   anything else (1, 137 for SIGKILL, ...) is a crash or infrastructure failure: retry.
 """
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 3
+EXIT_DISK_FULL = 4
 
 
 class UserError(Exception):
@@ -17,3 +21,7 @@ class UserError(Exception):
 
 class Preempted(Exception):
     """The job saved its state on SIGTERM and stops so that an orchestrator retries it."""
+
+
+class DiskFull(Exception):
+    """A write failed for want of space (ENOSPC, EDQUOT). The message says where and how much."""

@@ -75,7 +75,7 @@ def _pid_gone(pid: int) -> bool:
 
 
 class RunLock:
-    """Take with acquire(); release() on the way out (also on exit 2 and 3)."""
+    """Take with acquire(); release() on the way out (also on exit 2, 3 and 4)."""
 
     def __init__(self, run_dir: Path, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S,
                  on_lost=None):
@@ -94,21 +94,27 @@ class RunLock:
     # -- taking the lock ------------------------------------------------------------------
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            if self._create():
-                break
-            holder = _read(self.path)
-            if holder is None:
-                continue  # released between our two looks: try again
-            if self._holder_is_dead(holder):
-                log.warning(
-                    "taking over %s from %s (its process is gone: killed, or its pod or node lost)",
-                    self.path, _describe(holder),
-                )
-                self._write()
-                break
-        self._thread = threading.Thread(target=self._beat_loop, name="run-lock-heartbeat", daemon=True)
-        self._thread.start()
+        try:
+            while True:
+                if self._create():
+                    break
+                holder = _read(self.path)
+                if holder is None:
+                    continue  # released between our two looks: try again
+                if self._holder_is_dead(holder):
+                    log.warning(
+                        "taking over %s from %s (its process is gone: killed, or its pod or node lost)",
+                        self.path, _describe(holder),
+                    )
+                    self._write()
+                    break
+            self._thread = threading.Thread(target=self._beat_loop, name="run-lock-heartbeat", daemon=True)
+            self._thread.start()
+        except BaseException:
+            # interrupted while taking it (a SIGTERM while watching a holder's beat, a full disk):
+            # `with` calls no release for a failed enter, so give back what was taken here
+            self.release()
+            raise
         return self
 
     def _create(self) -> bool:
@@ -116,8 +122,12 @@ class RunLock:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps({**self.me, "beat": 0}))
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({**self.me, "beat": 0}))
+        except BaseException:  # a full disk: no empty LOCK for the next writer to wait out
+            self.path.unlink(missing_ok=True)
+            raise
         return True
 
     def _holder_is_dead(self, holder: dict) -> bool:
@@ -169,7 +179,8 @@ class RunLock:
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            if self._thread.is_alive():  # never started when acquire was cut short
+                self._thread.join()
             self._thread = None
         if self.lost is None and (_read(self.path) or {}).get("token") == self.token:
             self.path.unlink(missing_ok=True)

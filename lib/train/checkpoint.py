@@ -13,9 +13,9 @@ COMPLETE marker *verifies* (each listed file there, same size, same sha256; the 
 resuming needs among them) is resumed. Unfinished ones are renamed aside
 (incomplete-checkpoint-N), damaged ones too (damaged-checkpoint-N: a truncated optimizer.pt
 would crash every retry; a missing one would silently restart the optimizer and the LR
-warm-up), each reported, so they are neither loaded nor rotated into place. Set-aside
-folders are deleted once a newer checkpoint is COMPLETE (the lost steps are redone by then;
-each is ~190 MB for large-v2).
+warm-up), each reported, so they are neither loaded nor rotated into place. A set-aside
+folder is deleted once a checkpoint of its step or a later one is COMPLETE (the lost steps
+are redone by then; each is ~190 MB for large-v2), and all of them when the run finishes.
 
 Durability: every file and the folder are fsynced before COMPLETE is written (and the folder
 again after), so losing the node cannot leave COMPLETE beside files still in its page cache.
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from lib.errors import UserError
+from lib.errors import Preempted, UserError
 
 log = logging.getLogger("whisper_ft")
 
@@ -197,8 +197,8 @@ def find_resumable(root: Path, move: bool = True) -> tuple[Path | None, list[Pat
     """(newest checkpoint that verifies, or None; the ones set aside).
 
     Unfinished ones are renamed to incomplete-checkpoint-N, damaged ones (COMPLETE present,
-    verify() fails) to damaged-checkpoint-N (suffix -2, -3... if taken); kept until a newer
-    checkpoint is COMPLETE (clean_set_aside), so a person can look at what was lost.
+    verify() fails) to damaged-checkpoint-N (suffix -2, -3... if taken); kept until a checkpoint
+    of that step or a later one is COMPLETE (clean_set_aside), so a person can look at what was lost.
     Only the newest checkpoints are hashed, down to the first that verifies.
     With move=False (every torchrun process but rank 0) nothing is renamed, the answer is the same.
     """
@@ -234,8 +234,9 @@ def find_resumable(root: Path, move: bool = True) -> tuple[Path | None, list[Pat
     return found, moved
 
 
-def clean_set_aside(root: Path, newer_than: int) -> list[Path]:
-    """Delete incomplete-/damaged- folders of steps below `newer_than` (a COMPLETE checkpoint's step)."""
+def clean_set_aside(root: Path, upto: int | None) -> list[Path]:
+    """Delete incomplete-/damaged- folders of steps up to `upto` (a COMPLETE checkpoint's step:
+    their steps are redone), or all of them with upto=None (the run finished)."""
     root = Path(root)
     deleted = []
     if not root.is_dir():
@@ -244,10 +245,10 @@ def clean_set_aside(root: Path, newer_than: int) -> list[Path]:
         if not p.is_dir() or not p.name.startswith(SET_ASIDE):
             continue
         m = re.match(r"^(?:incomplete|damaged)-checkpoint-(\d+)(?:-\d+)?$", p.name)
-        if m and int(m.group(1)) < newer_than:
+        if m and (upto is None or int(m.group(1)) <= upto):
             shutil.rmtree(p, ignore_errors=True)
             deleted.append(p)
-            log.info("deleted %s (checkpoint-%d is complete)", p.name, newer_than)
+            log.info("deleted %s (%s)", p.name, "the run is finished" if upto is None else f"checkpoint-{upto} is complete")
     return deleted
 
 
@@ -295,7 +296,7 @@ class CompleteMarker(TrainerCallback):
         if ck.is_dir():
             mark_complete(ck)
             log.info("saved %s (%.1f MB adapter)", ck.name, dir_size(ck, "adapter_model*") / 1e6)
-            clean_set_aside(self.root, state.global_step)
+            clean_set_aside(self.root, upto=state.global_step)
         best = Path(state.best_model_checkpoint) if state.best_model_checkpoint else None
         rotate(self.root, self.keep, best)
 
@@ -374,9 +375,140 @@ class StopOnSigterm(TrainerCallback):
 def save_now(trainer) -> None:
     """Checkpoint the trainer's current step outside its loop (after EvalInterrupted): the same
     files as a scheduled save, then the on_save callbacks (COMPLETE marker, rotation). The eval
-    of this step is lost: its checkpoint has no WER and cannot become the best one."""
+    of this step is lost: the checkpoint has no WER until the resumed run evaluates it
+    (lib.train.trainer.EvaluateLeftOver). Nothing is written when the step is already saved
+    (the SIGTERM came during that catch-up evaluation): rewriting it could only damage it."""
+    ck = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+    if is_complete(ck):
+        log.warning("%s is already saved: nothing to write", ck.name)
+        return
     trainer._save_checkpoint(trainer.model, trial=None)
     trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
+
+
+class StopOutsideLoop:
+    """SIGTERM outside the training loop -> Preempted (exit 3) at once, naming what it interrupted.
+
+    Before the loop (start-up: the config checks, the data, loading the model) this attempt has
+    nothing worth saving; after it (loading the best checkpoint, saving the adapter, writing
+    metrics.json) the last checkpoint holds the whole training and a rerun resumes from it,
+    redoing only that end. Without a handler SIGTERM killed the process (143): no message, no
+    adapter, and RUN/LOCK left for the next pod to wait out. The handler raises, so the job's
+    `with` blocks unwind: the run lock is released, half-written outputs (adapter.tmp) are
+    cleaned by the rerun. Inside the loop StopOnSigterm takes SIGTERM over (the step must
+    finish and be saved) and hands it back after. at() names the phase as the job moves on."""
+
+    def __init__(self):
+        self.doing = "start-up (checking the config, reading the data, loading the model)"
+        self.state = "nothing of this attempt needed saving"
+        self.fired = False
+        self.quiet = False
+        """set on the way out: a SIGTERM then is noted, not raised (the run lock is being released)"""
+        self._previous = None
+
+    def message(self) -> str:
+        return f"SIGTERM during {self.doing}: {self.state}; rerun the same command to resume"
+
+    def at(self, doing: str, state: str | None = None) -> None:
+        """Now doing `doing`; `state`: what is saved and where a rerun resumes, if that changed.
+        Raises Preempted when a SIGTERM came earlier and its exception was swallowed on the way
+        (a library's broad `except Exception`)."""
+        if self.fired:
+            raise Preempted(self.message())
+        self.doing = doing
+        if state is not None:
+            self.state = state
+
+    def _handle(self, signum, frame):
+        if self.fired or self.quiet:
+            return
+        self.fired = True
+        raise Preempted(self.message())
+
+    def __enter__(self) -> StopOutsideLoop:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (a caller's own thread): its SIGTERM is not ours
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def checkpoint_bytes(ck: Path) -> int:
+    """Every file of a checkpoint folder, subfolders included."""
+    return sum(p.stat().st_size for p in Path(ck).rglob("*") if p.is_file())
+
+
+class DiskGuard:
+    """A full disk or quota anywhere in the train job -> DiskFull (exit 4) with one message: the
+    filesystem and where it is mounted, the path being written, the free bytes and the bytes
+    needed (the size of the newest checkpoint: what the next save writes before rotation frees
+    anything; before the first one, `estimate`). Retrying on the same full volume cannot help,
+    so this is not exit 1 (a Job would retry it backoffLimit times, each time crashing in
+    another writer). The checkpoint being written when the disk filled is deleted at once (no
+    COMPLETE: it was never resumable) to give its space back; the rerun then needs no clean-up.
+
+    check(): the same message before any weights load, when the volume already has less free
+    than a checkpoint (a retry on a disk nobody freed)."""
+
+    def __init__(self, run_dir: Path, rank0: bool = True):
+        self.run_dir, self.root, self.rank0 = Path(run_dir), Path(run_dir) / "checkpoints", rank0
+        self.estimate: int | None = None
+        """bytes of one checkpoint before any exists (the job sets it once the model is built)"""
+
+    def need(self) -> tuple[int | None, str]:
+        done = [c for c in checkpoints(self.root) if is_complete(c)]
+        if done:
+            return checkpoint_bytes(done[-1]), f"the size of {done[-1].name}, what the next checkpoint writes"
+        if self.estimate:
+            return self.estimate, "one checkpoint: LoRA weights, Adam's two moments, processor files"
+        return None, ""
+
+    def resume_hint(self) -> str:
+        done = [c for c in checkpoints(self.root) if is_complete(c)]
+        return ("then rerun the same command (it resumes from "
+                + (f"{done[-1].name})" if done else "the start: no checkpoint is complete yet)"))
+
+    def check(self) -> None:
+        from lib import files
+        from lib.errors import DiskFull
+
+        need, what = self.need()
+        free = files.free_bytes(self.run_dir)
+        if need and free is not None and free < need:
+            raise DiskFull(files.full_message(None, self.root, need, what, then=self.resume_hint(),
+                                              doing="before writing to"))
+
+    def __enter__(self) -> DiskGuard:
+        return self
+
+    def __exit__(self, typ, exc, tb) -> bool:
+        from lib import files
+        from lib.errors import DiskFull
+
+        if not isinstance(exc, Exception) or isinstance(exc, (DiskFull, UserError)):
+            return False
+        need, what = self.need()
+        if not files.disk_full(exc, need):
+            return False
+        gone = self._remove_partial(files.written_path(exc))
+        raise DiskFull(files.full_message(exc, self.run_dir, need, what, then=self.resume_hint(), done=gone)) from exc
+
+    def _remove_partial(self, path: str | None) -> str:
+        """Delete the checkpoint (no COMPLETE) or adapter.tmp that `path` is in; what was done, for the message."""
+        if not path or not self.rank0:
+            return ""
+        p = Path(path).absolute()
+        for folder in (p, *p.parents):
+            partial_ckpt = folder.parent == self.root.absolute() and _CKPT.match(folder.name) and not is_complete(folder)
+            if partial_ckpt or folder == (self.run_dir / "adapter.tmp").absolute():
+                shutil.rmtree(folder, ignore_errors=True)
+                return f"; the half-written {folder.name} was deleted to give its space back"
+        return ""
 
 
 # What a resumed run must share with the run that wrote its checkpoints: what the adapter

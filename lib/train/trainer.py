@@ -478,6 +478,112 @@ def eval_budget(cfg, eval_ds, tokenizer) -> int | None:
     return budget
 
 
+class EvaluateLeftOver(TrainerCallback):
+    """On resume, before the first step: evaluate each kept checkpoint whose evaluation was due
+    but never logged (left_unevaluated), and let it compete for the best checkpoint as Trainer
+    would have (evaluate_left_over).
+
+    Why: a SIGTERM during an evaluation saves the step without its WER (checkpoint.save_now).
+    Never evaluated after the resume, that checkpoint could not become the best, and the
+    preempted run ended with another adapter than an uninterrupted one (checkpoint-8 instead
+    of checkpoint-4). build_trainer hands it the trainer."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.trainer = None
+        self.evaluated: list[str] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer is not None and args.metric_for_best_model and state.global_step > 0:
+            self.evaluated = evaluate_left_over(self.trainer, self.keep)
+
+
+def best_key(args) -> str:
+    """The log key of Trainer's metric_for_best_model (Trainer prefixes eval_ when it is missing)."""
+    m = args.metric_for_best_model
+    return m if m.startswith("eval_") else f"eval_{m}"
+
+
+def left_unevaluated(root: Path, log_history: list[dict], up_to: int, key: str) -> list[Path]:
+    """Complete checkpoints up to step `up_to` with no `key` logged at their step although
+    their run owed one: every eval_steps, and at its last step (Trainer's DefaultFlowCallback),
+    read from the checkpoint's own trainer_state.json. A SIGTERM save at another step owes none."""
+    import json
+
+    from lib.train import checkpoint
+
+    done = {h.get("step") for h in log_history if key in h}
+    todo = []
+    for ck in checkpoint.checkpoints(root):
+        n = checkpoint.step_of(ck)
+        if n > up_to or n in done or not checkpoint.is_complete(ck):
+            continue
+        try:
+            saved = json.loads((ck / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        every = saved.get("eval_steps") or 0
+        if (every and n % every == 0) or n == saved.get("max_steps"):
+            todo.append(ck)
+    return todo
+
+
+def evaluate_left_over(trainer, keep: int) -> list[str]:
+    """Evaluate left_unevaluated's checkpoints (at Trainer's on_train_begin of a resumed run),
+    each with its own LoRA weights at its own step, and update the best as Trainer's
+    _determine_best_metric would have when the evaluation ran in order: lower wins, and a
+    tie goes to the earlier step. The resumed weights and step are put back after; rank 0
+    rotates (train.keep_checkpoints) with the new best, as the save after that evaluation would
+    have. Every process runs it (evaluation gathers across them). Returns the names evaluated."""
+    import json
+    import math
+
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from lib.train import checkpoint
+
+    args, state = trainer.args, trainer.state
+    root, key = Path(args.output_dir), best_key(args)
+    todo = left_unevaluated(root, state.log_history, state.global_step, key)
+    if not todo:
+        return []
+    rank0 = trainer.is_world_process_zero()
+    here, resumed_weights = (state.global_step, state.epoch), None
+    try:
+        for ck in todo:
+            n = checkpoint.step_of(ck)
+            if rank0:
+                log.warning("%s was saved without its evaluation (the run was stopped during it): evaluating it now, "
+                            "so that the best checkpoint is chosen as in an uninterrupted run", ck.name)
+            if n != here[0]:  # an older one (left so by an earlier version): its own weights and step
+                from safetensors.torch import load_file
+
+                if resumed_weights is None:
+                    resumed_weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
+                set_peft_model_state_dict(trainer.model, load_file(str(ck / "adapter_model.safetensors")))
+                state.global_step = n
+                state.epoch = json.loads((ck / "trainer_state.json").read_text()).get("epoch")
+            value = trainer._evaluate(None, None, skip_scheduler=True).get(key)
+            best = state.best_metric
+            if best is None:
+                best = -math.inf if args.greater_is_better else math.inf
+            better = value > best if args.greater_is_better else value < best
+            if value is not None and (better or (value == best and n < (state.best_global_step or 0))):
+                state.best_metric, state.best_global_step = value, n
+                state.best_model_checkpoint = str(root / ck.name)
+    finally:
+        if resumed_weights is not None:
+            set_peft_model_state_dict(trainer.model, resumed_weights)
+        state.global_step, state.epoch = here
+    state.log_history.sort(key=lambda h: h.get("step", 0))  # stable: an entry stays after its step's loss
+    if rank0:
+        best = Path(state.best_model_checkpoint) if state.best_model_checkpoint else None
+        log.info("evaluated %s on resume; best checkpoint: %s (%s %s)", ", ".join(c.name for c in todo),
+                 best.name if best else None, key, summary.percent(state.best_metric))
+        checkpoint.rotate(root, keep, best)
+    return [c.name for c in todo]
+
+
 @dataclass
 class Callbacks:
     """The callbacks train() and run_metrics() read back."""
@@ -514,6 +620,11 @@ def corpus_trainer():
                 inputs.pop(k, None)
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
 
+        def _save_checkpoint(self, model, trial):
+            # torch.save on a full disk names no file: tag the folder (lib.files.writing)
+            with files.writing(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"):
+                super()._save_checkpoint(model, trial)
+
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval", **gen_kwargs):
             corpus = metric_key_prefix[len("eval_"):] if metric_key_prefix.startswith("eval_") else None
             if corpus in self.eval_languages:
@@ -530,7 +641,6 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
     COMPLETE marker and rotation, log_history.json, TensorBoard and train.report_to's tracker on
     rank 0 (lib/train/tracking.py; needs env), SIGTERM, timing, profiling of the last train.profile_steps steps).
     plan: check_setup's lib.train.config.TrainPlan (the language and precision to train in)."""
-    from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
     from lib.train import checkpoint, tracking
@@ -544,6 +654,7 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
         # the last steps of the run (after warm-up and compilation), left out of the timing
         profiler = ProfileSteps(steps - cfg.train.profile_steps, cfg.train.profile_steps, run_dir / "profile.txt")
     counted: dict[str, float] = {}
+    left_over = EvaluateLeftOver(cfg.train.keep_checkpoints)
     cb = Callbacks(stopper=checkpoint.StopOnSigterm(),
                    timer=StepTimer(warmup=cfg.train.timing_warmup, until=profiler.start if profiler else None,
                                    counted=counted),
@@ -569,9 +680,10 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
         processing_class=processor,
         compute_metrics=make_compute_metrics(processor.tokenizer) if eval_ds is not None else None,
         callbacks=[
+            left_over,  # first: on_train_begin evaluates before the others start their clocks
             checkpoint.CompleteMarker(ckpt_root, cfg.train.keep_checkpoints),
             LogHistoryWriter(run_dir / "log_history.json"),
-            *([TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tb")))] if rank0 else []),
+            *([TensorBoardCallback(tensorboard_writer(run_dir / "tb"))] if rank0 else []),
             *(tracking.callbacks(cfg.train.report_to, cfg.run, plan.record(cfg), env, run_dir) if rank0 else []),
             cb.stopper,
             cb.timer,
@@ -582,7 +694,16 @@ def build_trainer(cfg, model, base, processor, train_ds, eval_ds, run_dir: Path,
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # disable_tqdm's raw dicts; LogLines says the same, readably
+    left_over.trainer = trainer
     return trainer, cb
+
+
+def tensorboard_writer(log_dir: Path):
+    """SummaryWriter for RUN/tb; it writes its event file's header at once (a full disk fails here)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with files.writing(log_dir):
+        return SummaryWriter(log_dir=str(log_dir))
 
 
 def train(trainer, cb: Callbacks, cfg, run_dir: Path, resume_from: Path | None):
@@ -601,7 +722,8 @@ def train(trainer, cb: Callbacks, cfg, run_dir: Path, resume_from: Path | None):
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except checkpoint.EvalInterrupted as e:
-        log.warning("%s: evaluation abandoned, saving checkpoint-%d", e, trainer.state.global_step)
+        log.warning("%s: evaluation abandoned, saving checkpoint-%d (the rerun evaluates it)", e,
+                    trainer.state.global_step)
         checkpoint.save_now(trainer)
     except torch.OutOfMemoryError:
         raise UserError(oom_message(cfg)) from None
@@ -612,6 +734,12 @@ def train(trainer, cb: Callbacks, cfg, run_dir: Path, resume_from: Path | None):
     if cb.stopper.requested:
         raise Preempted(
             f"saved checkpoint-{trainer.state.global_step} in {run_dir / 'checkpoints'}; rerun the same command to resume"
+        )
+    if cb.stopper.signalled:  # after the last step's check: during its save, or loading the best checkpoint
+        raise Preempted(
+            f"SIGTERM after the last step (while saving checkpoint-{trainer.state.global_step} or loading the best "
+            f"checkpoint): the training is done and saved in {run_dir / 'checkpoints'}; rerun the same command to "
+            f"resume, it writes the adapter and metrics.json"
         )
     return result
 

@@ -56,3 +56,19 @@ def test_holder_that_lost_the_lock_stops_and_leaves_the_new_one_alone(tmp_path):
     lock.release()
     assert lost == [True]
     assert json.loads((tmp_path / LOCK).read_text())["token"] == "new-holder"
+
+
+def test_interrupted_acquire_leaves_no_lock(tmp_path, monkeypatch):
+    """A SIGTERM's exception (or a full disk) while the lock is being taken: `with` calls no
+    release for a failed enter, so acquire gives back what it took; the next writer need not wait."""
+    import threading
+
+    from lib.errors import Preempted
+
+    def interrupted(self):
+        raise Preempted("SIGTERM during start-up")
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+    with pytest.raises(Preempted):
+        RunLock(tmp_path / "run", **FAST).acquire()
+    assert not (tmp_path / "run" / LOCK).exists()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lib.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
+from lib.errors import EXIT_DISK_FULL, EXIT_PREEMPTED, EXIT_USER_ERROR
 from lib.launch import GRACE_S
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,6 +182,7 @@ def test_job_failure_policy_matches_lib_errors():
         rules = spec["podFailurePolicy"]["rules"]
         names = {c["name"] for c in spec["template"]["spec"]["containers"]}
         assert pod_failure_action(rules, names, EXIT_USER_ERROR) == "FailJob", path
+        assert pod_failure_action(rules, names, EXIT_DISK_FULL) == "FailJob", path
         assert pod_failure_action(rules, names, EXIT_PREEMPTED) == "Count", path
         assert pod_failure_action(rules, names, 1) == "Count", path
         assert pod_failure_action(rules, names, 137) == "Count", path
@@ -525,6 +526,7 @@ def test_aws_batch_retry_rules_match_lib_errors(path):
         assert r["action"] in ("EXIT", "RETRY")
         assert all(re.fullmatch(r"[0-9]*\*?", r[k]) for k in ("onExitCode",) if k in r)
     assert aws_action(rules, EXIT_USER_ERROR) == "EXIT"
+    assert aws_action(rules, EXIT_DISK_FULL) == "EXIT"
     assert aws_action(rules, EXIT_PREEMPTED) == "RETRY"
     assert aws_action(rules, 1) == "RETRY" and aws_action(rules, 137) == "RETRY"
     assert aws_action(rules, None, status_reason="Host EC2 (instance i-0abc) terminated.") == "RETRY"

@@ -234,11 +234,15 @@ def test_set_aside_folders_are_deleted_once_a_newer_checkpoint_is_complete(tmp_p
     _ckpt(tmp_path, 6, complete=False)  # the retry gets to step 6 again, a second partial
     find_resumable(tmp_path)
     assert (tmp_path / "incomplete-checkpoint-6-2").is_dir()
-    # the retry saved checkpoint-6 whole: everything set aside below it is gone, newer stays
+    # the retry saved checkpoint-6 whole: everything set aside at or below step 6 is gone (a
+    # partial checkpoint-6 too: its steps are redone), newer stays
     _ckpt(tmp_path, 9, complete=False)
     find_resumable(tmp_path)
-    clean_set_aside(tmp_path, newer_than=7)
+    clean_set_aside(tmp_path, upto=6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "incomplete-checkpoint-9"]
+    # the run finished (e.g. with fewer steps than before): nothing set aside stays behind
+    clean_set_aside(tmp_path, upto=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
 
 
 def test_complete_marker_callback_cleans_up(tmp_path):

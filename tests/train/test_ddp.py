@@ -254,4 +254,81 @@ def test_launcher_exit_code_from_the_workers_reports():
     assert outcome({"0": "3", "1": "3"}) == 3  # every worker saved and stopped: retry, it resumes
     assert outcome({"0": "3", "1": "started"}) == 1  # one was SIGKILLed before it saved
     assert outcome({"0": "2", "1": "started"}) == 2  # a config error on rank 0: do not retry
+    assert outcome({"0": "4", "1": "started"}) == 4  # a full disk: do not retry until space is freed
+    assert outcome({"0": "3", "1": "0"}) == 3  # SIGTERM while rank 0 wrote the adapter, rank 1 done
+    assert outcome({"0": "0", "1": "started"}) == 1
     assert outcome({}) == 1
+
+
+# --- SIGTERM during an evaluation of a 2-process job ------------------------------------------
+EVAL_STEPS = 2  # evaluated and saved at 2 and 4
+
+
+def _eval_flags(model_dir, env_file, run):
+    return [*_flags(model_dir, env_file, run, batch_size=2, steps=2 * EVAL_STEPS),
+            f"train.eval_steps={EVAL_STEPS}", f"train.save_steps={EVAL_STEPS}", "train.eval_batch_size=1",
+            "train.generation_max_length=8", "train.data_trace=false"]
+
+
+@pytest.fixture(scope="module")
+def eval_stopped(tmp_path_factory, tiny_model_dir):
+    """2 gloo processes through lib.launch, with validation: uninterrupted; SIGTERMed while both
+    ranks generate the first batch of the eval at step 2 (tests/train/pause.py holds them there),
+    then rerun."""
+    root = tmp_path_factory.mktemp("ddp-eval")
+    data_dir = root / "data"
+    clips = [(w, tone(1.0, 200 + 150 * i)) for i, w in enumerate(WORDS)]
+    write_prepared(data_dir / "prepared" / "toy", tiny_model_dir, {"train": clips, "validation": clips[:2]},
+                   language="hi")
+    env_file = root / "empty.env"
+    env_file.write_text("")
+    env = _env(data_dir)
+    launch = [sys.executable, "-m", "lib.launch", "--standalone", "--nproc_per_node=2"]
+
+    straight = subprocess.run([*launch, "-m", "jobs.train", *_eval_flags(tiny_model_dir, env_file, "straight")],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    ready = root / "ready"
+    proc = subprocess.Popen([*launch, "--log-dir", str(root / "logs-1"), "--redirects", "3",
+                             "-m", "tests.train.pause", "eval", str(ready),
+                             "-m", "jobs.train", *_eval_flags(tiny_model_dir, env_file, "stopped")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if all(Path(f"{ready}.{r}").exists() for r in (0, 1)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    Path(f"{ready}.go").write_text("")  # let both ranks finish the batch they are in
+    first_out, _ = proc.communicate(timeout=300)
+    first = {"rc": proc.returncode, "out": first_out,
+             "ckpts": sorted(p.name for p in (data_dir / "runs/stopped/checkpoints").iterdir()),
+             "hist": json.loads((data_dir / "runs/stopped/log_history.json").read_text())}
+    rerun = subprocess.run([*launch, "--log-dir", str(root / "logs-2"), "--redirects", "3",
+                            "-m", "jobs.train", *_eval_flags(tiny_model_dir, env_file, "stopped")],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    rerun_log = "".join(p.read_text() for p in (root / "logs-2").glob("*/attempt_0/0/stderr.log"))
+    return {"straight": straight, "first": first, "rerun": rerun, "rerun_log": rerun_log, "runs": data_dir / "runs"}
+
+
+def test_sigterm_during_an_evaluation_of_2_processes_ends_as_an_uninterrupted_run(eval_stopped):
+    straight, first, rerun, runs = (eval_stopped[k] for k in ("straight", "first", "rerun", "runs"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    best = json.loads((runs / "straight/metrics.json").read_text())["best_checkpoint"]
+    # the first eval is the best (a tie goes to the earlier step): a run that never evaluates
+    # checkpoint-2 ends with checkpoint-4's weights
+    assert best == f"checkpoint-{EVAL_STEPS}"
+    assert first["rc"] == 3, f"rc={first['rc']}\n{first['out'][-3000:]}"
+    assert first["ckpts"] == [f"checkpoint-{EVAL_STEPS}"]
+    assert not [h for h in first["hist"] if "eval_normalized_wer" in h]  # the eval was abandoned
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    metrics = json.loads((runs / "stopped/metrics.json").read_text())
+    assert metrics["resumed_from"] == f"checkpoint-{EVAL_STEPS}" and metrics["best_checkpoint"] == best
+    assert f"checkpoint-{EVAL_STEPS} was saved without its evaluation" in eval_stopped["rerun_log"]
+
+    def evals(run):
+        hist = json.loads((runs / run / "log_history.json").read_text())
+        return [(h["step"], h["eval_normalized_wer"]) for h in hist if "eval_normalized_wer" in h]
+
+    assert evals("stopped") == evals("straight")
+    a = (runs / "stopped/adapter/adapter_model.safetensors").read_bytes()
+    assert a == (runs / "straight/adapter/adapter_model.safetensors").read_bytes()  # max abs difference 0
