@@ -3,7 +3,8 @@
     python -m jobs.train [--recipe FILE] [--env-file FILE] [key=value ...]
 
 A `UserError` prints `error: <message>` and exits 2 (not worth retrying); `Preempted`
-exits 3 (retry: the job resumes); anything else is a crash with a traceback (retry).
+exits 3 (retry: the job resumes); `Unavailable` (a bucket that did not answer) exits 75 (retry
+later); anything else is a crash with a traceback (retry).
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from typing import Any, TypeVar
 from lib import summary
 from lib.config import load_config
 from lib.env import Env, load_env
-from lib.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
+from lib.errors import (
+    EXIT_PREEMPTED,
+    EXIT_UNAVAILABLE,
+    EXIT_USER_ERROR,
+    Preempted,
+    Unavailable,
+    UserError,
+)
 from lib.launch import report_exit
 
 T = TypeVar("T")
@@ -156,3 +164,7 @@ def run_job(
         print(f"preempted: {e}", file=sys.stderr)
         report_exit(str(EXIT_PREEMPTED))
         return EXIT_PREEMPTED
+    except Unavailable as e:
+        print(f"unavailable: {e}", file=sys.stderr)
+        report_exit(str(EXIT_UNAVAILABLE))
+        return EXIT_UNAVAILABLE

@@ -4,11 +4,14 @@ Documented contract (docs/running.md, Kubernetes podFailurePolicy, cloud batch r
   0  the job finished;
   2  a config or data error: retrying will not help, fix what the message names;
   3  stopped on SIGTERM after saving a checkpoint: retry, it resumes;
+  75 object storage (s3://, gs://) did not answer after its retries: retry later, it resumes
+     (EX_TEMPFAIL of sysexits.h: a temporary failure);
   anything else (1, 137 for SIGKILL, ...) is a crash or infrastructure failure: retry.
 """
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 3
+EXIT_UNAVAILABLE = 75
 
 
 class UserError(Exception):
@@ -17,3 +20,7 @@ class UserError(Exception):
 
 class Preempted(Exception):
     """The job saved its state on SIGTERM and stops so that an orchestrator retries it."""
+
+
+class Unavailable(Exception):
+    """A store (a bucket) did not answer after the retries: retry the job later, it resumes."""

@@ -11,7 +11,8 @@ Plain torchrun (torch 2.13) breaks the contract of lib/errors.py in two ways:
     retried a bad flag backoffLimit times.
 This runs torchrun's own main in this process (all its options, PET_* variables included)
 with the shutdown timeout raised to GRACE_S unless set, and maps the outcome: every worker
-exited 3 -> 3; any worker exited 2 -> 2; other failures -> 1. Workers report their exit
+exited 3 -> 3; any worker exited 2 -> 2; any exited 75 (a bucket unreachable) -> 75; other
+failures -> 1. Workers report their exit
 code in a file under $WHISPER_FT_EXIT_DIR (lib/cli.py calls report_exit), because after a
 SIGTERM torchrun returns no worker exit codes at all.
 """
@@ -24,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lib.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
+from lib.errors import EXIT_PREEMPTED, EXIT_UNAVAILABLE, EXIT_USER_ERROR
 
 EXIT_DIR_ENV = "WHISPER_FT_EXIT_DIR"
 GRACE_S = 270
@@ -52,6 +53,8 @@ def outcome(statuses: dict[str, str]) -> int:
         return EXIT_PREEMPTED
     if any(s == str(EXIT_USER_ERROR) for s in statuses.values()):
         return EXIT_USER_ERROR
+    if any(s == str(EXIT_UNAVAILABLE) for s in statuses.values()):
+        return EXIT_UNAVAILABLE
     return 1
 
 

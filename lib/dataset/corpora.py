@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lib.dataset.bucket import check_url
 from lib.errors import UserError
 
 
@@ -47,6 +48,7 @@ def parse_data(data: str) -> list[Corpus]:
             name = head
             if not (math.isfinite(weight) and weight > 0):  # inf, nan and 0 mix nothing sensible
                 raise UserError(f"data={data}: the weight of {name} is {tail}; weights must be > 0 and finite")
+        check_url(name, "data")  # credentials in a URL would reach the resolved config and the logs
         out.append(Corpus(name, weight))
     names = [c.name for c in out]
     if len(set(names)) < len(names):

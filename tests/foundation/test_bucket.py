@@ -1,0 +1,405 @@
+"""Datasets in a bucket, against a real S3 server: moto's server mode on 127.0.0.1 in this process,
+with IAM authentication on (wrong credentials are refused as AWS refuses them), stopped and
+started again on the same port while jobs read and write (moto keeps its objects in the process).
+
+prepare writes out=s3://..., train and eval read data=s3://...; a store that goes away is retried
+with backoff (logged with the URL and the attempt), then the job exits 75 and a rerun finishes
+with the same content; nothing half-written is taken for complete; wrong credentials and a
+missing bucket exit 2 naming the URL; no credential reaches a log, a config or an output.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from lib.dataset import bucket
+from lib.errors import EXIT_UNAVAILABLE, EXIT_USER_ERROR
+from tests.helpers import train_flags
+
+BUCKET = "whisper-data"
+SR = 16_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Store:
+    """moto's S3 server in this process; stop() and start() keep its buckets and objects."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = None
+        self.key = self.secret = ""
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def client(self):
+        """boto3 with the good key: to look at and damage objects behind the jobs' backs."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=self.key,
+                            aws_secret_access_key=self.secret)
+
+    def objects(self, prefix: str) -> dict[str, bytes]:
+        c = self.client()
+        keys = [o["Key"] for o in c.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
+        return {k[len(prefix):].lstrip("/"): c.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """The server, an IAM user whose key may do anything, the bucket; then authentication on."""
+    import boto3
+    from moto import settings
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    store = Store()
+    store.start()
+    iam = boto3.client("iam", endpoint_url=store.endpoint, region_name="us-east-1", aws_access_key_id="setup",
+                       aws_secret_access_key="setup")
+    iam.create_user(UserName="whisper")
+    iam.put_user_policy(UserName="whisper", PolicyName="all", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName="whisper")["AccessKey"]
+    store.key, store.secret = key["AccessKeyId"], key["SecretAccessKey"]
+    store.client().create_bucket(Bucket=BUCKET)
+    before_auth = settings.INITIAL_NO_AUTH_ACTION_COUNT
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # from now on every request must be signed by a known key
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
+                                             "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
+    yield store
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = before_auth
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    store.stop()
+
+
+@pytest.fixture
+def env(s3, tmp_path, monkeypatch):
+    """The jobs' environment: the credentials and endpoint as AWS_* variables, DATA_DIR, quick retries."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)  # no .env of the checkout
+    monkeypatch.setattr(bucket, "BACKOFF_S", 0.05)  # 0.05, 0.1, 0.2, 0.4 s: 0.75 s in all
+    if s3.server is None:
+        s3.start()
+    yield tmp_path / "data"
+    if s3.server is None:
+        s3.start()
+
+
+def clip(seconds: float, freq: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    return (0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """12 wav clips in a manifest: 6 train, 2 validation, 4 test."""
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "clips").mkdir()
+    with open(root / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["audio", "text", "split"])
+        for i in range(12):
+            sf.write(root / f"clips/c{i}.wav", clip(0.6 + 0.1 * (i % 3), 200 + 40 * i, i), SR, subtype="PCM_16")
+            w.writerow([f"clips/c{i}.wav", f"sentence number {i}", "train" if i < 6 else "validation" if i < 8
+                        else "test"])
+    return root / "manifest.csv"
+
+
+def prepare_args(model, corpus, out: str, *extra: str) -> list[str]:
+    return [f"model={model}", "num_proc=1", "data=ds", "language=en", "source.kind=manifest",
+            f"source.path={corpus}", "chunk_rows=2", "validation_fraction=0", f"out={out}", *extra]
+
+
+def prepare(args: list[str]) -> int:
+    from jobs.prepare import PrepareConfig, __doc__, main
+    from lib.cli import run_job
+
+    return run_job("prepare", __doc__, PrepareConfig, main, args)
+
+
+def train(args: list[str]) -> int:
+    from jobs.train import cli
+
+    return cli(args)
+
+
+def evaluate(args: list[str]) -> int:
+    from jobs.eval import EvalConfig, __doc__, main
+    from lib.cli import run_job
+
+    return run_job("eval", __doc__, EvalConfig, main, args)
+
+
+def rows_of(objects: dict[str, bytes]) -> dict[str, list[tuple]]:
+    """A prepared dataset's rows per split, from its objects, in the order its manifest lists them."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    m = json.loads(objects["manifest.json"])
+    return {split: [(r["id"], r["text"], tuple(r["labels"]), r["audio"]) for sh in info["shards"]
+                    for r in pq.read_table(io.BytesIO(objects[sh["file"]])).to_pylist()]
+            for split, info in m["splits"].items()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir, corpus):
+    """The same corpus prepared on disk: what every bucket prepare must hold."""
+    from jobs.prepare import PrepareConfig, main
+    from lib.config import load_config
+    from lib.env import Env
+
+    data = tmp_path_factory.mktemp("ref")
+    cfg = load_config(PrepareConfig, None, prepare_args(tiny_model_dir, corpus, str(data / "ds"))[:-1])
+    main(cfg, Env(data_dir=data))
+    out = data / "prepared" / "ds"
+    return rows_of({str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()})
+
+
+def no_secret(s3, *texts: str) -> None:
+    for text in texts:
+        assert s3.secret not in text and s3.key not in text
+
+
+def files_text(root: Path) -> str:
+    return "\n".join(p.read_bytes().decode("utf-8", "replace") for p in root.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------- the way through
+
+
+def test_prepare_to_a_bucket_then_train_and_eval_from_it(s3, env, tiny_model_dir, corpus, reference, capsys):
+    url = f"s3://{BUCKET}/through/ds"
+    assert prepare(prepare_args(tiny_model_dir, corpus, url)) == 0
+    out = capsys.readouterr().err
+    objects = s3.objects("through/ds")
+    m = json.loads(objects["manifest.json"])
+    # the contract as on disk: the manifest and its shards, nothing else (markers gone), same rows
+    assert sorted(objects) == sorted(["manifest.json", *(sh["file"] for i in m["splits"].values()
+                                                          for sh in i["shards"])])
+    assert rows_of(objects) == reference
+    assert m["config"]["out"] == url and f"DATA={url}" in out
+    assert not (env / "prepared" / ".ds.to-bucket").exists()
+    # again: up to date, read from the bucket (no stale listing, nothing redone)
+    assert prepare(prepare_args(tiny_model_dir, corpus, url)) == 0
+    assert "is up to date" in capsys.readouterr().err
+
+    assert train(train_flags(tiny_model_dir, "from-s3", data=url, **{"train.max_steps": 2, "train.eval_steps": 2,
+                                                                     "train.save_steps": 2})) == 0
+    log = capsys.readouterr().err
+    run = env / "runs" / "from-s3"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert f"data: {url}" in (run / "config.yaml").read_text()
+    assert evaluate(["run=from-s3", f"data={url}", "max_new_tokens=4", "batch_size=4", "compare_base=false"]) == 0
+    assert (run / "eval" / "report.json").is_file()
+    log += capsys.readouterr().err
+    no_secret(s3, out, log, files_text(env), *(v.decode("utf-8", "replace") for v in objects.values()))
+
+
+# ---------------------------------------------------------------- the store goes away
+
+
+def stop_after(s3, mp: pytest.MonkeyPatch, owner, name: str, calls: int, restart_after: float | None):
+    """Wrap owner.name: on its `calls`-th call the server stops (before the call runs); it starts
+    again `restart_after` seconds later (None: it stays down until the test starts it)."""
+    real = getattr(owner, name)
+    seen = {"n": 0}
+
+    def wrapped(*a, **kw):
+        seen["n"] += 1
+        if seen["n"] == calls:
+            s3.stop()
+            if restart_after is not None:
+                threading.Timer(restart_after, s3.start).start()
+        return real(*a, **kw)
+
+    mp.setattr(owner, name, wrapped)
+    return seen
+
+
+def test_a_read_while_the_store_restarts_is_retried_with_backoff(s3, env, tiny_model_dir, corpus, monkeypatch,
+                                                                 capsys):
+    import s3fs
+
+    url = f"s3://{BUCKET}/restart-read/ds"
+    assert prepare(prepare_args(tiny_model_dir, corpus, url)) == 0
+    capsys.readouterr()
+    # the 2nd ranged read of a shard: the server is gone mid-way through reading the dataset
+    stop_after(s3, monkeypatch, s3fs.core.S3File, "_fetch_range", 2, restart_after=0.3)
+    assert train(train_flags(tiny_model_dir, "restart", data=url, **{"train.max_steps": 2, "train.eval_steps": 2,
+                                                                     "train.save_steps": 2})) == 0
+    log = capsys.readouterr().err
+    assert "storage: s3://whisper-data/restart-read/ds/" in log and "failed (attempt 1 of 5" in log
+    assert (env / "runs" / "restart" / "adapter" / "adapter_model.safetensors").is_file()
+    no_secret(s3, log)
+
+
+def test_a_store_that_stays_down_exits_75_and_the_rerun_finishes(s3, env, tiny_model_dir, corpus, monkeypatch,
+                                                                   capsys):
+    import s3fs
+
+    url = f"s3://{BUCKET}/down-read/ds"
+    assert prepare(prepare_args(tiny_model_dir, corpus, url)) == 0
+    capsys.readouterr()
+    args = [f"model={tiny_model_dir}", f"data={url}", "max_new_tokens=4", "compare_base=false"]
+    with pytest.MonkeyPatch.context() as mp:
+        stop_after(s3, mp, s3fs.core.S3File, "_fetch_range", 1, restart_after=None)
+        assert evaluate(args) == EXIT_UNAVAILABLE
+    err = capsys.readouterr().err
+    assert "failed (attempt 4 of 5" in err and "unavailable: s3://whisper-data/down-read/ds/test/shard-" in err
+    assert "after 5 attempts" in err and "Traceback" not in err
+    s3.start()
+    assert evaluate(args) == 0
+    no_secret(s3, err, capsys.readouterr().err)
+
+
+def test_prepare_stopped_between_a_shard_and_its_marker_never_counts_it_and_the_rerun_completes(
+        s3, env, tiny_model_dir, corpus, reference, monkeypatch, capsys):
+    """The server goes away after the 3rd shard's upload, before its marker: exit 75, no manifest.
+    The rerun (same process: s3fs must not answer from a cache) finishes with the reference's rows.
+    Then a shard is damaged in the bucket (another size than its marker says) and the markers of a
+    finished dataset are put back: a rerun of the unfinished dataset redoes that shard."""
+    from lib.prepare import upload as up
+
+    url = f"s3://{BUCKET}/write/ds"
+    with pytest.MonkeyPatch.context() as mp:
+        seen = stop_after(s3, mp, up.bucket, "write_bytes", 3, restart_after=None)
+        assert prepare(prepare_args(tiny_model_dir, corpus, url)) == EXIT_UNAVAILABLE
+    err = capsys.readouterr().err
+    assert seen["n"] == 3 and "unavailable: s3://whisper-data/write/ds/" in err and ".shard-" in err
+    s3.start()
+    left = s3.objects("write/ds")
+    assert "manifest.json" not in left
+    shards_up = sorted(k for k in left if k.endswith(".parquet"))
+    markers = sorted(k for k in left if k.endswith(".json"))
+    assert len(shards_up) == 3 and len(markers) == 2  # the 3rd shard is there without its marker
+
+    assert prepare(prepare_args(tiny_model_dir, corpus, url)) == 0
+    log = capsys.readouterr().err
+    assert "2 already done" in log and "finished here before the upload" in log
+    objects = s3.objects("write/ds")
+    assert rows_of(objects) == reference
+
+    # A half-written shard under its name with a marker from before: S3 never shows one, but a
+    # copy tool or a hand could; its size differs from the marker's, so it is not taken as done.
+    m = json.loads(objects["manifest.json"])
+    first = m["splits"]["train"]["shards"][0]["file"]
+    c = s3.client()
+    c.delete_object(Bucket=BUCKET, Key="write/ds/manifest.json")
+    marker = first.replace("/shard-", "/.shard-").replace(".parquet", ".json")
+    side = {"fingerprint": m["fingerprint"], "split": "train", "lo": 0, "hi": 2, "rows": 2,
+            "bytes": len(objects[first]), "file": first}
+    c.put_object(Bucket=BUCKET, Key=f"write/ds/{marker}", Body=json.dumps(side).encode())
+    c.put_object(Bucket=BUCKET, Key=f"write/ds/{first}", Body=objects[first][: len(objects[first]) // 2])
+    assert prepare(prepare_args(tiny_model_dir, corpus, url)) == 0
+    log = capsys.readouterr().err
+    assert "1 to do" in log
+    assert rows_of(s3.objects("write/ds")) == reference
+    no_secret(s3, err, log)
+
+
+def test_a_write_while_the_store_restarts_is_retried(s3, env, tiny_model_dir, corpus, reference, monkeypatch,
+                                                     capsys):
+    from lib.prepare import upload as up
+
+    url = f"s3://{BUCKET}/write-restart/ds"
+    stop_after(s3, monkeypatch, up.bucket, "upload", 2, restart_after=0.3)
+    assert prepare(prepare_args(tiny_model_dir, corpus, url)) == 0
+    log = capsys.readouterr().err
+    assert "storage: s3://whisper-data/write-restart/ds/train/shard-000000002-000000004.parquet: upload" in log
+    assert "(attempt 1 of 5" in log
+    assert rows_of(s3.objects("write-restart/ds")) == reference
+
+
+# ---------------------------------------------------------------- what exits 2
+
+
+def test_wrong_credentials_and_a_missing_bucket_exit_2_naming_the_url(s3, env, tiny_model_dir, corpus,
+                                                                      monkeypatch, capsys):
+    url = f"s3://{BUCKET}/creds/ds"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value-123")
+    assert prepare(prepare_args(tiny_model_dir, corpus, url)) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert f"out={url}" in err or url in err
+    assert "access denied" in err and "AWS_SECRET_ACCESS_KEY" in err and "wrong-secret-value-123" not in err
+    assert "attempt" not in err  # not retried
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAKEY000000000")
+    assert train(train_flags(tiny_model_dir, "creds", data=url)) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert f"s3://{BUCKET}/creds/ds" in err and "access denied" in err
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret)
+    missing = "s3://no-such-bucket-here/prepared/ds"
+    assert prepare(prepare_args(tiny_model_dir, corpus, missing)) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert f"out={missing}" in err and "does not exist" in err
+    assert train(train_flags(tiny_model_dir, "nobucket", data=missing)) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert f"data={missing}" in err and "does not exist" in err
+    assert evaluate([f"model={tiny_model_dir}", f"data={missing}"]) == EXIT_USER_ERROR
+    assert "does not exist" in capsys.readouterr().err
+    # an existing bucket without a finished dataset there
+    assert evaluate([f"model={tiny_model_dir}", f"data=s3://{BUCKET}/nothing/here"]) == EXIT_USER_ERROR
+    assert "no manifest.json at that URL" in capsys.readouterr().err
+
+
+def test_credentials_in_a_url_are_refused_and_never_printed(s3, env, tiny_model_dir, corpus, capsys):
+    url = f"s3://AKIAINURL00000000000:inUrlSecretValue42@{BUCKET}/x"
+    assert prepare(prepare_args(tiny_model_dir, corpus, url)) == EXIT_USER_ERROR
+    assert train(train_flags(tiny_model_dir, "inurl", data=url)) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("carries credentials") == 2 and f"s3://{BUCKET}/x" in err
+    written = files_text(env) if env.exists() else ""
+    for text in (err, written):
+        assert "inUrlSecretValue42" not in text and "AKIAINURL00000000000" not in text
+
+
+def test_env_file_credentials_reach_the_driver_and_are_masked(s3, tmp_path, monkeypatch):
+    from lib.env import load_env
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(k, raising=False)
+    f = tmp_path / "x.env"
+    f.write_text(f"AWS_ACCESS_KEY_ID={s3.key}\nAWS_SECRET_ACCESS_KEY={s3.secret}\n"
+                 f"AWS_ENDPOINT_URL=http://user:pw@127.0.0.1:{s3.port}\n")
+    e = load_env(f)
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == s3.secret and s3.secret in e.secrets()
+    text = str(e.describe()) + repr(e)
+    assert s3.secret not in text and s3.key not in text and "pw@" not in text
+    assert "AWS_SECRET_ACCESS_KEY set" in text and f"AWS_ENDPOINT_URL=http://127.0.0.1:{s3.port}" in text
