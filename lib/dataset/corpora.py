@@ -38,6 +38,7 @@ def parse_data(data: str) -> list[Corpus]:
     for part in (p.strip() for p in data.split(",")):
         if not part:
             raise UserError(f"data={data}: an empty name between commas")
+        check_url(part, "data")  # credentials in a URL would reach the resolved config and the logs
         name, weight = part, None
         head, sep, tail = part.rpartition(":")
         if sep and head and not tail.startswith("//"):
@@ -48,7 +49,6 @@ def parse_data(data: str) -> list[Corpus]:
             name = head
             if not (math.isfinite(weight) and weight > 0):  # inf, nan and 0 mix nothing sensible
                 raise UserError(f"data={data}: the weight of {name} is {tail}; weights must be > 0 and finite")
-        check_url(name, "data")  # credentials in a URL would reach the resolved config and the logs
         out.append(Corpus(name, weight))
     names = [c.name for c in out]
     if len(set(names)) < len(names):

@@ -37,24 +37,42 @@ def free_port() -> int:
 
 
 class Store:
-    """moto's S3 server in this process; stop() and start() keep its buckets and objects."""
+    """moto's S3 server in this process; stop() and start() keep its buckets and objects.
+
+    stop() also closes the connections it has open, as a server process that goes away does: the
+    threaded server's shutdown() alone stops accepting but keeps serving kept-alive connections."""
 
     def __init__(self):
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.server = None
         self.key = self.secret = ""
+        self.connections: list[socket.socket] = []
 
     def start(self) -> None:
         from moto.server import ThreadedMotoServer
 
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.server.start()
+        http = self.server._server
+        accept = http.process_request
+
+        def process_request(request, client_address):
+            self.connections.append(request)
+            return accept(request, client_address)
+
+        http.process_request = process_request
 
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
             self.server = None
+        for conn in self.connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.connections.clear()
 
     def client(self):
         """boto3 with the good key: to look at and damage objects behind the jobs' backs."""
@@ -88,30 +106,25 @@ def s3():
     store.client().create_bucket(Bucket=BUCKET)
     before_auth = settings.INITIAL_NO_AUTH_ACTION_COUNT
     settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # from now on every request must be signed by a known key
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
-                                             "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
-    yield store
+    with pytest.MonkeyPatch.context() as mp:
+        # the jobs' credentials and endpoint: AWS_* variables, as in a pod or a shell
+        mp.setenv("AWS_ACCESS_KEY_ID", store.key)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", store.secret)
+        mp.setenv("AWS_ENDPOINT_URL", store.endpoint)
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.delenv("AWS_SESSION_TOKEN", raising=False)
+        mp.delenv("AWS_PROFILE", raising=False)
+        mp.setattr(bucket, "BACKOFF_S", 0.05)  # 0.05, 0.1, 0.2, 0.4 s: 0.75 s in all (+ the tries)
+        yield store
     settings.INITIAL_NO_AUTH_ACTION_COUNT = before_auth
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
     store.stop()
 
 
 @pytest.fixture
 def env(s3, tmp_path, monkeypatch):
-    """The jobs' environment: the credentials and endpoint as AWS_* variables, DATA_DIR, quick retries."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    """DATA_DIR for the jobs, and the server up again after a test that stopped it."""
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
     monkeypatch.chdir(tmp_path)  # no .env of the checkout
-    monkeypatch.setattr(bucket, "BACKOFF_S", 0.05)  # 0.05, 0.1, 0.2, 0.4 s: 0.75 s in all
     if s3.server is None:
         s3.start()
     yield tmp_path / "data"
@@ -159,10 +172,12 @@ def train(args: list[str]) -> int:
 
 
 def evaluate(args: list[str]) -> int:
+    """eval without its slow extras (no-speech clips, long-form): the data path is what is tested"""
     from jobs.eval import EvalConfig, __doc__, main
     from lib.cli import run_job
 
-    return run_job("eval", __doc__, EvalConfig, main, args)
+    return run_job("eval", __doc__, EvalConfig, main, [*args, "no_speech_clips=0", "longform.recordings=0",
+                                                       "max_new_tokens=4", "compare_base=false"])
 
 
 def rows_of(objects: dict[str, bytes]) -> dict[str, list[tuple]]:
@@ -191,6 +206,20 @@ def reference(tmp_path_factory, tiny_model_dir, corpus):
     return rows_of({str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()})
 
 
+@pytest.fixture(scope="module")
+def in_bucket(s3, tiny_model_dir, corpus, tmp_path_factory):
+    """The corpus prepared into the bucket once (out=s3://...): (URL, its objects, prepare's log)."""
+    import contextlib
+    import io
+
+    url = f"s3://{BUCKET}/through/ds"
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+        mp.setenv("DATA_DIR", str(tmp_path_factory.mktemp("prep") / "data"))
+        assert prepare(prepare_args(tiny_model_dir, corpus, url)) == 0
+    return url, s3.objects("through/ds"), err.getvalue()
+
+
 def no_secret(s3, *texts: str) -> None:
     for text in texts:
         assert s3.secret not in text and s3.key not in text
@@ -203,21 +232,15 @@ def files_text(root: Path) -> str:
 # ---------------------------------------------------------------- the way through
 
 
-def test_prepare_to_a_bucket_then_train_and_eval_from_it(s3, env, tiny_model_dir, corpus, reference, capsys):
-    url = f"s3://{BUCKET}/through/ds"
-    assert prepare(prepare_args(tiny_model_dir, corpus, url)) == 0
-    out = capsys.readouterr().err
-    objects = s3.objects("through/ds")
+def test_prepare_to_a_bucket_then_train_and_eval_from_it(s3, env, tiny_model_dir, in_bucket, reference, capsys):
+    url, objects, out = in_bucket
     m = json.loads(objects["manifest.json"])
     # the contract as on disk: the manifest and its shards, nothing else (markers gone), same rows
     assert sorted(objects) == sorted(["manifest.json", *(sh["file"] for i in m["splits"].values()
                                                           for sh in i["shards"])])
     assert rows_of(objects) == reference
     assert m["config"]["out"] == url and f"DATA={url}" in out
-    assert not (env / "prepared" / ".ds.to-bucket").exists()
-    # again: up to date, read from the bucket (no stale listing, nothing redone)
-    assert prepare(prepare_args(tiny_model_dir, corpus, url)) == 0
-    assert "is up to date" in capsys.readouterr().err
+    assert "prepare: wrote s3://whisper-data/through/ds" in out
 
     assert train(train_flags(tiny_model_dir, "from-s3", data=url, **{"train.max_steps": 2, "train.eval_steps": 2,
                                                                      "train.save_steps": 2})) == 0
@@ -225,7 +248,7 @@ def test_prepare_to_a_bucket_then_train_and_eval_from_it(s3, env, tiny_model_dir
     run = env / "runs" / "from-s3"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert f"data: {url}" in (run / "config.yaml").read_text()
-    assert evaluate(["run=from-s3", f"data={url}", "max_new_tokens=4", "batch_size=4", "compare_base=false"]) == 0
+    assert evaluate(["run=from-s3", f"data={url}", "batch_size=4"]) == 0
     assert (run / "eval" / "report.json").is_file()
     log += capsys.readouterr().err
     no_secret(s3, out, log, files_text(env), *(v.decode("utf-8", "replace") for v in objects.values()))
@@ -252,39 +275,39 @@ def stop_after(s3, mp: pytest.MonkeyPatch, owner, name: str, calls: int, restart
     return seen
 
 
-def test_a_read_while_the_store_restarts_is_retried_with_backoff(s3, env, tiny_model_dir, corpus, monkeypatch,
+def test_a_read_while_the_store_restarts_is_retried_with_backoff(s3, env, tiny_model_dir, in_bucket, monkeypatch,
                                                                  capsys):
     import s3fs
 
-    url = f"s3://{BUCKET}/restart-read/ds"
-    assert prepare(prepare_args(tiny_model_dir, corpus, url)) == 0
-    capsys.readouterr()
-    # the 2nd ranged read of a shard: the server is gone mid-way through reading the dataset
-    stop_after(s3, monkeypatch, s3fs.core.S3File, "_fetch_range", 2, restart_after=0.3)
-    assert train(train_flags(tiny_model_dir, "restart", data=url, **{"train.max_steps": 2, "train.eval_steps": 2,
-                                                                     "train.save_steps": 2})) == 0
+    url = in_bucket[0]
+    # the 2nd ranged read of a shard: the server goes away in the middle of reading the split
+    seen = stop_after(s3, monkeypatch, s3fs.core.S3File, "_fetch_range", 2, restart_after=0.8)
+    assert evaluate([f"model={tiny_model_dir}", f"data={url}", "out=restart"]) == 0
     log = capsys.readouterr().err
-    assert "storage: s3://whisper-data/restart-read/ds/" in log and "failed (attempt 1 of 5" in log
-    assert (env / "runs" / "restart" / "adapter" / "adapter_model.safetensors").is_file()
+    assert seen["n"] > 2 and "storage: s3://whisper-data/through/ds/test/shard-" in log
+    assert ": read the shard failed (attempt 1 of 5: EndpointConnectionError" in log
+    assert json.loads((env.parent / "restart" / "report.json").read_text())["counts"]["utterances"] == 4
     no_secret(s3, log)
 
 
-def test_a_store_that_stays_down_exits_75_and_the_rerun_finishes(s3, env, tiny_model_dir, corpus, monkeypatch,
-                                                                   capsys):
+def test_a_store_that_stays_down_exits_75_and_the_rerun_finishes(s3, env, tiny_model_dir, in_bucket, capsys):
     import s3fs
 
-    url = f"s3://{BUCKET}/down-read/ds"
-    assert prepare(prepare_args(tiny_model_dir, corpus, url)) == 0
-    capsys.readouterr()
-    args = [f"model={tiny_model_dir}", f"data={url}", "max_new_tokens=4", "compare_base=false"]
+    url = in_bucket[0]
+    args = [f"model={tiny_model_dir}", f"data={url}", "out=down"]
     with pytest.MonkeyPatch.context() as mp:
         stop_after(s3, mp, s3fs.core.S3File, "_fetch_range", 1, restart_after=None)
         assert evaluate(args) == EXIT_UNAVAILABLE
     err = capsys.readouterr().err
-    assert "failed (attempt 4 of 5" in err and "unavailable: s3://whisper-data/down-read/ds/test/shard-" in err
+    assert "failed (attempt 4 of 5" in err and "unavailable: s3://whisper-data/through/ds/test/shard-" in err
     assert "after 5 attempts" in err and "Traceback" not in err
+    assert not (env.parent / "down" / "report.json").exists()
+    # train too: its first read of the data (the validation split) exits 75, before any step
+    assert train(train_flags(tiny_model_dir, "down", data=url)) == EXIT_UNAVAILABLE
+    assert "unavailable: s3://whisper-data/through/ds" in capsys.readouterr().err
     s3.start()
     assert evaluate(args) == 0
+    assert json.loads((env.parent / "down" / "report.json").read_text())["counts"]["utterances"] == 4
     no_secret(s3, err, capsys.readouterr().err)
 
 
@@ -308,27 +331,16 @@ def test_prepare_stopped_between_a_shard_and_its_marker_never_counts_it_and_the_
     shards_up = sorted(k for k in left if k.endswith(".parquet"))
     markers = sorted(k for k in left if k.endswith(".json"))
     assert len(shards_up) == 3 and len(markers) == 2  # the 3rd shard is there without its marker
+    # A damaged shard under its name with its marker: an object store never shows a half-uploaded
+    # object, but a copy tool or a hand can leave one; its size differs from the marker's.
+    second = "train/shard-000000002-000000004.parquet"
+    s3.client().put_object(Bucket=BUCKET, Key=f"write/ds/{second}", Body=left[second][: len(left[second]) // 2])
 
+    # the rerun, in the same process: what it sees of the bucket is the bucket now (no cached listing)
     assert prepare(prepare_args(tiny_model_dir, corpus, url)) == 0
     log = capsys.readouterr().err
-    assert "2 already done" in log and "finished here before the upload" in log
-    objects = s3.objects("write/ds")
-    assert rows_of(objects) == reference
-
-    # A half-written shard under its name with a marker from before: S3 never shows one, but a
-    # copy tool or a hand could; its size differs from the marker's, so it is not taken as done.
-    m = json.loads(objects["manifest.json"])
-    first = m["splits"]["train"]["shards"][0]["file"]
-    c = s3.client()
-    c.delete_object(Bucket=BUCKET, Key="write/ds/manifest.json")
-    marker = first.replace("/shard-", "/.shard-").replace(".parquet", ".json")
-    side = {"fingerprint": m["fingerprint"], "split": "train", "lo": 0, "hi": 2, "rows": 2,
-            "bytes": len(objects[first]), "file": first}
-    c.put_object(Bucket=BUCKET, Key=f"write/ds/{marker}", Body=json.dumps(side).encode())
-    c.put_object(Bucket=BUCKET, Key=f"write/ds/{first}", Body=objects[first][: len(objects[first]) // 2])
-    assert prepare(prepare_args(tiny_model_dir, corpus, url)) == 0
-    log = capsys.readouterr().err
-    assert "1 to do" in log
+    assert "train rows 4-5 was finished here before the upload; uploaded it" in log
+    assert "6 for this index: 2 already done, 4 to do" in log  # rows 0-1, and 4-5 just uploaded
     assert rows_of(s3.objects("write/ds")) == reference
     no_secret(s3, err, log)
 
@@ -338,7 +350,7 @@ def test_a_write_while_the_store_restarts_is_retried(s3, env, tiny_model_dir, co
     from lib.prepare import upload as up
 
     url = f"s3://{BUCKET}/write-restart/ds"
-    stop_after(s3, monkeypatch, up.bucket, "upload", 2, restart_after=0.3)
+    stop_after(s3, monkeypatch, up.bucket, "upload", 2, restart_after=0.8)
     assert prepare(prepare_args(tiny_model_dir, corpus, url)) == 0
     log = capsys.readouterr().err
     assert "storage: s3://whisper-data/write-restart/ds/train/shard-000000002-000000004.parquet: upload" in log
