@@ -241,6 +241,7 @@ def test_prepare_to_a_bucket_then_train_and_eval_from_it(s3, env, tiny_model_dir
     assert rows_of(objects) == reference
     assert m["config"]["out"] == url and f"DATA={url}" in out
     assert "prepare: wrote s3://whisper-data/through/ds" in out
+    assert "Found credentials" not in out  # botocore's INFO line for each client (lib/quiet.py)
 
     assert train(train_flags(tiny_model_dir, "from-s3", data=url, **{"train.max_steps": 2, "train.eval_steps": 2,
                                                                      "train.save_steps": 2})) == 0
