@@ -35,7 +35,7 @@ LOG_RECORDS = [
     ("botocore.credentials", "Found credentials in",
      "logged at INFO each time a bucket's client is made (lib/dataset/bucket.py makes one again after a "
      "network error); the job's start already says which AWS_* keys are set (Env.describe)"),
-    ("aiobotocore.credentials", "Found credentials in", "the same line from s3fs's async client"),
+    ("aiobotocore.credentials", "Found credentials in", "the same line from the async client that s3fs uses (aiobotocore)"),
     ("botocore.configprovider", "Found endpoint for",
      "the same for AWS_ENDPOINT_URL, which the job's start line shows (without credentials)"),
 ]
