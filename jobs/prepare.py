@@ -193,8 +193,9 @@ class Resolved:
     def record(self, cfg: PrepareConfig) -> dict[str, Any]:
         """The config as manifest.json records it (and its fingerprint reads it): the dataset under
         `name` (data= or the deprecated name=), the resolved language; the same keys as before data=."""
-        rest = {k: v for k, v in to_dict(cfg).items() if k not in ("data", "name")}
-        return {"name": cfg.dataset(), **rest, "language": self.language}
+        rest = {k: v for k, v in to_dict(cfg).items() if k not in ("data", "name", "out")}
+        # out= only where given: where a dataset goes is no part of what it holds (nor of its fingerprint)
+        return {"name": cfg.dataset(), **rest, "language": self.language, **({"out": cfg.out} if cfg.out else {})}
 
 
 def pcm_storage(cfg: PrepareConfig) -> str:
@@ -263,7 +264,7 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
     #    fingerprint it had before the flag existed (not redone), an opus one never matches it.
     settings = {k: v for k, v in resolved.record(cfg).items()
                 if k not in ("num_proc", "force", "chunk_rows", "name", "shard_count", "shard_index", "pcm_codec",
-                             "opus_kbps")}
+                             "opus_kbps", "out")}
     fp = fingerprint(PROCESS_VERSION, settings, rows.signature, limits.max_label_tokens,
                      *([{"segments": SEGMENTS_VERSION}] if any(segment_rows.values()) else []),
                      *([{"pcm_codec": cfg.pcm_codec, "opus_kbps": cfg.opus_kbps}] if cfg.pcm_codec != "flac" else []))

@@ -194,7 +194,7 @@ def rows_of(objects: dict[str, bytes]) -> dict[str, list[tuple]]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir, corpus):
-    """The same corpus prepared on disk: what every bucket prepare must hold."""
+    """The same corpus prepared on disk: (its rows, its fingerprint), what every bucket prepare must hold."""
     from jobs.prepare import PrepareConfig, main
     from lib.config import load_config
     from lib.env import Env
@@ -203,7 +203,8 @@ def reference(tmp_path_factory, tiny_model_dir, corpus):
     cfg = load_config(PrepareConfig, None, prepare_args(tiny_model_dir, corpus, str(data / "ds"))[:-1])
     main(cfg, Env(data_dir=data))
     out = data / "prepared" / "ds"
-    return rows_of({str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()})
+    objects = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    return rows_of(objects), json.loads(objects["manifest.json"])["fingerprint"]
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +239,8 @@ def test_prepare_to_a_bucket_then_train_and_eval_from_it(s3, env, tiny_model_dir
     # the contract as on disk: the manifest and its shards, nothing else (markers gone), same rows
     assert sorted(objects) == sorted(["manifest.json", *(sh["file"] for i in m["splits"].values()
                                                           for sh in i["shards"])])
-    assert rows_of(objects) == reference
+    assert rows_of(objects) == reference[0]
+    assert m["fingerprint"] == reference[1]  # where it goes is no part of what it holds
     assert m["config"]["out"] == url and f"DATA={url}" in out
     assert "prepare: wrote s3://whisper-data/through/ds" in out
     assert "Found credentials" not in out  # botocore's INFO line for each client (lib/quiet.py)
@@ -342,7 +344,7 @@ def test_prepare_stopped_between_a_shard_and_its_marker_never_counts_it_and_the_
     log = capsys.readouterr().err
     assert "train rows 4-5 was finished here before the upload; uploaded it" in log
     assert "6 for this index: 2 already done, 4 to do" in log  # rows 0-1, and 4-5 just uploaded
-    assert rows_of(s3.objects("write/ds")) == reference
+    assert rows_of(s3.objects("write/ds")) == reference[0]
     no_secret(s3, err, log)
 
 
@@ -356,7 +358,7 @@ def test_a_write_while_the_store_restarts_is_retried(s3, env, tiny_model_dir, co
     log = capsys.readouterr().err
     assert "storage: s3://whisper-data/write-restart/ds/train/shard-000000002-000000004.parquet: upload" in log
     assert "(attempt 1 of 5" in log
-    assert rows_of(s3.objects("write-restart/ds")) == reference
+    assert rows_of(s3.objects("write-restart/ds")) == reference[0]
 
 
 # ---------------------------------------------------------------- what exits 2
