@@ -254,4 +254,6 @@ def test_launcher_exit_code_from_the_workers_reports():
     assert outcome({"0": "3", "1": "3"}) == 3  # every worker saved and stopped: retry, it resumes
     assert outcome({"0": "3", "1": "started"}) == 1  # one was SIGKILLed before it saved
     assert outcome({"0": "2", "1": "started"}) == 2  # a config error on rank 0: do not retry
+    assert outcome({"0": "75", "1": "started"}) == 75  # rank 0's bucket did not answer: retry later
+    assert outcome({"0": "75", "1": "2"}) == 2
     assert outcome({}) == 1
