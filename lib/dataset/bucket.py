@@ -108,9 +108,11 @@ ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "
 
 
 def _key(url: str) -> tuple:
+    """One filesystem per process (s3fs's are not fork-safe: a DataLoader worker forked after the
+    main process opened the manifest makes its own), protocol and credentials."""
     import os
 
-    return (protocol(url), *(os.environ.get(k) for k in ENV_KEYS))
+    return (os.getpid(), protocol(url), *(os.environ.get(k) for k in ENV_KEYS))
 
 
 def _options(proto: str) -> dict:

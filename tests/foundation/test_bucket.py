@@ -212,9 +212,9 @@ def reference(tmp_path_factory, tiny_model_dir, corpus):
     from lib.env import Env
 
     data = tmp_path_factory.mktemp("ref")
-    cfg = load_config(PrepareConfig, None, prepare_args(tiny_model_dir, corpus, str(data / "ds"))[:-1])
-    main(cfg, Env(data_dir=data))
-    out = data / "prepared" / "ds"
+    out = data / "elsewhere" / "ds"  # out= a folder: the same job as DATA_DIR/prepared/DATA, somewhere else
+    main(load_config(PrepareConfig, None, prepare_args(tiny_model_dir, corpus, str(out))), Env(data_dir=data))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ds"] and not (data / "prepared").exists()
     objects = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     return rows_of(objects), json.loads(objects["manifest.json"])["fingerprint"]
 
@@ -427,3 +427,31 @@ def test_env_file_credentials_reach_the_driver_and_are_masked(s3, tmp_path, monk
     text = str(e.describe()) + repr(e)
     assert s3.secret not in text and s3.key not in text and "pw@" not in text
     assert "AWS_SECRET_ACCESS_KEY set" in text and f"AWS_ENDPOINT_URL=http://127.0.0.1:{s3.port}" in text
+
+
+def _read_in_child(url, q):
+    from lib.dataset import shards
+
+    try:
+        q.put(shards.read_shard(url, columns=["id"]).num_rows)
+    except Exception as e:  # noqa: BLE001 - the test reports what the child met
+        q.put(repr(e))
+
+
+def test_a_forked_loader_worker_reads_the_bucket_the_parent_opened(s3, env, in_bucket):
+    """A DataLoader worker is forked after the main process read the manifest: s3fs filesystems are
+    not fork-safe, so the worker must make its own, not use the parent's."""
+    import multiprocessing
+
+    from lib.dataset import shards
+
+    url, objects, _ = in_bucket
+    shard = json.loads(objects["manifest.json"])["splits"]["test"]["shards"][0]
+    assert shards.read_shard(f"{url}/{shard['file']}", columns=["id"]).num_rows == shard["rows"]  # parent first
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_read_in_child, args=(f"{url}/{shard['file']}", q))
+    p.start()
+    got = q.get(timeout=60)
+    p.join(timeout=60)
+    assert got == shard["rows"]
