@@ -370,6 +370,28 @@ def test_a_write_while_the_store_restarts_is_retried(s3, env, tiny_model_dir, co
     assert rows_of(s3.objects("write-restart/ds")) == reference[0]
 
 
+def test_indexed_job_indexes_share_the_bucket_and_the_last_writes_the_manifest(s3, env, tiny_model_dir, corpus,
+                                                                                reference, capsys):
+    """shard_count=2 as two pods of an Indexed Job, each with its own DATA_DIR (no shared volume):
+    index 1 uploads its chunks and exits 0 without a manifest; index 0 uploads the rest, finds every
+    marker in the bucket and writes the manifest."""
+    url = f"s3://{BUCKET}/indexed/ds"
+    os.environ["DATA_DIR"] = str(env / "pod1")
+    assert prepare(prepare_args(tiny_model_dir, corpus, url, "shard_count=2", "shard_index=1")) == 0
+    log1 = capsys.readouterr().err
+    left = s3.objects("indexed/ds")
+    assert "manifest.json" not in left and "the index that finishes last writes the manifest" in log1
+    assert sorted(k for k in left if k.endswith(".parquet")) == [  # chunks 1, 3, 5 of the plan
+        "test/shard-000000002-000000004.parquet", "train/shard-000000002-000000004.parquet",
+        "validation/shard-000000000-000000002.parquet"]
+    os.environ["DATA_DIR"] = str(env / "pod0")
+    assert prepare(prepare_args(tiny_model_dir, corpus, url, "shard_count=2", "shard_index=0")) == 0
+    objects = s3.objects("indexed/ds")
+    m = json.loads(objects["manifest.json"])
+    assert m["prepared_by"]["finished_by_index"] == 0 and rows_of(objects) == reference[0]
+    assert not any(k.endswith(".json") and k != "manifest.json" for k in objects)  # markers gone
+
+
 # ---------------------------------------------------------------- what exits 2
 
 
