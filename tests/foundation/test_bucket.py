@@ -140,16 +140,19 @@ def clip(seconds: float, freq: float, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """12 wav clips in a manifest: 6 train, 2 validation, 4 test."""
+    """12 wav clips in a manifest: 6 train, 2 validation, 4 test. Train clip 5 is 0.3 s with a long
+    transcript: the speaking-rate check drops it once every chunk is done, which rewrites its shard."""
     root = tmp_path_factory.mktemp("corpus")
     (root / "clips").mkdir()
     with open(root / "manifest.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["audio", "text", "split"])
         for i in range(12):
-            sf.write(root / f"clips/c{i}.wav", clip(0.6 + 0.1 * (i % 3), 200 + 40 * i, i), SR, subtype="PCM_16")
-            w.writerow([f"clips/c{i}.wav", f"sentence number {i}", "train" if i < 6 else "validation" if i < 8
-                        else "test"])
+            fast = i == 5
+            sf.write(root / f"clips/c{i}.wav", clip(0.3 if fast else 0.6 + 0.1 * (i % 3), 200 + 40 * i, i), SR,
+                     subtype="PCM_16")
+            text = " ".join(["many words"] * 10) if fast else f"sentence number {i}"
+            w.writerow([f"clips/c{i}.wav", text, "train" if i < 6 else "validation" if i < 8 else "test"])
     return root / "manifest.csv"
 
 
@@ -258,6 +261,7 @@ def test_prepare_to_a_bucket_then_train_and_eval_from_it(s3, env, tiny_model_dir
                                                           for sh in i["shards"])])
     assert rows_of(objects) == reference[0]
     assert m["fingerprint"] == reference[1]  # where it goes is no part of what it holds
+    assert m["skipped_by_reason"] == {"speech too fast": 1} and m["splits"]["train"]["rows"] == 5
     assert m["config"]["out"] == url and f"DATA={url}" in out
     assert "prepare: wrote s3://whisper-data/through/ds" in out
     assert "Found credentials" not in out  # botocore's INFO line for each client (lib/quiet.py)
