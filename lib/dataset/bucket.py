@@ -214,7 +214,7 @@ def call(url: str, what: str, fn: Callable[[], T]) -> T:
             if _denied(e):
                 raise UserError(f"{redact(url)}: access denied while trying to {what} ({_short(e)}): check the "
                                 f"credentials in the environment or the env file ({hint(url)}) and that they "
-                                f"may {what.split()[0]} this bucket") from None
+                                f"grant this access to {redact(bucket_of(url))}") from None
             if not _retryable(e) or not is_bucket(url):
                 raise
             forget(url)

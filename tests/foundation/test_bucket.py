@@ -481,3 +481,49 @@ def test_a_forked_loader_worker_reads_the_bucket_the_parent_opened(s3, env, in_b
     got = q.get(timeout=60)
     p.join(timeout=60)
     assert got == shard["rows"]
+
+
+def test_what_each_failure_means(monkeypatch, caplog):
+    """Without a server: which errors are retried (and logged), which exit 2, which pass through;
+    a URL as it is printed."""
+    import errno
+
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
+    from lib.errors import Unavailable, UserError
+
+    monkeypatch.setattr(bucket, "BACKOFF_S", 0.0)
+    url = "s3://b/prefix/x.parquet"
+
+    def failing(e):
+        tries = []
+
+        def fn():
+            tries.append(1)
+            raise e
+        return fn, tries
+
+    for e in (EndpointConnectionError(endpoint_url="http://x"), OSError(errno.EREMOTEIO, "InternalError"),
+              TimeoutError("read timed out")):
+        fn, tries = failing(e)
+        with pytest.raises(Unavailable, match="s3://b/prefix/x.parquet: could not read it after 5 attempts"):
+            bucket.call(url, "read it", fn)
+        assert len(tries) == bucket.ATTEMPTS
+    assert "storage: s3://b/prefix/x.parquet: read it failed (attempt 4 of 5" in caplog.text
+    for e in (PermissionError("Forbidden"), NoCredentialsError()):
+        fn, tries = failing(e)
+        with pytest.raises(UserError, match="s3://b/prefix/x.parquet: access denied") as got:
+            bucket.call(url, "read it", fn)
+        assert len(tries) == 1 and "AWS_SECRET_ACCESS_KEY" in str(got.value)
+    for e in (FileNotFoundError("no such key"), ValueError("not a parquet file")):
+        fn, tries = failing(e)
+        with pytest.raises(type(e)):
+            bucket.call(url, "read it", fn)
+        assert len(tries) == 1
+    fn, tries = failing(ConnectionError("refused"))
+    with pytest.raises(ConnectionError):
+        bucket.call("/a/local/path", "read it", fn)  # not a bucket: nothing to retry
+    assert bucket.redact("s3://AKIAKEY:s3cr3tvalue@b/p?X-Amz-Signature=abc") == "s3://b/p"
+    with pytest.raises(UserError, match=r"out=s3://b/p: the URL carries credentials") as got:
+        bucket.check_url("s3://AKIAKEY:s3cr3tvalue@b/p", "out")
+    assert "s3cr3tvalue" not in str(got.value) and "AKIAKEY" not in str(got.value)
