@@ -527,3 +527,18 @@ def test_what_each_failure_means(monkeypatch, caplog):
     with pytest.raises(UserError, match=r"out=s3://b/p: the URL carries credentials") as got:
         bucket.check_url("s3://AKIAKEY:s3cr3tvalue@b/p", "out")
     assert "s3cr3tvalue" not in str(got.value) and "AKIAKEY" not in str(got.value)
+
+
+def test_what_another_writer_did_is_seen_at_once(s3, env):
+    """Another process (another index, a rerun after a kill, a hand) changes the bucket between two
+    looks of this one: no listing or filesystem cached in this process may hide it."""
+    url = f"s3://{BUCKET}/seen/split"
+    c = s3.client()
+    c.put_object(Bucket=BUCKET, Key="seen/split/a", Body=b"12345")
+    assert bucket.sizes(url) == {"a": 5}
+    c.put_object(Bucket=BUCKET, Key="seen/split/a", Body=b"123")
+    c.put_object(Bucket=BUCKET, Key="seen/split/b", Body=b"1")
+    assert bucket.sizes(url) == {"a": 3, "b": 1}
+    c.delete_object(Bucket=BUCKET, Key="seen/split/a")
+    assert bucket.sizes(url) == {"b": 1}
+    assert bucket.read_bytes(f"{url}/b") == b"1"
