@@ -5,6 +5,7 @@
     python -m jobs.prepare data=fleurs_hi language=hi source.kind=hub source.hub_id=google/fleurs \
         source.hub_config=hi_in source.hub_revision=refs/convert/parquet source.text_column=raw_transcription
     make prepare DATA=cv_hi ARGS="shard_count=4 shard_index=0"     # one of 4 machines (an Indexed Job's pod)
+    make prepare DATA=cv_hi ARGS="out=s3://bucket/prepared/cv_hi"  # straight to a bucket (lib/prepare/upload.py)
 
 Reads a Common Voice release folder, a Mozilla Data Collective download, a Hugging Face Hub
 dataset, a CSV/TSV/JSONL manifest or an audiofolder; decodes every clip once (to check it and
@@ -21,7 +22,9 @@ chunk_rows rows are written as Parquet shards straight into DATA_DIR/prepared/.D
 the manifest last, then the folder is swapped into place. Re-running with the same inputs and
 config does nothing; a killed run reuses every finished shard. With shard_count=N each index
 prepares every N-th chunk, and the one that finds every chunk done writes the manifest.
-`data=` is the dataset train's and eval's data= read (name= is its old, deprecated name).
+`data=` is the dataset train's and eval's data= read (name= is its old, deprecated name). With
+out=s3://... (or gs://...) each finished shard is uploaded, then its marker, and the manifest
+last; train and eval then read data=<that URL>.
 """
 
 from __future__ import annotations
@@ -33,18 +36,20 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from lib import summary
 from lib.cli import run_job
 from lib.config import to_dict
-from lib.dataset import shards
+from lib.dataset import bucket, shards
 from lib.dataset.prepared import MANIFEST, tokenizer_signature, write_manifest
 from lib.env import Env
 from lib.errors import UserError
 from lib.language import known_languages, resolve_language
 from lib.prepare import staging
 from lib.prepare.sources import SourceConfig, carve_validation, drop_overlaps, read_source
+from lib.prepare.upload import BucketOut
 from lib.prepare.workers import (
     PROCESS_VERSION,
     SEGMENTS_VERSION,
@@ -73,6 +78,10 @@ class PrepareConfig:
     data: str | None = None
     """The prepared dataset it writes: DATA_DIR/prepared/DATA, the one `make train DATA=...` and
     `make eval DATA=...` (data=) read; a plain folder name (default: dataset)."""
+    out: str | None = None
+    """Where the dataset goes instead of DATA_DIR/prepared/DATA: a bucket URL (s3://bucket/prefix,
+    gs://bucket/prefix; credentials from the environment, never in the URL) or a folder. Train and
+    eval then read data=<the same URL or folder>."""
     name: str | None = None
     """Deprecated: the old name of data= (still read, with a warning)."""
     language: str = "hi"
@@ -119,6 +128,13 @@ class PrepareConfig:
         target, flag = self.dataset(), "name" if self.data is None and self.name is not None else "data"
         if not target or "/" in target or target.startswith("."):
             raise UserError(f"{flag}={target!r}: give a plain folder name such as data=cv_hi")
+        if self.out is not None:
+            bucket.check_url(self.out, "out")
+            if shards.is_url(self.out) and not bucket.is_bucket(self.out):
+                raise UserError(f"out={bucket.redact(self.out)}: prepare writes to s3://, gs:// or a folder; "
+                                f"give one of those")
+            if not self.out.strip("/"):
+                raise UserError("out= is empty: give s3://bucket/prefix, gs://bucket/prefix or a folder")
         if self.num_proc < 1:
             raise UserError(f"num_proc={self.num_proc}: must be at least 1")
         if not 0 <= self.min_duration < self.max_duration <= WINDOW_SECONDS:
@@ -177,8 +193,9 @@ class Resolved:
     def record(self, cfg: PrepareConfig) -> dict[str, Any]:
         """The config as manifest.json records it (and its fingerprint reads it): the dataset under
         `name` (data= or the deprecated name=), the resolved language; the same keys as before data=."""
-        rest = {k: v for k, v in to_dict(cfg).items() if k not in ("data", "name")}
-        return {"name": cfg.dataset(), **rest, "language": self.language}
+        rest = {k: v for k, v in to_dict(cfg).items() if k not in ("data", "name", "out")}
+        # out= only where given: where a dataset goes is no part of what it holds (nor of its fingerprint)
+        return {"name": cfg.dataset(), **rest, "language": self.language, **({"out": cfg.out} if cfg.out else {})}
 
 
 def pcm_storage(cfg: PrepareConfig) -> str:
@@ -188,7 +205,9 @@ def pcm_storage(cfg: PrepareConfig) -> str:
     return "16-bit FLAC (lossless)"
 
 
-def _finished(out) -> dict | None:
+def _finished(out, remote: BucketOut | None = None) -> dict | None:
+    if remote is not None:
+        return remote.manifest()
     try:
         return json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -197,10 +216,19 @@ def _finished(out) -> dict | None:
 
 def main(cfg: PrepareConfig, env: Env) -> dict:
     started = time.time()
-    out = env.prepared_dir(cfg.dataset())
-    work = out.parent / f".{cfg.dataset()}.partial"  # the staging folder: shards land here, then it becomes `out`
     index, count = cfg.index(env), cfg.shard_count
     who = "prepare" if count == 1 else f"prepare [index {index} of {count}]"
+    remote = None
+    if cfg.out is not None and bucket.is_bucket(cfg.out):
+        # A bucket: shards go to their final names (no rename there), the manifest last; each is
+        # made in a local scratch folder first. Its bucket and credentials are checked before any work.
+        bucket.check_bucket(cfg.out, "out", write=True)
+        out: Any = cfg.out.rstrip("/")
+        work = env.data_dir / "prepared" / f".{cfg.dataset()}.to-bucket"
+        remote = BucketOut(out, work)
+    else:
+        out = Path(cfg.out) if cfg.out is not None else env.prepared_dir(cfg.dataset())
+        work = out.parent / f".{out.name}.partial"  # the staging folder: shards land here, then it becomes `out`
     # 1. Check the language against the tokenizer before any work.
     tokenizer = load_tokenizer(cfg.model)
     resolved = Resolved(language=resolve_language(cfg.language, tokenizer))
@@ -236,49 +264,78 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
     #    fingerprint it had before the flag existed (not redone), an opus one never matches it.
     settings = {k: v for k, v in resolved.record(cfg).items()
                 if k not in ("num_proc", "force", "chunk_rows", "name", "shard_count", "shard_index", "pcm_codec",
-                             "opus_kbps")}
+                             "opus_kbps", "out")}
     fp = fingerprint(PROCESS_VERSION, settings, rows.signature, limits.max_label_tokens,
                      *([{"segments": SEGMENTS_VERSION}] if any(segment_rows.values()) else []),
                      *([{"pcm_codec": cfg.pcm_codec, "opus_kbps": cfg.opus_kbps}] if cfg.pcm_codec != "flac" else []))
-    old = _finished(out)
+    old = _finished(out, remote)
     if old is not None and old.get("format") != shards.FORMAT:
         log.warning("%s: %s was prepared in an older format (float32 arrays, before format %d: encoded audio in "
                     "Parquet shards); train and eval refuse it, so it is prepared again", who, out, shards.FORMAT)
     elif old is not None and old.get("fingerprint") == fp and not cfg.force:
-        staging.remove_sidecars(out)  # left by a finalizer killed just after its swap
+        if remote is not None:
+            remote.remove_markers()  # left by a finisher stopped just after the manifest
+            remote.clean_local()
+        else:
+            staging.remove_sidecars(out)  # left by a finalizer killed just after its swap
         shutil.rmtree(hub_cache, ignore_errors=True)
         with contextlib.suppress(OSError):
             work.rmdir()  # made (empty) by a Hub download above
         log.info("%s: %s is up to date (fingerprint %s); pass force=true to redo", who, out, fp)
         summary.done("prepare (up to date)", summary.prepare_summary(out, old, env))
         return old
+    if old is not None and remote is not None:
+        remote.unfinish("force=true" if cfg.force and old.get("fingerprint") == fp else
+                        "prepared from other inputs or settings")
 
     # 4. This index's chunks of the plan: reuse every finished shard, decode the rest on num_proc
     #    workers, each chunk written straight into the staging folder as its final shard.
     plan = staging.plan_chunks(counts_in, cfg.chunk_rows)
     ours = staging.mine(plan, count, index)
-    todo = [c for c in ours if staging.read_sidecar(work, c, fp) is None]
+    if remote is None:
+        todo = [c for c in ours if staging.read_sidecar(work, c, fp) is None]
+    else:
+        todo = [c for c, side in zip(ours, remote.done(ours, fp), strict=True) if side is None]
+        # made here before a stop that came before their upload: only the upload is left
+        for c in [c for c in todo if staging.read_sidecar(work, c, fp) is not None]:
+            remote.publish(c, staging.read_sidecar(work, c, fp))
+            todo.remove(c)
+            log.info("%s: %s was finished here before the upload; uploaded it", who, c.describe())
     log.info("%s: %d chunks of <= %d rows in the plan, %d for this index: %d already done, %d to do on %d workers",
              who, len(plan), cfg.chunk_rows, len(ours), len(ours) - len(todo), len(todo), min(cfg.num_proc, len(todo)))
     work.mkdir(parents=True, exist_ok=True)
     processor = Processor(cfg.model, cfg.task, limits, known, cfg.pcm_codec, cfg.opus_kbps)
     progress = Progress(who, len(todo), sum(c.hi - c.lo for c in todo))
     extra = {"source_cache_bytes": staging.folder_bytes(hub_cache, skip_hub_cache=False)}
+    on_done = progress.done
+    if remote is not None:
+        by_rows = {(c.split, c.lo): c for c in todo}
+
+        def on_done(side: dict[str, Any]) -> None:  # upload as each chunk finishes: shard, then its marker
+            remote.publish(by_rows[side["split"], side["lo"]], side)
+            progress.done(side)
     run_chunks((lambda c=c: chunk_task(rows.splits[c.split], c, work, fp, extra) for c in todo), len(todo),
-               processor, cfg.num_proc, progress.done)
+               processor, cfg.num_proc, on_done)
     shutil.rmtree(hub_cache, ignore_errors=True)  # this index is done with the source's bytes
 
     # 5. Every chunk of the plan done? Only then can the rate check (the corpus's median) and the
     #    manifest be written: by this process if so, else by the index that finishes last.
-    sides = [staging.read_sidecar(work, c, fp) for c in plan]
+    sides = [staging.read_sidecar(work, c, fp) for c in plan] if remote is None else remote.done(plan, fp)
     missing = [c for c, side in zip(plan, sides, strict=True) if side is None]
     if missing:
-        return _not_last(who, out, work, fp, plan, missing, len(ours), len(todo), env)
+        return _not_last(who, out, work, fp, plan, missing, len(ours), len(todo), env, remote)
+    if remote is not None:
+        # No lock in a bucket: two indexes finishing at once write the same manifest (every step redoes
+        # nothing that is done).
+        manifest = _finish(cfg, resolved, index, who, out, work, fp, plan, rows, counts_in, overlaps, validation,
+                           tokenizer, limits, started, remote)
+        _report(who, out, manifest, started, env)
+        return manifest
 
     # 6. Finish under the lock (one writer, also when two indexes finish at once; a finalizer
     #    killed half-way leaves a lock that the rerun takes over): speaking-rate check, stale
     #    files out, manifest last, swap into place.
-    lock = RunLock(out.parent / f".{cfg.dataset()}.lock")
+    lock = RunLock(out.parent / f".{out.name}.lock")
     try:
         lock.acquire()
     except UserError as e:  # a live process holds it: it is writing the manifest
@@ -291,7 +348,12 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
     finally:
         lock.release()
 
-    # 7. Report.
+    _report(who, out, manifest, started, env)
+    return manifest
+
+
+def _report(who, out, manifest, started, env: Env) -> None:
+    """7. Report."""
     for split, info in manifest["splits"].items():
         log.info("%s: %-10s %6d rows  %7.3f h  %9.1f MB in %d shards  (%d read, %d skipped)", who, split,
                  info["rows"], info["hours"], info["bytes"] / 1e6, len(info["shards"]), info["rows_read"],
@@ -304,15 +366,15 @@ def main(cfg: PrepareConfig, env: Env) -> dict:
     for s in skipped[:20]:
         log.warning("%s: skipped %s %s: %s", who, s["split"], s["where"], s["reason"])
     if len(skipped) > 20:
-        log.warning("%s: ... and %d more skipped rows, all listed in %s", who, len(skipped) - 20, out / MANIFEST)
+        log.warning("%s: ... and %d more skipped rows, all listed in %s", who, len(skipped) - 20,
+                    shards.join(out, MANIFEST))
     log.info("%s: wrote %s in %.1f s", who, out, time.time() - started)
     summary.done("prepare", summary.prepare_summary(out, manifest, env))
-    return manifest
 
 
-def _not_last(who, out, work, fp, plan, missing, ours, did, env: Env) -> dict:
+def _not_last(who, out, work, fp, plan, missing, ours, did, env: Env, remote: BucketOut | None = None) -> dict:
     """An index whose chunks are done while others still work: say so, exit 0."""
-    old = _finished(out)
+    old = _finished(out, remote)
     if old is not None and old.get("fingerprint") == fp:
         log.info("%s: %s was finished meanwhile by another index", who, out)
         summary.done(who, summary.prepare_summary(out, old, env))
@@ -320,20 +382,26 @@ def _not_last(who, out, work, fp, plan, missing, ours, did, env: Env) -> dict:
     log.info("%s: this index's %d chunks are done (%d prepared now); %d of the dataset's %d chunks are not "
              "done yet (first: %s); the index that finishes last writes the manifest and moves %s into place",
              who, ours, did, len(missing), len(plan), missing[0].describe(), out)
-    summary.done(who, {"outputs": f"{work} ({len(plan) - len(missing)} of {len(plan)} chunks done)",
+    summary.done(who, {"outputs": f"{work if remote is None else out} ({len(plan) - len(missing)} of {len(plan)} "
+                                  f"chunks done)",
                        "next": "the last index to finish writes manifest.json; if every index has exited and "
                                "there is none, run any one index again"})
     return {"index_done": True, "chunks_missing": len(missing)}
 
 
 def _finish(cfg, resolved, index, who, out, work, fp, plan, rows, counts_in, overlaps, validation, tokenizer,
-            limits, started) -> dict:
-    """Under the lock: rate check on the sidecars, stale files out, manifest, swap. Each step can
-    run again after a kill: rewritten shards are recognised, the manifest is recomputed."""
-    old = _finished(out)
+            limits, started, remote: BucketOut | None = None) -> dict:
+    """Under the lock (on disk): rate check on the sidecars, stale files out, manifest, swap. Each
+    step can run again after a kill: rewritten shards are recognised, the manifest is recomputed.
+    In a bucket (`remote`): the same on its markers and objects, the manifest written last."""
+    old = _finished(out, remote)
     if old is not None and old.get("fingerprint") == fp and old.get("format") == shards.FORMAT and not cfg.force:
         return old  # another index finished between our check and the lock
-    sides = [staging.read_sidecar(work, c, fp) for c in plan]
+    sides = [staging.read_sidecar(work, c, fp) for c in plan] if remote is None else remote.done(plan, fp)
+    if any(side is None for side in sides) and remote is not None:
+        old = _finished(out, remote)  # another index finished meanwhile and took its markers away
+        if old is not None and old.get("fingerprint") == fp:
+            return old
     if any(side is None for side in sides):
         raise UserError(f"{work}: chunks went missing while this process was finishing: another prepare of "
                         f"data={cfg.dataset()} with other settings is writing there; run one at a time")
@@ -341,8 +409,12 @@ def _finish(cfg, resolved, index, who, out, work, fp, plan, rows, counts_in, ove
     disk.peak = max([side.get("staging_bytes") or 0 for side in sides])
     skipped = list(rows.skipped) + [s for side in sides for s in side["skipped"]]
     # Needs every split's rows first: the median is the corpus's.
-    skipped += apply_fast_speech(work, plan, sides, cfg.max_rate_vs_median, disk)
-    splits = split_summary(work, plan, sides)
+    if remote is None:
+        skipped += apply_fast_speech(work, plan, sides, cfg.max_rate_vs_median, disk)
+        splits = split_summary(work, plan, sides)
+    else:
+        skipped += remote.apply_fast_speech(plan, sides, cfg.max_rate_vs_median)
+        splits = split_summary(work, plan, sides, remote.shard_sizes(plan))
     for split in counts_in:
         if split not in splits:
             log.warning("%s: split %s has no usable rows; it is not written", who, split)
@@ -351,7 +423,11 @@ def _finish(cfg, resolved, index, who, out, work, fp, plan, rows, counts_in, ove
     for split, info in splits.items():
         info["rows_read"] = counts_in.get(split, 0) + sum(1 for s in rows.skipped if s["split"] == split)
         info["skipped"] = sum(1 for s in skipped if s["split"] == split)
-    staging.remove_stale(work, plan, {sh["file"] for info in splits.values() for sh in info["shards"]})
+    keep = {sh["file"] for info in splits.values() for sh in info["shards"]}
+    if remote is None:
+        staging.remove_stale(work, plan, keep)
+    else:
+        remote.remove_stale(plan, keep)
     total = sum(info["bytes"] for info in splits.values())
     source = sum(info["source_bytes"] for info in splits.values())
     hours = sum(info["seconds"] for info in splits.values()) / 3600
@@ -394,6 +470,11 @@ def _finish(cfg, resolved, index, who, out, work, fp, plan, rows, counts_in, ove
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "elapsed_s": round(time.time() - started, 1),
     }
+    if remote is not None:
+        remote.write_manifest(manifest)  # last: from here the dataset in the bucket is complete
+        remote.remove_markers()
+        remote.clean_local()
+        return manifest
     write_manifest(work, manifest)
     staging.swap_into_place(work, out)
     staging.remove_sidecars(out)

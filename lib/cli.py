@@ -5,7 +5,8 @@
 A `UserError` prints `error: <message>` and exits 2 (not worth retrying); `Preempted`
 exits 3 (retry: the job resumes); a full disk or quota (`DiskFull`, or any error that
 lib.files.disk_full recognizes) prints where and how much, and exits 4 (retry only after
-freeing space); anything else is a crash with a traceback (retry).
+freeing space); `Unavailable` (a bucket that did not answer) exits 75 (retry later); anything
+else is a crash with a traceback (retry).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from lib.env import Env, load_env
 from lib.errors import (
     EXIT_DISK_FULL,
     EXIT_PREEMPTED,
+    EXIT_UNAVAILABLE,
     EXIT_USER_ERROR,
     DiskFull,
     Preempted,
+    Unavailable,
     UserError,
 )
 from lib.launch import report_exit
@@ -166,6 +169,10 @@ def run_job(
         print(f"preempted: {e}", file=sys.stderr)
         report_exit(str(EXIT_PREEMPTED))
         return EXIT_PREEMPTED
+    except Unavailable as e:
+        print(f"unavailable: {e}", file=sys.stderr)
+        report_exit(str(EXIT_UNAVAILABLE))
+        return EXIT_UNAVAILABLE
     except DiskFull as e:
         print(f"error: {e}", file=sys.stderr)
         report_exit(str(EXIT_DISK_FULL))

@@ -18,8 +18,13 @@ from dotenv import dotenv_values
 from lib.errors import UserError
 
 SECRET_KEYS = ("HF_TOKEN", "MDC_API_KEY", "WANDB_API_KEY")
+# Object storage (data=s3://..., prepare's out=s3://...: lib/dataset/bucket.py). The drivers (s3fs,
+# gcsfs) read these from the process environment, so a value from the env file is put there.
+STORAGE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+STORAGE_KEYS = STORAGE_SECRET_KEYS + ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                                      "GOOGLE_APPLICATION_CREDENTIALS")
 # MLFLOW_TRACKING_URI / WANDB_MODE: where train.report_to=mlflow / wandb log (lib/train/tracking.py)
-KNOWN_KEYS = SECRET_KEYS + ("HF_HOME", "DATA_DIR", "MLFLOW_TRACKING_URI", "WANDB_MODE")
+KNOWN_KEYS = SECRET_KEYS + ("HF_HOME", "DATA_DIR", "MLFLOW_TRACKING_URI", "WANDB_MODE") + STORAGE_KEYS
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,8 @@ class Env:
     wandb_mode: str | None = None
     job_completion_index: int | None = None
     """JOB_COMPLETION_INDEX: this pod's index in a Kubernetes Indexed Job (prepare's shard_index)"""
+    storage: dict[str, str] = field(default_factory=dict, repr=False)
+    """the STORAGE_KEYS that are set (AWS_*, GOOGLE_APPLICATION_CREDENTIALS): for the drivers, never printed"""
     runner: str | None = None
     """WHISPER_FT_RUNNER: `local` when `make ... RUNNER=local` started the job (the Makefile's LOCAL_ENV
     sets it); unset in the image, under Kubernetes and for `python -m jobs...`"""
@@ -48,7 +55,15 @@ class Env:
             "MDC_API_KEY": "set" if self.mdc_api_key else "not set",
             "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri or "(default)",
             "WANDB_API_KEY": "set" if self.wandb_api_key else "not set",
+            "bucket credentials": self.describe_storage(),
         }
+
+    def describe_storage(self) -> str:
+        """Which object-storage keys are set (never their values); the endpoint without credentials."""
+        have = [k for k in STORAGE_KEYS if self.storage.get(k) and "ENDPOINT" not in k]
+        ends = [f"{k}={_bare(self.storage[k])}" for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+                if self.storage.get(k)]
+        return ", ".join([*(f"{k} set" for k in have), *ends]) or "none set"
 
     def prepared_dir(self, name: str) -> Path:
         """Where `make prepare` writes dataset NAME and `make train` finds it."""
@@ -72,7 +87,16 @@ class Env:
 
     def secrets(self) -> list[str]:
         """The secret values, so that log filters can mask them."""
-        return [s for s in (self.hf_token, self.mdc_api_key, self.wandb_api_key) if s]
+        return [s for s in (self.hf_token, self.mdc_api_key, self.wandb_api_key,
+                            *(self.storage.get(k) for k in STORAGE_SECRET_KEYS)) if s]
+
+
+def _bare(url: str) -> str:
+    """An endpoint URL without user:password@ (lib.dataset.bucket.redact, which a foundation cannot import)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path}" if parts.scheme else url
 
 
 def load_env(env_file: str | Path | None = None) -> Env:
@@ -106,6 +130,9 @@ def load_env(env_file: str | Path | None = None) -> Env:
     if index and not index.isdigit():
         raise UserError(f"JOB_COMPLETION_INDEX={index!r}: expected a whole number (Kubernetes sets it in an "
                         f"Indexed Job's pods)")
+    for key in STORAGE_KEYS:
+        if merged.get(key):
+            os.environ[key] = merged[key]  # where s3fs / gcsfs look; the environment already won over the file
     if merged.get("WANDB_API_KEY"):
         # wandb reads its key from the environment only; it never reaches a config or a log line
         os.environ["WANDB_API_KEY"] = merged["WANDB_API_KEY"]
@@ -118,6 +145,7 @@ def load_env(env_file: str | Path | None = None) -> Env:
         wandb_api_key=merged.get("WANDB_API_KEY"),
         wandb_mode=merged.get("WANDB_MODE"),
         job_completion_index=int(index) if index else None,
+        storage={k: merged[k] for k in STORAGE_KEYS if merged.get(k)},
         # set by the Makefile on the command line of a local job, never in the env file
         runner=os.environ.get("WHISPER_FT_RUNNER", "").strip() or None,
     )

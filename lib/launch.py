@@ -11,7 +11,8 @@ Plain torchrun (torch 2.13) breaks the contract of lib/errors.py in two ways:
     retried a bad flag backoffLimit times.
 This runs torchrun's own main in this process (all its options, PET_* variables included)
 with the shutdown timeout raised to GRACE_S unless set, and maps the outcome: every worker
-exited 3 (or 0) -> 3; any worker exited 2 -> 2, 4 (disk full) -> 4; other failures -> 1. Workers report their exit
+exited 3 (or 0) -> 3; any worker exited 2 -> 2, 4 (disk full) -> 4, 75 (a bucket unreachable)
+-> 75; other failures -> 1. Workers report their exit
 code in a file under $WHISPER_FT_EXIT_DIR (lib/cli.py calls report_exit), because after a
 SIGTERM torchrun returns no worker exit codes at all.
 """
@@ -24,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lib.errors import EXIT_DISK_FULL, EXIT_PREEMPTED, EXIT_USER_ERROR
+from lib.errors import EXIT_DISK_FULL, EXIT_PREEMPTED, EXIT_UNAVAILABLE, EXIT_USER_ERROR
 
 EXIT_DIR_ENV = "WHISPER_FT_EXIT_DIR"
 GRACE_S = 270
@@ -50,12 +51,15 @@ def outcome(statuses: dict[str, str]) -> int:
     """The launcher's exit code from the workers' reports (rank -> 'started' or an exit code):
     any 2 -> 2 and any 4 (disk full) -> 4, neither worth a retry; all 3, or 3 beside workers that
     finished (0: a SIGTERM after the loop reaches rank 0 writing the adapter after the others
-    are done) -> 3; anything else (a worker killed before it reported) -> 1."""
+    are done) -> 3; any 75 (a bucket did not answer) -> 75, retried later; anything else (a worker
+    killed before it reported) -> 1."""
     codes = set(statuses.values())
     if str(EXIT_USER_ERROR) in codes:
         return EXIT_USER_ERROR
     if str(EXIT_DISK_FULL) in codes:
         return EXIT_DISK_FULL
+    if str(EXIT_UNAVAILABLE) in codes:
+        return EXIT_UNAVAILABLE
     if str(EXIT_PREEMPTED) in codes and codes <= {str(EXIT_PREEMPTED), "0"}:
         return EXIT_PREEMPTED
     return 1

@@ -32,6 +32,12 @@ LOG_RECORDS = [
     ("transformers.generation.utils", "The attention mask is not set with a batched input",
      "Whisper's encoder input is log-mel padded to 30-s windows, the padding it was trained on, and "
      "every clip's decoder prompt is the same 4 tokens, so no batch holds a padded position to mask"),
+    ("botocore.credentials", "Found credentials in",
+     "logged at INFO each time a bucket's client is made (lib/dataset/bucket.py makes one again after a "
+     "network error); the job's start already says which AWS_* keys are set (Env.describe)"),
+    ("aiobotocore.credentials", "Found credentials in", "the same line from the async client that s3fs uses (aiobotocore)"),
+    ("botocore.configprovider", "Found endpoint for",
+     "the same for AWS_ENDPOINT_URL, which the job's start line shows (without credentials)"),
 ]
 
 

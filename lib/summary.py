@@ -77,7 +77,9 @@ def prepare_summary(out: Path, manifest: dict[str, Any], env=None) -> dict[str, 
                             + (f", PCM sources as {st['pcm_storage']}" if st.get("pcm_storage") else ""))
     reasons = manifest.get("skipped_by_reason") or {}
     lines["skipped"] = ", ".join(f"{n} {why}" for why, n in reasons.items()) or "none"
-    lines["next"] = make_hint("train", f"DATA={manifest.get('name', out.name)}", "RUN=<name>", env=env)
+    # a bucket's dataset is read where it is: data=<its URL>
+    data = str(out) if "://" in str(out) else manifest.get("name", Path(out).name)
+    lines["next"] = make_hint("train", f"DATA={data}", "RUN=<name>", env=env)
     return lines
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lib.dataset.bucket import check_url
 from lib.errors import UserError
 
 
@@ -37,6 +38,7 @@ def parse_data(data: str) -> list[Corpus]:
     for part in (p.strip() for p in data.split(",")):
         if not part:
             raise UserError(f"data={data}: an empty name between commas")
+        check_url(part, "data")  # credentials in a URL would reach the resolved config and the logs
         name, weight = part, None
         head, sep, tail = part.rpartition(":")
         if sep and head and not tail.startswith("//"):

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from lib.dataset import shards
+from lib.dataset import bucket, shards
 from lib.errors import UserError
 from lib.files import write_json
 
@@ -31,8 +31,7 @@ MANIFEST = "manifest.json"
 def _manifest_text(root: str | Path) -> str | None:
     url = shards.join(root, MANIFEST)
     try:
-        with shards.open_file(url) as f:
-            return f.read().decode("utf-8")
+        return shards.read_bytes(url).decode("utf-8")
     except FileNotFoundError:
         return None
 
@@ -65,13 +64,16 @@ def check_format(manifest: dict[str, Any], path: str | Path, data: str) -> None:
 def open_prepared(env, data: str) -> tuple[str | Path, dict[str, Any]]:
     """(folder or URL, manifest) of `data=`: a prepared dataset's name under DATA_DIR/prepared, the
     path of a prepared folder, or an fsspec URL of one (s3://..., gs://...: read in place, never
-    copied); a missing one names the flag and the datasets there are; an old format is refused."""
+    copied; lib/dataset/bucket.py); a missing one names the flag and the datasets there are; an old
+    format is refused."""
     if data and shards.is_url(data):
         root: str | Path = data.rstrip("/")
+        bucket.check_bucket(str(root), "data")  # a missing bucket, refused credentials: exit 2 naming the URL
         text = _manifest_text(root)
         if text is None:
-            raise UserError(f"data={data}: no {MANIFEST} at that URL; prepare the dataset there, or check the "
-                            f"bucket and its credentials")
+            raise UserError(f"data={bucket.redact(data)}: no {MANIFEST} at that URL, so no finished dataset is there "
+                            f"(prepare writes it last): prepare it there (make prepare ... ARGS=\"out="
+                            f"{bucket.redact(data)}\"), or fix the URL")
     else:
         root = Path(data) if data and (Path(data) / MANIFEST).is_file() else env.prepared_dir(data)
         text = _manifest_text(root)

@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from lib.dataset import bucket
+
 FORMAT = 2
 """manifest.json["format"] of datasets in this layout; older folders (float32 `datasets`
 save_to_disk splits, no "format") are refused with a message to prepare again"""
@@ -177,38 +179,27 @@ def join(root: str | Path, rel: str) -> str:
 
 
 def open_file(url: str, mode: str = "rb"):
-    """A local path or an fsspec URL, opened (credentials come from fsspec's usual places:
-    AWS_* / GOOGLE_APPLICATION_CREDENTIALS environment, instance roles)."""
+    """A local path or an fsspec URL, opened (a bucket's credentials come from the environment:
+    lib/dataset/bucket.py). For a whole read that retries, use read_bytes or read_shard."""
     if not is_url(url):
         return open(url, mode)
-    fs, path = filesystem(url)
+    fs, path = bucket.filesystem(url)
     return fs.open(path, mode)
-
-
-DRIVERS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
-
-
-def filesystem(url: str):
-    """(fsspec filesystem, path) of a URL; a protocol whose driver is not installed is a UserError
-    naming the package (the image carries fsspec itself, not every cloud's driver)."""
-    import fsspec
-
-    from lib.errors import UserError
-
-    try:
-        return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as e:
-        proto = url.split("://", 1)[0]
-        pkg = DRIVERS.get(proto)
-        hint = f"`pip install {pkg}` in the image or venv" if pkg else "check the URL's protocol"
-        raise UserError(f"{url}: cannot open {proto}:// URLs here ({str(e).splitlines()[0][:120]}); {hint}") from None
 
 
 def exists(url: str) -> bool:
     if not is_url(url):
         return os.path.exists(url)
-    fs, path = filesystem(url)
-    return fs.exists(path)
+    path = bucket.filesystem(url)[1]
+    return bucket.call(url, "look for", lambda: bucket.filesystem(url)[0].exists(path))
+
+
+def read_bytes(url: str) -> bytes:
+    """A whole file; a bucket's network errors are retried (lib/dataset/bucket.py)."""
+    if not is_url(url):
+        with open(url, "rb") as f:
+            return f.read()
+    return bucket.read_bytes(url)
 
 
 def read_shard(url: str, columns: list[str] | None = None):
@@ -217,11 +208,15 @@ def read_shard(url: str, columns: list[str] | None = None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with open_file(url) as f:
-        pf = pq.ParquetFile(f)
-        have = set(pf.schema_arrow.names)
-        absent = [c for c in (columns or COLUMNS) if c in ADDED_COLUMNS and c not in have]
-        table = pf.read(columns=[c for c in columns if c not in absent] if columns else None)
+    def read():
+        with open_file(url) as f:
+            pf = pq.ParquetFile(f)
+            have = set(pf.schema_arrow.names)
+            absent = [c for c in (columns or COLUMNS) if c in ADDED_COLUMNS and c not in have]
+            return pf.read(columns=[c for c in columns if c not in absent] if columns else None), absent
+
+    # A bucket's shard is read again from the start after a network error (bucket.call retries).
+    table, absent = bucket.call(str(url), "read the shard", read) if is_url(url) else read()
     for c in absent:
         field = schema().field(c)
         table = table.append_column(field, pa.array([[]] * table.num_rows, type=field.type))

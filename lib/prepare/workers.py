@@ -397,10 +397,12 @@ def apply_fast_speech(stage: Path, plan: list[staging.Chunk], sides: list[dict[s
     return skipped
 
 
-def split_summary(stage: Path, plan: list[staging.Chunk], sides: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def split_summary(stage: Path, plan: list[staging.Chunk], sides: list[dict[str, Any]],
+                  sizes: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
     """Per split, for manifest.json: rows, hours, seconds, bytes, the source's encoded bytes of the
     kept clips, the stored audio formats, the rows with segments and their segments, and every
-    shard in source order."""
+    shard in source order. `sizes`: each shard's bytes where they are not files under `stage`
+    (a bucket: lib/prepare/upload.py)."""
     f = {name: i for i, name in enumerate(KEPT_FIELDS)}
     out: dict[str, dict[str, Any]] = {}
     for chunk, side in zip(plan, sides, strict=True):
@@ -411,7 +413,7 @@ def split_summary(stage: Path, plan: list[staging.Chunk], sides: list[dict[str, 
         if not kept:
             continue
         seconds = float(sum(k[f["duration"]] for k in kept))
-        nbytes = (stage / chunk.file).stat().st_size
+        nbytes = sizes[chunk.file] if sizes is not None else (stage / chunk.file).stat().st_size
         info["shards"].append({"file": chunk.file, "rows": len(kept), "seconds": round(seconds, 3), "bytes": nbytes})
         info["rows"] += len(kept)
         info["seconds"] += seconds

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lib.errors import EXIT_DISK_FULL, EXIT_PREEMPTED, EXIT_USER_ERROR
+from lib.errors import EXIT_DISK_FULL, EXIT_PREEMPTED, EXIT_UNAVAILABLE, EXIT_USER_ERROR
 from lib.launch import GRACE_S
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -184,6 +184,7 @@ def test_job_failure_policy_matches_lib_errors():
         assert pod_failure_action(rules, names, EXIT_USER_ERROR) == "FailJob", path
         assert pod_failure_action(rules, names, EXIT_DISK_FULL) == "FailJob", path
         assert pod_failure_action(rules, names, EXIT_PREEMPTED) == "Count", path
+        assert pod_failure_action(rules, names, EXIT_UNAVAILABLE) == "Count", path  # a bucket that did not answer
         assert pod_failure_action(rules, names, 1) == "Count", path
         assert pod_failure_action(rules, names, 137) == "Count", path
         assert pod_failure_action(rules, names, 137, ("DisruptionTarget",)) == "Ignore", path
@@ -316,12 +317,36 @@ def test_indexed_prepare_job_runs_one_index_per_shard():
         assert "ReadWriteMany" in pvc["spec"]["accessModes"], path
 
 
+def test_bucket_prepare_writes_the_bucket_only():
+    """The Indexed Job that prepares into a bucket (out=s3://...): the shared volume only read (the
+    source), the pod's scratch an emptyDir that DATA_DIR points at, the keys in the Secret's file."""
+    from lib.dataset.bucket import is_bucket
+
+    found = []
+    for path, job in of_kind("Job"):
+        pod = job["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        out = [a.split("=", 1)[1] for a in c["args"] if a.startswith("out=")]
+        if not out or not is_bucket(out[0]):
+            continue
+        found.append(path)
+        assert job["spec"].get("completionMode") == "Indexed", path
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        vols = {v["name"]: v for v in pod["volumes"]}
+        assert mounts["/data"].get("readOnly") is True, path
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        scratch = next(m for p, m in mounts.items() if env["DATA_DIR"] == p)
+        assert "emptyDir" in vols[scratch["name"]] and env["HF_HOME"].startswith(env["DATA_DIR"]), path
+        assert not any(name.startswith(("AWS_", "GOOGLE_")) for name in env), f"{path}: keys come from the Secret"
+    assert found, "no Indexed Job under docker/k8s prepares into a bucket"
+
+
 def test_kustomizations_name_the_image_and_existing_resources():
     for path, k in of_kind("Kustomization"):
         assert [i["name"] for i in k["images"]] == [image_name()], path
         for r in k["resources"]:
             assert (path.parent / r).is_file(), f"{path}: {r}"
-    # the two kustomizations agree on where the image lives
+    # the kustomizations agree on where the image lives
     images = {json.dumps(k["images"]) for _, k in of_kind("Kustomization")}
     assert len(images) == 1
     # every Job / PVC under docker/k8s is in a kustomization

@@ -257,6 +257,8 @@ def test_launcher_exit_code_from_the_workers_reports():
     assert outcome({"0": "4", "1": "started"}) == 4  # a full disk: do not retry until space is freed
     assert outcome({"0": "3", "1": "0"}) == 3  # SIGTERM while rank 0 wrote the adapter, rank 1 done
     assert outcome({"0": "0", "1": "started"}) == 1
+    assert outcome({"0": "75", "1": "started"}) == 75  # rank 0's bucket did not answer: retry later
+    assert outcome({"0": "75", "1": "2"}) == 2
     assert outcome({}) == 1
 
 
