@@ -125,6 +125,25 @@ class Decoded:
     """P(no-speech token) after <|startoftranscript|>; NaN without a gate"""
 
 
+ONE_WINDOW = {"force_unique_generate_call": True}
+"""generate() kwargs for clips of up to 30 s: one decoding pass per clip. Why: transformers' Whisper
+generate() loops `while seek < the input's frames`, and after a pass that writes two timestamp
+tokens (a fine-tune trained on timestamped or packed windows can write them even after
+<|notimestamps|>) it seeks to the last one; `<|0.00|><|0.00|>` seeks by 0 frames, so the clip is
+decoded again and again, for ever. Seen on an H100 after 10 packed steps of large-v2: the Trainer's
+evaluation of 2 clips x 8 tokens never returned (tests/foundation/test_model.py rigs a model that
+does it). With this the output holds the decoder prompt too (<|sot|> <|hi|> <|transcribe|>
+<|notimestamps|>): strip_prompt removes it."""
+
+
+def strip_prompt(tokens, tokenizer):
+    """Rows of a ONE_WINDOW generate() output without the decoder prompt (everything up to and
+    including <|notimestamps|>), as generate() returns them otherwise."""
+    nots = tokenizer.convert_tokens_to_ids("<|notimestamps|>")
+    hits = (tokens[0] == nots).nonzero()
+    return tokens[:, int(hits[0]) + 1:] if len(hits) else tokens
+
+
 def decode_batch(model, processor, audios: Sequence[np.ndarray], language: str, task: str,
                  max_new_tokens: int = MAX_NEW_TOKENS, num_beams: int = 1, min_new_tokens: int = 0,
                  features_on_device: bool = False, gate: NoSpeechGate | None = None,
@@ -146,11 +165,12 @@ def decode_batch(model, processor, audios: Sequence[np.ndarray], language: str, 
     with torch.inference_mode():
         if gate is None:
             tokens = model.generate(input_features=feats, language=language, task=task,
-                                    max_new_tokens=max_new_tokens, num_beams=num_beams, **extra)
+                                    max_new_tokens=max_new_tokens, num_beams=num_beams, **extra, **ONE_WINDOW)
         else:
             encoded = model.get_encoder()(feats)
             tokens = model.generate(encoder_outputs=encoded, language=language, task=task,
-                                    max_new_tokens=max_new_tokens, num_beams=num_beams, **extra)
+                                    max_new_tokens=max_new_tokens, num_beams=num_beams, **extra, **ONE_WINDOW)
+        tokens = strip_prompt(tokens, processor.tokenizer)
     texts = [t.strip() for t in processor.batch_decode(tokens, skip_special_tokens=True)]
     # A row cut by the budget holds max_new_tokens tokens and no <|endoftext|>. Both are needed:
     # Whisper's generate returns the text tokens without the prompt and strips the final

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lib.errors import UserError
-from lib.inference import features_for
+from lib.inference import ONE_WINDOW, features_for
 from lib.model import (
     ModelSource,
     attach_adapter,
@@ -209,7 +209,8 @@ def hf_tokens(model, processor, clips: Sequence[np.ndarray], language: str, task
     device = next(model.parameters()).device
     feats = features_for(processor, clips, next(model.parameters()).dtype, device)
     with torch.inference_mode():
-        out = model.generate(input_features=feats, language=language, task=task, max_new_tokens=max_new_tokens)
+        out = model.generate(input_features=feats, language=language, task=task, max_new_tokens=max_new_tokens,
+                             **ONE_WINDOW)
     return [_text_tokens(row, processor.tokenizer) for row in out]
 
 

@@ -626,6 +626,9 @@ def corpus_trainer():
                 super()._save_checkpoint(model, trial)
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval", **gen_kwargs):
+            from lib.inference import ONE_WINDOW
+
+            gen_kwargs = {**ONE_WINDOW, **gen_kwargs}  # one pass per clip (see ONE_WINDOW: else it can loop)
             corpus = metric_key_prefix[len("eval_"):] if metric_key_prefix.startswith("eval_") else None
             if corpus in self.eval_languages:
                 gen_kwargs.setdefault("language", self.eval_languages[corpus])

@@ -265,3 +265,58 @@ def test_random_weight_models_say_so_in_their_config(tiny_model_dir):
     assert M.has_random_weights(holder) and "mean nothing" in M.random_weights_note(holder)
     del cfg.random_weights  # a released (trained) Whisper's config has no such key
     assert not M.has_random_weights(holder) and M.random_weights_note(holder) is None
+
+
+def _timestamp_writer(tiny_model_dir):
+    """The tiny model rigged to write <|0.00|> whatever it hears (a fine-tune on timestamped or
+    packed windows can write timestamps after <|notimestamps|>)."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    processor = WhisperProcessor.from_pretrained(tiny_model_dir)
+    ts = processor.tokenizer.convert_tokens_to_ids("<|0.00|>")
+    with torch.no_grad():
+        norm = model.model.decoder.layer_norm
+        norm.weight.zero_()
+        bias = torch.randn(norm.bias.shape, generator=torch.Generator().manual_seed(0))
+        norm.bias.copy_(bias)  # every position's hidden state is `bias`, so its logits are fixed...
+        model.proj_out.weight[ts] = 50 * bias / bias.norm()  # ...and <|0.00|> wins them all
+    return model, processor, ts
+
+
+@pytest.mark.timeout(120)
+def test_a_model_that_writes_timestamps_after_notimestamps_decodes_each_clip_once(tiny_model_dir):
+    """Whisper's generate() seeks to the last of two timestamp tokens and decodes the rest of the
+    clip again: `<|0.00|><|0.00|>` seeks by 0 frames, for ever (the Trainer's eval after packed
+    training hung so on an H100). lib.inference.ONE_WINDOW: one pass per clip, prompt stripped."""
+    import numpy as np
+
+    from lib.inference import decode_batch
+
+    model, processor, ts = _timestamp_writer(tiny_model_dir)
+    clips = [np.zeros(16_000, np.float32), 0.1 * np.ones(8_000, np.float32)]
+    out = decode_batch(model, processor, clips, "hi", "transcribe", max_new_tokens=8)
+    assert out.truncated == [True, True] and out.texts == ["", ""]  # 8 timestamp tokens each, no <|endoftext|>
+    # the same through the Trainer's evaluation kwargs
+    from lib.train.trainer import corpus_trainer
+
+    seen = {}
+
+    def capture(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval", **gen_kwargs):
+        seen.update(gen_kwargs)
+        return {}
+
+    trainer_cls = corpus_trainer()
+    base = trainer_cls.__mro__[1]
+    original = base.evaluate
+    try:
+        base.evaluate = capture
+        t = trainer_cls.__new__(trainer_cls)
+        t.eval_languages = {}
+        t.evaluate()
+    finally:
+        base.evaluate = original
+    assert seen.get("force_unique_generate_call") is True
+    feats = processor.feature_extractor(clips[:1], sampling_rate=16_000, return_tensors="pt").input_features
+    tokens = model.generate(input_features=feats, language="hi", task="transcribe", max_new_tokens=8, **seen)
+    assert (tokens[0, -8:] == ts).all()
