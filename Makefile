@@ -195,9 +195,14 @@ browser: ## install Debian's chromium for the browser test when it is missing (r
 test: ## run the offline CPU test suite
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
+# `make image-test`: the container command it uses (podman: it sets podman up when missing), and
+# its steps: all, or some, e.g. "inside demo stop serve token" to check an image made by `make build`.
+IMAGE_TEST_ENGINE ?= podman
+IMAGE_TEST_STEPS ?= engine base build inside demo stop serve docker token
+
 .PHONY: image-test
-image-test: ## build a CPU image and run the jobs in it through RUNNER=docker, with checks (docker/image-test.sh)
-	docker/image-test.sh
+image-test: ## build a CPU copy of the image and run the jobs in it with RUNNER=docker: PASS/FAIL per check
+	IMAGE_TEST_ENGINE='$(IMAGE_TEST_ENGINE)' IMAGE_TEST_STEPS='$(IMAGE_TEST_STEPS)' IMAGE='$(IMAGE)' docker/image-test.sh
 
 .PHONY: lock
 lock: ## re-pin requirements.lock from pyproject.toml (needs PyPI)

@@ -27,7 +27,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
 # The container engine and the work folder (data volume, logs, env file).
-ENGINE=${ENGINE:-podman}
+ENGINE=${IMAGE_TEST_ENGINE:-podman}
 WORK=${IMAGE_TEST_DIR:-/tmp/whisper-ft-image-test}
 STEPS=${IMAGE_TEST_STEPS:-engine base build inside demo stop serve docker token}
 # The user the jobs run as (DOCKER_USER): the one running this, or, for root, a non-root UID
