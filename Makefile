@@ -45,7 +45,7 @@ PIP_INSTALL = $(PY) -m pip install -q --no-deps --require-hashes
 # The data volume: prepared datasets, runs, exports and the Hub cache (mounted as /data).
 DATA_DIR ?= data
 # The env file (HF_TOKEN, MDC_API_KEY; see env.example), skipped when absent.
-# Docker and the jobs get its path; its values never appear on a command line.
+# The jobs get the file, never its values on a command line (in the image: mounted as /app/.env).
 ENV_FILE ?= .env
 # GPUs per job: 0 (CPU), a count, or all. More than one makes `train` use torchrun.
 GPUS ?= 1
@@ -82,10 +82,13 @@ MULTI_GPU = $(filter-out 0 1,$(GPUS))
 NPROC = $(if $(filter all,$(GPUS)),gpu,$(GPUS))
 
 # docker run for a job. DATA_DIR and HF_HOME are the container's paths whatever the env
-# file says (-e wins over --env-file); the image's tini forwards SIGTERM to the job.
+# file says (the environment wins over the file); the image's tini forwards SIGTERM to the job.
+# The env file is mounted read-only where every job reads it, the working directory's .env
+# (lib/cli.py), not passed as `docker run --env-file`: that would copy the tokens into the
+# container's configuration, which `docker inspect` shows.
 DOCKER_RUN = $(DOCKER) run --rm $(DOCKER_TTY)$(DOCKER_PORTS)--user $(DOCKER_USER) --shm-size $(SHM_SIZE) \
   $(if $(filter-out 0,$(GPUS)),--gpus $(GPUS)) -v $(DATA_ABS):/data \
-  $(if $(HAVE_ENV_FILE),--env-file $(ENV_FILE)) -e DATA_DIR=/data -e HF_HOME=/data/hf-cache \
+  $(if $(HAVE_ENV_FILE),-v $(abspath $(ENV_FILE)):/app/.env:ro) -e DATA_DIR=/data -e HF_HOME=/data/hf-cache \
   $(IMAGE)
 DOCKER_TTY =
 DOCKER_PORTS =
