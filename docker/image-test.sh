@@ -6,23 +6,26 @@
 #   make image-test IMAGE_TEST_STEPS="build demo"   # only some steps (see STEPS below)
 #
 # What it does, in order (each check prints PASS or FAIL; the exit code is the number of FAILs):
-#   engine  podman (+ buildah, runc) from Debian's packages when missing, with the settings a
-#           root machine without systemd needs (/etc/containers/containers.conf);
+#   engine  podman (+ buildah, runc, mmdebstrap) from Debian's packages when missing (root), with
+#           the settings a root machine without systemd needs (/etc/containers/containers.conf);
 #   base    a Debian bookworm base image bootstrapped from the Debian archive (mmdebstrap), and a
 #           uv image made from PyPI's uv wheel: the registries the user build pulls from are not
 #           reachable here. Both are reused when present;
-#   build   `make build` on that base with the CPU build of torch (its hash is in the lock), the
-#           host's CA bundle as a build secret; prints the build time and the size of each layer;
-#   inside  checks in the image (tini is PID 1, the user, a C++ compiler for torch.compile);
-#   demo    `make demo` as a non-root user, data volume from the host, an env file with a fake token;
+#   build   `make build` on that base (PYTHON=base, TORCH=cpu: the lock's CPU torch, no CUDA
+#           wheels), the host's CA bundle as a build secret; prints the build time and the size of
+#           each layer. A .env with the fake token lies in the work tree meanwhile (when there is none);
+#   inside  tini is PID 1, the image's user, torch.compile (g++), imports, audio formats;
+#   demo    `make demo` and `make transcribe` as a non-root UID, data volume from the host, an env
+#           file with a fake token; every output belongs to that UID;
 #   stop    `make train`, stopped with `docker stop`: checkpoint, exit 3; the rerun resumes to the
 #           adapter of an uninterrupted run;
-#   serve   `make serve` answers an HTTP request on the published port;
-#   token   the fake token is nowhere: outputs, logs, image inspect and history, every layer;
-#   docker  the same Make targets through the `docker` command when it is podman (podman-docker)
-#           or Docker (a dockerd answering), when one is there.
+#   serve   `make serve` answers an HTTP request from the host on the published port;
+#   docker  `make transcribe` through the `docker` command itself: podman behind it, or Docker's
+#           engine (Debian's docker.io, started here when none answers and this is root);
+#   token   the fake token is nowhere: outputs, logs, image and container inspect, history, layers.
 # The user's image (`make build` with no build arguments: the pinned CUDA base, uv's Python 3.11,
-# torch with CUDA) needs a registry and a GPU host; docs/running.md says how to check it there.
+# torch with CUDA) needs a registry; on a GPU host check it with
+#   make build && make image-test IMAGE_TEST_ENGINE=docker IMAGE_TEST_STEPS="inside demo stop serve token"
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -44,10 +47,12 @@ TOKEN="hf_imagetest$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
 
 fails=0
 log() { printf '[image-test %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+results=()
 check() { # check NAME COMMAND...: PASS when the command succeeds
   local name=$1
   shift
-  if "$@"; then log "PASS $name"; else log "FAIL $name"; fails=$((fails + 1)); fi
+  if "$@"; then log "PASS $name"; results+=("PASS $name"); else
+    log "FAIL $name"; results+=("FAIL $name"); fails=$((fails + 1)); fi
 }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 die() { log "FAIL $*"; exit 1; }
@@ -156,7 +161,8 @@ build() {
     2>&1 | tee "$WORK/build.log" | grep -E '^(STEP|COMMIT|build:|Error|error)' || true
   IMAGE=$(sed -n 's/^build: //p' "$WORK/build.log" | tail -1)
   if [ -z "$IMAGE" ] || ! podman image exists "$IMAGE"; then die "build: no image (log: $WORK/build.log)"; fi
-  log "build: $IMAGE in $((SECONDS - t0)) s, $(podman image inspect --format '{{.Size}}' "$IMAGE" | numfmt --to=si)B"
+  build_summary="built in $((SECONDS - t0)) s, $(podman image inspect --format '{{.Size}}' "$IMAGE" | numfmt --to=si)B"
+  log "build: $IMAGE $build_summary"
   log "build: layers (podman history):"
   podman history --format '{{.Size}}\t{{.CreatedBy}}' "$IMAGE" | cut -c1-150 | sed 's/^/    /'
 }
@@ -243,7 +249,7 @@ stop() {
   log "stop: make train exited $rc: $(grep -m1 -oE 'Error [0-9]+' "$WORK/train-stop.log")"
   check "make train, stopped with $ENGINE stop, exits 2 with the job's code 3 (make: Error 3)" \
     grep -q "Error 3" "$WORK/train-stop.log"
-  check "the stopped run saved a checkpoint and no adapter" bash -c "compgen -G '$WORK/data/runs/stopped/checkpoints/checkpoint-*/COMPLETE' \
+  check "the stopped run saved a checkpoint and no adapter" bash -c "compgen -G '$WORK/data/runs/stopped/checkpoints/checkpoint-*/COMPLETE' >/dev/null \
     && [ ! -e '$WORK/data/runs/stopped/adapter' ]"
   train stopped "$steps" >"$WORK/train-resume.log" 2>&1
   check "the rerun exits 0" [ $? = 0 ]
@@ -329,8 +335,12 @@ docker_cli() {
     fi
     log "docker: $(docker version --format 'client {{.Client.Version}}, engine {{.Server.Version}}' 2>&1)"
     local t0=$SECONDS
-    "$ENGINE" save "$IMAGE" | docker load -q >/dev/null
-    log "docker: $IMAGE loaded into Docker's engine in $((SECONDS - t0)) s"
+    if [[ "$IMAGE" != *-dirty ]] && docker image inspect "$IMAGE" >/dev/null 2>&1; then
+      log "docker: $IMAGE is in Docker's engine already"
+    else
+      "$ENGINE" save "$IMAGE" | docker load -q >/dev/null
+      log "docker: $IMAGE loaded into Docker's engine in $((SECONDS - t0)) s"
+    fi
   fi
   make --no-print-directory RUNNER=docker IMAGE="$IMAGE" DOCKER_USER="$TEST_UID:$TEST_UID" DATA_DIR="$WORK/data" \
     ENV_FILE="$WORK/test.env" GPUS=0 RUN=demo LANG=hi SHM_SIZE=1g transcribe \
@@ -339,10 +349,8 @@ docker_cli() {
   rc=$?
   check "make transcribe RUNNER=docker through the docker command ($(docker --version | cut -d, -f1)) exits 0" \
     bash -c "[ $rc = 0 ] && cmp -s '$WORK/data/demo/docker.txt' '$WORK/data/demo/transcript.txt'"
-  if [ -n "$dockerd_pid" ]; then
-    docker rmi -f "$IMAGE" >/dev/null 2>&1
-    kill "$dockerd_pid" && wait "$dockerd_pid" 2>/dev/null
-  fi
+  # (The image stays in Docker's store: removing it takes minutes.)
+  if [ -n "$dockerd_pid" ]; then kill "$dockerd_pid" && wait "$dockerd_pid" 2>/dev/null; fi
 }
 
 # All in one function, read whole before it runs: editing this file meanwhile changes nothing.
@@ -368,7 +376,10 @@ main() {
   want serve && serve
   want docker && docker_cli
   want token && token
-  log "done in $((SECONDS - t_start)) s: $fails check(s) failed (logs: $WORK)"
+  log "summary: image $IMAGE"
+  [ -n "${build_summary:-}" ] && log "summary: $build_summary"
+  printf '    %s\n' "${results[@]}"
+  log "done in $((SECONDS - t_start)) s: ${#results[@]} checks, $fails failed (logs: $WORK)"
   return "$fails"
 }
 main "$@"; exit $?

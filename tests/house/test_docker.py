@@ -273,7 +273,7 @@ def test_shellcheck_catches_a_bad_script(tmp_path):
 def test_scripts_are_executable_in_git():
     out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-s", "docker"], capture_output=True, text=True).stdout
     modes = {line.split("\t")[1]: line.split()[0] for line in out.splitlines()}
-    for name in ("docker/entrypoint.sh", "docker/demo.sh", "docker/lock.sh"):
+    for name in ("docker/entrypoint.sh", "docker/demo.sh", "docker/lock.sh", "docker/image-test.sh"):
         if name in modes:
             assert modes[name] == "100755", name
     assert os.access(ENTRYPOINT, os.X_OK)
