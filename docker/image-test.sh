@@ -111,7 +111,7 @@ setup_base() {
     # Python 3.11.2, the lock's 3.11; the headers for the C code torch.compile and Triton build.
     nice -n 10 mmdebstrap --quiet --variant=minbase --include=python3,libpython3.11-dev,ca-certificates \
       bookworm "$WORK/rootfs.tar" http://deb.debian.org/debian || die "base: mmdebstrap failed"
-    podman import --change 'CMD ["bash"]' "$WORK/rootfs.tar" "$BASE_IMAGE" >/dev/null || die "base: podman import failed"
+    podman import -q --change 'CMD ["bash"]' "$WORK/rootfs.tar" "$BASE_IMAGE" >/dev/null || die "base: podman import failed"
     rm -f "$WORK/rootfs.tar"
     log "base: built in $((SECONDS - t0)) s"
   fi
@@ -126,7 +126,7 @@ setup_base() {
     python3 -m zipfile -e "$d"/uv-*.whl "$d/whl" || die "base: cannot unpack the uv wheel"
     install -m 755 "$d"/whl/uv-*.data/scripts/uv "$d/root/uv"
     tar -C "$d/root" -cf "$d/uv.tar" uv
-    podman import "$d/uv.tar" "$UV_IMAGE" >/dev/null || die "base: podman import of uv failed"
+    podman import -q "$d/uv.tar" "$UV_IMAGE" >/dev/null || die "base: podman import of uv failed"
     rm -rf "$d"
   fi
 }
@@ -157,14 +157,17 @@ build() {
     log "build: no CPU wheel of torch here: the CUDA build (several GB more)"
   fi
   t0=$SECONDS
-  nice -n 10 make --no-print-directory build DOCKER="$ENGINE" IMAGE_NAME="$IMAGE_NAME" BUILD_FLAGS="$build_flags" \
-    2>&1 | tee "$WORK/build.log" | grep -E '^(STEP|COMMIT|build:|Error|error)' || true
+  # IMAGE from the environment (`make image-test` passes the users' image name) would win over
+  # IMAGE_NAME: the CPU copy gets a name of its own.
+  env -u IMAGE nice -n 10 make --no-print-directory build DOCKER="$ENGINE" IMAGE_NAME="$IMAGE_NAME" BUILD_FLAGS="$build_flags" \
+    2>&1 | tee "$WORK/build.log" | grep -E '^(\[[0-9]+/[0-9]+] )?(STEP|COMMIT)|^build:|Error|error' | cut -c1-160 || true
   IMAGE=$(sed -n 's/^build: //p' "$WORK/build.log" | tail -1)
   if [ -z "$IMAGE" ] || ! podman image exists "$IMAGE"; then die "build: no image (log: $WORK/build.log)"; fi
   build_summary="built in $((SECONDS - t0)) s, $(podman image inspect --format '{{.Size}}' "$IMAGE" | numfmt --to=si)B"
   log "build: $IMAGE $build_summary"
   log "build: layers (podman history):"
-  podman history --format '{{.Size}}\t{{.CreatedBy}}' "$IMAGE" | cut -c1-150 | sed 's/^/    /'
+  podman history --no-trunc --format '{{.Size}}\t{{.CreatedBy}}' "$IMAGE" | grep -v '^0 B' \
+    | sed -e 's|/bin/sh -c #(nop) ||' -e 's/--mount=type=secret,id=ca_bundle *//' | cut -c1-140 | sed 's/^/    /'
 }
 
 # ---- checks -------------------------------------------------------------------------------
@@ -226,6 +229,9 @@ train() { # train RUN STEPS
 train.save_steps=$2 train.logging_steps=1 train.batch_size=2 train.generation_max_length=16 train.max_eval_samples=2"
 }
 
+# The ID of a running container of the image (by image ID: a short name may not match as given).
+running() { "$ENGINE" ps -q --filter "ancestor=$("$ENGINE" image inspect --format '{{.Id}}' "$IMAGE")"; }
+
 # Entries in a run's log_history.json (one a logged step).
 logged() { python3 -c 'import json, sys; print(len(json.load(open(sys.argv[1]))))' "$1" 2>/dev/null || echo 0; }
 
@@ -241,7 +247,7 @@ stop() {
     [ "$n" -ge 3 ] && break
     sleep 0.5
   done
-  cid=$("$ENGINE" ps -q --filter "ancestor=$IMAGE" | head -1)
+  cid=$(running | head -1)
   log "stop: $ENGINE stop ${cid:-(no container)} after $n logged steps of $steps"
   [ -n "$cid" ] && "$ENGINE" stop -t 120 "$cid" >/dev/null
   wait "$pid"
@@ -253,11 +259,12 @@ stop() {
     && [ ! -e '$WORK/data/runs/stopped/adapter' ]"
   train stopped "$steps" >"$WORK/train-resume.log" 2>&1
   check "the rerun exits 0" [ $? = 0 ]
-  check "the rerun resumed from the checkpoint and ran to step $steps" python3 -c '
+  check "the rerun resumed from the stop's checkpoint (before the last step) and ran to step $steps" python3 -c '
 import json, sys
 m = json.load(open(sys.argv[1]))
 print("resumed_from", m.get("resumed_from"), "global_step", m.get("global_step"))
-sys.exit(0 if m.get("resumed_from", "").startswith("checkpoint-") and m.get("global_step") == int(sys.argv[2]) else 1)' \
+step = int(m.get("resumed_from", "checkpoint-0").split("-")[1])
+sys.exit(0 if 0 < step < int(sys.argv[2]) and m.get("global_step") == int(sys.argv[2]) else 1)' \
     "$WORK/data/runs/stopped/metrics.json" "$steps"
   check "the resumed adapter equals the uninterrupted run's" in_image python -c '
 import sys
@@ -280,7 +287,7 @@ serve() {
   done
   check "make serve answers GET http://127.0.0.1:$PORT/ from the host (HTTP $code)" \
     bash -c "[ '$code' = 200 ] && grep -q 'whisper-finetune: demo' '$WORK/serve.html'"
-  cid=$("$ENGINE" ps -q --filter "ancestor=$IMAGE" | head -1)
+  cid=$(running | head -1)
   if [ -n "$cid" ]; then
     "$ENGINE" inspect "$cid" >"$WORK/serve-inspect.json" 2>&1
     "$ENGINE" stop -t 20 "$cid" >/dev/null
