@@ -346,6 +346,8 @@ docker_cli() {
       log "docker: $IMAGE is in Docker's engine already"
     else
       "$ENGINE" save "$IMAGE" | docker load -q >/dev/null
+      # podman saves a short name as localhost/NAME: Docker gets the name make uses too
+      docker image inspect "$IMAGE" >/dev/null 2>&1 || docker tag "localhost/$IMAGE" "$IMAGE"
       log "docker: $IMAGE loaded into Docker's engine in $((SECONDS - t0)) s"
     fi
   fi
