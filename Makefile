@@ -41,6 +41,8 @@ TORCH_BUILD ?= auto
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # Every install is exact and hash-checked: the lock already lists every dependency.
 PIP_INSTALL = $(PY) -m pip install -q --no-deps --require-hashes
+# Processes `make test` spreads the test files over (pytest-xdist); 2 = the cores of the CI machine.
+TEST_WORKERS ?= 2
 
 # The data volume: prepared datasets, runs, exports and the Hub cache (mounted as /data).
 DATA_DIR ?= data
@@ -195,8 +197,12 @@ browser: ## install Debian's chromium for the browser test when it is missing (r
 	fi
 
 .PHONY: test
-test: ## run the offline CPU test suite
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+test: ## run the offline CPU test suite (TEST_WORKERS processes)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+.PHONY: test-slow
+test-slow: ## run the slow CPU tests (minutes each; some need ../shared/models/whisper-base-hf)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "slow and not gpu"
 
 # `make image-test`: the container command it uses (podman: it sets podman up when missing), and
 # its steps: all, or some, e.g. "inside demo stop serve token" to check an image made by `make build`.

@@ -15,8 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 MAKEFILE = ROOT / "Makefile"
 JOB_TARGETS = ["prepare", "train", "eval", "export", "transcribe", "serve", "bench"]
-ALL_TARGETS = ["help", "setup", "browser", "test", "lint", "build", "push", *JOB_TARGETS, "demo", "shell",
-               "runner-check", "image-test"]
+ALL_TARGETS = ["help", "setup", "browser", "test", "test-slow", "lint", "build", "push", *JOB_TARGETS, "demo",
+               "shell", "runner-check", "image-test"]
 TOKEN = "hf_TESTsecretVALUE0123456789"
 
 

@@ -15,7 +15,18 @@ from lib.train import auto, measured
 from tests.helpers import SHARED_WHISPER_BASE
 
 
-def test_bench_runs_modes_through_the_train_job_and_names_its_results_file(tmp_path, capsys):
+@pytest.fixture
+def tiny_arch(monkeypatch):
+    """arch=tiny at the tests' tiny-model size (d_model 64, 2 + 2 layers, 4 heads, ffn 128) instead of
+    whisper-tiny's (d_model 384, 4 + 4 layers): each bench mode is a fresh train-job process on 30-s
+    clips, and what these tests check (rows, files, resume, timeouts) does not depend on the size."""
+    from lib.tools import models
+
+    monkeypatch.setitem(models.ARCHS, "tiny", dict(d_model=64, encoder_layers=2, decoder_layers=2, heads=4, ffn=128,
+                                                   mels=80, vocab=51865))
+
+
+def test_bench_runs_modes_through_the_train_job_and_names_its_results_file(tmp_path, capsys, tiny_arch):
     cfg = bench.BenchConfig(arch="tiny", modes=["fp32", "auto"], batch_size=2, steps=4, warmup=1,
                             profile_steps=1, eval_clips=0)
     rows = bench.main(cfg, Env(data_dir=tmp_path / "data"))["train"]
@@ -100,7 +111,7 @@ def test_eval_variants_are_parsed_and_timed_on_the_same_model(tiny_model_dir):
     assert v["batch_size"] == 1 and v["cache"] == "dynamic" and v["clips"] == 2 and v["clips_per_s"] > 0
 
 
-def test_bench_reports_a_mode_that_overruns_its_time(tmp_path, monkeypatch):
+def test_bench_reports_a_mode_that_overruns_its_time(tmp_path, monkeypatch, tiny_arch):
     monkeypatch.setitem(bench.MODES, "slow", ["train.max_steps=100000"])
     cfg = bench.BenchConfig(arch="tiny", modes=["slow"], batch_size=1, steps=4, warmup=1, profile_steps=1,
                             eval_clips=0, mode_timeout=5)
@@ -108,12 +119,23 @@ def test_bench_reports_a_mode_that_overruns_its_time(tmp_path, monkeypatch):
     assert "stopped after mode_timeout=5 s" in rows[0]["error"]
 
 
-def test_quality_guard_compares_the_fast_curve_with_the_seed_noise(data_dir, tiny_model_dir, monkeypatch):
-    cfg = bench_quality.QualityConfig(data="toy", model=str(tiny_model_dir), steps=4, batch_size=2, tolerance=1e9)
-    result = bench_quality.main(cfg, Env(data_dir=data_dir))
+@pytest.fixture
+def quality_data(tmp_path, tiny_model_dir):
+    """DATA_DIR with prepared/even (tests.helpers.write_even): 4 train clips whose labels have the
+    same token count, and no validation split. The guard compares training losses only. The fast
+    run compiles its layers: with one batch shape it compiles once, not again when a batch has longer
+    labels and again for the Trainer's closing evaluation (generation), minutes each on a CPU."""
+    from tests.helpers import write_even
+
+    return write_even(tmp_path, tiny_model_dir, "even")
+
+
+def test_quality_guard_compares_the_fast_curve_with_the_seed_noise(quality_data, tiny_model_dir):
+    cfg = bench_quality.QualityConfig(data="even", model=str(tiny_model_dir), steps=4, batch_size=2, tolerance=1e9)
+    result = bench_quality.main(cfg, Env(data_dir=quality_data))
     assert {k: len(v) for k, v in result["curves"].items()} == {"reference": 4, "noise": 4, "fast": 4}
     assert result["passed"] and result["distance_noise_reference"] > 0
-    assert json.loads((data_dir / "bench" / "quality.json").read_text())["passed"] is True
+    assert json.loads((quality_data / "bench" / "quality.json").read_text())["passed"] is True
 
 
 def test_quality_guard_fails_loudly_when_the_fast_curve_drifts(data_dir, tiny_model_dir, monkeypatch):
@@ -146,7 +168,7 @@ def test_quality_guard_on_real_whisper_base(tmp_path):
     assert result["passed"]
 
 
-def test_bench_resume_keeps_what_an_earlier_command_measured(tmp_path, monkeypatch):
+def test_bench_resume_keeps_what_an_earlier_command_measured(tmp_path, monkeypatch, tiny_arch):
     """One run over several commands (a machine that stops commands after 10 minutes): resume=true
     keeps the modes results.json holds without an error and runs only the rest."""
     env = Env(data_dir=tmp_path / "data")

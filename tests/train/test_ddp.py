@@ -22,12 +22,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import tone, write_prepared
+from tests.helpers import EVEN_WORDS as WORDS
+from tests.helpers import write_even
 
 ROOT = Path(__file__).resolve().parents[2]
-# Same token count each with the Hindi/transcribe prefix (8 label ids): see the docstring.
-WORDS = ["घर", "एक", "दो", "तीन"]
-STEPS = 3
+# Optimizer steps of every run here. The 1-process run of the first fixture is also the
+# uninterrupted reference of the SIGTERM fixture, so the interrupted run needs room to stop mid-run:
+# it is stopped after its second logged step, and stops at the end of the step it is in.
+STEPS = 12
 # Variables that would make a child think it is already inside a torchrun job (e.g. pytest run
 # under one); the single-process run must be a plain `python -m jobs.train`.
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
@@ -78,9 +80,7 @@ def runs(tmp_path_factory, tiny_model_dir):
     assert len(set(lengths.values())) == 1, f"labels must have equal token counts: {lengths}"
 
     root = tmp_path_factory.mktemp("ddp")
-    data_dir = root / "data"
-    clips = [(w, tone(1.0, 200 + 150 * i)) for i, w in enumerate(WORDS)]
-    write_prepared(data_dir / "prepared" / "toy", tiny_model_dir, {"train": clips}, language="hi")
+    data_dir = write_even(root / "data", tiny_model_dir)  # WORDS, train split only
     env_file = root / "empty.env"
     env_file.write_text("")
     env = _env(data_dir)
@@ -100,7 +100,7 @@ def runs(tmp_path_factory, tiny_model_dir):
     for rank in (0, 1):
         found = sorted(logs.glob(f"*/attempt_0/{rank}/stderr.log"))
         rank_logs[rank] = found[-1].read_text() if found else ""
-    return {"ddp": ddp, "single": single, "rank_logs": rank_logs, "runs": data_dir / "runs"}
+    return {"ddp": ddp, "single": single, "rank_logs": rank_logs, "runs": data_dir / "runs", "root": root}
 
 
 def test_both_ranks_ran_and_exited_0(runs):
@@ -127,7 +127,7 @@ def test_two_processes_really_trained_as_one_ddp_job(runs):
     # each optimizer step consumed 4 samples (2 per rank): the stream of STEPS x 4 positions
     # (lib/train/stream.py) is the Trainer's one epoch, and every position was read once, by one rank.
     # A lone process at batch 2 would have read only half of them.
-    assert [h["epoch"] for h in _log_history(runs["runs"] / "ddp")] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert [h["epoch"] for h in _log_history(runs["runs"] / "ddp")] == pytest.approx([(i + 1) / STEPS for i in range(STEPS)])
     read = [int(line.split("\t")[0]) for line in (runs["runs"] / "ddp" / "data_order.tsv").read_text().splitlines()]
     assert sorted(read) == list(range(STEPS * 4))
 
@@ -162,25 +162,21 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
 
 
 # --- SIGTERM to the launcher of a 2-process job (issue 11: runs that survive) -------------------
-LONG = 40  # optimizer steps: long enough that the SIGTERM lands mid-run on a fast machine
 
 
 def _launch(model_dir, env_file, run, logs):
     return [sys.executable, "-m", "lib.launch", "--standalone", "--nproc_per_node=2",
             "--log-dir", str(logs), "--redirects", "3",
-            "-m", "jobs.train", *_flags(model_dir, env_file, run, batch_size=2, steps=LONG)]
+            "-m", "jobs.train", *_flags(model_dir, env_file, run, batch_size=2)]
 
 
 @pytest.fixture(scope="module")
-def stopped(tmp_path_factory, tiny_model_dir):
-    """2 gloo processes SIGTERMed mid-run through `python -m lib.launch`, then rerun; and one
-    uninterrupted process with the same global batch."""
-    root = tmp_path_factory.mktemp("ddp-stop")
-    data_dir = root / "data"
-    clips = [(w, tone(1.0, 200 + 150 * i)) for i, w in enumerate(WORDS)]
-    write_prepared(data_dir / "prepared" / "toy", tiny_model_dir, {"train": clips}, language="hi")
+def stopped(runs, tiny_model_dir):
+    """2 gloo processes SIGTERMed mid-run through `python -m lib.launch`, then rerun, on the data
+    of `runs`, whose 1-process run (the same global batch and steps, uninterrupted) is the reference."""
+    root = runs["root"]
+    data_dir = runs["runs"].parent
     env_file = root / "empty.env"
-    env_file.write_text("")
     env = _env(data_dir)
     hist = data_dir / "runs" / "stop" / "log_history.json"
     proc = subprocess.Popen(_launch(tiny_model_dir, env_file, "stop", root / "logs-1"), cwd=ROOT, env=env,
@@ -200,11 +196,7 @@ def stopped(tmp_path_factory, tiny_model_dir):
     first["rng"] = sorted(p.name for p in ckpt.glob("rng_state*.pth"))
     rerun = subprocess.run(_launch(tiny_model_dir, env_file, "stop", root / "logs-2"), cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
-    single = subprocess.run(
-        [sys.executable, "-m", "jobs.train", *_flags(tiny_model_dir, env_file, "single", batch_size=4, steps=LONG)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    return {"first": first, "rerun": rerun, "single": single, "runs": data_dir / "runs"}
+    return {"first": first, "rerun": rerun, "single": runs["single"], "runs": data_dir / "runs"}
 
 
 def test_sigterm_to_the_launcher_saves_one_step_on_both_ranks_and_exits_3(stopped):
@@ -212,7 +204,7 @@ def test_sigterm_to_the_launcher_saves_one_step_on_both_ranks_and_exits_3(stoppe
     assert first["rc"] == 3, f"rc={first['rc']}\n{first['out'][-3000:]}\n{first['logs'][0][-3000:]}"
     assert len(first["ckpts"]) == 1 and first["ckpts"][0].startswith("checkpoint-"), first["ckpts"]
     step = int(first["ckpts"][0].split("-")[1])
-    assert 1 <= step < LONG, "the SIGTERM landed after the run had finished: raise LONG"
+    assert 1 <= step < STEPS, "the SIGTERM landed after the run had finished: raise STEPS"
     assert first["rng"] == ["rng_state_0.pth", "rng_state_1.pth"]  # both ranks saved that step
     for rank in (0, 1):
         stops = re.findall(r"stopping at step (\d+) on every process", first["logs"][rank])
@@ -226,7 +218,7 @@ def test_rerun_resumes_to_the_weights_of_an_uninterrupted_run(stopped):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert single.returncode == 0, single.stderr[-3000:]
     metrics = json.loads((stopped["runs"] / "stop" / "metrics.json").read_text())
-    assert metrics["resumed_from"] == stopped["first"]["ckpts"][0] and metrics["global_step"] == LONG
+    assert metrics["resumed_from"] == stopped["first"]["ckpts"][0] and metrics["global_step"] == STEPS
     a = load_file(str(stopped["runs"] / "stop" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(stopped["runs"] / "single" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
@@ -245,7 +237,7 @@ def test_logged_step_count_accounts_for_the_processes():
     assert optimizer_steps(1000, 8, 1, 2, 1.0, 7) == 7
     # and it is the count Trainer runs: the DDP run above logged one epoch per step of its 4 clips
     # (2 processes x batch 2), i.e. 1 step an epoch
-    assert optimizer_steps(len(WORDS), 2, 1, 2, 3.0, None) == 3
+    assert optimizer_steps(len(WORDS), 2, 1, 2, float(STEPS), None) == STEPS
 
 
 def test_launcher_exit_code_from_the_workers_reports():

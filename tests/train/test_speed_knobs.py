@@ -58,8 +58,9 @@ def test_checkpoint_fraction_must_be_a_share(tiny_model_dir):
         cfg(tiny_model_dir, "x", **{"model.checkpoint_fraction": 0})
 
 
-def test_partial_checkpointing_trains_like_full(data_dir, tiny_model_dir):
+def test_partial_checkpointing_trains_like_full(even_data_dir, tiny_model_dir):
     """Checkpointing only changes what is kept in memory: same LoRA weights after training."""
+    data_dir = even_data_dir  # training alone is compared: no validation split, nothing to generate
     env = Env(data_dir=data_dir)
     common = {"model.gradient_checkpointing": "true", "lora.dropout": 0.0, "train.max_steps": 3,
               "train.eval_steps": 3, "train.save_steps": 3}
@@ -72,9 +73,11 @@ def test_partial_checkpointing_trains_like_full(data_dir, tiny_model_dir):
 
 
 @pytest.mark.parametrize("ckpt", ["false", "true"])
-def test_compiled_layers_train_like_eager(data_dir, tiny_model_dir, ckpt):
+def test_compiled_layers_train_like_eager(even_data_dir, tiny_model_dir, ckpt):
     """train.compile=layers: the same function, so the same loss curve (float rounding apart);
-    with checkpointing, the checkpoint stays outside the compiled body."""
+    with checkpointing, the checkpoint stays outside the compiled body. On labels of one length and
+    without a validation split: the layers compile once, not again per label length and for generation."""
+    data_dir = even_data_dir
     env = Env(data_dir=data_dir)
     common = {"lora.dropout": 0.0, "train.max_steps": 3, "train.eval_steps": 3, "train.save_steps": 3,
               "train.logging_steps": 1, "model.gradient_checkpointing": ckpt}
@@ -152,8 +155,23 @@ def test_compiled_checkpointed_layer_recomputes_its_body(tiny_model_dir):
         assert len(seen) == calls
 
 
-def test_bitsandbytes_cast_warning_is_logged_once(data_dir, tiny_model_dir, caplog):
-    """bitsandbytes logs its fp32->fp16 cast on every 8-bit matmul call; the run's log gets it once."""
+@pytest.fixture
+def fresh_log_once(monkeypatch):
+    """bitsandbytes' logger without lib.model's log-once filter: the filter stays on the logger for
+    the process, so an int8 run earlier in the same pytest process (another test, another file under
+    `make test`'s workers) has already let its one message through."""
+    import logging
+
+    from lib.model import _Once
+
+    lg = logging.getLogger("bitsandbytes.autograd._functions")
+    monkeypatch.setattr(lg, "filters", [f for f in lg.filters if not isinstance(f, _Once)])
+
+
+def test_bitsandbytes_cast_warning_is_logged_once(data_dir, tiny_model_dir, caplog, fresh_log_once):
+    """bitsandbytes logs its fp32->fp16 cast on every 8-bit matmul call; the run's log gets it once.
+    Training feeds the 8-bit layers fp16 already (lib/train/lora.py): the casts come from the
+    evaluation's generation, so this run needs data_dir's validation split."""
     import logging
 
     with caplog.at_level(logging.WARNING):
