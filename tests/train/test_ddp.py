@@ -23,7 +23,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.helpers import EVEN_WORDS as WORDS
-from tests.helpers import write_even
+from tests.helpers import tone, write_even, write_prepared
 
 ROOT = Path(__file__).resolve().parents[2]
 # Optimizer steps of every run here. The 1-process run of the first fixture is also the
