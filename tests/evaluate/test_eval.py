@@ -269,7 +269,8 @@ def test_the_longest_finished_row_of_a_batch_is_not_called_truncated():
         def generate(self, **kw):
             return self.out
 
-    tok = SimpleNamespace(eos_token_id=eos, batch_decode=lambda t, skip_special_tokens: ["x"] * len(t))
+    tok = SimpleNamespace(eos_token_id=eos, batch_decode=lambda t, skip_special_tokens: ["x"] * len(t),
+                          convert_tokens_to_ids=lambda t: 50363)  # <|notimestamps|>: not in these rows
     proc = SimpleNamespace(tokenizer=tok, batch_decode=tok.batch_decode,
                            feature_extractor=WhisperFeatureExtractor(feature_size=80))
     clips = [tone(0.5), tone(0.4)]

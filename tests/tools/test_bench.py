@@ -250,7 +250,7 @@ def test_the_bench_writes_the_figures_auto_then_chooses_by_on_that_gpu(tmp_path,
     gpu = auto.GpuInfo(H200, int(139.8 * 2**30), True, (9, 0))
     train_cfg = load_config(TrainConfig, DEFAULT_RECIPE, ["run=r", "data=d", "train.grad_accum=4"])
     with caplog.at_level(logging.INFO, logger="whisper_ft"):
-        _, choice = auto.apply_auto(train_cfg, ["train.grad_accum=4"], env, probe=lambda: gpu, label_tokens=40)
+        _, choice = auto.apply_auto(train_cfg, ["train.grad_accum=4", "train.pack=false"], env, probe=lambda: gpu, label_tokens=40)
     assert choice["settings"]["train.batch_size"] == 32 and choice["predicted"]["samples_per_s"] == 54.25
     assert f"figures: {path}, batch 32 on {H200} 2026-12-02 (bench-1)" in choice["why"]
     assert f"measured on {H200}, whisper-large-v2, 40-token labels (make bench) for 3 mode(s) ({path})" in caplog.text
@@ -264,7 +264,7 @@ def test_the_bench_writes_the_figures_auto_then_chooses_by_on_that_gpu(tmp_path,
     # another GPU: the file is not its figures
     h100 = auto.GpuInfo("NVIDIA H100 80GB HBM3", 85_520_809_984, True, (9, 0))
     with caplog.at_level(logging.INFO, logger="whisper_ft"):
-        _, choice = auto.apply_auto(train_cfg, ["train.grad_accum=4"], env, probe=lambda: h100, label_tokens=40)
+        _, choice = auto.apply_auto(train_cfg, ["train.grad_accum=4", "train.pack=false"], env, probe=lambda: h100, label_tokens=40)
     assert "lib/train/measured.json" in choice["why"] and str(path) not in choice["why"]
     assert f"{path} holds figures of {H200}, none with a peak on {h100.name}: the shipped figures stand" in caplog.text
     assert (choice["settings"]["train.batch_size"], choice["predicted"]["samples_per_s"]) == (16, pytest.approx(39.89, abs=0.01))
