@@ -126,6 +126,12 @@ def check_language_flag(cfg_cls: type, flags: list[str]) -> None:
             check_language(str(value))
 
 
+EXITS = ((UserError, "error", EXIT_USER_ERROR), (Preempted, "preempted", EXIT_PREEMPTED),
+         (Unavailable, "unavailable", EXIT_UNAVAILABLE), (DiskFull, "error", EXIT_DISK_FULL))
+"""(exception, the stderr line's prefix, exit code) of the errors a job ends on deliberately
+(lib/errors.py); any other exception is a crash, unless lib.files.disk_full recognizes it"""
+
+
 def run_job(
     name: str, doc: str, cfg_cls: type[T], main: Callable[..., Any], argv: list[str] | None = None,
     computed: dict[str, Computed] | None = None,
@@ -161,27 +167,15 @@ def run_job(
             main(cfg, env)
         report_exit("0")
         return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        report_exit(str(EXIT_USER_ERROR))
-        return EXIT_USER_ERROR
-    except Preempted as e:
-        print(f"preempted: {e}", file=sys.stderr)
-        report_exit(str(EXIT_PREEMPTED))
-        return EXIT_PREEMPTED
-    except Unavailable as e:
-        print(f"unavailable: {e}", file=sys.stderr)
-        report_exit(str(EXIT_UNAVAILABLE))
-        return EXIT_UNAVAILABLE
-    except DiskFull as e:
-        print(f"error: {e}", file=sys.stderr)
-        report_exit(str(EXIT_DISK_FULL))
-        return EXIT_DISK_FULL
     except Exception as e:
-        if not files.disk_full(e):
-            raise
-        # a job that does not describe it itself (train does: lib.train.checkpoint.disk_full_exits)
-        where = env.data_dir if env is not None else Path.cwd()
-        print(f"error: {files.full_message(e, where)}", file=sys.stderr)
-        report_exit(str(EXIT_DISK_FULL))
-        return EXIT_DISK_FULL
+        hit = next(((f"{prefix}: {e}", code) for kind, prefix, code in EXITS if isinstance(e, kind)), None)
+        if hit is None:
+            if not files.disk_full(e):
+                raise
+            # a job that does not describe it itself (train does: lib.train.checkpoint.disk_full_exits)
+            where = env.data_dir if env is not None else Path.cwd()
+            hit = (f"error: {files.full_message(e, where)}", EXIT_DISK_FULL)
+        message, code = hit
+        print(message, file=sys.stderr)
+        report_exit(str(code))
+        return code

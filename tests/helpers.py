@@ -238,3 +238,23 @@ def lora_weights(path: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path / "adapter_model.safetensors"))
+
+
+def sigterm_in_the_first_evaluation(monkeypatch) -> list[int]:
+    """SIGTERM this process in the Trainer's first evaluation batch (then the batch runs on); the
+    returned list gets the global step of every prediction batch."""
+    import os
+    import signal
+
+    from transformers import Seq2SeqTrainer
+
+    real, calls = Seq2SeqTrainer.prediction_step, []
+
+    def predict_then_sigterm(self, *a, **k):
+        calls.append(self.state.global_step)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Seq2SeqTrainer, "prediction_step", predict_then_sigterm)
+    return calls

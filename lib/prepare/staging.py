@@ -83,6 +83,11 @@ def write_sidecar(stage: Path, chunk: Chunk, data: dict[str, Any]) -> None:
     write_json(stage / chunk.sidecar, data, indent=None)
 
 
+def of_chunk(side: dict[str, Any], fp: str, chunk: Chunk) -> bool:
+    """Whether a sidecar (or a bucket's shard marker) is this chunk's: the same fingerprint and row range."""
+    return side.get("fingerprint") == fp and (side.get("lo"), side.get("hi")) == (chunk.lo, chunk.hi)
+
+
 def read_sidecar(stage: Path, chunk: Chunk, fp: str) -> dict[str, Any] | None:
     """The chunk's sidecar if the chunk is done for fingerprint `fp`, else None (redo it).
 
@@ -93,7 +98,7 @@ def read_sidecar(stage: Path, chunk: Chunk, fp: str) -> dict[str, Any] | None:
         side = json.loads((stage / chunk.sidecar).read_text())
     except (OSError, ValueError):
         return None
-    if side.get("fingerprint") != fp or (side.get("lo"), side.get("hi")) != (chunk.lo, chunk.hi):
+    if not of_chunk(side, fp, chunk):
         return None
     if side.get("rows", 0) == 0:
         return side

@@ -31,7 +31,7 @@ from typing import Any
 from lib.dataset import bucket
 from lib.prepare import staging
 from lib.prepare.sources import SPLITS
-from lib.prepare.workers import drop_rows, fast_speech
+from lib.prepare.workers import drop_rows, rate_drops
 
 log = logging.getLogger("whisper_ft")
 
@@ -66,7 +66,7 @@ class BucketOut:
             side = json.loads(bucket.read_bytes(self.key(chunk.sidecar), "read a shard's marker"))
         except (FileNotFoundError, ValueError):
             return None
-        if side.get("fingerprint") != fp or (side.get("lo"), side.get("hi")) != (chunk.lo, chunk.hi):
+        if not staging.of_chunk(side, fp, chunk):
             return None
         if side.get("rows", 0) == 0:
             return side
@@ -121,12 +121,8 @@ class BucketOut:
                           max_ratio: float) -> list[dict[str, str]]:
         """lib.prepare.workers.apply_fast_speech on the bucket: the drops go into the marker first,
         then the shard is rewritten locally and uploaded, then the marker records its new size."""
-        skipped = []
-        for chunk, side, drop in zip(plan, sides, fast_speech(sides, max_ratio), strict=True):
-            positions = [pos for pos, _ in drop]
-            skipped += [skip for _, skip in drop]
-            if not positions:
-                continue
+        skipped: list[dict[str, str]] = []
+        for chunk, side, positions in rate_drops(plan, sides, max_ratio, skipped):
             if side.get("rate_dropped") != positions:
                 side["rate_dropped"] = positions
                 side.pop("rate_bytes", None)

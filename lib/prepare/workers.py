@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -372,18 +372,25 @@ def drop_rows(path: Path, positions: list[int], rows_before: int) -> int:
     return shards.write_shard(path, table.take([i for i in range(rows_before) if i not in drop]))
 
 
+def rate_drops(plan: list[staging.Chunk], sides: list[dict[str, Any]], max_ratio: float,
+               skipped: list[dict[str, str]]) -> Iterator[tuple[staging.Chunk, dict[str, Any], list[int]]]:
+    """(chunk, sidecar, row positions to drop) of each chunk that loses rows to the speaking-rate
+    check, in plan order; every skip (those chunks' and the others') is appended to `skipped`.
+    Shared by apply_fast_speech (on disk) and lib.prepare.upload (in a bucket)."""
+    for chunk, side, drop in zip(plan, sides, fast_speech(sides, max_ratio), strict=True):
+        skipped += [skip for _, skip in drop]
+        if drop:
+            yield chunk, side, [pos for pos, _ in drop]
+
+
 def apply_fast_speech(stage: Path, plan: list[staging.Chunk], sides: list[dict[str, Any]], max_ratio: float,
                       disk: staging.DiskWatch) -> list[dict[str, str]]:
     """Run the speaking-rate check on every chunk's sidecar and rewrite only the shards that lose
     rows; returns the skips in plan order. Each sidecar records its drops ("rate_dropped") before
     its shard is rewritten, so a finalizer killed half-way resumes where it was."""
-    skipped = []
+    skipped: list[dict[str, str]] = []
     size = disk.look(force=True)
-    for chunk, side, drop in zip(plan, sides, fast_speech(sides, max_ratio), strict=True):
-        positions = [pos for pos, _ in drop]
-        skipped += [skip for _, skip in drop]
-        if not positions:
-            continue
+    for chunk, side, positions in rate_drops(plan, sides, max_ratio, skipped):
         if side.get("rate_dropped") != positions:
             side["rate_dropped"] = positions
             staging.write_sidecar(stage, chunk, side)

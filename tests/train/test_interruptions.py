@@ -19,6 +19,7 @@ from jobs.train import cli, main
 from lib.env import Env
 from lib.errors import EXIT_DISK_FULL, EXIT_PREEMPTED, Preempted
 from lib.train import checkpoint
+from tests.helpers import sigterm_in_the_first_evaluation
 from tests.helpers import train_cfg as cfg
 from tests.helpers import train_flags as flags
 
@@ -61,15 +62,8 @@ def test_sigterm_during_evaluation_ends_as_an_uninterrupted_run(data_dir, tiny_m
     from transformers import Seq2SeqTrainer
 
     env = Env(data_dir=data_dir)
-    real, calls = Seq2SeqTrainer.prediction_step, []
-
-    def predict_then_sigterm(self, *a, **k):
-        calls.append(self.state.global_step)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(Seq2SeqTrainer, "prediction_step", predict_then_sigterm)
+    real = Seq2SeqTrainer.prediction_step
+    calls = sigterm_in_the_first_evaluation(monkeypatch)
     with pytest.raises(Preempted, match="checkpoint-3"):
         main(cfg(tiny_model_dir, "eval-stopped", **EXTRA), env)
     run = data_dir / "runs/eval-stopped"

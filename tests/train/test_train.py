@@ -17,7 +17,13 @@ from lib.env import Env
 from lib.errors import Preempted, UserError
 from lib.train import checkpoint
 from lib.train.config import TrainConfig
-from tests.helpers import SHARED_WHISPER_BASE, lora_weights, tone, write_prepared
+from tests.helpers import (
+    SHARED_WHISPER_BASE,
+    lora_weights,
+    sigterm_in_the_first_evaluation,
+    tone,
+    write_prepared,
+)
 from tests.helpers import train_cfg as cfg
 from tests.helpers import train_flags as flags
 
@@ -192,15 +198,8 @@ def test_sigterm_during_evaluation_stops_generating_and_checkpoints(data_dir, ti
 
     env = Env(data_dir=data_dir)
     extra = {"train.eval_batch_size": 1}  # 2 validation clips: 2 generation batches per eval
-    real, calls = Seq2SeqTrainer.prediction_step, []
-
-    def predict_then_sigterm(self, *a, **k):
-        calls.append(self.state.global_step)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(Seq2SeqTrainer, "prediction_step", predict_then_sigterm)
+    real = Seq2SeqTrainer.prediction_step
+    calls = sigterm_in_the_first_evaluation(monkeypatch)
     with pytest.raises(Preempted, match="checkpoint-3"):
         main(cfg(tiny_model_dir, "eval-term", **extra), env)
     assert calls == [3]  # the first eval (step 3) stopped after its first batch
