@@ -485,7 +485,16 @@ def detect() -> GpuInfo | None:
     return GpuInfo(props.name, props.total_memory, props.major >= 8, (props.major, props.minor))
 
 
-def train_label_tokens(cfg, env) -> tuple[int, str]:
+def train_columns(cfg, env) -> list[tuple]:
+    """(seconds, label tokens, timestamped-label tokens) of each corpus's train split in data=, read
+    once from the shards' columns (lib.dataset.prepared.clip_lengths: no audio) for decide_pack and
+    train_label_tokens."""
+    from lib.dataset.prepared import clip_lengths, open_prepared
+
+    return [clip_lengths(*open_prepared(env, corpus.name), "train") for corpus in cfg.corpora()]
+
+
+def train_label_tokens(cfg, env, columns: list[tuple] | None = None) -> tuple[int, str]:
     """(the longest label row the run's training will see, where that number came from).
 
     The prepared manifest stores no label lengths, so this reads the `labels` column of every
@@ -500,8 +509,8 @@ def train_label_tokens(cfg, env) -> tuple[int, str]:
 
     t0 = time.time()
     longest = clips = 0
-    for corpus in cfg.corpora():
-        lengths = label_lengths(*open_prepared(env, corpus.name), "train")
+    for j, corpus in enumerate(cfg.corpora()):
+        lengths = columns[j][1] if columns is not None else label_lengths(*open_prepared(env, corpus.name), "train")
         clips += len(lengths)
         longest = max(longest, int(lengths.max()) if len(lengths) else 0)
     tokens, added = longest, []
@@ -524,7 +533,7 @@ class PackChoice:
     """with pack: the longest packed label the run will see (decoder positions), for the memory estimate"""
 
 
-def decide_pack(cfg, env) -> PackChoice:
+def decide_pack(cfg, env, columns: list[tuple] | None = None) -> PackChoice:
     """train.pack=true when the median train clip (every corpus of data= together) is under
     PACK_BELOW_SECONDS, unless train.timestamp_probability is set (a packed window is always
     timestamped: the two do not combine). Read from the shards' duration, labels and ts_labels
@@ -533,7 +542,6 @@ def decide_pack(cfg, env) -> PackChoice:
     longest pause and the slowest speed, 448 positions), rounded up to PACK_LABEL_MULTIPLE."""
     import numpy as np
 
-    from lib.dataset.prepared import clip_lengths, open_prepared
     from lib.train.packing import PackLimits, clip_tokens, plan_windows
 
     t = cfg.train
@@ -542,8 +550,7 @@ def decide_pack(cfg, env) -> PackChoice:
                                  f"window is always timestamped: the two do not combine")
     seconds, longest = [], 0
     limits = PackLimits.of(t, PACK_PREFIX)
-    for corpus in cfg.corpora():
-        secs, labels, ts = clip_lengths(*open_prepared(env, corpus.name), "train")
+    for secs, labels, ts in columns if columns is not None else train_columns(cfg, env):
         if not len(secs):
             continue
         seconds.append(secs)
@@ -595,13 +602,14 @@ def apply_auto(cfg, flags: list[str], env=None, probe: Callable[[], GpuInfo | No
     named = _flag_keys(flags)
     keep = set(BATCH_KEYS) <= named
     source = None
-    packing = None
+    packing = columns = None
     if env is not None and "train.pack" not in named:
-        packing = decide_pack(cfg, env)
+        columns = train_columns(cfg, env)  # read once: for the packing decision and the longest label
+        packing = decide_pack(cfg, env, columns)
         log.info("recipe auto: train.pack=%s because %s (train.pack=%s on the command line decides instead)",
                  str(packing.pack).lower(), packing.why, str(not packing.pack).lower())
     if gpu is not None and label_tokens is None:
-        label_tokens, source = train_label_tokens(cfg, env)
+        label_tokens, source = train_label_tokens(cfg, env, columns)
         if packing and packing.pack and packing.label_tokens > label_tokens:
             label_tokens, source = packing.label_tokens, f"packed windows ({packing.why})"
     mode_keys = set(Choice(WALKTHROUGH, "fp16", "").settings(batch=False))
