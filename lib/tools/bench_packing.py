@@ -49,8 +49,12 @@ class Config:
     """epochs planned (the second as a worker reaching it would)"""
     speed_perturb: float = 0.0
     """train.speed_perturb (the plan budgets the slowest speed)"""
-    single_fraction: float = 0.2
+    single_fraction: float = 0.0
     """train.pack_single_fraction"""
+    plain_fraction: float = 0.2
+    """train.pack_plain_fraction"""
+    lookahead: int = 16
+    """train.pack_lookahead"""
     seed: int = 0
     """train.seed"""
 
@@ -107,12 +111,12 @@ def rss_mb(field: str = "VmRSS") -> float:
 def main(cfg: Config, env: Env) -> dict:
     # (lib.train.packing imports torch: both are loaded before the memory baseline is read)
     from lib.train.config import TrainSection
-    from lib.train.packing import PackedStream, clip_tokens
+    from lib.train.packing import SINGLE, PackedStream, clip_tokens
 
     prefix = 3  # <|sot|> <|lang|> <|task|>: the plan only counts tokens
     base = rss_mb()
     t = TrainSection(pack=True, speed_perturb=cfg.speed_perturb, pack_single_fraction=cfg.single_fraction,
-                     seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
+                     pack_plain_fraction=cfg.plain_fraction, pack_lookahead=cfg.lookahead, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
     t0 = time.perf_counter()
     stream, seconds, labels = synthetic(cfg)
     tokens = clip_tokens(labels, np.zeros_like(labels), prefix)
@@ -127,7 +131,7 @@ def main(cfg: Config, env: Env) -> dict:
         stream.epoch_rows(epoch)
         order_s = time.perf_counter() - t0
         t0, c0 = time.perf_counter(), time.process_time()
-        starts, flags = packed.plan(epoch)
+        _, _, kinds, _ = packed.plan(epoch)
         # CPU time too: on a shared machine the wall clock also counts other processes' turns
         plan_s, plan_cpu = time.perf_counter() - t0, time.process_time() - c0
         packed._plans.pop(epoch)  # planned again below, under tracemalloc
@@ -135,15 +139,16 @@ def main(cfg: Config, env: Env) -> dict:
         packed.plan(epoch)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        w = len(flags)
+        w, single = len(kinds), float((kinds == SINGLE).mean())
         rows.append({"epoch": epoch, "order_s": order_s, "plan_s": plan_s, "plan_cpu_s": plan_cpu, "peak_mb": peak / MB,
-                     "windows": w, "clips_per_window": cfg.clips / w, "single_share": float(flags.mean())})
+                     "windows": w, "clips_per_window": cfg.clips / w, "seconds_per_window":
+                     float(seconds.sum(dtype=np.float64)) / w, "single_share": single})
         log.info("epoch %d: order %.2f s (epoch_rows alone), plan %.2f s wall, %.2f s CPU (order + gather + "
                  "plan_windows), peak %.0f MB (traced); %d windows, %.2f clips and %.1f s of audio a window, %.1f %% "
                  "single-clip", epoch, order_s, plan_s, plan_cpu, peak / MB, w, cfg.clips / w,
-                 float(seconds.sum(dtype=np.float64)) / w, 100 * flags.mean())
+                 float(seconds.sum(dtype=np.float64)) / w, 100 * single)
     peak_rss = rss_mb("VmHWM") - base
-    held = seconds.nbytes + tokens.nbytes + sum(a.nbytes + b.nbytes for a, b in packed._plans.values())
+    held = seconds.nbytes + tokens.nbytes + sum(a.nbytes for plan in packed._plans.values() for a in plan)
     pickled = len(pickle.dumps(packed))
     read = shard_read_seconds(cfg.shard_rows)
     log.info("a worker holds %.0f MB (per-clip arrays %.0f MB + %d epochs' plans); pickled dataset %.0f MB; the "

@@ -16,11 +16,15 @@ once per precision in `eval_precisions` (greedy, max_new_tokens tokens). Rows:
   diag:...      diagnosis rows: bf16 with an fp32 base, and with a bf16 base not compiled
   unpacked      `--recipe auto` with train.pack=false, the same seeds (group `pack`)
   packed        `--recipe auto` with train.pack=true, `pack_steps` steps (windows of several clips:
-                a third of the steps sees about as many clips), the same seeds (group `pack`)
+                0.28 x the steps, about 0.3 x the GPU time), the same seeds (group `pack`)
+  packed ...    the packed rows with another mix of windows (group `packmix`): all timestamped;
+                20 % single-clip windows instead of 20 % plain ones (the mix before plain windows)
 
 Each row also reports the eval's long-form WER (test clips joined into recordings, decoded with
 timestamps), the share of valid timestamped segments, how many no-speech clips got text, and
 the train job's own run time (train_runtime_s in metrics.json: the GPU time of the training).
+With `longer_minutes`, the pack rows are evaluated once more on one recording that long, and the
+table gets a line per label: mean and range over its seeds.
 
 The walkthrough seeds' spread (max - min) is the noise. Runs go `parallel` at a time (one
 GPU holds several whisper-base runs). A run whose eval report exists is reused (resume after
@@ -42,9 +46,15 @@ from lib.tools.runner import last_error, run_job_process
 log = logging.getLogger("whisper_ft")
 
 PACK_STEP_SHARE = 0.28
-"""packed rows' steps against the others' (pack_steps=0): a window holds 3-4 clips of a 2-s corpus
-with the default share of single-clip windows, so 0.28 x the steps sees about the same clips, and a
-window's step costs about 1.1x an unpacked one: about 0.3 of the GPU time"""
+"""packed rows' steps against the others' (pack_steps=0): a window's step costs about 1.1x an
+unpacked one, so 0.28 x the steps is about 0.3 of the GPU time; on a corpus of 2-s clips (a window
+holds about 10) those steps see about 3x the clips of the unpacked run"""
+
+PACK_MIXES = {
+    "packed all timestamped": ["train.pack_plain_fraction=0", "train.pack_single_fraction=0"],
+    "packed 20 % single-clip": ["train.pack_plain_fraction=0", "train.pack_single_fraction=0.2"],
+}
+"""group packmix: the packed rows with other shares of window kinds"""
 
 HALF_NOCKPT = ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=false",
                "model.base_dtype=compute"]
@@ -69,7 +79,7 @@ class QualityTableConfig:
     seeds: int = 3
     """seeds 42, 43, ... for the walkthrough and auto rows (the others: seed 42)"""
     modes: str = "walkthrough,auto,pick,excluded,diag"
-    """which row groups to run (also: pack, the unpacked and packed rows)"""
+    """which row groups to run (also: pack, the unpacked and packed rows; packmix, packed with other window mixes)"""
     pack_steps: int = 0
     """optimizer steps of the packed rows; 0 = steps x PACK_STEP_SHARE"""
     repeat: str = ""
@@ -79,15 +89,20 @@ class QualityTableConfig:
     eval_precisions: str = "bf16,fp32"
     """jobs.eval precision= per run (bf16 is what eval's auto uses on such a GPU)"""
     max_new_tokens: int = 225
+    longer_minutes: float = 0.0
+    """pack and packmix rows: also evaluate long-form on one recording this long (0.5-5 minutes; 0 = no)"""
     parallel: int = 4
     """runs at a time"""
 
     def __post_init__(self):
         if not self.data or not self.model:
             raise UserError("set data=NAME (a prepared dataset) and model=PATH_OR_HUB_ID (real weights)")
-        unknown = set(self.modes.split(",")) - {"walkthrough", "auto", "pick", "excluded", "diag", "pack"}
+        unknown = set(self.modes.split(",")) - {"walkthrough", "auto", "pick", "excluded", "diag", "pack", "packmix"}
         if unknown:
-            raise UserError(f"modes={self.modes}: unknown {sorted(unknown)}; use walkthrough,auto,pick,excluded,diag,pack")
+            raise UserError(f"modes={self.modes}: unknown {sorted(unknown)}; use walkthrough,auto,pick,excluded,diag,"
+                            f"pack,packmix")
+        if self.longer_minutes and not 0.5 <= self.longer_minutes <= 5:
+            raise UserError(f"longer_minutes={self.longer_minutes}: must be 0.5..5 (or 0 for none)")
         if self.pack_steps < 0:
             raise UserError(f"pack_steps={self.pack_steps}: must be >= 0 (0 = steps x {PACK_STEP_SHARE})")
         if min(self.seeds, self.parallel, self.repeat_seeds) < 1:
@@ -123,10 +138,13 @@ def rows(cfg: QualityTableConfig, auto_flags: list[str]) -> list[tuple[str, list
                     add(f"excluded:{m.label(prec)}", Choice(m, prec, "").flags())
     if "diag" in groups:
         out += [(label, flags, 42) for label, flags in DIAGNOSE.items()]
+    steps = cfg.pack_steps or max(1, round(cfg.steps * PACK_STEP_SHARE))
     if "pack" in groups:
-        steps = cfg.pack_steps or max(1, round(cfg.steps * PACK_STEP_SHARE))
         out += [("unpacked", ["auto", "train.pack=false"], s) for s in seeds]
         out += [("packed", ["auto", "train.pack=true", f"train.max_steps={steps}"], s) for s in seeds]
+    if "packmix" in groups:
+        for label, flags in PACK_MIXES.items():
+            out += [(label, ["auto", "train.pack=true", f"train.max_steps={steps}", *flags], s) for s in seeds]
     return out
 
 
@@ -162,6 +180,8 @@ def run_one(cfg: QualityTableConfig, env: Env, label: str, flags: list[str], see
                 result["eval"][prec] = {"error": f"eval exit {code}: {last_error(output)}"}
                 continue
         rep = json.loads((out / "report.json").read_text())
+        if cfg.longer_minutes and label.split()[0] in ("unpacked", "packed"):
+            longer(cfg, env, run, prec, result, logdir)
         m = rep["results"]["adapter"]
         result["eval"][prec] = {k: m[k] for k in ("wer", "cer", "normalized_wer", "normalized_cer",
                                                   "empty", "repetition", "too_long")}
@@ -183,6 +203,50 @@ def run_one(cfg: QualityTableConfig, env: Env, label: str, flags: list[str], see
         losses = [h["loss"] for h in json.loads(hist.read_text()) if "loss" in h and "eval_loss" not in h]
         result["last_loss"] = losses[-1] if losses else None
     return result
+
+
+def longer(cfg: QualityTableConfig, env: Env, run: str, prec: str, result: dict, logdir) -> None:
+    """result["longer"][prec]: long-form WER, valid share and segments on one recording of
+    cfg.longer_minutes (an eval with no-speech clips off; its clip scores are the main eval's)."""
+    out = env.run_dir(run) / f"eval-{prec}-long{cfg.longer_minutes:g}"
+    if not (out / "report.json").is_file():
+        code, output = run_job_process("eval", [f"run={run}", f"precision={prec}", f"out={out}", "compare_base=false",
+                                                "force=true", f"max_new_tokens={cfg.max_new_tokens}",
+                                                f"longform.minutes={cfg.longer_minutes:g}", "longform.recordings=1",
+                                                "no_speech_clips=0"],
+                                       env, logdir / f"{run}.eval-{prec}-long.log")
+        if code != 0:
+            result.setdefault("longer", {})[prec] = {"error": f"eval exit {code}: {last_error(output)}"}
+            return
+    lf = json.loads((out / "report.json").read_text())["longform"]["results"]["adapter"]
+    result.setdefault("longer", {})[prec] = {"minutes": cfg.longer_minutes, "longform_wer": lf["normalized_wer"],
+                                             "longform_valid": lf["timestamps"]["valid_share"],
+                                             "longform_segments": lf["timestamps"]["segments"]}
+
+
+def label_summary(results: list[dict], prec: str) -> list[str]:
+    """One line per label: mean (min..max) over its seeds of normalized WER and CER, long-form WER
+    (and the longer recording's), and the train seconds."""
+    lines = []
+    for label in dict.fromkeys(r["label"] for r in results):
+        rs = [r for r in results if r["label"] == label and "error" not in r and "error" not in r["eval"].get(prec, {})]
+        if not rs:
+            continue
+
+        def stat(values, pct=True):
+            v = [x for x in values if x is not None]
+            if not v:
+                return "-"
+            k = 100 if pct else 1
+            return f"{k * sum(v) / len(v):.2f} ({k * min(v):.2f}..{k * max(v):.2f})"
+
+        e = [r["eval"][prec] for r in rs]
+        longer = [(r.get("longer") or {}).get(prec, {}).get("longform_wer") for r in rs]
+        lines.append(f"{label} ({prec}, {len(rs)} seeds): norm. WER {stat(x['normalized_wer'] for x in e)}, "
+                     f"norm. CER {stat(x['normalized_cer'] for x in e)}, long-form WER "
+                     f"{stat(x.get('longform_wer') for x in e)}, longer {stat(longer)}, train s "
+                     f"{stat((r.get('train_s') for r in rs), pct=False)}")
+    return lines
 
 
 def main(cfg: QualityTableConfig, env: Env) -> dict:
@@ -232,6 +296,9 @@ def main(cfg: QualityTableConfig, env: Env) -> dict:
         loss = f"{r['last_loss']:.4f}" if r.get("last_loss") is not None else ""
         train_s = f"{r['train_s']:.0f}" if r.get("train_s") else ""
         print(f"| {r['label']} | {r['seed']} | {r.get('steps', '')} | {train_s} | {loss} | {' | '.join(cells)} |")
+    for p in precs:
+        for line in label_summary(results, p):
+            print(line)
     for k, v in noise.items():
         if v:
             print(f"walkthrough {k}: {100 * v[0]:.2f} .. {100 * v[1]:.2f} % over {len(walk)} seeds")

@@ -555,8 +555,8 @@ def decide_pack(cfg, env, columns: list[tuple] | None = None) -> PackChoice:
             continue
         seconds.append(secs)
         tokens = clip_tokens(labels, ts, PACK_PREFIX)
-        starts, _ = plan_windows(secs, tokens, limits)
-        longest = max(longest, PACK_PREFIX + int(np.add.reduceat(tokens.astype(np.int64), starts[:-1]).max()))
+        order, starts, _ = plan_windows(secs, tokens, limits)
+        longest = max(longest, PACK_PREFIX + int(np.add.reduceat(tokens[order].astype(np.int64), starts[:-1]).max()))
     if not seconds:
         return PackChoice(False, "the train split holds no clips")
     median = float(np.median(np.concatenate(seconds)))

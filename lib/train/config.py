@@ -156,11 +156,17 @@ class TrainSection:
     timestamped segment per clip (lib/train/packing.py): a 5-s clip alone is 5/6 padding; steps count
     windows, not clips. Needs train.timestamp_probability=0 (windows carry their own timestamps)"""
     pack_gap: list[float] = field(default_factory=lambda: [0.3, 0.8])
-    """with pack: pause between two clips of a window, drawn from [min, max] seconds per gap (a
-    speaker's pause); the plan budgets max + 0.02 s for each (clips start on the timestamp grid)"""
-    pack_single_fraction: float = 0.2
-    """with pack: share of windows that hold one clip with its prepared <|notimestamps|> label, the
-    form clip eval decodes (drawn per window from train.seed)"""
+    """with pack: pause between two clips of a window, drawn from [min, max] seconds per clip in
+    whole 0.02-s steps (a speaker's pause; the next clip starts on the timestamp grid)"""
+    pack_plain_fraction: float = 0.2
+    """with pack: share of windows packed like the others but labelled <|notimestamps|> with the
+    clips' texts joined by spaces: the form clip eval decodes (drawn per window from train.seed)"""
+    pack_single_fraction: float = 0.0
+    """with pack: share of windows that hold one clip with its prepared <|notimestamps|> label
+    (drawn per window from train.seed); each costs a whole window for one clip"""
+    pack_lookahead: int = 16
+    """with pack: clips a window may pass over that do not fit, to take a later one that does (0 =
+    strictly consecutive clips; 16 fills 5-s clips' windows about 1.5 s fuller)"""
     report_to: Literal["tensorboard", "mlflow", "wandb"] = "tensorboard"
     """experiment tracking besides RUN/tb (always written): mlflow (MLFLOW_TRACKING_URI, default the
     file store DATA_DIR/mlruns) or wandb (offline unless WANDB_API_KEY is set); see lib/train/tracking.py"""
@@ -210,12 +216,19 @@ class TrainSection:
             # timestamp; a third of the window as a pause leaves room for hardly two clips
             raise UserError(f"train.pack_gap={','.join(map(str, self.pack_gap))}: give min,max seconds with "
                             f"{TIME_STEP} <= min <= max <= {MAX_SECONDS / 3:g} (e.g. train.pack_gap=0.3,0.8)")
-        if not 0 <= self.pack_single_fraction <= 1:
-            raise UserError(f"train.pack_single_fraction={self.pack_single_fraction}: must be in [0, 1] (e.g. 0.2)")
+        for name in ("pack_single_fraction", "pack_plain_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"train.{name}={getattr(self, name)}: must be in [0, 1] (e.g. 0.2)")
+        if self.pack_single_fraction + self.pack_plain_fraction > 1:
+            raise UserError(f"train.pack_single_fraction={self.pack_single_fraction} + train.pack_plain_fraction="
+                            f"{self.pack_plain_fraction}: shares of the windows, at most 1 together")
+        if self.pack_lookahead < 0:
+            raise UserError(f"train.pack_lookahead={self.pack_lookahead}: must be >= 0 (0 = consecutive clips)")
         if self.pack and self.timestamp_probability:
             raise UserError(f"train.timestamp_probability={self.timestamp_probability} with train.pack=true: packed "
-                            f"windows always carry timestamps and single-clip windows never do (their share is "
-                            f"train.pack_single_fraction); set train.timestamp_probability=0")
+                            f"windows carry timestamps, plain and single-clip ones do not (their shares are "
+                            f"train.pack_plain_fraction and train.pack_single_fraction); set "
+                            f"train.timestamp_probability=0")
 
     def samples_changed(self) -> bool:
         """Whether any option of lib/train/augment.py is on (the train split is then wrapped)."""

@@ -1,51 +1,59 @@
-"""Packing (train.pack): several consecutive clips of the shuffled stream in one 30-s window.
+"""Packing (train.pack): several nearby clips of the shuffled stream in one 30-s window.
 
 Why: Whisper's encoder always sees 30 s. A 5-s Common Voice clip padded to the window is 500 of
 3000 mel frames of audio, so about 5/6 of the encoder's work on such a corpus is padding; and a
 fine-tune that only ever sees one short sentence per window, labelled <|notimestamps|>, forgets
 long-form transcription (several timestamped segments per window: what Whisper was trained on
-and what sequential long-form decoding asks for). A packed window holds clips k, k+1, ..., k+m-1
-of one corpus's stream with a seeded pause between two clips (train.pack_gap), and is labelled in
+and what sequential long-form decoding asks for). A packed window holds nearby clips of one
+corpus's stream with a seeded pause between two clips (train.pack_gap), and is labelled in
 Whisper's multi-segment format, one segment per clip, every clip starting on the 0.02-s grid:
 
     <|sot|> <|hi|> <|transcribe|> <|0.00|> text 1 <|4.12|> <|4.80|> text 2 <|9.36|> ... <|eot|>
 
 A clip whose manifest gave segments (its `ts_labels`) keeps them, shifted by its start in the
-window. train.pack_single_fraction of the windows hold one clip with its prepared
-<|notimestamps|> label instead: the form clip eval decodes.
+window. Besides these timestamped windows there are two other kinds, each a share of the windows
+drawn from train.seed: plain windows (train.pack_plain_fraction) are packed the same way but
+labelled `<|notimestamps|> text 1 text 2 ...`, the clips' texts joined by a space (the form clip
+eval decodes, on windows as full as the others: Whisper was trained on both forms of its windows);
+single-clip windows (train.pack_single_fraction) hold one clip with its prepared label.
 
 Positions -> windows (PackedStream, one corpus). Epoch e of a corpus's ShardStream is its positions
-e*N .. e*N+N-1 (N clips, lib/train/stream.py). The plan of epoch e cuts them, in that order, into
-W_e runs of consecutive positions, greedily: a window takes the next clip while its worst case
-still fits both limits,
+e*N .. e*N+N-1 (N clips, lib/train/stream.py). The plan of epoch e cuts them into W_e windows by
+a walk in that order: a window starts at the first clip not yet placed and takes each later clip
+that still fits both limits, passing over at most train.pack_lookahead clips that do not (first
+fit within a short look ahead: with 5-s clips a strictly consecutive window ends about 2.5 s short
+of 30 s on average, one that may take a shorter clip a few places on about 0.9 s; 0 = strictly
+consecutive). The limits are exact for what the window will hold:
   - audio: every clip at the slowest train.speed_perturb (1/(1-p) longer: 0.1 -> x1.111) plus
-    1 ms of rounding, every pause at the longest train.pack_gap plus one grid step (a clip starts
-    on the grid), all within 30 s: the window is never cut, whatever the draws;
+    1 ms of rounding, and after each but the last its own pause as drawn for it: a whole number
+    of 0.02-s steps within train.pack_gap, drawn per clip and epoch from train.seed (the plan and
+    the sample read the same draw), the next clip starting on the grid; all within 30 s: the
+    window is never cut, whatever the speed draws;
   - tokens: prefix + every clip's segment tokens + <|eot|> within 448 + 1 (the decoder reads all
     but the first, <|sot|>), from the label lengths (text + 2 timestamps; a manifest's segments
-    as they are). A prompt (train.prompt_probability) takes only the room that is left.
-A clip that does not fit starts the next window; one that alone exceeds a limit is a window of
-its own (labelled as today: its prepared label when the timestamped one does not fit). Window w
-of the corpus is window w - (W_0 + ... + W_{e-1}) of the first epoch e where that is < W_e. So
-the windows of an epoch partition its positions: every clip is read once per epoch, under DDP
-too (ranks read disjoint windows), and what sits at window w is a pure function of (train.seed,
-the manifests, train.shuffle_buffer, the pack flags, train.speed_perturb): a resumed run skips
-the consumed windows by index as before, without reading one. Several corpora (data=a:0.7,b:0.3)
-are packed one by one and lib.train.stream.Mixture mixes their windows, so a window never mixes
-languages or tasks; weights are shares of windows (without weights: each corpus's windows of an
-epoch, one pass over each).
+    as they are; a plain label is never longer). A prompt (train.prompt_probability) takes only
+    the room that is left.
+A clip that alone exceeds a limit is a window of its own (labelled as today: its prepared label
+when the timestamped one does not fit). Window w of the corpus is window w - (W_0 + ... + W_{e-1})
+of the first epoch e where that is < W_e. So the windows of an epoch partition its positions:
+every clip is read once per epoch, under DDP too (ranks read disjoint windows), and what sits at
+window w is a pure function of (train.seed, the manifests, train.shuffle_buffer, the pack flags,
+train.speed_perturb): a resumed run skips the consumed windows by index as before, without reading
+one. Several corpora (data=a:0.7,b:0.3) are packed one by one and lib.train.stream.Mixture mixes
+their windows, so a window never mixes languages or tasks; weights are shares of windows (without
+weights: each corpus's windows of an epoch, one pass over each).
 
 What is planned from, and what is held: the plan reads each train shard's `duration`, `labels`
 and `ts_labels` columns once at start-up (lib.dataset.shards.read_shard with those columns: no
 audio is read or decoded) and keeps 6 bytes a clip (duration float32, token cost int16). An
-epoch's plan is its positions' rows (ShardStream.epoch_rows, int32), gathered costs, integer
-cumulative sums in samples and tokens, two chunked searchsorted passes (each clip's furthest
-window end) and a tight walk from window to window; it keeps one int32 start and one flag per
-window, for at most 2 epochs. 7 million 4.6-s clips: 1.3 s of CPU and a 189 MB peak an epoch,
-1.73 million windows, 42 MB of per-clip arrays + 8.6 MB a planned epoch (README, "Packing";
-`python -m lib.tools.bench_packing`). A DataLoader worker holds those arrays (numpy: shared
-pages after fork, one copy under spawn; no per-clip Python lists), plans a later epoch itself
-when it gets there, and reads only its own windows' rows through ShardStream's bounded cache.
+epoch's plan is its positions' rows (ShardStream.epoch_rows, int32), gathered costs, the per-clip
+draws and one compiled walk (numba, lib/train/packing.py: _walk); it keeps per clip its place in
+window order (int32) and its pause (uint16), per window one int32 start and a kind (int8), for at
+most 2 epochs. Measured at 7 million clips: README, "Packing" (`python -m lib.tools.bench_packing`).
+A DataLoader worker holds those arrays (numpy: shared pages after fork, one copy under spawn; no
+per-clip Python lists), plans a later epoch itself when it gets there, and reads only its own
+windows' rows through ShardStream's bounded cache (a window's clips lie within a few dozen
+positions of each other).
 
 Augmentation, per window: train.speed_perturb and train.gain_db are drawn per clip before
 packing (a clip is one speaker's recording; its segment times are divided by its speed);
@@ -95,9 +103,12 @@ CLIP_MARGIN = SAMPLING_RATE // 1000
 """samples budgeted per clip beyond duration x stretch: 1 ms (16 samples) covers the float32
 duration column and the resampler's output length rounding (a sample or two)"""
 
-SINGLE_DRAWS, WINDOW_DRAWS = 3, 4
-"""generator streams of the plan's single-clip choice and of a window's draws; ShardStream uses
-0 and 1, Mixture 2, so no two draw the same numbers"""
+SINGLE_DRAWS, WINDOW_DRAWS, PAUSE_DRAWS = 3, 4, 5
+"""generator streams of the plan's window kinds, of a window's draws and of the plan's pauses;
+ShardStream uses 0 and 1, Mixture 2, so no two draw the same numbers"""
+
+STAMPED, SINGLE, PLAIN = 0, 1, 2
+"""window kinds: several clips, timestamped; one clip with its prepared label; several clips, no timestamps"""
 
 
 @dataclass(frozen=True)
@@ -106,24 +117,43 @@ class PackLimits:
 
     window: int
     """audio samples of a window: 30 s x 16 kHz = 480,000"""
-    gap: int
-    """samples budgeted per pause: the longest train.pack_gap, plus one grid step of alignment"""
+    pauses: tuple[int, int]
+    """a pause's grid steps, fewest and most: train.pack_gap in 0.02-s steps (0.3-0.8 s: 15-40)"""
     stretch: float
     """the longest a clip can become: 1 / (1 - train.speed_perturb), 1 without speed change"""
     tokens: int
     """segment tokens of all clips together: 448 decoder positions - the prefix (<|sot|> <|hi|>
     <|transcribe|>: 3), as the window's label is prefix + segments + <|eot|> and the decoder reads
     all but its first token"""
-    single_fraction: float
+    single_fraction: float = 0.0
     """train.pack_single_fraction"""
+    plain_fraction: float = 0.0
+    """train.pack_plain_fraction"""
+    lookahead: int = 0
+    """train.pack_lookahead"""
     margin: int = CLIP_MARGIN
 
     @classmethod
     def of(cls, t, prefix_tokens: int) -> PackLimits:
         """From lib.train.config.TrainSection `t` and the length of the data's label prefix."""
-        return cls(window=round(MAX_SECONDS * SAMPLING_RATE), gap=math.ceil(t.pack_gap[1] * SAMPLING_RATE) + GRID,
+        return cls(window=round(MAX_SECONDS * SAMPLING_RATE), pauses=pause_steps(t.pack_gap),
                    stretch=1 / (1 - t.speed_perturb), tokens=MAX_POSITIONS - prefix_tokens,
-                   single_fraction=t.pack_single_fraction)
+                   single_fraction=t.pack_single_fraction, plain_fraction=t.pack_plain_fraction,
+                   lookahead=t.pack_lookahead)
+
+    def kinds(self, draws: np.ndarray) -> np.ndarray:
+        """Each clip's kind (int8) from its uniform draw: SINGLE below single_fraction, then PLAIN
+        below single_fraction + plain_fraction, else STAMPED. A window is the kind of its first clip."""
+        kind = np.zeros(len(draws), np.int8)
+        kind[draws < self.single_fraction + self.plain_fraction] = PLAIN
+        kind[draws < self.single_fraction] = SINGLE
+        return kind
+
+
+def pause_steps(gap) -> tuple[int, int]:
+    """train.pack_gap [min, max] seconds -> (fewest, most) whole 0.02-s steps within it."""
+    lo, hi = (round(x / TIME_STEP, 6) for x in gap)
+    return math.ceil(lo), max(math.ceil(lo), math.floor(hi))
 
 
 def clip_tokens(label_lengths: np.ndarray, ts_lengths: np.ndarray, prefix_tokens: int) -> np.ndarray:
@@ -134,57 +164,83 @@ def clip_tokens(label_lengths: np.ndarray, ts_lengths: np.ndarray, prefix_tokens
     return np.clip(cost, 0, np.iinfo(np.int16).max).astype(np.int16)
 
 
-def plan_windows(seconds: np.ndarray, tokens: np.ndarray, limits: PackLimits,
-                 single: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, single flags) of the windows of clips in this order: window j is clips
-    starts[j] .. starts[j+1]-1 (starts[-1] = len(seconds)); flag j = it is a chosen single-clip
-    window (`single`: per clip, whether a window starting at it holds it alone).
+def plan_windows(seconds: np.ndarray, tokens: np.ndarray, limits: PackLimits, kinds: np.ndarray | None = None,
+                 pauses: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, starts, window kinds) of clips given in stream order: window j holds the clips
+    order[starts[j]:starts[j+1]] (indices into `seconds`, in the window's order; starts[-1] =
+    len(seconds)) and is of kind window_kinds[j] (its first clip's kind). `kinds`: each clip's
+    (PackLimits.kinds; none: all STAMPED); `pauses`: each clip's pause after it in grid steps (none:
+    the longest, limits.pauses[1], as an estimate of the worst case needs).
 
-    Greedy: a window from clip i takes clips while its worst case fits (PackLimits). With S the
-    cumulative worst-case samples (clip + pause each) and K the cumulative tokens, the furthest
-    end from every i is one searchsorted each; only the walk from window to window is a loop (one
-    step per window: 1.4 million for 7 million 5-s clips)."""
+    The walk (the module docstring): a window starts at the first clip not yet placed, ends there if
+    that clip is SINGLE or alone exceeds a limit, else takes each later clip that fits and passes
+    over at most limits.lookahead that do not. Compiled (numba): 7 million clips in about a second."""
     n = len(seconds)
     index = np.int32 if n < 2**31 - 1 else np.int64
     # Samples as integers: exact sums (a float64 sum over 7 million clips drifts by microseconds).
-    cost = np.ceil(seconds.astype(np.float64) * (limits.stretch * SAMPLING_RATE)).astype(np.int64)
-    cost += limits.margin + limits.gap
-    cum = np.zeros(n + 1, np.int64)
-    np.cumsum(cost, out=cum[1:])
-    del cost
-    # clips i..j-1 fit when cum[j] - cum[i] - gap <= window: the last clip has no pause after it
-    end = np.empty(n, dtype=index)
-    _furthest(cum, limits.window + limits.gap, end)
-    np.cumsum(tokens, out=cum[1:])
-    _furthest(cum, limits.tokens, end, np.minimum)
-    del cum
-    after = np.arange(1, n + 1, dtype=index)
-    np.maximum(end, after, out=end)  # a clip that alone exceeds a limit is a window of its own
-    if single is not None:
-        end[single] = after[single]
-    del after
+    lengths = np.ceil(seconds.astype(np.float64) * (limits.stretch * SAMPLING_RATE)).astype(np.int64)
+    lengths += limits.margin
+    if pauses is None:
+        pauses = np.full(n, limits.pauses[1], np.uint16)
+    single = np.zeros(n, np.bool_) if kinds is None else kinds == SINGLE
+    order = np.empty(n, dtype=index)
     starts = np.empty(n + 1, dtype=index)  # at most n windows; trimmed below
-    step, w, i = end.item, 0, 0
-    while i < n:
-        starts[w] = i
-        w += 1
-        i = step(i)
-    starts[w] = n
+    w = _walker()(lengths, pauses, tokens, single, limits.window, limits.tokens, GRID, limits.lookahead, order, starts)
+    del lengths, single
     starts = starts[:w + 1].copy()
-    flags = single[starts[:-1]] if single is not None else np.zeros(w, dtype=bool)
-    return starts, flags
+    window_kinds = np.zeros(w, np.int8) if kinds is None else kinds[order[starts[:-1]]]
+    return order, starts, window_kinds
 
 
-PLAN_CHUNK = 1 << 20
-"""clips searched at a time: the search's int64 temporaries stay 8 MB instead of 56 MB each at 7 million"""
+def _walk(lengths, pauses, tokens, single, window, token_limit, grid, lookahead, order, starts):  # pragma: no cover
+    """plan_windows' loop (compiled by _walker): fills order and starts, returns the window count.
+    A clip placed at `cursor` (samples, on the grid) ends at cursor + its length; the next one
+    starts at the grid step after that end plus the clip's pause in steps."""
+    n = lengths.shape[0]
+    placed = np.zeros(n, np.bool_)
+    head, w, k = 0, 0, 0
+    while k < n:
+        while placed[head]:
+            head += 1
+        i = head
+        starts[w] = k
+        w += 1
+        placed[i] = True
+        order[k] = i
+        k += 1
+        if single[i] or lengths[i] > window or tokens[i] > token_limit:
+            continue  # a window of its own
+        cursor = ((lengths[i] + grid - 1) // grid + pauses[i]) * grid
+        used = np.int64(tokens[i])
+        misses = 0
+        j = i + 1
+        while j < n and misses <= lookahead and cursor < window:
+            if not placed[j]:
+                if cursor + lengths[j] <= window and used + tokens[j] <= token_limit:
+                    placed[j] = True
+                    order[k] = j
+                    k += 1
+                    cursor += ((lengths[j] + grid - 1) // grid + pauses[j]) * grid
+                    used += tokens[j]
+                else:
+                    misses += 1
+            j += 1
+    starts[w] = n
+    return w
 
 
-def _furthest(cum: np.ndarray, limit: int, out: np.ndarray, combine=None) -> None:
-    """out[i] = the largest j with cum[j] <= cum[i] + limit (or combine(out[i], that)), in chunks."""
-    for a in range(0, len(out), PLAN_CHUNK):
-        b = min(a + PLAN_CHUNK, len(out))
-        j = np.searchsorted(cum, cum[a:b] + limit, side="right") - 1
-        out[a:b] = j if combine is None else combine(out[a:b], j)
+_WALK = None
+
+
+def _walker():
+    """_walk compiled by numba (a dependency of librosa, in the lock), once per process: about a
+    second; a forked DataLoader worker inherits it."""
+    global _WALK
+    if _WALK is None:
+        from numba import njit
+
+        _WALK = njit(nogil=True, cache=False)(_walk)
+    return _WALK
 
 
 def plan_columns(stream, tok: SpecialTokens) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -233,6 +289,11 @@ class PackedStream(Dataset):
         self._plans: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self.length = length
 
+    def __getstate__(self):  # a spawned DataLoader worker plans its epochs itself (~0.5 s at 7 million clips)
+        state = self.__dict__.copy()
+        state["_plans"] = OrderedDict()
+        return state
+
     @classmethod
     def read(cls, stream, tok: SpecialTokens, t, part: int = 0) -> PackedStream:
         """The corpus's windows, planned from its shards' columns (plan_columns: no audio)."""
@@ -246,22 +307,21 @@ class PackedStream(Dataset):
     def __len__(self) -> int:
         return self.n if self.length is None else self.length
 
-    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(starts, single flags) of an epoch's windows, offsets within the epoch (plan_windows); the
-        last 2 epochs' are kept."""
+    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(order, starts, window kinds, pauses) of an epoch (plan_windows; order and pauses are per
+        position within the epoch); the last 2 epochs' are kept."""
         if epoch in self._plans:
             self._plans.move_to_end(epoch)
             return self._plans[epoch]
         order = self.stream.epoch_rows(epoch)
         seconds, tokens = self.seconds[order], self.tokens[order]
         del order
-        single = None
-        if self.limits.single_fraction:
-            draws = np.random.default_rng([self.seed, epoch, SINGLE_DRAWS, self.part]).random(len(seconds), np.float32)
-            single = draws < self.limits.single_fraction
-            del draws
-        plan = plan_windows(seconds, tokens, self.limits, single)
-        del seconds, tokens
+        n = len(seconds)
+        kinds = self.limits.kinds(np.random.default_rng([self.seed, epoch, SINGLE_DRAWS, self.part]).random(n, np.float32))
+        lo, hi = self.limits.pauses
+        pauses = np.random.default_rng([self.seed, epoch, PAUSE_DRAWS, self.part]).integers(lo, hi + 1, n, np.uint16)
+        plan = (*plan_windows(seconds, tokens, self.limits, kinds, pauses), pauses)
+        del seconds, tokens, kinds
         self._plans[epoch] = plan
         while len(self._plans) > 2:
             self._plans.popitem(last=False)
@@ -270,26 +330,28 @@ class PackedStream(Dataset):
     def windows_of(self, epoch: int) -> int:
         """W_epoch; planning the epochs before it first (their counts place its windows)."""
         while len(self._counts) <= epoch:
-            self._counts.append(len(self.plan(len(self._counts))[1]))
+            self._counts.append(len(self.plan(len(self._counts))[2]))
         return self._counts[epoch]
 
-    def locate(self, w: int) -> tuple[int, int, int, bool]:
-        """(epoch, first position, end position, chosen single) of window w, from the plan alone."""
+    def locate(self, w: int) -> tuple[int, np.ndarray, int, np.ndarray]:
+        """(epoch, stream positions in the window's order, kind, pauses in grid steps after each) of
+        window w, from the plan alone."""
         if w < 0:
             raise IndexError(w)
         epoch, before = 0, 0
         while w >= before + self.windows_of(epoch):
             before += self._counts[epoch]
             epoch += 1
-        starts, flags = self.plan(epoch)
-        j, first = w - before, epoch * self.stream.n
-        return epoch, first + int(starts[j]), first + int(starts[j + 1]), bool(flags[j])
+        order, starts, kinds, pauses = self.plan(epoch)
+        j = w - before
+        within = order[starts[j]:starts[j + 1]]
+        return epoch, epoch * self.stream.n + within.astype(np.int64), int(kinds[j]), pauses[within]
 
     def __getitem__(self, w: int) -> dict[str, Any]:
-        _, a, b, single = self.locate(int(w))
-        rows = [self.stream[k] for k in range(a, b)]
-        return {"rows": rows, "single": single, "key": (self.part, int(w)), "id": "+".join(r["id"] for r in rows),
-                "corpus": self.name, "position": int(w)}
+        _, positions, kind, pauses = self.locate(int(w))
+        rows = [self.stream[int(k)] for k in positions]
+        return {"rows": rows, "kind": kind, "pauses": pauses.tolist(), "key": (self.part, int(w)),
+                "id": "+".join(r["id"] for r in rows), "corpus": self.name, "position": int(w)}
 
     def describe(self) -> str:
         """'N clips -> W windows (mean X clips, Y s of audio per window)' of the first epoch."""
@@ -307,6 +369,7 @@ class PackedSamples(TrainingSamples):
 
     def __init__(self, ds, tokenizer, t, prefix: list[int], seed: int | None = None):
         super().__init__(ds, tokenizer, t, seed=seed, prefix=prefix)
+        self.tokenizer = tokenizer  # plain windows' texts are joined and tokenized again
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if i >= self.n:
@@ -317,7 +380,7 @@ class PackedSamples(TrainingSamples):
         rows, t = win["rows"], self.t
         rng = np.random.default_rng([self.seed, WINDOW_DRAWS, *win["key"]])
         use_prompt = rng.random() < t.prompt_probability
-        packed = None if win["single"] else self.pack(rows, rng)
+        packed = None if win["kind"] == SINGLE else self.pack(rows, win["pauses"], rng, plain=win["kind"] == PLAIN)
         if packed is None:  # a chosen single-clip window, or one clip that alone exceeds a limit
             audio, _ = self.augment_audio(np.asarray(rows[0]["audio"], dtype=np.float32), rng)
             labels = list(map(int, rows[0]["labels"]))
@@ -334,17 +397,18 @@ class PackedSamples(TrainingSamples):
                 "clips": len(rows), "audio_seconds": len(audio) / SAMPLING_RATE,
                 "clip_seconds": clip_samples / SAMPLING_RATE}
 
-    def pack(self, rows: list[dict[str, Any]], rng: np.random.Generator) -> tuple[np.ndarray, list[int], int] | None:
-        """(audio, timestamped label, samples of clip audio without the pauses) of a window's clips, or None for one clip that alone does not
-        fit 30 s or 448 positions. Per clip three draws (speed, gain, pause), then two for the
-        window's noise, whatever is on: turning one option on keeps the other choices."""
+    def pack(self, rows: list[dict[str, Any]], pauses: list[int], rng: np.random.Generator,
+             plain: bool = False) -> tuple[np.ndarray, list[int], int] | None:
+        """(audio, label, samples of clip audio without the pauses) of a window's clips, or None for
+        one clip that alone does not fit 30 s or 448 positions. The label is timestamped, or with
+        `plain` the prepared form of the clips' texts joined by spaces. `pauses`: the plan's, in grid
+        steps after each clip. Per clip two draws (speed, gain), then two for the window's noise,
+        whatever is on: turning one option on keeps the other choices."""
         t, tok = self.t, self.tok
-        lo, hi = t.pack_gap
         pieces, segments, cursor = [], [], 0
-        for row in rows:
+        for row, pause in zip(rows, pauses, strict=True):
             speed = 1 + t.speed_perturb * (2 * rng.random() - 1)
             gain_db = t.gain_db * (2 * rng.random() - 1)
-            pause = round(rng.uniform(lo, hi) * SAMPLING_RATE)
             audio = np.asarray(row["audio"], dtype=np.float32)
             if t.speed_perturb and len(audio):
                 speed = max(speed, len(audio) / (MAX_SECONDS * SAMPLING_RATE))  # as augment_audio: never past 30 s
@@ -363,11 +427,12 @@ class PackedSamples(TrainingSamples):
             segments += [(offset + s, offset + e, text) for s, e, text in own]
             pieces.append((cursor, audio))
             # the next clip starts on the grid, so its <|start|> is exact and its segments shift by whole steps
-            cursor = -(-(cursor + len(audio) + pause) // GRID) * GRID
+            cursor += (-(-len(audio) // GRID) + int(pause)) * GRID
         snr = (t.noise_snr_db + 20 * rng.random()) if t.noise_snr_db is not None else None
         noise_rng = np.random.default_rng(rng.integers(2 ** 63))
         length = pieces[-1][0] + len(pieces[-1][1])
-        labels = segmented(list(map(int, rows[0]["labels"])), segments, tok)
+        labels = (self.plain_label(rows) if plain and len(rows) > 1
+                  else segmented(list(map(int, rows[0]["labels"])), segments, tok))
         if len(rows) == 1 and (length > round(MAX_SECONDS * SAMPLING_RATE) or len(labels) - 1 > MAX_POSITIONS):
             return None
         if length > round(MAX_SECONDS * SAMPLING_RATE) or len(labels) - 1 > MAX_POSITIONS:
@@ -382,13 +447,29 @@ class PackedSamples(TrainingSamples):
         return audio, labels, sum(len(piece) for _, piece in pieces)
 
 
+    def plain_label(self, rows: list[dict[str, Any]]) -> list[int]:
+        """`prefix <|notimestamps|> text 1 text 2 ... <|eot|>`: the clips' prepared texts, decoded,
+        joined by a space and tokenized again (as one sentence after another would be); never
+        longer than the timestamped label the plan counted (two timestamps a clip), else the texts'
+        tokens joined by the space token."""
+        texts = [split_label(list(map(int, r["labels"])), self.tok)[1] for r in rows]
+        prefix = split_label(list(map(int, rows[0]["labels"])), self.tok)[0]
+        joined = self.tokenizer(" ".join(self.tokenizer.decode(x).strip() for x in texts),
+                                add_special_tokens=False).input_ids
+        if len(joined) > sum(map(len, texts)) + len(texts):
+            space = self.tokenizer(" ", add_special_tokens=False).input_ids
+            joined = [i for k, x in enumerate(texts) for i in (space if k else []) + x]
+        return [*prefix, self.tok.no_timestamps, *joined, self.tok.eot]
+
+
 def packed_streams(streams: list[tuple[str, Any]], t, tokenizer) -> list[tuple[str, PackedStream]]:
     """[(name, PackedStream)] of [(name, ShardStream)], each corpus planned on its own (one
     language and task per window); logs what packing did, per corpus."""
     tok = SpecialTokens.of(tokenizer)
     out = [(name, PackedStream.read(s, tok, t, part=j)) for j, (name, s) in enumerate(streams)]
     for name, p in out:
-        log.info("data: %s%s (train.pack: pauses %g-%g s, %.0f %% single-clip windows, budget for speed x%.3f)",
-                 f"{name}: " if len(out) > 1 else "", p.describe(), *t.pack_gap, 100 * t.pack_single_fraction,
+        log.info("data: %s%s (train.pack: pauses %g-%g s, %.0f %% plain and %.0f %% single-clip windows, look "
+                 "ahead %d clips, budget for speed x%.3f)", f"{name}: " if len(out) > 1 else "", p.describe(),
+                 *t.pack_gap, 100 * t.pack_plain_fraction, 100 * t.pack_single_fraction, t.pack_lookahead,
                  p.limits.stretch)
     return out

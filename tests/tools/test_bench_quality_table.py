@@ -45,6 +45,13 @@ def test_the_pack_group_runs_auto_unpacked_and_packed_in_fewer_steps_over_the_sa
     assert rows[3][1] == ["auto", "train.pack=true", "train.max_steps=17"]  # 60 x 0.28
     rows = qt.rows(qt.QualityTableConfig(data="d", model="m", modes="pack", seeds=1, pack_steps=20), [])
     assert rows[1][1][-1] == "train.max_steps=20"
+    rows = qt.rows(qt.QualityTableConfig(data="d", model="m", modes="packmix", seeds=2, steps=60), [])
+    assert [(r[0], r[2]) for r in rows] == [("packed all timestamped", 42), ("packed all timestamped", 43),
+                                            ("packed 20 % single-clip", 42), ("packed 20 % single-clip", 43)]
+    assert rows[2][1] == ["auto", "train.pack=true", "train.max_steps=17", "train.pack_plain_fraction=0",
+                          "train.pack_single_fraction=0.2"]
+    with pytest.raises(UserError, match="longer_minutes=9"):
+        qt.QualityTableConfig(data="d", model="m", longer_minutes=9)
 
 
 def test_unknown_groups_and_missing_paths_are_errors():
@@ -73,6 +80,8 @@ def test_main_prints_the_table_and_the_walkthrough_range(tmp_path, monkeypatch, 
     assert "| walkthrough int8 | 44 | 60 | 100 | 0.0700 | 6.00 / 6.00 / 2.00 / 2.00 (0, 0) |" in out
     assert "| walkthrough int8 | 43 | 60 | 100 | 0.0700 | 5.00 / 5.00 / 1.67 / 1.67 (0, 0); 50.00, 100 % of 9, 1/16 |" in out
     assert "walkthrough bf16 normalized_wer: 4.00 .. 6.00 % over 3 seeds" in out
+    assert ("walkthrough int8 (bf16, 3 seeds): norm. WER 5.00 (4.00..6.00), norm. CER 1.67 (1.33..2.00), "
+            "long-form WER 50.00 (50.00..50.00), longer -, train s 99.60 (99.60..99.60)") in out
     assert summary["walkthrough_range"]["bf16 normalized_wer"] == pytest.approx((0.04, 0.06))
     assert json.loads((tmp_path / "bench" / "quality_table.json").read_text())["results"][0]["seed"] == 42
 
@@ -82,11 +91,15 @@ def test_one_row_trains_and_evaluates_through_the_real_jobs(tmp_path, tiny_model
     write_prepared(tmp_path / "prepared" / "d", tiny_model_dir,
                    {"train": clips, "validation": clips[:2], "test": clips[:2]})
     cfg = qt.QualityTableConfig(data="d", model=str(tiny_model_dir), steps=2, batch_size=2, warmup=0,
-                                eval_precisions="fp32", max_new_tokens=4)
+                                eval_precisions="fp32", max_new_tokens=4, longer_minutes=0.5)
     flags = ["model.quantization=none", "model.precision=fp32", "model.gradient_checkpointing=false",
              "lora.r=4", "lora.alpha=8", "train.num_workers=0"]
     r = qt.run_one(cfg, Env(data_dir=tmp_path), "diag:tiny", flags, 42)
-    assert "error" not in r, r
+    assert "error" not in r and "longer" not in r, r  # the longer recording is for the pack rows
+    packed = qt.run_one(cfg, Env(data_dir=tmp_path), "packed tiny", [*flags, "train.pack=true"], 42)
+    assert set(packed["longer"]["fp32"]) == {"minutes", "longform_wer", "longform_valid", "longform_segments"}, packed
+    report = json.loads((tmp_path / "runs" / "qt-packed-tiny-s42" / "eval-fp32-long0.5" / "report.json").read_text())
+    assert len(report["longform"]["items"]["adapter"]) == 1 and "hallucination" not in report
     assert set(r["eval"]["fp32"]) == {"wer", "cer", "normalized_wer", "normalized_cer", "empty", "repetition",
                                       "too_long", "longform_wer", "longform_valid", "longform_segments",
                                       "no_speech_with_text"}

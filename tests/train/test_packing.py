@@ -25,7 +25,15 @@ from lib.env import Env
 from lib.errors import UserError
 from lib.train.collator import WhisperCollator
 from lib.train.config import TrainConfig, TrainSection
-from lib.train.packing import PackedSamples, PackedStream, PackLimits, plan_windows
+from lib.train.packing import (
+    PLAIN,
+    SINGLE,
+    STAMPED,
+    PackedSamples,
+    PackedStream,
+    PackLimits,
+    plan_windows,
+)
 from lib.train.stream import ShardStream
 from lib.whisper import (
     MAX_POSITIONS,
@@ -113,9 +121,16 @@ def test_windows_partition_every_epoch_in_a_seeded_order(root, tok):
     w0, w1 = s.windows_of(0), s.windows_of(1)
     assert 40 / 8 < w0 < 40 / 3  # several clips a window (4.6 s on average, 30 s windows)
     spans = [s.locate(w) for w in range(w0 + w1)]
-    # consecutive positions, none skipped or repeated: epoch 0 is positions 0..39, epoch 1 is 40..79
-    assert spans[0][1] == 0 and spans[-1][2] == 80 and all(p[2] == q[1] for p, q in pairwise(spans))
-    assert [e for e, *_ in spans] == [0] * w0 + [1] * w1 and spans[w0][1] == 40
+    # none skipped or repeated: epoch 0 is positions 0..39, epoch 1 is 40..79; a window's clips in
+    # stream order, each window starting at the first clip not yet placed
+    assert [e for e, *_ in spans] == [0] * w0 + [1] * w1
+    for epoch, part in ((0, spans[:w0]), (1, spans[w0:])):
+        assert sorted(np.concatenate([p for _, p, _, _ in part]).tolist()) == list(range(40 * epoch, 40 * epoch + 40))
+        placed = set()
+        for _, p, _, _ in part:
+            assert (np.diff(p) > 0).all() and p[0] == min(set(range(40 * epoch, 40 * epoch + 40)) - placed)
+            placed |= set(p.tolist())
+    assert any((np.diff(p) > 1).any() for _, p, _, _ in spans)  # some window reached past a clip that did not fit
     ids = [s[w]["id"].split("+") for w in range(w0 + w1)]
     for epoch in (ids[:w0], ids[w0:]):
         assert sorted(sum(epoch, [])) == sorted(f"train-{i}" for i in range(40))  # every clip once an epoch
@@ -130,6 +145,9 @@ def test_windows_partition_every_epoch_in_a_seeded_order(root, tok):
     assert [again[w]["id"].split("+") for w in reversed(range(w0 + w1))] == ids[::-1]
     other = packed(root, "a", tok, seed=4)
     assert [other[w]["id"].split("+") for w in range(other.windows_of(0))] != ids[:w0]
+    strict = packed(root, "a", tok, seed=3, pack_lookahead=0)  # consecutive clips only
+    runs = [strict.locate(w)[1] for w in range(strict.windows_of(0))]
+    assert all((np.diff(p) == 1).all() for p in runs) and [p[0] for p in runs[1:]] == [p[-1] + 1 for p in runs[:-1]]
 
 
 def test_the_plan_reads_no_audio(root, tok, monkeypatch):
@@ -154,40 +172,66 @@ def test_the_plan_reads_no_audio(root, tok, monkeypatch):
         s[0]
 
 
-def test_windows_fit_30_s_with_the_longest_pauses_and_the_slowest_speed():
-    def plan(seconds, **flags):
-        limits = PackLimits.of(TrainSection(pack=True, **flags), prefix_tokens=3)
-        return windows(plan_windows(np.asarray(seconds, np.float32), np.full(len(seconds), 10, np.int16), limits)[0])
+def fill(order, starts, lengths, pauses):
+    """Each window's audio end in samples, as PackedSamples.pack places its clips: every clip on the
+    grid, the next one after its grid-rounded length and its pause."""
+    grid = round(TIME_STEP * SR)
+    out = []
+    for a, b in pairwise(starts):
+        clips = order[a:b]
+        out.append(sum((-(-int(lengths[c]) // grid) + int(pauses[c])) * grid for c in clips[:-1]) + lengths[clips[-1]])
+    return np.asarray(out)
+
+
+def test_windows_fit_30_s_with_their_pauses_and_the_slowest_speed():
+    def plan(seconds, pauses=None, **flags):
+        limits = PackLimits.of(TrainSection(pack=True, pack_lookahead=0, **flags), prefix_tokens=3)
+        tokens = np.full(len(seconds), 10, np.int16)
+        return windows(plan_windows(np.asarray(seconds, np.float32), tokens, limits, pauses=pauses)[1])
 
     nine = [9.5] * 12
-    assert plan(nine, pack_gap=[0.3, 0.5]) == [3] * 4  # 3 x 9.5 + 2 x (0.5 + 0.02 grid) = 29.54 s
-    assert plan(nine, pack_gap=[0.3, 0.8]) == [2] * 6  # 28.5 + 2 x 0.82 = 30.14 s: one clip less
+    assert plan(nine, pack_gap=[0.3, 0.5]) == [3] * 4  # 3 x 9.52 (on the grid) + 2 x 0.5 = 29.54 s at the longest pause
+    assert plan(nine, pack_gap=[0.3, 0.8]) == [2] * 6  # 28.54 + 2 x 0.8 = 30.14 s: one clip less
+    assert plan(nine, np.full(12, 15, np.uint16), pack_gap=[0.3, 0.8]) == [3] * 4  # pauses drawn at 0.3 s: 29.14 s
     assert plan(nine, pack_gap=[0.3, 0.5], speed_perturb=0.05) == [2] * 6  # 3 x 9.5 / 0.95 = 30 s of clips alone
     assert plan([5, 31, 5, 5], pack_gap=[0.3, 0.5]) == [1, 1, 2]  # a clip past 30 s is a window of its own
-    # random durations: every window fits its worst case, and is full (the next clip would not fit)
+    # random durations and pauses: every window fits 30 s as placed; strictly consecutive, it is full
+    # (the next clip would not fit); looking 16 clips ahead, fuller
     rng = np.random.default_rng(0)
     secs = rng.uniform(0.5, 14.0, 3000).astype(np.float32)
-    limits = PackLimits.of(TrainSection(pack=True, speed_perturb=0.1), prefix_tokens=3)
-    starts, _ = plan_windows(secs, np.full(3000, 10, np.int16), limits)
-    worst = np.ceil(secs.astype(np.float64) * limits.stretch * SR) + limits.margin
-    for a, b in pairwise(starts):
-        need = worst[a:b].sum() + (b - a - 1) * limits.gap
-        assert need <= 30 * SR
-        if b < 3000:
-            assert need + limits.gap + worst[b] > 30 * SR
+    pauses = rng.integers(15, 41, 3000).astype(np.uint16)
+    tokens = np.full(3000, 10, np.int16)
+    filled = {}
+    for lookahead in (0, 16):
+        limits = PackLimits.of(TrainSection(pack=True, speed_perturb=0.1, pack_lookahead=lookahead), prefix_tokens=3)
+        order, starts, _ = plan_windows(secs, tokens, limits, pauses=pauses)
+        assert sorted(order.tolist()) == list(range(3000))
+        worst = np.ceil(secs.astype(np.float64) * limits.stretch * SR) + limits.margin
+        ends = fill(order, starts, worst, pauses)
+        assert (ends <= 30 * SR).all()
+        if lookahead == 0:
+            nxt, last = order[starts[1:-1]], order[starts[1:-1] - 1]
+            grid = round(TIME_STEP * SR)
+            after = ends[:-1] - worst[last] + (-(-worst[last] // grid) + pauses[last]) * grid
+            assert (after + worst[nxt] > 30 * SR).all()
+        filled[lookahead] = secs.sum() / len(starts[:-1])
+    assert filled[16] > filled[0] + 1.5  # seconds of clips a window
 
 
 def test_labels_fit_448_positions(root, tokenizer, tok):
-    limits = PackLimits.of(TrainSection(pack=True), prefix_tokens=3)
+    limits = PackLimits.of(TrainSection(pack=True, pack_lookahead=0), prefix_tokens=3)
     assert limits.tokens == MAX_POSITIONS - 3  # label = 3 + segments + <|eot|>; the decoder reads all but <|sot|>
 
-    def plan(toks):
-        return windows(plan_windows(np.ones(len(toks), np.float32), np.asarray(toks, np.int16), limits)[0])
+    def plan(toks, limits=limits):
+        order, starts, _ = plan_windows(np.ones(len(toks), np.float32), np.asarray(toks, np.int16), limits)
+        return [[toks[i] for i in order[a:b]] for a, b in pairwise(starts)]
 
-    assert plan([148, 148, 149] * 2) == [3, 3]  # 445 segment tokens: a 449-token label, 448 read
-    assert plan([148, 148, 150] * 2) == [2, 2, 2]  # 446 > 445: the third clip starts the next window, and so on
+    assert plan([148, 148, 149] * 2) == [[148, 148, 149]] * 2  # 445 segment tokens: a 449-token label, 448 read
+    assert plan([148, 148, 150] * 2) == [[148, 148], [150, 148], [148, 150]]  # 446 > 445: the next window
+    ahead = PackLimits.of(TrainSection(pack=True, pack_lookahead=1), prefix_tokens=3)
+    assert plan([148, 148, 150, 148, 150, 140], ahead) == [[148, 148, 148], [150, 150, 140]]  # passes over one
     # the built labels: as long as the plan counted, within 448, and full
-    s = samples(root, "long", tokenizer, pack_single_fraction=0.0)
+    s = samples(root, "long", tokenizer, pack_single_fraction=0.0, pack_plain_fraction=0.0, pack_lookahead=0)
     costs = {f"train-{i}": c for i, c in enumerate(s.ds.tokens.tolist())}
     ids, lengths = [], []
     for i in range(len(s)):
@@ -203,14 +247,20 @@ def test_labels_fit_448_positions(root, tokenizer, tok):
     assert sorted(sum(first_epoch, [])) == sorted(f"train-{i}" for i in range(8))
 
 
-def test_single_clip_windows_are_their_share_and_keep_the_prepared_label(root, tokenizer, tok):
-    limits = PackLimits.of(TrainSection(pack=True, pack_single_fraction=0.2), prefix_tokens=3)
+def test_window_kinds_are_their_shares():
+    limits = PackLimits.of(TrainSection(pack=True, pack_single_fraction=0.2, pack_plain_fraction=0.3), prefix_tokens=3)
     n = 20_000
-    single = np.random.default_rng(1).random(n) < 0.2
-    starts, flags = plan_windows(np.full(n, 5.0, np.float32), np.full(n, 10, np.int16), limits, single)
-    assert abs(flags.mean() - 0.2) < 0.02  # ~4 binomial sd over ~8,000 windows
-    assert (np.diff(starts)[flags] == 1).all() and (np.diff(starts)[~flags] > 1).mean() > 0.95
-    s = samples(root, "a", tokenizer, pack_single_fraction=0.5)
+    kinds = limits.kinds(np.random.default_rng(1).random(n))
+    _, starts, window_kinds = plan_windows(np.full(n, 5.0, np.float32), np.full(n, 10, np.int16), limits, kinds)
+    assert abs((window_kinds == SINGLE).mean() - 0.2) < 0.02  # ~4 binomial sd over ~8,000 windows
+    assert abs((window_kinds == PLAIN).mean() - 0.3) < 0.02
+    size = np.diff(starts)
+    assert (size[window_kinds == SINGLE] == 1).all() and (size[window_kinds != SINGLE] > 1).mean() > 0.95
+    assert size[window_kinds == PLAIN].mean() == pytest.approx(size[window_kinds == STAMPED].mean(), rel=0.05)
+
+
+def test_single_clip_windows_keep_the_prepared_label(root, tokenizer, tok):
+    s = samples(root, "a", tokenizer, pack_single_fraction=0.5, pack_plain_fraction=0.0)
     rows = [s[i] for i in range(len(s))]
     single = [tok.no_timestamps in r["labels"] for r in rows]
     assert 0 < sum(single) < len(rows)
@@ -222,11 +272,25 @@ def test_single_clip_windows_are_their_share_and_keep_the_prepared_label(root, t
             assert len(stamps(tok, r["labels"])) == 2 * r["clips"]
 
 
+def test_plain_windows_are_packed_and_labelled_without_timestamps(root, tokenizer, tok):
+    s = samples(root, "a", tokenizer, pack_single_fraction=0.0, pack_plain_fraction=0.5)
+    rows = [s[i] for i in range(len(s))]
+    plain = [r for r in rows if tok.no_timestamps in r["labels"]]
+    assert 0 < len(plain) < len(rows)
+    texts = {f"train-{i}": a_text(i) for i in range(40)}
+    for r in plain:  # prefix, <|notimestamps|>, the clips' texts joined by spaces, as the tokenizer writes them
+        joined = " ".join(texts[c] for c in r["id"].split("+"))
+        assert r["labels"] == tokenizer(joined).input_ids and not stamps(tok, r["labels"])
+    stamped = [r for r in rows if tok.no_timestamps not in r["labels"]]
+    assert all(len(stamps(tok, r["labels"])) == 2 * r["clips"] for r in stamped)
+    assert np.mean([r["clips"] for r in plain]) > 2 and np.mean([r["audio_seconds"] for r in plain]) > 10
+
+
 # ---------------------------------------------------------------- the labels
 
 
 def test_labels_are_one_timestamped_segment_per_clip_where_the_clip_is(root, tokenizer, tok):
-    s = samples(root, "a", tokenizer, pack_single_fraction=0.0)
+    s = samples(root, "a", tokenizer, pack_single_fraction=0.0, pack_plain_fraction=0.0)
     texts = {f"train-{i}": a_text(i) for i in range(40)}
     several = 0
     for i in range(len(s)):
@@ -252,7 +316,7 @@ def test_labels_are_one_timestamped_segment_per_clip_where_the_clip_is(root, tok
 
 
 def test_manifest_segments_are_kept_and_shifted_by_the_clips_offset(root, tokenizer, tok):
-    s = samples(root, "seg", tokenizer, pack_single_fraction=0.0)
+    s = samples(root, "seg", tokenizer, pack_single_fraction=0.0, pack_plain_fraction=0.0)
     shifted = 0
     for i in range(len(s)):
         row = s[i]
@@ -288,8 +352,8 @@ def test_corpora_are_packed_apart_and_steps_count_windows(root, tokenizer, tok, 
 
     caplog.set_level("INFO", logger="whisper_ft")
     corpora = T.open_data(Env(data_dir=root), parse_data("a:0.5,en:0.5"))
-    ds, _, steps = T.training_splits(cfg("mix", "a:0.5,en:0.5", **{"train.pack_single_fraction": 0}), corpora,
-                                     tokenizer)
+    flags = {"train.pack_single_fraction": 0, "train.pack_plain_fraction": 0}
+    ds, _, steps = T.training_splits(cfg("mix", "a:0.5,en:0.5", **flags), corpora, tokenizer)
     per = {m.group(1): (int(m.group(2)), int(m.group(3)))
            for m in re.finditer(r"data: (\w+): (\d+) clips -> (\d+) windows", caplog.text)}
     assert per.keys() == {"a", "en"} and per["a"][0] == 40 and per["en"][0] == 12
@@ -313,7 +377,8 @@ def test_no_speech_prompts_and_audio_options_work_on_windows(root, tokenizer, to
     from lib.train import trainer as T
 
     flags = {"train.no_speech_fraction": 0.25, "train.prompt_probability": 1.0, "train.speed_perturb": 0.2,
-             "train.gain_db": 6, "train.noise_snr_db": 10, "train.max_steps": 500, "train.pack_single_fraction": 0}
+             "train.gain_db": 6, "train.noise_snr_db": 10, "train.max_steps": 500, "train.pack_single_fraction": 0,
+             "train.pack_plain_fraction": 0}
     ds, _, steps = T.training_splits(cfg("opts", "a", **flags), T.open_data(Env(data_dir=root), parse_data("a")), tokenizer)
     assert len(ds) == steps * 2 == 1000
     assert sum(ds.mix.locate(k)[0] for k in range(1000)) == 250  # a quarter of the windows are no speech
@@ -344,6 +409,8 @@ def test_workers_get_the_plan_not_per_clip_lists(root, tok):
 @pytest.mark.parametrize("flags, match", [
     ({"pack_gap": [0.01, 0.5]}, "train.pack_gap="), ({"pack_gap": [0.9, 0.5]}, "train.pack_gap="),
     ({"pack_gap": [0.3]}, "train.pack_gap="), ({"pack_single_fraction": 1.5}, "train.pack_single_fraction="),
+    ({"pack_plain_fraction": -0.1}, "train.pack_plain_fraction="), ({"pack_lookahead": -1}, "train.pack_lookahead="),
+    ({"pack_plain_fraction": 0.6, "pack_single_fraction": 0.5}, "at most 1 together"),
     ({"timestamp_probability": 0.5}, "train.timestamp_probability=0.5 with train.pack=true"),
 ])
 def test_bad_pack_flags_name_the_flag(flags, match):
