@@ -15,7 +15,7 @@ per-clip arrays, the plans, the pickled dataset) and the read of one real shard'
 (duration, labels, ts_labels of 2,000 rows written to a temporary folder with 40 KB of audio
 bytes a row, which the read must skip), times the shards: the start-up read, on a local disk.
 
-Measured figures: README, "Packing" (under "Train"), with the machine and the date.
+Measured figures: docs/results.md, "Packing plan at scale", with the machine and the date.
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ Positions -> windows (PackedStream, one corpus). Epoch e of a corpus's ShardStre
 e*N .. e*N+N-1 (N clips, lib/train/stream.py). The plan of epoch e cuts them into W_e windows by
 a walk in that order: a window starts at the first clip not yet placed and takes each later clip
 that still fits both limits, passing over at most train.pack_lookahead clips that do not (first
-fit within a short look ahead: with 5-s clips a strictly consecutive window ends about 2.5 s short
-of 30 s on average, one that may take a shorter clip a few places on about 0.9 s; 0 = strictly
-consecutive). The limits are exact for what the window will hold:
+fit within a short look ahead: windows of 5-s clips hold 26.5 s of speech on average instead of
+24.3 s for strictly consecutive clips, train.pack_lookahead=0). The limits are exact for what the
+window will hold:
   - audio: every clip at the slowest train.speed_perturb (1/(1-p) longer: 0.1 -> x1.111) plus
     1 ms of rounding, and after each but the last its own pause as drawn for it: a whole number
     of 0.02-s steps within train.pack_gap, drawn per clip and epoch from train.seed (the plan and
@@ -49,7 +49,8 @@ audio is read or decoded) and keeps 6 bytes a clip (duration float32, token cost
 epoch's plan is its positions' rows (ShardStream.epoch_rows, int32), gathered costs, the per-clip
 draws and one compiled walk (numba, lib/train/packing.py: _walk); it keeps per clip its place in
 window order (int32) and its pause (uint16), per window one int32 start and a kind (int8), for at
-most 2 epochs. Measured at 7 million clips: README, "Packing" (`python -m lib.tools.bench_packing`).
+most 2 epochs. Measured at 7 million clips: docs/results.md, "Packing plan at scale"
+(`python -m lib.tools.bench_packing`).
 A DataLoader worker holds those arrays (numpy: shared pages after fork, one copy under spawn; no
 per-clip Python lists), plans a later epoch itself when it gets there, and reads only its own
 windows' rows through ShardStream's bounded cache (a window's clips lie within a few dozen
