@@ -336,6 +336,8 @@ def run_mode(cfg: BenchConfig, env: Env, mode: str, model_dir: Path, data: str) 
     row["settings"] = {**{k: model.get(k) for k in SETTING_KEYS}, "compile": train.get("compile"),
                        "batch_size": train.get("batch_size", batch), "grad_accum": train.get("grad_accum", accum),
                        "pack": bool(train.get("pack"))}
+    if mode not in AUTO_MODES:
+        row["predicted_peak_gib"], row["predicted_label_tokens"] = predicted_peak(args, env)
     if mode in AUTO_MODES:  # what it chose (metrics.json) and the split the run then used
         choice = (m.get("recipe") or {}).get("choice") or {}
         flags = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
@@ -345,6 +347,35 @@ def run_mode(cfg: BenchConfig, env: Env, mode: str, model_dir: Path, data: str) 
         row["checkpointing"] = bool(model.get("gradient_checkpointing")) and float(model.get("checkpoint_fraction", 1))
         row["batch"] = f"{train.get('batch_size', batch)} x {train.get('grad_accum', accum)}"  # auto's split
     return row
+
+
+def predicted_peak(args: list[str], env: Env) -> tuple[float | None, int | None]:
+    """(GiB, label tokens): what `--recipe auto`'s memory rule predicts for a mode's own settings
+    and batch on this GPU, with the longest label auto would assume for this data (the packed
+    windows' with train.pack): target 5 holds a run's measured peak against it. (None, None)
+    without a GPU or a measured mode with those settings' figures."""
+    from lib.config import load_config
+    from lib.train import auto
+    from lib.train.config import TrainConfig
+
+    gpu = auto.detect()
+    if gpu is None:
+        return None, None
+    try:
+        cfg = load_config(TrainConfig, None, [a for a in args if "=" in a])
+        columns = auto.train_columns(cfg, env)
+        tokens, _ = auto.train_label_tokens(cfg, env, columns)
+        if cfg.train.pack:
+            tokens = max(tokens, auto.decide_pack(cfg, env, columns).label_tokens)
+        sections = {"model": cfg.model, "train": cfg.train}
+        fixed = {k: getattr(sections[k.split(".")[0]], k.split(".", 1)[1])
+                 for k in auto.Choice(auto.WALKTHROUGH, "fp16", "").settings(batch=False)}
+        choice = auto.choose(gpu, cfg.train.batch_size, cfg.train.grad_accum, tokens, keep_split=True, fixed=fixed,
+                             figures=auto.table(measured.for_gpu(gpu.name, env.data_dir)))
+    except Exception as e:  # a prediction for the report, never a reason to lose the measured row
+        log.warning("bench: no memory prediction for %s: %s", " ".join(args), e)
+        return None, None
+    return (round(choice.peak_gib, 2) if choice.peak_gib else None), tokens
 
 
 def _names(mode: str, key: str) -> bool:
