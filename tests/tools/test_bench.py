@@ -341,3 +341,23 @@ def test_plain_loop_trains_the_walkthrough_recipe(tiny_model_dir, tmp_path):
     assert json.loads(out.read_text())["samples_per_s"] == r["samples_per_s"]
     with pytest.raises(UserError, match="warmup"):
         plain_loop.PlainLoopConfig(model="m", steps=3, warmup=3)
+
+
+def test_bench_keeps_the_figures_of_a_job_that_wrote_them_but_did_not_exit(tmp_path, monkeypatch, tiny_arch):
+    """A job that trained and wrote metrics.json, then was still running at mode_timeout (seen on
+    the H100 with a packed compiled mode): its figures are kept, with a note, not thrown away."""
+    env = Env(data_dir=tmp_path)
+
+    def stuck(job, args, env_, log_file, timeout=None):
+        run = next(a.split("=", 1)[1] for a in args if a.startswith("run="))
+        d = env_.run_dir(run)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.yaml").write_text("model: {quantization: none}\ntrain: {batch_size: 1}\n")
+        (d / "metrics.json").write_text(json.dumps({"steady_samples_per_second": 7.5, "audio_hours_per_gpu_hour": 30}))
+        return None, "step 4/4\n"
+
+    monkeypatch.setattr(bench, "run_job_process", stuck)
+    row = bench.run_mode(bench.BenchConfig(arch="tiny", modes=["fp32"], mode_timeout=5), env, "fp32",
+                         tmp_path / "model", "data")
+    assert "error" not in row and row["steady_samples_per_second"] == 7.5 and row["audio_hours_per_gpu_hour"] == 30
+    assert "had not exited at mode_timeout=5 s" in row["note"]
