@@ -42,14 +42,14 @@ def test_the_pack_group_runs_auto_unpacked_and_packed_in_fewer_steps_over_the_sa
     assert [(r[0], r[2]) for r in rows] == [("unpacked", 42), ("unpacked", 43), ("unpacked", 44),
                                             ("packed", 42), ("packed", 43), ("packed", 44)]
     assert rows[0][1] == ["auto", "train.pack=false"]
-    assert rows[3][1] == ["auto", "train.pack=true", "train.max_steps=17"]  # 60 x 0.28
+    assert rows[3][1] == ["auto", "train.pack=true", "train.max_steps=17", "train.warmup_steps=2"]  # 60 x 0.28
     rows = qt.rows(qt.QualityTableConfig(data="d", model="m", modes="pack", seeds=1, pack_steps=20), [])
-    assert rows[1][1][-1] == "train.max_steps=20"
+    assert rows[1][1][2:] == ["train.max_steps=20", "train.warmup_steps=2"]
     rows = qt.rows(qt.QualityTableConfig(data="d", model="m", modes="packmix", seeds=2, steps=60), [])
     assert [(r[0], r[2]) for r in rows] == [("packed all timestamped", 42), ("packed all timestamped", 43),
                                             ("packed 20 % single-clip", 42), ("packed 20 % single-clip", 43)]
-    assert rows[2][1] == ["auto", "train.pack=true", "train.max_steps=17", "train.pack_plain_fraction=0",
-                          "train.pack_single_fraction=0.2"]
+    assert rows[2][1] == ["auto", "train.pack=true", "train.max_steps=17", "train.warmup_steps=2",
+                          "train.pack_plain_fraction=0", "train.pack_single_fraction=0.2"]
     with pytest.raises(UserError, match="longer_minutes=9"):
         qt.QualityTableConfig(data="d", model="m", longer_minutes=9)
 
