@@ -49,9 +49,9 @@ class Config:
     """epochs planned (the second as a worker reaching it would)"""
     speed_perturb: float = 0.0
     """train.speed_perturb (the plan budgets the slowest speed)"""
-    single_fraction: float = 0.0
+    single_fraction: float = 0.2
     """train.pack_single_fraction"""
-    plain_fraction: float = 0.2
+    plain_fraction: float = 0.0
     """train.pack_plain_fraction"""
     lookahead: int = 16
     """train.pack_lookahead"""

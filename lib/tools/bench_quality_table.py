@@ -18,7 +18,7 @@ once per precision in `eval_precisions` (greedy, max_new_tokens tokens). Rows:
   packed        `--recipe auto` with train.pack=true, `pack_steps` steps (windows of several clips:
                 0.28 x the steps, about 0.3 x the GPU time), the same seeds (group `pack`)
   packed ...    the packed rows with another mix of windows (group `packmix`): all timestamped;
-                20 % single-clip windows instead of 20 % plain ones (the mix before plain windows)
+                20 % plain windows (several clips, no timestamps) instead of 20 % single-clip ones
 
 Each row also reports the eval's long-form WER (test clips joined into recordings, decoded with
 timestamps), the share of valid timestamped segments, how many no-speech clips got text, and
@@ -52,7 +52,7 @@ holds about 10) those steps see about 3x the clips of the unpacked run"""
 
 PACK_MIXES = {
     "packed all timestamped": ["train.pack_plain_fraction=0", "train.pack_single_fraction=0"],
-    "packed 20 % single-clip": ["train.pack_plain_fraction=0", "train.pack_single_fraction=0.2"],
+    "packed 20 % plain": ["train.pack_plain_fraction=0.2", "train.pack_single_fraction=0"],
 }
 """group packmix: the packed rows with other shares of window kinds"""
 

@@ -47,9 +47,9 @@ def test_the_pack_group_runs_auto_unpacked_and_packed_in_fewer_steps_over_the_sa
     assert rows[1][1][2:] == ["train.max_steps=20", "train.warmup_steps=2"]
     rows = qt.rows(qt.QualityTableConfig(data="d", model="m", modes="packmix", seeds=2, steps=60), [])
     assert [(r[0], r[2]) for r in rows] == [("packed all timestamped", 42), ("packed all timestamped", 43),
-                                            ("packed 20 % single-clip", 42), ("packed 20 % single-clip", 43)]
+                                            ("packed 20 % plain", 42), ("packed 20 % plain", 43)]
     assert rows[2][1] == ["auto", "train.pack=true", "train.max_steps=17", "train.warmup_steps=2",
-                          "train.pack_plain_fraction=0", "train.pack_single_fraction=0.2"]
+                          "train.pack_plain_fraction=0.2", "train.pack_single_fraction=0"]
     with pytest.raises(UserError, match="longer_minutes=9"):
         qt.QualityTableConfig(data="d", model="m", longer_minutes=9)
 
