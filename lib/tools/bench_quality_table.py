@@ -81,7 +81,10 @@ class QualityTableConfig:
     modes: str = "walkthrough,auto,pick,excluded,diag"
     """which row groups to run (also: pack, the unpacked and packed rows; packmix, packed with other window mixes)"""
     pack_steps: int = 0
-    """optimizer steps of the packed rows; 0 = steps x PACK_STEP_SHARE"""
+    """optimizer steps of the packed rows; 0 = steps x PACK_STEP_SHARE x batch_size / pack_batch"""
+    pack_batch: int = 0
+    """windows per step of the packed rows; 0 = batch_size. On whisper-base 17 steps of 8 windows were
+    too few steps to learn (clip WER 78 %), 68 of 2 learnt (docs/results.md): try pack_batch=2"""
     repeat: str = ""
     """pick rows whose label contains one of these (comma-separated, e.g. nf4/bf16) run over
     repeat_seeds seeds, to tell a mode's loss from seed noise"""
@@ -103,6 +106,8 @@ class QualityTableConfig:
                             f"pack,packmix")
         if self.longer_minutes and not 0.5 <= self.longer_minutes <= 5:
             raise UserError(f"longer_minutes={self.longer_minutes}: must be 0.5..5 (or 0 for none)")
+        if self.pack_batch < 0:
+            raise UserError(f"pack_batch={self.pack_batch}: must be >= 0 (0 = batch_size)")
         if self.pack_steps < 0:
             raise UserError(f"pack_steps={self.pack_steps}: must be >= 0 (0 = steps x {PACK_STEP_SHARE})")
         if min(self.seeds, self.parallel, self.repeat_seeds) < 1:
@@ -138,10 +143,12 @@ def rows(cfg: QualityTableConfig, auto_flags: list[str]) -> list[tuple[str, list
                     add(f"excluded:{m.label(prec)}", Choice(m, prec, "").flags())
     if "diag" in groups:
         out += [(label, flags, 42) for label, flags in DIAGNOSE.items()]
-    steps = cfg.pack_steps or max(1, round(cfg.steps * PACK_STEP_SHARE))
+    batch = cfg.pack_batch or cfg.batch_size
+    steps = cfg.pack_steps or max(1, round(cfg.steps * PACK_STEP_SHARE * cfg.batch_size / batch))
     # the warm-up the same share of the run (6 of 60 -> 2 of 17), not a third of it
     packed = ["auto", "train.pack=true", f"train.max_steps={steps}",
-              f"train.warmup_steps={round(cfg.warmup * steps / cfg.steps)}"]
+              f"train.warmup_steps={round(cfg.warmup * steps / cfg.steps)}",
+              *([f"train.batch_size={batch}"] if cfg.pack_batch else [])]
     if "pack" in groups:
         out += [("unpacked", ["auto", "train.pack=false"], s) for s in seeds]
         out += [("packed", packed, s) for s in seeds]

@@ -50,6 +50,9 @@ def test_the_pack_group_runs_auto_unpacked_and_packed_in_fewer_steps_over_the_sa
                                             ("packed 20 % plain", 42), ("packed 20 % plain", 43)]
     assert rows[2][1] == ["auto", "train.pack=true", "train.max_steps=17", "train.warmup_steps=2",
                           "train.pack_plain_fraction=0.2", "train.pack_single_fraction=0"]
+    rows = qt.rows(qt.QualityTableConfig(data="d", model="m", modes="pack", seeds=1, steps=60, pack_batch=2), [])
+    assert rows[1][1] == ["auto", "train.pack=true", "train.max_steps=67", "train.warmup_steps=7",
+                          "train.batch_size=2"]  # the same windows (60 x 0.28 x 8 / 2) in more, smaller steps
     with pytest.raises(UserError, match="longer_minutes=9"):
         qt.QualityTableConfig(data="d", model="m", longer_minutes=9)
 
