@@ -372,9 +372,7 @@ def predicted_peak(args: list[str], env: Env) -> tuple[float | None, int | None]
         tokens, _ = auto.train_label_tokens(cfg, env, columns)
         if cfg.train.pack:
             tokens = max(tokens, auto.decide_pack(cfg, env, columns).label_tokens)
-        sections = {"model": cfg.model, "train": cfg.train}
-        fixed = {k: getattr(sections[k.split(".")[0]], k.split(".", 1)[1])
-                 for k in auto.Choice(auto.WALKTHROUGH, "fp16", "").settings(batch=False)}
+        fixed = auto.config_settings(cfg, auto.MODE_KEYS)
         choice = auto.choose(gpu, cfg.train.batch_size, cfg.train.grad_accum, tokens, keep_split=True, fixed=fixed,
                              figures=auto.table(measured.for_gpu(gpu.name, env.data_dir)))
     except Exception as e:  # a prediction for the report, never a reason to lose the measured row

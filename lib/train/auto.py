@@ -571,6 +571,16 @@ def decide_pack(cfg, env, columns: list[tuple] | None = None) -> PackChoice:
                       tokens)
 
 
+MODE_KEYS = tuple(Choice(WALKTHROUGH, "fp16", "").settings(batch=False))
+"""the config keys a mode sets (model.quantization, ..., train.compile), without the batch split"""
+
+
+def config_settings(cfg, keys) -> dict:
+    """A TrainConfig's values of settings() keys ("model.quantization", "train.compile", ...)."""
+    sections = {"model": cfg.model, "train": cfg.train}
+    return {k: getattr(sections[k.split(".")[0]], k.split(".", 1)[1]) for k in keys}
+
+
 def _flag_keys(flags: list[str]) -> set[str]:
     from lib.config import parse_override
 
@@ -612,9 +622,8 @@ def apply_auto(cfg, flags: list[str], env=None, probe: Callable[[], GpuInfo | No
         label_tokens, source = train_label_tokens(cfg, env, columns)
         if packing and packing.pack and packing.label_tokens > label_tokens:
             label_tokens, source = packing.label_tokens, f"packed windows ({packing.why})"
-    mode_keys = set(Choice(WALKTHROUGH, "fp16", "").settings(batch=False))
-    sections = {"model": cfg.model, "train": cfg.train}
-    fixed = {k: getattr(sections[k.split(".")[0]], k.split(".", 1)[1]) for k in sorted(mode_keys & named)}
+    mode_keys = set(MODE_KEYS)
+    fixed = config_settings(cfg, sorted(mode_keys & named))
     t = cfg.train
     figures = SHIPPED
     if gpu is not None and env is not None:
