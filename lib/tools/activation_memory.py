@@ -45,6 +45,9 @@ class Config:
     """label lengths to count, each <= 448 (Whisper's decoder positions)"""
     lora_r: int = 32
     """LoRA rank on q_proj and v_proj"""
+    checkpointing: bool = False
+    """count with gradient checkpointing on every layer (the checkpointed modes: each layer keeps its
+    input, and recomputes the rest in the backward)"""
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -88,7 +91,8 @@ def _counter():
     return Live()
 
 
-def step_memory(arch: str, batch_size: int, label_tokens: int, lora_r: int = 32) -> dict[str, int]:
+def step_memory(arch: str, batch_size: int, label_tokens: int, lora_r: int = 32,
+                checkpointing: bool = False) -> dict[str, int]:
     """Bytes of one training step: activations (kept for backward, the loss's excluded), the
     loss's fp32 log-softmax, and the peak, all above the weights."""
     import torch
@@ -122,6 +126,13 @@ def step_memory(arch: str, batch_size: int, label_tokens: int, lora_r: int = 32)
                     if attn is not None:
                         attn.q_proj, attn.v_proj = Lora(attn.q_proj), Lora(attn.v_proj)
         model.train()
+        if checkpointing:
+            kwargs = {"use_reentrant": False}  # as lib.train.lora turns it on for the unquantized modes
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            model.config.use_cache = False
         features = torch.randn(batch_size, config.num_mel_bins, MEL_FRAMES)
         labels = torch.randint(0, 50_000, (batch_size, label_tokens - 1))  # the <|sot|> is the decoder's start
         live = _counter()
@@ -137,7 +148,7 @@ def step_memory(arch: str, batch_size: int, label_tokens: int, lora_r: int = 32)
 
 def main(cfg: Config, env: Env) -> dict:
     del env  # nothing is read or written
-    rows = {t: step_memory(cfg.arch, cfg.batch_size, t, cfg.lora_r) for t in cfg.label_tokens}
+    rows = {t: step_memory(cfg.arch, cfg.batch_size, t, cfg.lora_r, cfg.checkpointing) for t in cfg.label_tokens}
     for t, m in rows.items():
         print(f"{cfg.arch}, batch {cfg.batch_size}, {t}-token labels: activations {m['activations'] / MIB:.0f} MiB, "
               f"log-softmax {m['log_softmax'] / MIB:.0f} MiB, peak {m['peak'] / MIB:.0f} MiB "

@@ -239,6 +239,12 @@ def test_the_label_share_per_token_is_what_the_fake_tensor_count_gives_on_a_tiny
     assert long["activations"] > short["activations"] > 0
     assert long["log_softmax"] == 4 * 63 * 51865
     assert long["peak"] - long["activations"] == pytest.approx(auto.LOGIT_BYTES * 63 * 51865, rel=0.05)
+    # checkpointed: each layer keeps its input only (a tenth here); with a long label the peak is
+    # still the loss's 12 bytes a logit above them, with a short one a layer's recompute
+    ckpt_short, ckpt_long = (step_memory("tiny", 1, t, checkpointing=True) for t in (16, 200))
+    assert ckpt_long["activations"] < long["activations"] / 5
+    assert ckpt_long["peak"] - ckpt_long["activations"] == pytest.approx(auto.LOGIT_BYTES * 199 * 51865, rel=0.05)
+    assert ckpt_short["peak"] - ckpt_short["activations"] > 2 * auto.LOGIT_BYTES * 15 * 51865
 
 
 @pytest.mark.slow
