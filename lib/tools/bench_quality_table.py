@@ -17,7 +17,7 @@ once per precision in `eval_precisions` (greedy, max_new_tokens tokens). Rows:
   unpacked      `--recipe auto` with train.pack=false, the same seeds (group `pack`)
   packed        `--recipe auto` with train.pack=true, `pack_steps` steps (windows of several clips:
                 0.28 x the steps, about 0.3 x the GPU time), the same seeds (group `pack`)
-  packed ...    the packed rows with another share of single-clip windows (group `packmix`): 10 %,
+  packed ...    the packed rows with another share of single-clip windows (group `packmix`): 40 %,
                 and none (all windows timestamped); the default is 20 %
 
 Each row also reports the eval's long-form WER (test clips joined into recordings, decoded with
@@ -51,7 +51,7 @@ unpacked one, so 0.28 x the steps is about 0.3 of the GPU time; on a corpus of 2
 holds about 10) those steps see about 3x the clips of the unpacked run"""
 
 PACK_MIXES = {
-    "packed 10 % single": ["train.pack_plain_fraction=0", "train.pack_single_fraction=0.1"],
+    "packed 40 % single": ["train.pack_plain_fraction=0", "train.pack_single_fraction=0.4"],
     "packed all timestamped": ["train.pack_plain_fraction=0", "train.pack_single_fraction=0"],
 }
 """group packmix: the packed rows with other shares of single-clip windows (what share costs nothing:
