@@ -62,11 +62,23 @@ USABLE_FRACTION = 0.85
 #    0.0673 % to the mode's measured activations (the peak minus the fixed part, less the 40-token
 #    logits). An estimate for the checkpointed modes (their layers keep less per position, in the
 #    encoder and the decoder alike, so the share is about the same) and for int8.
+#  - the checkpointed modes (every layer checkpointed) peak elsewhere at 40 tokens: the same count
+#    with checkpointing=true gives 246 MiB a clip at its peak, of which 128 MiB (CKPT_KEPT_SHARE)
+#    are kept for the backward (each layer's input) and the rest is one layer recomputed in the
+#    backward; at 320 tokens the peak is the loss instead, 12 bytes a logit above what is kept.
+#    So a checkpointed mode's clip is kept x (1 + share x (tokens - 40)) + the larger of the
+#    recompute and the loss. Checked on one H100 run (2026-12-07 22:22, int8-ckpt-pack: 5.89 GiB
+#    at batch 8, 320-token labels): 6.62 predicted (the old rule, the whole 40-token clip scaled
+#    plus the loss, said 8.27). The rest of the gap is the 40-token figure: 6.2 GiB measured
+#    before model.int8_half_inputs; the H200 measured 4.92 since, with which this rule gives 5.25.
 # Fewer than 40 tokens: the 40-token figure (nothing measured below it).
 MEASURED_LABELS = 40
 VOCAB = 51865
 LOGIT_BYTES = 12
 DECODER_SHARE_PER_TOKEN = 0.000673
+CKPT_KEPT_SHARE = 0.52
+"""a fully checkpointed mode's 40-token clip: the share kept for the backward (128 of 246 MiB,
+`python -m lib.tools.activation_memory checkpointing=true`); the rest is a layer's recompute"""
 MAX_LABEL_TOKENS = MAX_POSITIONS
 """Whisper's decoder positions (max_target_positions): no label row is longer (prepare drops them)"""
 
@@ -184,8 +196,12 @@ class Mode:
         """Predicted memory a clip adds at `label_tokens`-token labels (see DECODER_SHARE_PER_TOKEN)."""
         tokens = max(label_tokens, MEASURED_LABELS)
         at_40 = (self.peak_gib - self.weights_gib) / self.batch
+        grow = 1 + DECODER_SHARE_PER_TOKEN * (tokens - MEASURED_LABELS)
+        if self.gradient_checkpointing and self.checkpoint_fraction == 1:
+            kept = CKPT_KEPT_SHARE * at_40
+            return kept * grow + max(at_40 - kept, logits_gib(tokens))
         rest = at_40 - logits_gib(MEASURED_LABELS)
-        return rest * (1 + DECODER_SHARE_PER_TOKEN * (tokens - MEASURED_LABELS)) + logits_gib(tokens)
+        return rest * grow + logits_gib(tokens)
 
     def peak_at(self, batch_size: int, label_tokens: int = MEASURED_LABELS) -> float:
         """Predicted peak GiB: fixed part + batch x what a clip adds (from the peak measured at `batch`, 40 tokens)."""
