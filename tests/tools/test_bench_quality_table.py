@@ -54,6 +54,10 @@ def test_the_pack_group_runs_auto_unpacked_and_packed_in_fewer_steps_over_the_sa
     rows = qt.rows(qt.QualityTableConfig(data="d", model="m", modes="pack", seeds=1, steps=60, pack_batch=2), [])
     assert rows[1][1] == ["auto", "train.pack=true", "train.max_steps=67", "train.warmup_steps=7",
                           "train.batch_size=2"]  # the same windows (60 x 0.28 x 8 / 2) in more, smaller steps
+    rows = qt.rows(qt.QualityTableConfig(data="d", model="m", modes="pack", seeds=1, pack_batch=2, pack_lr=2e-3), [])
+    assert rows[0][1] == ["auto", "train.pack=false"] and rows[1][1][-1] == "train.lr=0.002"  # the packed rows only
+    with pytest.raises(UserError, match="pack_lr=-1"):
+        qt.QualityTableConfig(data="d", model="m", pack_lr=-1)
     with pytest.raises(UserError, match="longer_minutes=9"):
         qt.QualityTableConfig(data="d", model="m", longer_minutes=9)
 
