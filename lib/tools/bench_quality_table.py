@@ -16,7 +16,8 @@ once per precision in `eval_precisions` (greedy, max_new_tokens tokens). Rows:
   diag:...      diagnosis rows: bf16 with an fp32 base, and with a bf16 base not compiled
   unpacked      `--recipe auto` with train.pack=false, the same seeds (group `pack`)
   packed        `--recipe auto` with train.pack=true, `pack_steps` steps (windows of several clips:
-                0.28 x the steps, about 0.3 x the GPU time), the same seeds (group `pack`)
+                0.28 x the steps, about 0.3 x the GPU time) at the lr auto gives a packed run
+                (`pack_lr`), the same seeds (group `pack`)
   packed ...    the packed rows with another share of single-clip windows (group `packmix`): 40 %,
                 and none (all windows timestamped); the default is 20 %
 
@@ -88,8 +89,8 @@ class QualityTableConfig:
     """windows per step of the packed rows; 0 = batch_size. On whisper-base 17 steps of 8 windows were
     too few steps to learn (clip WER 78 %), 68 of 2 learnt (docs/results.md): try pack_batch=2"""
     pack_lr: float = 0.0
-    """learning rate of the packed rows; 0 = lr. A packed step holds several times the clips of an
-    unpacked one (a less noisy gradient): on whisper-base, lr 2e-3 learnt where 1e-3 lagged (docs/results.md)"""
+    """learning rate of the packed rows; 0 = lr x lib.train.auto.PACK_LR_FACTOR, what `--recipe auto`
+    gives a packed run (on whisper-base lr 2e-3 packed learnt where 1e-3 lagged: docs/results.md)"""
     repeat: str = ""
     """pick rows whose label contains one of these (comma-separated, e.g. nf4/bf16) run over
     repeat_seeds seeds, to tell a mode's loss from seed noise"""
@@ -114,7 +115,7 @@ class QualityTableConfig:
         if self.pack_batch < 0:
             raise UserError(f"pack_batch={self.pack_batch}: must be >= 0 (0 = batch_size)")
         if self.pack_lr < 0:
-            raise UserError(f"pack_lr={self.pack_lr}: must be >= 0 (0 = lr)")
+            raise UserError(f"pack_lr={self.pack_lr}: must be >= 0 (0 = lr x auto's PACK_LR_FACTOR)")
         if self.pack_steps < 0:
             raise UserError(f"pack_steps={self.pack_steps}: must be >= 0 (0 = steps x {PACK_STEP_SHARE})")
         if min(self.seeds, self.parallel, self.repeat_seeds) < 1:
@@ -123,7 +124,7 @@ class QualityTableConfig:
 
 def rows(cfg: QualityTableConfig, auto_flags: list[str]) -> list[tuple[str, list[str], int]]:
     """(label, train flags, seed); flags == ["auto"] means `--recipe auto`."""
-    from lib.train.auto import MEASURED, WALKTHROUGH, Choice, pickable
+    from lib.train.auto import MEASURED, PACK_LR_FACTOR, WALKTHROUGH, Choice, pickable
 
     groups = cfg.modes.split(",")
     seeds = range(42, 42 + cfg.seeds)
@@ -156,7 +157,7 @@ def rows(cfg: QualityTableConfig, auto_flags: list[str]) -> list[tuple[str, list
     packed = ["auto", "train.pack=true", f"train.max_steps={steps}",
               f"train.warmup_steps={round(cfg.warmup * steps / cfg.steps)}",
               *([f"train.batch_size={batch}"] if cfg.pack_batch else []),
-              *([f"train.lr={cfg.pack_lr}"] if cfg.pack_lr else [])]
+              f"train.lr={cfg.pack_lr or cfg.lr * PACK_LR_FACTOR:g}"]
     if "pack" in groups:
         out += [("unpacked", ["auto", "train.pack=false"], s) for s in seeds]
         out += [("packed", packed, s) for s in seeds]

@@ -87,6 +87,12 @@ PACK_BELOW_SECONDS = 15.0
 more than half padding (a 5-s clip: 25 of 30 s, 5/6 of the encoder's work), and a window of them
 teaches the timestamped multi-segment form that long-form decoding asks for. At 15 s and above a
 window holds one or two clips: little to gain, and the clips are long-form-like already."""
+PACK_LR_FACTOR = 2.0
+"""auto multiplies the recipe's train.lr by this when the windows are packed (unless train.lr is
+named). A packed step holds several clips a window (synth-hi: 9; Common Voice: about 4.5), so its
+gradient averages over several times the tokens of an unpacked step, and at the recipe's lr the
+packed runs lagged: whisper-base on synth-hi (docs/results.md "Packed training and quality"),
+68 x 2 windows at lr 1e-3: clip WER 6.7-7.0 % (unpacked 60 x 8: 3.2-5.9 %); at 2e-3: see there."""
 PACK_PREFIX = 3
 """label tokens before a clip's segments in a packed label: <|sot|> <|lang|> <|task|> (multilingual
 Whisper; an English-only base has 1, so its estimate is 2 tokens high)"""
@@ -664,9 +670,15 @@ def apply_auto(cfg, flags: list[str], env=None, probe: Callable[[], GpuInfo | No
             section[head][name] = value
     if packing:
         section["train"]["pack"] = packing.pack
+    lr = None
+    if (packing.pack if packing else cfg.train.pack) and "train.lr" not in named:
+        lr = section["train"]["lr"] = cfg.train.lr * PACK_LR_FACTOR
+        log.info("recipe auto: train.lr=%g (%g x the recipe's %g) because the windows are packed: a step holds "
+                 "several clips a window (train.lr on the command line decides instead)", lr, PACK_LR_FACTOR,
+                 cfg.train.lr)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **section["model"]),
                               train=dataclasses.replace(cfg.train, **section["train"]))
     return cfg, {"settings": settings, "why": choice.why, "your_flags_won": won,
                  "figures": choice.mode.source or None, "label_tokens": choice.label_tokens, "label_source": source,
                  "predicted": {"samples_per_s": choice.samples_per_s, "peak_gib": choice.peak_gib},
-                 "pack": {"pack": packing.pack, "why": packing.why} if packing else None}
+                 "pack": {"pack": packing.pack, "why": packing.why} if packing else None, "lr": lr}

@@ -42,20 +42,21 @@ def test_the_pack_group_runs_auto_unpacked_and_packed_in_fewer_steps_over_the_sa
     assert [(r[0], r[2]) for r in rows] == [("unpacked", 42), ("unpacked", 43), ("unpacked", 44),
                                             ("packed", 42), ("packed", 43), ("packed", 44)]
     assert rows[0][1] == ["auto", "train.pack=false"]
-    assert rows[3][1] == ["auto", "train.pack=true", "train.max_steps=17", "train.warmup_steps=2"]  # 60 x 0.28
+    # 60 x 0.28 steps, at the lr --recipe auto gives a packed run (2 x 1e-3)
+    assert rows[3][1] == ["auto", "train.pack=true", "train.max_steps=17", "train.warmup_steps=2", "train.lr=0.002"]
     rows = qt.rows(qt.QualityTableConfig(data="d", model="m", modes="pack", seeds=1, pack_steps=20), [])
-    assert rows[1][1][2:] == ["train.max_steps=20", "train.warmup_steps=2"]
+    assert rows[1][1][2:] == ["train.max_steps=20", "train.warmup_steps=2", "train.lr=0.002"]
     rows = qt.rows(qt.QualityTableConfig(data="d", model="m", modes="packmix", seeds=2, steps=60), [])
     assert [(r[0], r[2]) for r in rows] == [("packed 40 % single", 42), ("packed 40 % single", 43),
                                             ("packed all timestamped", 42), ("packed all timestamped", 43)]
-    assert rows[0][1] == ["auto", "train.pack=true", "train.max_steps=17", "train.warmup_steps=2",
+    assert rows[0][1] == ["auto", "train.pack=true", "train.max_steps=17", "train.warmup_steps=2", "train.lr=0.002",
                           "train.pack_plain_fraction=0", "train.pack_single_fraction=0.4"]
     assert rows[2][1][-1] == "train.pack_single_fraction=0"
     rows = qt.rows(qt.QualityTableConfig(data="d", model="m", modes="pack", seeds=1, steps=60, pack_batch=2), [])
     assert rows[1][1] == ["auto", "train.pack=true", "train.max_steps=67", "train.warmup_steps=7",
-                          "train.batch_size=2"]  # the same windows (60 x 0.28 x 8 / 2) in more, smaller steps
-    rows = qt.rows(qt.QualityTableConfig(data="d", model="m", modes="pack", seeds=1, pack_batch=2, pack_lr=2e-3), [])
-    assert rows[0][1] == ["auto", "train.pack=false"] and rows[1][1][-1] == "train.lr=0.002"  # the packed rows only
+                          "train.batch_size=2", "train.lr=0.002"]  # the same windows (60 x 0.28 x 8 / 2) in more, smaller steps
+    rows = qt.rows(qt.QualityTableConfig(data="d", model="m", modes="pack", seeds=1, pack_batch=2, pack_lr=5e-4), [])
+    assert rows[0][1] == ["auto", "train.pack=false"] and rows[1][1][-1] == "train.lr=0.0005"  # the packed rows only
     with pytest.raises(UserError, match="pack_lr=-1"):
         qt.QualityTableConfig(data="d", model="m", pack_lr=-1)
     with pytest.raises(UserError, match="longer_minutes=9"):

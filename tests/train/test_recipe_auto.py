@@ -448,10 +448,21 @@ def test_auto_packs_when_the_median_clip_is_short_and_counts_the_longer_labels(t
         cfg, recipe = build_config(TrainConfig, "auto", ["run=r", "data=short"], computed, env)
     assert cfg.train.pack and recipe.choice["pack"]["pack"] and recipe.choice["label_tokens"] == 192
     assert "recipe auto: train.pack=true because the median train clip is 2.0 s" in caplog.text
+    # packed: the recipe's lr x PACK_LR_FACTOR, unless train.lr is named
+    recipe_lr = load_config(TrainConfig, DEFAULT_RECIPE, ["run=r", "data=short"]).train.lr
+    assert cfg.train.lr == recipe.choice["lr"] == pytest.approx(2 * recipe_lr)
+    assert f"recipe auto: train.lr={2 * recipe_lr:g} (2 x the recipe's {recipe_lr:g})" in caplog.text
+    cfg, recipe = build_config(TrainConfig, "auto", ["run=r", "data=short", "train.lr=3e-4"], computed, env)
+    assert cfg.train.pack and cfg.train.lr == 3e-4 and recipe.choice["lr"] is None
+    cfg, _ = build_config(TrainConfig, "auto", ["run=r", "data=long"], computed, env)  # not packed: the recipe's
+    assert not cfg.train.pack and cfg.train.lr == recipe_lr
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="whisper_ft"):
         cfg, recipe = build_config(TrainConfig, "auto", ["run=r", "data=short", "train.pack=false"], computed, env)
     assert not cfg.train.pack and recipe.choice["pack"] is None and "train.pack=" not in caplog.text
+    assert cfg.train.lr == recipe_lr and "train.lr=" not in caplog.text
+    cfg, _ = build_config(TrainConfig, "auto", ["run=r", "data=short", "train.pack=true"], computed, env)
+    assert cfg.train.pack and cfg.train.lr == pytest.approx(2 * recipe_lr)  # packed by your flag: the same lr
     assert recipe.choice["label_tokens"] == 20 - 1 + 1  # the prepared labels' longest, as without packing
 
 
