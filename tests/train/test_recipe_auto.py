@@ -523,8 +523,8 @@ def test_train_job_with_recipe_auto_on_the_cpu(tiny_model_dir, tmp_path, monkeyp
     assert saved["model"] == {"base": str(tiny_model_dir), "quantization": "none", "precision": "fp32",
                               "base_dtype": "fp32", "gradient_checkpointing": True, "checkpoint_fraction": 1.0,
                               "int8_half_inputs": True}
-    # everything else is the walkthrough's
+    # everything else is the walkthrough's, but packed at 2 x its lr (auto.PACK_LR_FACTOR)
     assert (saved["lora"]["r"], saved["lora"]["alpha"], saved["train"]["lr"], saved["train"]["warmup_steps"]) \
-        == (32, 64, 1e-3, 50)
-    assert saved["train"]["pack"] is True
+        == (32, 64, 2e-3, 50)
+    assert saved["train"]["pack"] is True and "recipe auto: train.lr=0.002 (2 x the recipe's 0.001)" in err
     assert (data / "runs" / "auto" / "adapter" / "adapter_model.safetensors").is_file()
