@@ -126,12 +126,10 @@ def step_memory(arch: str, batch_size: int, label_tokens: int, lora_r: int = 32,
                     if attn is not None:
                         attn.q_proj, attn.v_proj = Lora(attn.q_proj), Lora(attn.v_proj)
         model.train()
-        if checkpointing:
-            kwargs = {"use_reentrant": False}  # as lib.train.lora turns it on for the unquantized modes
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if checkpointing:  # as lib.train.lora turns it on for the unquantized modes
+            from lib.train.lora import enable_checkpointing
+
+            enable_checkpointing(model, {"use_reentrant": False})
             model.config.use_cache = False
         features = torch.randn(batch_size, config.num_mel_bins, MEL_FRAMES)
         labels = torch.randint(0, 50_000, (batch_size, label_tokens - 1))  # the <|sot|> is the decoder's start

@@ -44,14 +44,15 @@ def step(arch: str, batch: int, quant: str, ckpt: str, model_dir: Path) -> str:
     from peft import prepare_model_for_kbit_training
     from transformers import WhisperForConditionalGeneration
 
-    from lib import model as M
+    from lib.model import load_base
     from lib.tools.models import whisper_config
+    from lib.train import lora as L
     from lib.train.config import LoraSection
 
     if not (model_dir / "config.json").is_file():
         torch.manual_seed(0)
         WhisperForConditionalGeneration(whisper_config(arch)).save_pretrained(model_dir)
-    base = M.load_base_model(str(model_dir), quant, "fp32")
+    base = load_base(str(model_dir), quant, "fp32")
     kwargs = {"use_reentrant": ckpt == "reentrant"}
     if quant != "none":
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=ckpt != "none",
@@ -60,11 +61,11 @@ def step(arch: str, batch: int, quant: str, ckpt: str, model_dir: Path) -> str:
         for p in base.parameters():
             p.requires_grad_(False)
         if ckpt != "none":
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    M.add_encoder_input_grad_hook(base)
+            L.enable_checkpointing(base, kwargs)
+    L.add_encoder_input_grad_hook(base)
     base.config.use_cache = False
     torch.manual_seed(0)
-    model = M.apply_lora(base, LoraSection(r=8, alpha=16, dropout=0.0))
+    model = L.apply_lora(base, LoraSection(r=8, alpha=16, dropout=0.0))
     model.train()
     x, labels = torch.randn(batch, whisper_config(arch).num_mel_bins, MEL_FRAMES), torch.randint(0, 50_000, (batch, 40))
     proc, peak, done = psutil.Process(), [0], [False]

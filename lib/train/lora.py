@@ -156,10 +156,7 @@ def prepare_for_training(model, quantization: str, gradient_checkpointing: bool,
         for p in model.parameters():
             p.requires_grad_(False)
         if gradient_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+            enable_checkpointing(model, ckpt_kwargs)
     if gradient_checkpointing:
         model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
         if checkpoint_fraction < 1:
@@ -173,6 +170,15 @@ def prepare_for_training(model, quantization: str, gradient_checkpointing: bool,
     if quantization == "int8" and int8_input_dtype is not None:
         cast_int8_inputs(model, int8_input_dtype)
     return model
+
+
+def enable_checkpointing(model, kwargs: dict) -> None:
+    """Gradient checkpointing on every layer of an unquantized model, by whichever name this
+    transformers has for it."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def select_checkpointed(model, fraction: float) -> int:
