@@ -4,8 +4,11 @@ and label lengths alone.
 
     python -m lib.tools.bench_packing                         # 7,000,000 clips in shards of 2,000, 2 epochs
     python -m lib.tools.bench_packing clips=1000000 epochs=3 speed_perturb=0.1
+    python -m lib.tools.bench_packing clips=2000 epochs=3 clip_median=5 clip_spread=0.4 clip_max=20 \
+        tokens_per_second=10 single_fraction=0.1     # the bench's clips=cv corpus: speech a window
 
-Synthetic and offline: durations lognormal around 4.6 s within 1-15 s, labels of 10-120 tokens, a
+Synthetic and offline: durations lognormal around 4.6 s within 1-15 s, labels of 10-120 tokens (or
+the bench's clips=cv corpus with clip_median=5 clip_spread=0.4 clip_max=20 tokens_per_second=10), a
 manifest of shards that exist only as row counts (ShardStream's epoch order needs no more). For
 each epoch it times the epoch's order (ShardStream.epoch_rows: 7 million positions -> rows) and
 the plan (PackedStream.plan: gather the clips' costs in that order, plan_windows), then measures
@@ -57,10 +60,23 @@ class Config:
     """train.pack_lookahead"""
     seed: int = 0
     """train.seed"""
+    clip_median: float = 4.6
+    """median clip, seconds (log-normal)"""
+    clip_spread: float = 0.35
+    """sigma of log(duration)"""
+    clip_max: float = 15.0
+    """durations are clipped to 1..clip_max seconds"""
+    tokens_per_second: float = 0.0
+    """text tokens a second of speech (a label is 5 more: prefix, <|notimestamps|>, <|eot|>); 0 = labels
+    of 10-120 tokens drawn independently of the duration"""
 
     def __post_init__(self):
         if self.clips < 1 or self.shard_rows < 1 or self.epochs < 1:
             raise UserError("clips, shard_rows and epochs must be >= 1")
+        if not (1 <= self.clip_median <= self.clip_max and self.clip_spread >= 0 and self.tokens_per_second >= 0):
+            raise UserError(f"clip_median={self.clip_median:g} clip_max={self.clip_max:g} clip_spread="
+                            f"{self.clip_spread:g} tokens_per_second={self.tokens_per_second:g}: need 1 <= clip_median "
+                            "<= clip_max, clip_spread >= 0 and tokens_per_second >= 0")
 
 
 def synthetic(cfg: Config):
@@ -68,8 +84,11 @@ def synthetic(cfg: Config):
     from lib.train.stream import ShardStream
 
     rng = np.random.default_rng(cfg.seed)
-    seconds = np.clip(rng.lognormal(np.log(4.6), 0.35, cfg.clips), 1.0, 15.0).astype(np.float32)
-    labels = rng.integers(10, 121, cfg.clips)
+    seconds = np.clip(rng.lognormal(np.log(cfg.clip_median), cfg.clip_spread, cfg.clips), 1.0, cfg.clip_max).astype(np.float32)
+    if cfg.tokens_per_second:
+        labels = np.maximum(1, np.round(seconds * cfg.tokens_per_second)).astype(np.int64) + 5
+    else:
+        labels = rng.integers(10, 121, cfg.clips)
     sizes = [cfg.shard_rows] * (cfg.clips // cfg.shard_rows) + ([cfg.clips % cfg.shard_rows] if cfg.clips % cfg.shard_rows else [])
     manifest = {"splits": {"train": {"shards": [{"file": f"train/shard-{i}.parquet", "rows": r}
                                                 for i, r in enumerate(sizes)]}}}

@@ -47,11 +47,11 @@ def test_the_pack_group_runs_auto_unpacked_and_packed_in_fewer_steps_over_the_sa
     rows = qt.rows(qt.QualityTableConfig(data="d", model="m", modes="pack", seeds=1, pack_steps=20), [])
     assert rows[1][1][2:] == ["train.max_steps=20", "train.warmup_steps=2", "train.lr=0.002"]
     rows = qt.rows(qt.QualityTableConfig(data="d", model="m", modes="packmix", seeds=2, steps=60), [])
-    assert [(r[0], r[2]) for r in rows] == [("packed 40 % single", 42), ("packed 40 % single", 43),
-                                            ("packed all timestamped", 42), ("packed all timestamped", 43)]
+    assert [(r[0], r[2]) for r in rows] == [("packed 20 % single", 42), ("packed 20 % single", 43),
+                                            ("packed 5 % single", 42), ("packed 5 % single", 43)]
     assert rows[0][1] == ["auto", "train.pack=true", "train.max_steps=17", "train.warmup_steps=2", "train.lr=0.002",
-                          "train.pack_plain_fraction=0", "train.pack_single_fraction=0.4"]
-    assert rows[2][1][-1] == "train.pack_single_fraction=0"
+                          "train.pack_plain_fraction=0", "train.pack_single_fraction=0.2"]
+    assert rows[2][1][-1] == "train.pack_single_fraction=0.05"
     rows = qt.rows(qt.QualityTableConfig(data="d", model="m", modes="pack", seeds=1, steps=60, pack_batch=2), [])
     assert rows[1][1] == ["auto", "train.pack=true", "train.max_steps=67", "train.warmup_steps=7",
                           "train.batch_size=2", "train.lr=0.002"]  # the same windows (60 x 0.28 x 8 / 2) in more, smaller steps
