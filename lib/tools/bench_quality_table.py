@@ -58,7 +58,7 @@ PACK_MIXES = {
 """group packmix: the packed rows with other shares of single-clip windows than the default 10 %
 (what share costs nothing: each single-clip window carries one clip's speech, a packed one about
 five). Measured on the CPU (docs/results.md): 20 % plain windows in place of single-clip ones, clip
-WER 24 % (lr 1e-3); at 2e-3, 10 % as good as 20 % over 3 seeds, 5 % worse on 2 seeds of 3"""
+WER 24 % (lr 1e-3); at 2e-3, 10 % as good as 20 % over 5 seeds, 5 % worse on 2 seeds of 3"""
 
 HALF_NOCKPT = ["model.quantization=none", "model.precision=bf16", "model.gradient_checkpointing=false",
                "model.base_dtype=compute"]

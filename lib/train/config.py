@@ -165,7 +165,7 @@ class TrainSection:
     pack_single_fraction: float = 0.1
     """with pack: share of windows that hold one clip with its prepared <|notimestamps|> label, the
     form clip eval decodes (drawn per window from train.seed); each costs a whole window for one clip.
-    Measured on whisper-base (docs/results.md): 10 % kept clip WER over 3 seeds (as 20 % did, with
+    Measured on whisper-base (docs/results.md): 10 % kept clip WER over 5 seeds (as 20 % did, with
     windows 2.3 s fuller of speech); 5 % was worse on 2 seeds of 3 (one looping clip)"""
     pack_lookahead: int = 16
     """with pack: clips a window may pass over that do not fit, to take a later one that does (0 =

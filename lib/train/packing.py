@@ -18,7 +18,7 @@ default 0) are packed the same way as the timestamped ones but labelled `<|notim
 text 2 ...`, the clips' texts joined by a space. Measured on whisper-base (docs/results.md,
 "Packed training and quality"), 20 % plain windows in place of the single-clip ones fill the GPU
 better but left single-clip WER at 24 % (lr 1e-3; 3-6 % unpacked, 6.7 % with single-clip windows);
-at auto's packed lr (2e-3) 10 % single-clip windows gave 1.4-3.2 % over 3 seeds, 20 % 1.4-4.3 %.
+at auto's packed lr (2e-3) 10 % single-clip windows gave 1.1-4.6 % over 5 seeds, 20 % 1.4-4.3 %.
 
 Positions -> windows (PackedStream, one corpus). Epoch e of a corpus's ShardStream is its positions
 e*N .. e*N+N-1 (N clips, lib/train/stream.py). The plan of epoch e cuts them into W_e windows by
