@@ -55,6 +55,13 @@ from lib.whisper import EOT_ID, SAMPLING_RATE, SOT_ID, WINDOW_SECONDS
 
 log = logging.getLogger("whisper_ft")
 TOKENIZER = ROOT / "tests" / "fixtures" / "whisper_tokenizer"
+CV_SECONDS = (1.0, 20.0)
+"""with clips=cv: the shortest and longest train clip"""
+
+
+def cv_text_tokens(seconds, per_second: float):
+    """with clips=cv: a clip's text tokens (at least 1) from its duration (a float or an array)."""
+    return np.maximum(1, np.round(np.asarray(seconds) * per_second)).astype(np.int64)
 
 # Mode name -> train job overrides. Same LoRA placement for all (r=32 on q_proj/v_proj).
 _INT8 = ["model.quantization=int8", "model.precision=fp16"]
@@ -254,8 +261,8 @@ def build_data(env: Env, name: str, n: int, label_tokens: int, eval_clips: int, 
         for i in range(count):
             seconds, tokens = float(WINDOW_SECONDS), label_tokens - len(prefix) - 1
             if cv and split == "train":  # log-normal around the median, within 1..20 s
-                seconds = float(np.clip(cfg.clip_median * np.exp(cfg.clip_spread * rng.standard_normal()), 1.0, 20.0))
-                tokens = max(1, round(seconds * cfg.label_tokens_per_second))
+                seconds = float(np.clip(cfg.clip_median * np.exp(cfg.clip_spread * rng.standard_normal()), *CV_SECONDS))
+                tokens = int(cv_text_tokens(seconds, cfg.label_tokens_per_second))
             yield {"id": f"{split}-{i}", "text": "x", "language": "hi",
                    "audio": (0.05 * rng.standard_normal(round(seconds * SAMPLING_RATE))).astype(np.float32),
                    "labels": prefix + rng.integers(0, 50_000, tokens).tolist() + [EOT_ID]}

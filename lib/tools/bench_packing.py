@@ -85,8 +85,10 @@ def synthetic(cfg: Config):
 
     rng = np.random.default_rng(cfg.seed)
     seconds = np.clip(rng.lognormal(np.log(cfg.clip_median), cfg.clip_spread, cfg.clips), 1.0, cfg.clip_max).astype(np.float32)
-    if cfg.tokens_per_second:
-        labels = np.maximum(1, np.round(seconds * cfg.tokens_per_second)).astype(np.int64) + 5
+    if cfg.tokens_per_second:  # the bench's clips=cv labels: <|sot|> <|hi|> <|transcribe|> <|notimestamps|> text <|eot|>
+        from lib.tools.bench import cv_text_tokens
+
+        labels = cv_text_tokens(seconds, cfg.tokens_per_second) + 5
     else:
         labels = rng.integers(10, 121, cfg.clips)
     sizes = [cfg.shard_rows] * (cfg.clips // cfg.shard_rows) + ([cfg.clips % cfg.shard_rows] if cfg.clips % cfg.shard_rows else [])
